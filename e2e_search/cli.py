@@ -1,0 +1,125 @@
+"""Command line: ``e2e-search run | validate | best``.
+
+Bad input (YAML, data files, flags) prints one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse would print the usage too)
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="e2e-search", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="run a search from a search-space YAML")
+    r.add_argument("file", help="search-space YAML (see search_spaces/)")
+    r.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.SUB=VALUE",
+                   help="override a key before validation (repeatable), e.g. --set data.path=jets.h5")
+    r.add_argument("--address", help="address of a running Ray cluster (default: start a local one)")
+    r.add_argument("--dry-run", action="store_true", help="validate config and data, show the plan, run nothing")
+    r.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
+
+    v = sub.add_parser("validate", help="check a search-space YAML (and its data file) without running")
+    v.add_argument("file")
+    v.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.SUB=VALUE")
+
+    b = sub.add_parser("best", help="rank the finished trials of an experiment (reads MLflow only)")
+    b.add_argument("experiment")
+    b.add_argument("--metric", help="rank by this metric (default: the search metric)")
+    b.add_argument("--mode", choices=["min", "max"])
+    b.add_argument("--top", type=int, default=5)
+    b.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///e2e_runs/mlflow.db)")
+    return p
+
+
+def _cmd_validate(args) -> int:
+    from .config import load
+    from .search import describe, plan
+
+    cfg = load(args.file, args.sets)
+    print(describe(plan(cfg, generate=False)))
+    print(f"{args.file}: valid")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from .config import dump, load
+    from .search import describe, execute, plan
+
+    cfg = load(args.file, args.sets)
+    if args.dry_run:
+        p = plan(cfg, address=args.address, generate=False)
+        print(describe(p))
+        print("--- resolved search space ---")
+        print(dump(cfg), end="")
+        print("dry run: nothing started")
+        return 0
+    p = plan(cfg, address=args.address)
+    print(describe(p), flush=True)
+    out = execute(p, address=args.address, verbose=args.verbose)
+    failed = sum(1 for s in out.trials.values() if s == "FAILED")
+    print(f"\nsearch done: {len(out.trials)} trials, {failed} failed")
+    if out.best is None:
+        print("no trial finished: see the errors above and in MLflow (tag e2e.error)", file=sys.stderr)
+        return 1
+    b = out.best
+    metric = cfg.metrics[0]
+    print(f"best trial: run {out.best_run_id}  {metric}={b['value']:.4f} at epoch {b['epoch']}")
+    _print_best(out.tracking_uri, out.experiment, metric, cfg.modes[0], 3)
+    print(f"\nopen the MLflow UI:  mlflow ui --backend-store-uri {out.tracking_uri} --host 127.0.0.1")
+    return 0
+
+
+def _print_best(uri: str, experiment: str, metric: str | None, mode: str | None, top: int) -> None:
+    from .tracking import top_trials
+
+    metric, mode, runs = top_trials(uri, experiment, metric=metric, mode=mode, top=top)
+    print(f"top {len(runs)} trials of '{experiment}' by {metric} ({mode}):")
+    print(f"  {'rank':>4}  {'run id':32}  {'trial':>16}  {metric:>12}  {'epoch':>5}  params")
+    for i, r in enumerate(runs, 1):
+        m = r.data.metrics
+        params = " ".join(f"{k}={v}" for k, v in sorted(r.data.params.items()))
+        print(f"  {i:>4}  {r.info.run_id:32}  {r.data.tags.get('e2e.trial_id', '?'):>16}  "
+              f"{m[f'best_{metric}']:>12.5g}  {int(m.get('best_epoch', 0)):>5}  {params}")
+
+
+def _cmd_best(args) -> int:
+    from .search import DEFAULT_WORKDIR
+    from .tracking import tracking_uri
+
+    if args.top <= 0:
+        raise UserError(f"--top must be > 0 (got {args.top})", key="--top")
+    uri = tracking_uri(args.tracking_uri, DEFAULT_WORKDIR)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"no MLflow store at {uri}; run a search first or give --tracking-uri", key="--tracking-uri")
+    _print_best(uri, args.experiment, args.metric, args.mode, args.top)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    try:
+        return {"run": _cmd_run, "validate": _cmd_validate, "best": _cmd_best}[args.cmd](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished trials are in MLflow", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,412 @@
+"""The search-space YAML: pydantic models, loading, ``--set`` overrides.
+
+Everything here runs before Ray starts and writes nothing. Errors come out as
+:class:`~e2e_search.errors.UserError` with the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import UserError, did_you_mean
+
+# Metrics a trial reports; the mode of each is known so users rarely need `search.mode`.
+MAXIMIZED = {"val_auc", "val_acc"}
+MINIMIZED = {"val_loss", "train_loss", "val_mae", "val_resolution", "val_abs_bias"}
+DEFAULT_WORKDIR = Path("e2e_runs")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- params
+class FixedDim(_Strict):
+    """A constant (what a bare YAML value means), optionally conditional."""
+
+    type: Literal["fixed"] = "fixed"
+    value: Any
+    when: dict[str, Any] | None = None
+
+
+class ChoiceDim(_Strict):
+    type: Literal["choice"]
+    values: list[Any] = Field(min_length=1)
+    when: dict[str, Any] | None = None
+
+
+class GridDim(_Strict):
+    """Every value is tried: each combination of grid values is queued first."""
+
+    type: Literal["grid"]
+    values: list[Any] = Field(min_length=1)
+    when: dict[str, Any] | None = None
+
+
+class _Range(_Strict):
+    low: float
+    high: float
+    when: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low:g}) must be smaller than high ({self.high:g})")
+        return self
+
+
+class UniformDim(_Range):
+    type: Literal["uniform"]
+
+
+class LogUniformDim(_Range):
+    type: Literal["loguniform"]
+
+    @field_validator("low")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError(f"loguniform needs low > 0 (got {v:g}); use uniform for ranges that include 0")
+        return v
+
+
+class RandIntDim(_Range):
+    """Integers from low to high, both included."""
+
+    type: Literal["randint"]
+    low: int
+    high: int
+
+
+class QUniformDim(_Range):
+    """Uniform, rounded to a multiple of ``q`` (steps from ``low``)."""
+
+    type: Literal["quniform"]
+    q: float = Field(gt=0)
+
+
+DIM_TYPES = ("fixed", "choice", "grid", "uniform", "loguniform", "randint", "quniform")
+
+
+def _as_dim(v: Any) -> Any:
+    if isinstance(v, dict):
+        if "type" not in v:
+            raise ValueError(
+                "a search dimension needs 'type' (one of " + ", ".join(DIM_TYPES[1:]) + ")"
+            )
+        if v["type"] not in DIM_TYPES:
+            raise ValueError(f"unknown type '{v['type']}'{did_you_mean(str(v['type']), DIM_TYPES)}")
+        return v
+    return {"type": "fixed", "value": v}
+
+
+Dimension = Annotated[
+    Union[FixedDim, ChoiceDim, GridDim, UniformDim, LogUniformDim, RandIntDim, QUniformDim],
+    Field(discriminator="type"),
+    BeforeValidator(_as_dim),
+]
+
+
+def dim_values(dim: Any) -> list[Any]:
+    """Representative values of a dimension (used to type-check it)."""
+    if isinstance(dim, FixedDim):
+        return [dim.value]
+    if isinstance(dim, (ChoiceDim, GridDim)):
+        return list(dim.values)
+    return [dim.low, dim.high]
+
+
+# --------------------------------------------------------------------------- sections
+class TaskConfig(_Strict):
+    type: Literal["classification", "regression"]
+    num_classes: int | None = Field(default=None, ge=2)
+    target: str | None = None
+    """Regression: name of the target (also its HDF5 key unless data.target_key says otherwise)."""
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.type == "classification":
+            if self.num_classes is None:
+                self.num_classes = 2
+        elif self.target is None:
+            self.target = "m0"
+        return self
+
+
+class GenerateConfig(_Strict):
+    """A recipe that writes ``data.path`` when the file does not exist yet."""
+
+    recipe: Literal["toy_jets"] = "toy_jets"
+    n: int = Field(default=2000, gt=0)
+    image_size: int = Field(default=32, ge=8)
+    channels: int = Field(default=3, ge=1)
+    seed: int = Field(default=1, ge=0)
+
+
+class DataConfig(_Strict):
+    path: str
+    image_key: str = "X_jets"
+    label_key: str = "y"
+    target_key: str | None = None
+    layout: Literal["channels_last", "channels_first"] = "channels_last"
+    channels: list[int] | None = None
+    """Indices of the file's channels to use, in this order (default: all)."""
+    val_fraction: float = Field(default=0.15, gt=0, lt=1)
+    test_fraction: float = Field(default=0.15, ge=0, lt=1)
+    seed: int = 0
+    limit: int | None = Field(default=None, gt=0)
+    """Use only this many samples (a random subset drawn with ``seed``)."""
+    normalize: Literal["none", "per_channel"] = "per_channel"
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    """Per-channel statistics; computed on the training split when not given."""
+    stats_samples: int = Field(default=512, gt=0)
+    loader_workers: int = Field(default=0, ge=0)
+    generate: GenerateConfig | None = None
+
+    @model_validator(mode="after")
+    def _fractions(self):
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both mean and std, or neither")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError("std values must be > 0")
+        return self
+
+
+class SearchConfig(_Strict):
+    algorithm: Literal["tpe", "random", "nsga2"] = "tpe"
+    num_samples: int = Field(default=8, gt=0)
+    max_concurrent: int | None = Field(default=None, gt=0)
+    metric: str | list[str] | None = None
+    mode: Literal["min", "max"] | list[Literal["min", "max"]] | None = None
+    seed: int = 0
+
+
+class SchedulerConfig(_Strict):
+    type: Literal["asha", "none"] = "asha"
+    max_epochs: int = Field(default=10, gt=0)
+    grace_period: int = Field(default=1, gt=0)
+    reduction_factor: float = Field(default=2, gt=1)
+
+    @model_validator(mode="after")
+    def _grace(self):
+        if self.grace_period > self.max_epochs:
+            raise ValueError(f"grace_period ({self.grace_period}) exceeds max_epochs ({self.max_epochs})")
+        return self
+
+
+class ResourcesConfig(_Strict):
+    workers: int = Field(default=1, gt=0)
+    gpus_per_worker: float = Field(default=0, ge=0)
+    cpus_per_worker: float = Field(default=1, gt=0)
+    max_failures: int = Field(default=0, ge=0)
+    """Retries of a failed trial, each from its last checkpoint."""
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = None
+    """MLflow tracking URI (default: ``sqlite:///e2e_runs/mlflow.db``)."""
+    experiment: str | None = None
+    """MLflow experiment (default: the search ``name``)."""
+    storage: str | None = None
+    """Where Ray keeps results and checkpoints (default: ``e2e_runs/ray_results``)."""
+    artifacts: str | None = None
+    """Artifact root of a new experiment (default: ``e2e_runs/mlartifacts``)."""
+
+
+class SearchSpace(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    family: str
+    task: TaskConfig
+    data: DataConfig
+    params: dict[str, Dimension] = {}
+    search: SearchConfig = SearchConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _defaults(self):
+        s = self.search
+        if s.metric is None:
+            s.metric = "val_auc" if self.task.type == "classification" else "val_mae"
+        metrics = [s.metric] if isinstance(s.metric, str) else list(s.metric)
+        if len(metrics) > 1 and s.algorithm != "nsga2":
+            raise ValueError("several metrics need search.algorithm: nsga2")
+        if s.mode is None:
+            modes = []
+            for m in metrics:
+                if m in MAXIMIZED:
+                    modes.append("max")
+                elif m in MINIMIZED or m.startswith("val_") or m.endswith("loss"):
+                    modes.append("min")
+                else:
+                    raise ValueError(f"cannot tell whether to maximize '{m}': set search.mode")
+            s.mode = modes[0] if isinstance(s.metric, str) else modes
+        modes = [s.mode] if isinstance(s.mode, str) else list(s.mode)
+        if len(modes) != len(metrics):
+            raise ValueError("search.mode needs one entry per search.metric")
+        if self.tracking.experiment is None:
+            self.tracking.experiment = self.name
+        return self
+
+    # Convenience accessors ------------------------------------------------
+    @property
+    def metrics(self) -> list[str]:
+        m = self.search.metric
+        return [m] if isinstance(m, str) else list(m)
+
+    @property
+    def modes(self) -> list[str]:
+        m = self.search.mode
+        return [m] if isinstance(m, str) else list(m)
+
+    @property
+    def target_key(self) -> str | None:
+        if self.task.type != "regression":
+            return None
+        return self.data.target_key or self.task.target
+
+
+# --------------------------------------------------------------------------- loading
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError("file not found; give the path of a search-space YAML", source=str(path))
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"YAML syntax error: {problem}; fix the YAML there", source=str(path), key=where) from None
+    if not isinstance(raw, dict):
+        raise UserError("expected a mapping of keys (name, family, task, data, ...) at the top", source=str(path))
+    return raw
+
+
+def apply_overrides(raw: dict, sets: list[str]) -> list[str]:
+    """Apply ``key.sub=value`` overrides in place; values are parsed as YAML."""
+    paths = []
+    for item in sets:
+        if "=" not in item:
+            raise UserError(f"expected key.sub=value, got '{item}'", source="--set")
+        key, _, text = item.partition("=")
+        key = key.strip()
+        if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", key):
+            raise UserError(f"'{key}' is not a dotted key path like data.path", source="--set")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            elif not isinstance(nxt, dict):
+                if parts[0] == "params" and i == 1:  # params.lr.low on a fixed lr: start a dimension
+                    nxt = node[part] = {}
+                else:
+                    raise UserError(f"'{'.'.join(parts[: i + 1])}' is a value, not a section", source="--set", key=key)
+            node = nxt
+        node[parts[-1]] = value
+        paths.append(key)
+    return paths
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the last element of ``loc`` (for suggestions)."""
+    model: Any = SearchSpace
+    for part in loc[:-1]:
+        if model is None or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = candidates[0] if candidates else None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _dotted(loc: tuple) -> str:
+    parts = []
+    for i, p in enumerate(loc):
+        if i >= 2 and loc[0] == "params" and p in DIM_TYPES and i == 2:
+            continue  # the discriminator tag pydantic inserts
+        if isinstance(p, str) and p.startswith("function-"):
+            continue
+        parts.append(str(p))
+    return ".".join(parts)
+
+
+def _explain(err: dict) -> tuple[str, str]:
+    loc = tuple(err["loc"])
+    key = _dotted(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        model = _model_at(loc)
+        if loc and loc[0] == "params" and len(loc) >= 3:
+            from . import config as _c  # noqa: F401  (fields of the dimension)
+            options = ["type", "values", "low", "high", "q", "when", "value"]
+        else:
+            options = list(model.model_fields) if model else []
+        return key, f"unknown key '{loc[-1]}'{did_you_mean(str(loc[-1]), options)}; remove or rename it"
+    if kind == "missing":
+        return key, "required key is missing; add it"
+    msg = err["msg"]
+    msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if kind not in ("value_error", "assertion_error") and "input" in err and not isinstance(err["input"], dict):
+        msg = f"{msg} (got {err['input']!r})"
+    return key, msg
+
+
+def validate(raw: dict, *, source: str, set_paths: list[str] | None = None) -> SearchSpace:
+    try:
+        cfg = SearchSpace.model_validate(raw)
+    except ValidationError as e:
+        key, msg = _explain(e.errors()[0])
+        src = source
+        for p in set_paths or []:
+            if key == p or key.startswith(p + ".") or p.startswith(key + ".") or (key and p.startswith(key)):
+                src = f"{source} (--set {p})"
+                break
+        raise UserError(msg, source=src, key=key or None) from None
+    from .params import check_params  # needs the family registry
+
+    try:
+        check_params(cfg)
+    except UserError as e:
+        for p in set_paths or []:
+            if e.key and (e.key == p or e.key.startswith(p + ".") or p.startswith(e.key)):
+                raise e.with_source(f"{source} (--set {p})") from None
+        raise e.with_source(source) from None
+    return cfg
+
+
+def load(path: str | Path, sets: list[str] | None = None) -> SearchSpace:
+    """Read, override and validate a search-space YAML (writes nothing)."""
+    raw = read_yaml(path)
+    set_paths = apply_overrides(raw, list(sets or []))
+    return validate(raw, source=str(path), set_paths=set_paths)
+
+
+def dump(cfg: SearchSpace) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,50 @@
+"""Terminal progress of a search: one line per event (trials running / done / best)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from ray.tune import Callback
+
+from .tracking import is_better
+
+
+class Progress(Callback):
+    def __init__(self, *, metric: str, mode: str, num_samples: int, stream=None):
+        self.metric, self.mode, self.num_samples = metric, mode, num_samples
+        self.stream = stream or sys.stdout
+        self.t0 = time.time()
+        self.best: tuple[float, str, int] | None = None
+
+    def _line(self, trials, event: str) -> None:
+        counts: dict[str, int] = {}
+        for t in trials:
+            counts[t.status] = counts.get(t.status, 0) + 1
+        done = counts.get("TERMINATED", 0)
+        failed = counts.get("ERROR", 0)
+        running = counts.get("RUNNING", 0)
+        pending = self.num_samples - done - failed - running
+        best = "-"
+        if self.best:
+            v, tid, ep = self.best
+            best = f"{self.metric}={v:.4f} (trial {tid}, epoch {ep})"
+        print(f"[{time.time() - self.t0:6.0f}s] {running} running, {done} done, {failed} failed, "
+              f"{max(pending, 0)} to go | best {best} | {event}", file=self.stream, flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._line(trials, f"{trial.trial_id} started")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        v = result.get(self.metric)
+        ep = int(result.get("epoch", 0))
+        if isinstance(v, (int, float)) and is_better(float(v), self.best and self.best[0], self.mode):
+            self.best = (float(v), trial.trial_id, ep)
+        shown = f"{v:.4f}" if isinstance(v, (int, float)) else v
+        self._line(trials, f"{trial.trial_id} epoch {ep} {self.metric}={shown}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._line(trials, f"{trial.trial_id} finished")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(trials, f"{trial.trial_id} FAILED")

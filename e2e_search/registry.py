@@ -1,0 +1,68 @@
+"""Registry of model families (timm-style ``register_family`` + ``get_family``).
+
+A family lives in one module under ``trainables/`` and registers itself once::
+
+    @register_family("vit", params=VitParams)
+    def build_vit(p: VitParams, *, in_chans: int, img_size: tuple[int, int], num_outputs: int) -> nn.Module:
+        ...
+
+``params`` is a pydantic model of the family's hyperparameters (with defaults);
+the search YAML may name its fields under ``params``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pydantic import BaseModel
+
+from .errors import UserError, did_you_mean
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    build: Callable[..., Any]
+    params: type[BaseModel]
+    description: str = ""
+
+
+_FAMILIES: dict[str, Family] = {}
+_LOADED = False
+
+
+def register_family(name: str, *, params: type[BaseModel]):
+    def deco(build: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _FAMILIES and _FAMILIES[name].build is not build:
+            raise RuntimeError(f"family '{name}' registered twice")
+        doc = (build.__doc__ or "").strip().splitlines()
+        _FAMILIES[name] = Family(name, build, params, doc[0] if doc else "")
+        return build
+
+    return deco
+
+
+def _load_all() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    import trainables
+
+    for mod in pkgutil.iter_modules(trainables.__path__):
+        importlib.import_module(f"trainables.{mod.name}")
+    _LOADED = True
+
+
+def get_family(name: str) -> Family:
+    _load_all()
+    if name not in _FAMILIES:
+        raise UserError(f"unknown family '{name}'{did_you_mean(name, _FAMILIES)}", key="family")
+    return _FAMILIES[name]
+
+
+def family_names() -> list[str]:
+    _load_all()
+    return sorted(_FAMILIES)

@@ -1,0 +1,218 @@
+"""Layer 3 of three: the ``Tuner`` (Ray Tune + Optuna + ASHA) and the search's MLflow parent run.
+
+``plan()`` checks everything that can be checked without starting Ray (config,
+data file, GPUs) and writes nothing; ``execute()`` starts Ray and runs the search.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import DEFAULT_WORKDIR, SearchSpace, dump
+from .data import DataSetup, inspect
+from .errors import UserError
+from .params import grid_points
+
+# A trial's own process only builds the TorchTrainer and waits: give it a sliver of a CPU.
+DRIVER_CPU = 0.01
+
+
+@dataclass
+class Plan:
+    cfg: SearchSpace
+    data: DataSetup
+    workdir: Path
+    storage: Path
+    tracking_uri: str
+    artifact_root: str
+    needs_generation: bool = False
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def plan(cfg: SearchSpace, *, address: str | None = None, generate: bool = True) -> Plan:
+    """Validate data and resources; generate the data first if the YAML names a recipe."""
+    from .tracking import tracking_uri
+
+    workdir = DEFAULT_WORKDIR
+    if cfg.resources.gpus_per_worker > 0 and address is None and _local_gpus() == 0:
+        raise UserError(
+            f"asks for {cfg.resources.gpus_per_worker:g} GPU per worker but this machine has no GPU; "
+            "set resources.gpus_per_worker: 0 (--set resources.gpus_per_worker=0) or use --address of a GPU cluster",
+            key="resources.gpus_per_worker",
+        )
+    needs_gen = cfg.data.generate is not None and not Path(cfg.data.path).exists()
+    if needs_gen and generate:
+        from .toy import generate_toy_jets
+
+        g = cfg.data.generate
+        print(f"data file {cfg.data.path} not found: generating it with recipe '{g.recipe}' (cached for later runs)",
+              file=sys.stderr)
+        generate_toy_jets(cfg.data.path, n=g.n, image_size=g.image_size, channels=g.channels, seed=g.seed)
+    data = inspect(cfg) if not (needs_gen and not generate) else None
+    storage = Path(cfg.tracking.storage) if cfg.tracking.storage else workdir / "ray_results"
+    artifacts = Path(cfg.tracking.artifacts) if cfg.tracking.artifacts else workdir / "mlartifacts"
+    return Plan(cfg=cfg, data=data, workdir=workdir, storage=storage.resolve(),
+                tracking_uri=tracking_uri(cfg.tracking.uri, workdir), artifact_root=artifacts.resolve().as_uri(),
+                needs_generation=needs_gen)
+
+
+def describe(p: Plan) -> str:
+    c = p.cfg
+    lines = [
+        f"search '{c.name}': family {c.family}, task {c.task.type}, {c.search.algorithm} x {c.search.num_samples} trials, "
+        f"metric {c.search.metric} ({c.search.mode}), scheduler {c.scheduler.type} up to {c.scheduler.max_epochs} epochs",
+        f"data: {p.data.summary()}" if p.data else f"data: {c.data.path} will be generated ({c.data.generate.n} samples)",
+        f"resources: {c.resources.workers} worker(s) x {c.resources.cpus_per_worker:g} CPU"
+        + (f" + {c.resources.gpus_per_worker:g} GPU" if c.resources.gpus_per_worker else "") + " per trial",
+        f"tracking: {p.tracking_uri} (experiment '{c.tracking.experiment}'), storage {p.storage}",
+    ]
+    return "\n".join(lines)
+
+
+def _searcher(cfg: SearchSpace):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from .params import OptunaSpace
+
+    seed = cfg.search.seed
+    sampler = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, cfg.search.num_samples // 3))),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+    }[cfg.search.algorithm]()
+    metric = cfg.search.metric if isinstance(cfg.search.metric, str) else list(cfg.search.metric)
+    mode = cfg.search.mode if isinstance(cfg.search.mode, str) else list(cfg.search.mode)
+    return OptunaSearch(space=OptunaSpace(cfg), metric=metric, mode=mode, sampler=sampler,
+                        points_to_evaluate=grid_points(cfg) or None)
+
+
+def _init_ray(address: str | None, verbose: bool) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"log_to_driver": verbose, "configure_logging": True,
+                              "logging_level": "INFO" if verbose else "WARNING"}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(dashboard_host="127.0.0.1", include_dashboard=True, **kwargs)
+
+
+@dataclass
+class Outcome:
+    experiment: str
+    parent_run_id: str
+    tracking_uri: str
+    best_run_id: str | None
+    best: dict[str, Any] | None
+    trials: dict[str, str]
+
+
+def execute(p: Plan, *, address: str | None = None, verbose: bool = False) -> Outcome:
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from .progress import Progress
+    from .tracking import MlflowTrials, get_experiment_id, start_parent_run
+    from .trial import run_trial
+
+    cfg = p.cfg
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    _init_ray(address, verbose)
+    if cfg.resources.gpus_per_worker > 0 and ray.cluster_resources().get("GPU", 0) == 0:
+        raise UserError(
+            f"asks for GPUs but the Ray cluster at {address or 'local'} has none; set resources.gpus_per_worker: 0",
+            key="resources.gpus_per_worker",
+        )
+    p.workdir.mkdir(parents=True, exist_ok=True)
+    p.storage.mkdir(parents=True, exist_ok=True)
+    run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    client = MlflowClient(tracking_uri=p.tracking_uri)
+    exp_id = get_experiment_id(client, cfg.tracking.experiment, p.artifact_root)
+    metric, mode = cfg.metrics[0], cfg.modes[0]
+    parent = start_parent_run(
+        client, exp_id, name=run_name, resolved_yaml=dump(cfg),
+        tags={"e2e.family": cfg.family, "e2e.task": cfg.task.type, "e2e.metric": metric, "e2e.mode": mode,
+              "e2e.tune_path": str(p.storage / run_name)},
+        params={"family": cfg.family, "task": cfg.task.type, "algorithm": cfg.search.algorithm,
+                "num_samples": cfg.search.num_samples, "scheduler": cfg.scheduler.type,
+                "max_epochs": cfg.scheduler.max_epochs, "workers": cfg.resources.workers,
+                "data_path": cfg.data.path, "train_size": len(p.data.train), "val_size": len(p.data.val)},
+    )
+    print(f"MLflow: experiment '{cfg.tracking.experiment}', search run {parent} ({p.tracking_uri})", flush=True)
+
+    status = "FAILED"
+    trials_cb = MlflowTrials(client, exp_id, parent, search_name=run_name, family=cfg.family, metric=metric,
+                             mode=mode, max_epochs=cfg.scheduler.max_epochs)
+    try:
+        res = cfg.resources
+        setup = {
+            "family": cfg.family,
+            "data": p.data.to_dict(),
+            "max_epochs": cfg.scheduler.max_epochs,
+            "metric": metric,
+            "mode": mode,
+            "loader_workers": cfg.data.loader_workers,
+            "train_storage": str(p.storage / run_name / "train"),
+            "resources": {"workers": res.workers, "cpus_per_worker": res.cpus_per_worker,
+                          "gpus_per_worker": res.gpus_per_worker, "worker_failures": res.max_failures},
+        }
+        concurrent = cfg.search.max_concurrent
+        if concurrent is None:
+            cpus = ray.cluster_resources().get("CPU", 1)
+            concurrent = max(1, math.floor(cpus / (res.workers * res.cpus_per_worker + DRIVER_CPU)))
+        if cfg.scheduler.type == "asha":
+            scheduler = ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=cfg.scheduler.max_epochs,
+                                      grace_period=cfg.scheduler.grace_period,
+                                      reduction_factor=cfg.scheduler.reduction_factor)
+        else:
+            scheduler = FIFOScheduler()
+        trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": DRIVER_CPU})
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=_searcher(cfg), scheduler=scheduler,
+                                        num_samples=cfg.search.num_samples, max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(
+                name=run_name, storage_path=str(p.storage), verbose=0,
+                callbacks=[trials_cb, Progress(metric=metric, mode=mode, num_samples=cfg.search.num_samples)],
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
+        print(f"search started: {cfg.search.num_samples} trials, up to {concurrent} at a time", flush=True)
+        tuner.fit()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        winner = trials_cb.best_trial()
+        best_rid = None
+        if winner:
+            tid, rec = winner
+            best_rid = trials_cb.runs.get(tid)
+            for k, v in rec["metrics"].items():
+                client.log_metric(parent, f"best_{k}", v, step=rec["epoch"])
+            client.set_tag(parent, "e2e.best_run_id", best_rid or "")
+            client.set_tag(parent, "e2e.best_trial_id", tid)
+        n_failed = sum(1 for s in trials_cb.status.values() if s == "FAILED")
+        client.set_tag(parent, "e2e.trials_failed", str(n_failed))
+        client.set_terminated(parent, status=status)
+    return Outcome(cfg.tracking.experiment, parent, p.tracking_uri, best_rid, winner[1] if winner else None,
+                   dict(trials_cb.status))

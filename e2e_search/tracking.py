@@ -1,0 +1,233 @@
+"""MLflow records: one experiment per search, a parent run per search, a child run per trial.
+
+The Tune callback here runs in the search driver (not in workers), so runs of
+trials that ASHA stops or that fail are always closed with the right status.
+Ray's ``MLflowLoggerCallback`` is not used because it logs with
+``step=training_iteration`` (which restarts at 1 on resume) instead of the
+absolute epoch, does not nest runs and uploads no Train checkpoints.
+
+Every trial run carries:
+  params        the trial's sampled and fixed parameters
+  metrics       per epoch (step = epoch), ``best_<m>`` at the best epoch and ``final_<m>``
+  tags          e2e.kind=trial, e2e.trial_id, e2e.family, e2e.status, e2e.error
+  artifacts     best_checkpoint/checkpoint.pt
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from ray.tune import Callback
+
+from .params import public_params
+
+# Result keys that are bookkeeping, not metrics.
+_SKIP = {"epoch", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "time_since_restore",
+         "iterations_since_restore", "pid", "done", "num_params"}
+
+
+def tracking_uri(uri: str | None, workdir: Path) -> str:
+    if uri:
+        return uri
+    return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+
+
+def get_experiment_id(client: MlflowClient, name: str, artifact_root: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root)
+
+
+def is_better(value: float, best: float | None, mode: str) -> bool:
+    if value is None or not math.isfinite(value):
+        return False
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+class MlflowTrials(Callback):
+    """Tune callback: one nested MLflow run per trial, keyed on the trial id (reused on resume)."""
+
+    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str, *, search_name: str,
+                 family: str, metric: str, mode: str, max_epochs: int):
+        self.client = client
+        self.experiment_id = experiment_id
+        self.parent = parent_run_id
+        self.search_name = search_name
+        self.family = family
+        self.metric = metric
+        self.mode = mode
+        self.max_epochs = max_epochs
+        self.runs: dict[str, str] = {}
+        self.best: dict[str, dict[str, Any]] = {}  # trial_id -> {"value", "epoch", "metrics", "checkpoint"}
+        self.last: dict[str, dict[str, Any]] = {}
+        self.status: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def _run_for(self, trial) -> str:
+        tid = trial.trial_id
+        if tid in self.runs:
+            return self.runs[tid]
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`e2e.trial_id` = '{tid}' and tags.`mlflow.parentRunId` = '{self.parent}'",
+            max_results=1,
+        )
+        if found:
+            self.runs[tid] = found[0].info.run_id
+            return self.runs[tid]
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{self.search_name}-{tid}",
+            tags={MLFLOW_PARENT_RUN_ID: self.parent, "e2e.kind": "trial", "e2e.trial_id": tid,
+                  "e2e.family": self.family, "e2e.search": self.search_name, "e2e.status": "RUNNING"},
+        )
+        rid = run.info.run_id
+        params = public_params(trial.config)
+        self.client.log_batch(rid, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
+        self.runs[tid] = rid
+        return rid
+
+    def _close(self, trial, status: str, error: str | None = None) -> None:
+        rid = self._run_for(trial)
+        tid = trial.trial_id
+        now = int(time.time() * 1000)
+        metrics: list[Metric] = []
+        best = self.best.get(tid)
+        last = self.last.get(tid, {})
+        if best:
+            metrics += [Metric(f"best_{k}", float(v), now, int(best["epoch"])) for k, v in best["metrics"].items()]
+            metrics.append(Metric("best_epoch", float(best["epoch"]), now, int(best["epoch"])))
+        if last:
+            epoch = int(last.get("epoch", 0))
+            metrics += [Metric(f"final_{k}", float(v), now, epoch) for k, v in self._numeric(last).items()]
+            metrics.append(Metric("epochs_run", float(epoch), now, epoch))
+        tags = [RunTag("e2e.status", status)]
+        if status == "FINISHED" and last and int(last.get("epoch", 0)) < self.max_epochs:
+            tags.append(RunTag("e2e.stopped_early", "true"))
+        if error:
+            tags.append(RunTag("e2e.error", error[:5000]))
+        if last.get("num_params") is not None:
+            metrics.append(Metric("num_params", float(last["num_params"]), now, 0))
+        self.client.log_batch(rid, metrics=metrics, tags=tags)
+        ckpt = (best or {}).get("checkpoint") or last.get("checkpoint_path")
+        if ckpt:
+            self._upload_checkpoint(rid, ckpt)
+        self.client.set_terminated(rid, status="FINISHED" if status == "FINISHED" else "FAILED")
+        self.status[tid] = status
+
+    def _upload_checkpoint(self, run_id: str, path: str) -> None:
+        from ray.train import Checkpoint
+
+        try:
+            with Checkpoint(path).as_directory() as d:
+                self.client.log_artifacts(run_id, d, artifact_path="best_checkpoint")
+            self.client.set_tag(run_id, "e2e.checkpoint", path)
+        except Exception as e:  # a missing checkpoint must not take the search down
+            self.client.set_tag(run_id, "e2e.checkpoint_error", f"{type(e).__name__}: {e}"[:5000])
+
+    @staticmethod
+    def _numeric(result: dict[str, Any]) -> dict[str, float]:
+        return {k: float(v) for k, v in result.items()
+                if k not in _SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    # ------------------------------------------------------------------ Tune hooks
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run_for(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        rid = self._run_for(trial)
+        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+        now = int(time.time() * 1000)
+        numeric = self._numeric(result)
+        self.client.log_batch(rid, metrics=[Metric(k, v, now, epoch) for k, v in numeric.items()])
+        self.last[trial.trial_id] = dict(result)
+        value = result.get(self.metric)
+        cur = self.best.get(trial.trial_id)
+        if isinstance(value, (int, float)) and is_better(float(value), cur and cur["value"], self.mode):
+            self.best[trial.trial_id] = {"value": float(value), "epoch": epoch, "metrics": numeric,
+                                         "checkpoint": result.get("checkpoint_path")}
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._close(trial, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close(trial, "FAILED", error=trial_error(trial))
+
+    # ------------------------------------------------------------------ summary
+    def best_trial(self) -> tuple[str, dict[str, Any]] | None:
+        """(trial_id, best record) of the best finished trial, by the search metric."""
+        winner = None
+        for tid, rec in self.best.items():
+            if self.status.get(tid) != "FINISHED":
+                continue
+            if winner is None or is_better(rec["value"], winner[1]["value"], self.mode):
+                winner = (tid, rec)
+        return winner
+
+
+def trial_error(trial) -> str:
+    """The last line that names the exception of an errored Tune trial."""
+    text = ""
+    try:
+        err = trial.get_error()
+        text = str(err) if err else ""
+    except Exception:
+        pass
+    if not text:
+        text = str(getattr(trial, "error_msg", "") or "")
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln or "Exception" in ln:
+            return ln
+    return lines[-1] if lines else "trial failed (no error recorded)"
+
+
+def start_parent_run(client: MlflowClient, experiment_id: str, *, name: str, resolved_yaml: str,
+                     tags: dict[str, str], params: dict[str, Any]) -> str:
+    run = client.create_run(experiment_id, run_name=name,
+                            tags={"e2e.kind": "search", MLFLOW_RUN_NAME: name, **tags})
+    rid = run.info.run_id
+    client.log_text(rid, resolved_yaml, "search_space.yaml")
+    client.log_batch(rid, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    return rid
+
+
+def top_trials(uri: str, experiment: str, *, metric: str | None = None, mode: str | None = None,
+               top: int = 5) -> tuple[str, str, list[Any]]:
+    """Finished trial runs of ``experiment`` ranked by ``best_<metric>`` -> (metric, mode, runs).
+
+    Reads MLflow only; metric and mode default to those of the latest search.
+    """
+    from .config import MAXIMIZED
+    from .errors import UserError, did_you_mean
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = [e.name for e in client.search_experiments()]
+        raise UserError(f"no experiment '{experiment}' in {uri}{did_you_mean(experiment, names)}", key="EXPERIMENT")
+    searches = client.search_runs([exp.experiment_id], filter_string="tags.`e2e.kind` = 'search'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+    if metric is None:
+        if not searches:
+            raise UserError(f"experiment '{experiment}' holds no e2e-search run; give --metric", key="--metric")
+        metric = searches[0].data.tags.get("e2e.metric")
+        mode = mode or searches[0].data.tags.get("e2e.mode")
+    mode = mode or ("max" if metric in MAXIMIZED else "min")
+    runs = client.search_runs([exp.experiment_id],
+                              filter_string="tags.`e2e.kind` = 'trial' and attributes.status = 'FINISHED'",
+                              max_results=5000)
+    key = f"best_{metric}"
+    scored = [r for r in runs if key in r.data.metrics and math.isfinite(r.data.metrics[key])]
+    if runs and not scored:
+        known = sorted({k.removeprefix("best_") for r in runs for k in r.data.metrics if k.startswith("best_")})
+        raise UserError(f"no trial has metric '{metric}'{did_you_mean(metric, known)}", key="--metric")
+    scored.sort(key=lambda r: r.data.metrics[key], reverse=(mode == "max"))
+    return metric, mode, scored[:top]

@@ -1,0 +1,189 @@
+"""The worker loop Ray Train runs on every DDP rank (supervised image tasks).
+
+Layer 1 of three: worker loop (here) -> trial driver building a ``TorchTrainer``
+(``e2e_search.trial``) -> ``Tuner`` (``e2e_search.search``).
+
+Every epoch each rank reports the same metrics (rank 0's reach Tune) and rank 0
+attaches a checkpoint: model, optimizer, scheduler, absolute epoch, and what is
+needed to rebuild the model. A restarted trial resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from e2e_search.data import DataSetup, H5ImageDataset
+from e2e_search.metrics import classification_metrics, regression_metrics
+from e2e_search.params import split_params
+from e2e_search.registry import get_family
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced NaN/Inf: the trial stops at once."""
+
+
+def build_model(family: str, params: dict[str, Any], data: DataSetup) -> torch.nn.Module:
+    fam = get_family(family)
+    _, fp = split_params(family, params)
+    outputs = data.num_classes if data.task == "classification" else 1
+    return fam.build(fp, in_chans=data.in_chans, img_size=tuple(data.img_size), num_outputs=outputs)
+
+
+def _loss_fn(task: str, name: str):
+    if name == "auto":
+        name = "cross_entropy" if task == "classification" else "mse"
+    if task == "classification":
+        if name != "cross_entropy":
+            raise ValueError(f"loss '{name}' does not fit a classification task")
+        return lambda out, y: F.cross_entropy(out, y)
+    if name == "mse":
+        return lambda out, y: F.mse_loss(out.squeeze(-1), y)
+    if name == "huber":
+        return lambda out, y: F.huber_loss(out.squeeze(-1), y)
+    if name == "relative":
+        return None  # needs the target scale: built in the loop
+    raise ValueError(f"loss '{name}' does not fit a regression task")
+
+
+def _gather(arr: np.ndarray) -> np.ndarray:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return arr
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, arr)
+    return np.concatenate(parts)
+
+
+def _mean_across_ranks(total: float, count: int, device) -> float:
+    t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return float(t[0] / max(t[1], 1.0))
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """``config``: {"family", "params", "data" (DataSetup dict), "max_epochs", "cpus_per_worker", "trial_name"}."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
+    data = DataSetup(**config["data"])
+    params = config["params"]
+    tp, _ = split_params(config["family"], params)
+    torch.manual_seed(tp.seed + rank)
+    np.random.seed(tp.seed + rank)
+
+    train_ds = H5ImageDataset(data, data.train)
+    loader_workers = int(config.get("loader_workers", 0))
+    train_loader = DataLoader(train_ds, batch_size=tp.batch_size, shuffle=True, drop_last=len(train_ds) > tp.batch_size * world,
+                              num_workers=loader_workers, persistent_workers=loader_workers > 0)
+    train_loader = ray.train.torch.prepare_data_loader(train_loader)  # DistributedSampler + device
+    # Validation: each rank scores its own stride of the split, predictions are gathered.
+    val_ds = H5ImageDataset(data, data.val[rank::world])
+    val_loader = DataLoader(val_ds, batch_size=max(tp.batch_size, 128), shuffle=False, num_workers=loader_workers)
+    device = ray.train.torch.get_device()
+
+    model = build_model(config["family"], params, data)
+    n_params = sum(p.numel() for p in model.parameters())
+    model = ray.train.torch.prepare_model(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
+    max_epochs = int(config["max_epochs"])
+    steps_per_epoch = max(1, len(train_loader))
+    total = steps_per_epoch * max_epochs
+    warm = steps_per_epoch * tp.warmup_epochs
+
+    def lr_at(step: int) -> float:  # linear warm-up, cosine decay
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    loss_fn = _loss_fn(data.task, tp.loss)
+    if loss_fn is None:  # relative error on the physical scale
+        m, s = data.target_mean, data.target_std
+        loss_fn = lambda out, y: (((out.squeeze(-1) - y) * s) / (y * s + m).abs().clamp_min(1e-6)).abs().mean()  # noqa: E731
+
+    # What export/inference need to rebuild the model (the split lists stay out).
+    model_data = {k: v for k, v in config["data"].items() if k not in ("train", "val", "test")}
+    start_epoch = 1
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=True)
+        unwrapped = model.module if hasattr(model, "module") else model
+        unwrapped.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+
+    for epoch in range(start_epoch, max_epochs + 1):
+        t0 = time.time()
+        if world > 1 and hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        model.train()
+        loss_sum, n_seen = 0.0, 0
+        for x, y in train_loader:
+            out = model(x)
+            loss = loss_fn(out, y)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"non-finite training loss ({loss.item()}) at epoch {epoch}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tp.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip)
+            opt.step()
+            sched.step()
+            loss_sum += loss.item() * len(y)
+            n_seen += len(y)
+        train_loss = _mean_across_ranks(loss_sum, n_seen, device)
+        train_time = time.time() - t0
+
+        model.eval()
+        outs, ys, vloss, vn = [], [], 0.0, 0
+        with torch.no_grad():
+            for x, y in val_loader:
+                x, y = x.to(device), y.to(device)
+                out = model(x)
+                vloss += loss_fn(out, y).item() * len(y)
+                vn += len(y)
+                outs.append(out.float().cpu().numpy())
+                ys.append(y.cpu().numpy())
+        val_loss = _mean_across_ranks(vloss, vn, device)
+        out_all = _gather(np.concatenate(outs) if outs else np.zeros((0, 1), np.float32))
+        y_all = _gather(np.concatenate(ys) if ys else np.zeros((0,), np.float32))
+        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                                   "lr": sched.get_last_lr()[0], "epoch_time_s": time.time() - t0,
+                                   "train_samples_per_s": len(train_ds) / max(train_time, 1e-9),
+                                   "num_params": n_params}
+        if data.task == "classification":
+            metrics.update(classification_metrics(out_all, y_all.astype(np.int64)))
+        else:
+            scale = lambda v: v * data.target_std + data.target_mean  # noqa: E731
+            metrics.update(regression_metrics(scale(out_all.reshape(-1)), scale(y_all.reshape(-1))))
+            metrics["val_abs_bias"] = abs(metrics["val_bias"])
+        if not math.isfinite(val_loss):
+            raise NonFiniteLoss(f"non-finite validation loss at epoch {epoch}")
+
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                unwrapped = model.module if hasattr(model, "module") else model
+                torch.save({"model": unwrapped.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "epoch": epoch,
+                            "family": config["family"], "params": params, "data": model_data,
+                            "metrics": metrics}, os.path.join(tmp, CHECKPOINT_FILE))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"epoch_{epoch:04d}")
+        else:
+            ray.train.report(metrics)
