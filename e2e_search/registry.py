@@ -31,6 +31,7 @@ class Family:
 
 
 _FAMILIES: dict[str, Family] = {}
+NOT_FAMILIES = {"loop"}  # modules of trainables/ that hold training functions, not families
 _LOADED = False
 
 
@@ -52,7 +53,8 @@ def _load_all() -> None:
     import trainables
 
     for mod in pkgutil.iter_modules(trainables.__path__):
-        importlib.import_module(f"trainables.{mod.name}")
+        if mod.name not in NOT_FAMILIES and not mod.name.startswith("_"):
+            importlib.import_module(f"trainables.{mod.name}")
     _LOADED = True
 
 

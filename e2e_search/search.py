@@ -109,7 +109,10 @@ def _init_ray(address: str | None, verbose: bool) -> None:
         ray.init(address=address, **kwargs)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(dashboard_host="127.0.0.1", include_dashboard=True, **kwargs)
+        # One logical CPU more than the machine has: it carries the trial drivers
+        # (DRIVER_CPU each, idle while their workers train), so N cores still run
+        # N one-CPU workers at once.
+        ray.init(num_cpus=(os.cpu_count() or 1) + 1, dashboard_host="127.0.0.1", include_dashboard=True, **kwargs)
 
 
 @dataclass
