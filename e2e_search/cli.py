@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="e2e-search", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{run,validate,best}", parser_class=_Parser)
 
     r = sub.add_parser("run", help="run a search from a search-space YAML")
     r.add_argument("file", help="search-space YAML (see search_spaces/)")
@@ -44,29 +44,40 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _plan(args, cfg, **kwargs):
+    """``plan()`` (data file, GPUs), its errors naming the YAML and the ``--set`` that led there."""
+    from .config import set_keys, source_of
+    from .search import plan
+
+    try:
+        return plan(cfg, **kwargs)
+    except UserError as e:
+        raise e.with_source(source_of(args.file, set_keys(args.sets), e.key)) from None
+
+
 def _cmd_validate(args) -> int:
     from .config import load
-    from .search import describe, plan
+    from .search import describe
 
     cfg = load(args.file, args.sets)
-    print(describe(plan(cfg, generate=False)))
+    print(describe(_plan(args, cfg, generate=False)))
     print(f"{args.file}: valid")
     return 0
 
 
 def _cmd_run(args) -> int:
     from .config import dump, load
-    from .search import describe, execute, plan
+    from .search import describe, execute
 
     cfg = load(args.file, args.sets)
     if args.dry_run:
-        p = plan(cfg, address=args.address, generate=False)
+        p = _plan(args, cfg, address=args.address, generate=False)
         print(describe(p))
         print("--- resolved search space ---")
         print(dump(cfg), end="")
         print("dry run: nothing started")
         return 0
-    p = plan(cfg, address=args.address)
+    p = _plan(args, cfg, address=args.address)
     print(describe(p), flush=True)
     out = execute(p, address=args.address, verbose=args.verbose)
     failed = sum(1 for s in out.trials.values() if s == "FAILED")

@@ -300,16 +300,17 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
-def apply_overrides(raw: dict, sets: list[str]) -> list[str]:
+def apply_overrides(raw: dict, sets: list[str], source: str | None = None) -> list[str]:
     """Apply ``key.sub=value`` overrides in place; values are parsed as YAML."""
+    src = f"{source} (--set)" if source else "--set"
     paths = []
     for item in sets:
         if "=" not in item:
-            raise UserError(f"expected key.sub=value, got '{item}'", source="--set")
+            raise UserError(f"expected key.sub=value, got '{item}'", source=src)
         key, _, text = item.partition("=")
         key = key.strip()
         if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", key):
-            raise UserError(f"'{key}' is not a dotted key path like data.path", source="--set")
+            raise UserError(f"'{key}' is not a dotted key path like data.path (got '{item}')", source=src)
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
@@ -324,7 +325,7 @@ def apply_overrides(raw: dict, sets: list[str]) -> list[str]:
                 if parts[0] == "params" and i == 1:  # params.lr.low on a fixed lr: start a dimension
                     nxt = node[part] = {}
                 else:
-                    raise UserError(f"'{'.'.join(parts[: i + 1])}' is a value, not a section", source="--set", key=key)
+                    raise UserError(f"'{'.'.join(parts[: i + 1])}' is a value, not a section", source=src, key=key)
             node = nxt
         node[parts[-1]] = value
         paths.append(key)
@@ -378,33 +379,39 @@ def _explain(err: dict) -> tuple[str, str]:
     return key, msg
 
 
+def source_of(source: str, set_paths: list[str] | None, key: str | None) -> str:
+    """The YAML path, plus the ``--set`` override that wrote ``key`` (or a section above or below it)."""
+    for p in set_paths or []:
+        if key and (key == p or key.startswith(p + ".") or p.startswith(key + ".")):
+            return f"{source} (--set {p})"
+    return source
+
+
+def set_keys(sets: list[str]) -> list[str]:
+    """The key paths of ``--set key.sub=value`` items (already checked by :func:`apply_overrides`)."""
+    return [s.partition("=")[0].strip() for s in sets]
+
+
 def validate(raw: dict, *, source: str, set_paths: list[str] | None = None) -> SearchSpace:
     try:
         cfg = SearchSpace.model_validate(raw)
     except ValidationError as e:
-        key, msg = _explain(e.errors()[0])
-        src = source
-        for p in set_paths or []:
-            if key == p or key.startswith(p + ".") or p.startswith(key + ".") or (key and p.startswith(key)):
-                src = f"{source} (--set {p})"
-                break
-        raise UserError(msg, source=src, key=key or None) from None
+        errs = e.errors()  # an unknown key first: it is usually the misspelling of a "missing" one
+        key, msg = _explain(next((x for x in errs if x["type"] == "extra_forbidden"), errs[0]))
+        raise UserError(msg, source=source_of(source, set_paths, key), key=key or None) from None
     from .params import check_params  # needs the family registry
 
     try:
         check_params(cfg)
     except UserError as e:
-        for p in set_paths or []:
-            if e.key and (e.key == p or e.key.startswith(p + ".") or p.startswith(e.key)):
-                raise e.with_source(f"{source} (--set {p})") from None
-        raise e.with_source(source) from None
+        raise e.with_source(source_of(source, set_paths, e.key)) from None
     return cfg
 
 
 def load(path: str | Path, sets: list[str] | None = None) -> SearchSpace:
     """Read, override and validate a search-space YAML (writes nothing)."""
     raw = read_yaml(path)
-    set_paths = apply_overrides(raw, list(sets or []))
+    set_paths = apply_overrides(raw, list(sets or []), source=str(path))
     return validate(raw, source=str(path), set_paths=set_paths)
 
 

@@ -78,6 +78,8 @@ def inspect(cfg: SearchSpace) -> DataSetup:
     """
     d = cfg.data
     path = Path(d.path)
+    if path.is_dir():
+        raise UserError(f"'{d.path}' is a directory; give the path of an HDF5 file", key="data.path")
     if not path.is_file():
         hint = " or add a data.generate recipe" if d.generate is None else ""
         raise UserError(f"file '{d.path}' not found; fix the path (e.g. --set data.path=FILE.h5){hint}", key="data.path")

@@ -83,6 +83,11 @@ def check_params(cfg: SearchSpace) -> None:
             for w in wanted if isinstance(wanted, list) else [wanted]:
                 if w not in allowed:
                     raise UserError(f"'{other}' never takes the value {w!r} (its values: {allowed})", key=ckey)
+    loss = cfg.params.get("loss")
+    fits = {"classification": {"auto", "cross_entropy"}, "regression": {"auto", "mse", "huber", "relative"}}[cfg.task.type]
+    for v in dim_values(loss) if loss is not None else []:
+        if v not in fits:
+            raise UserError(f"loss '{v}' does not fit a {cfg.task.type} task; use one of {sorted(fits)}", key="params.loss")
     _condition_order(cfg.params)
     combos = len(grid_points(cfg))
     if combos > cfg.search.num_samples:

@@ -11,9 +11,8 @@ from .tracking import is_better
 
 
 class Progress(Callback):
-    def __init__(self, *, metric: str, mode: str, num_samples: int, stream=None):
+    def __init__(self, *, metric: str, mode: str, num_samples: int):
         self.metric, self.mode, self.num_samples = metric, mode, num_samples
-        self.stream = stream or sys.stdout
         self.t0 = time.time()
         self.best: tuple[float, str, int] | None = None
 
@@ -30,7 +29,7 @@ class Progress(Callback):
             v, tid, ep = self.best
             best = f"{self.metric}={v:.4f} (trial {tid}, epoch {ep})"
         print(f"[{time.time() - self.t0:6.0f}s] {running} running, {done} done, {failed} failed, "
-              f"{max(pending, 0)} to go | best {best} | {event}", file=self.stream, flush=True)
+              f"{max(pending, 0)} to go | best {best} | {event}", file=sys.stdout, flush=True)  # looked up per call: Tune pickles callbacks
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._line(trials, f"{trial.trial_id} started")

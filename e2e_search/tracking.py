@@ -16,6 +16,7 @@ Every trial run carries:
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -173,19 +174,19 @@ class MlflowTrials(Callback):
 
 
 def trial_error(trial) -> str:
-    """The last line that names the exception of an errored Tune trial."""
+    """The line naming the exception of an errored Tune trial (from its error file)."""
     text = ""
-    try:
-        err = trial.get_error()
-        text = str(err) if err else ""
-    except Exception:
-        pass
-    if not text:
-        text = str(getattr(trial, "error_msg", "") or "")
+    for read in (lambda: Path(trial.error_file).read_text(), lambda: str(trial.get_error() or "")):
+        try:
+            text = read()
+        except Exception:
+            text = ""
+        if text:
+            break
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if "Error" in ln or "Exception" in ln:
-            return ln
+    named = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b.*:", ln)]
+    if named:
+        return named[-1]
     return lines[-1] if lines else "trial failed (no error recorded)"
 
 

@@ -28,7 +28,7 @@ class VitParams(BaseModel):
     patch_size: int = Field(default=5, ge=1)
     depth: int = Field(default=4, ge=1)
     embed_dim: int = Field(default=64, ge=8)
-    """Rounded up to a multiple of num_heads (the value used is logged as ``model.embed_dim``)."""
+    """Rounded up to a multiple of num_heads (attention splits it evenly across heads)."""
     num_heads: int = Field(default=4, ge=1)
     mlp_ratio: float = Field(default=4.0, gt=0)
     drop_path: float = Field(default=0.0, ge=0, lt=1)

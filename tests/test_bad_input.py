@@ -1,0 +1,369 @@
+"""Bad input through the real CLI: one line on stderr, exit code 2, nothing written.
+
+Every case here fails before Ray would start (config, data file, GPUs, flags);
+none of them starts Ray. Each test runs in its own empty working directory and
+checks that no ``e2e_runs`` appears and no file besides its own inputs exists.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from e2e_search.cli import main
+
+YAML = "space.yaml"
+H5 = "jets.h5"
+
+
+# --------------------------------------------------------------------------- inputs
+def write_h5(path: Path, *, n: int = 40, x_shape: tuple | None = None, n_y: int | None = None,
+             labels: np.ndarray | None = None, image_key: str = "X_jets", label_key: str = "y") -> Path:
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        f.create_dataset(image_key, data=rng.normal(size=x_shape or (n, 16, 16, 3)).astype(np.float32))
+        f.create_dataset(label_key, data=labels if labels is not None else (np.arange(n_y or n) % 2).astype(np.int64))
+        f.create_dataset("m0", data=rng.uniform(50, 200, size=n).astype(np.float32))
+    return path
+
+
+def base_cfg() -> dict:
+    return {
+        "name": "bad-input",
+        "family": "vit",
+        "task": {"type": "classification", "num_classes": 2},
+        "data": {"path": H5, "image_key": "X_jets", "label_key": "y", "val_fraction": 0.2, "test_fraction": 0.1},
+        "params": {
+            "lr": {"type": "loguniform", "low": 1.0e-4, "high": 1.0e-2},
+            "batch_size": 8,
+            "patch_size": {"type": "choice", "values": [4, 8]},
+            "depth": {"type": "randint", "low": 1, "high": 2},
+            "drop_path": {"type": "uniform", "low": 0.0, "high": 0.1},
+        },
+        "search": {"algorithm": "random", "num_samples": 2},
+        "scheduler": {"type": "asha", "max_epochs": 1},
+        "resources": {"workers": 1, "cpus_per_worker": 1},
+    }
+
+
+def write_yaml(cfg: dict, name: str = YAML) -> str:
+    Path(name).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return name
+
+
+def files_under(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch):
+    """Empty working directory with a valid HDF5 file (tests add their own inputs)."""
+    monkeypatch.chdir(tmp_path)
+    write_h5(tmp_path / H5)
+    return tmp_path
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse errors
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line(rc: int, out: str, err: str, *names: str) -> str:
+    assert rc == 2, (rc, out, err)
+    assert "Traceback" not in out + err
+    lines = [ln for ln in err.splitlines()]
+    assert len(lines) == 1 and lines[0].strip(), f"expected one line on stderr, got: {err!r}"
+    for name in names:
+        assert name in lines[0], f"{name!r} not in: {lines[0]}"
+    return lines[0]
+
+
+def bad_run(ws: Path, capsys, argv: list[str], *names: str) -> str:
+    """Run the CLI on bad input and check the one-line error and that nothing was written."""
+    before = files_under(ws)
+    rc, out, err = cli(argv, capsys)
+    line = assert_one_line(rc, out, err, *names)
+    assert out == "", out
+    assert not (ws / "e2e_runs").exists()
+    assert files_under(ws) == before
+    return line
+
+
+def run_broken(ws: Path, capsys, cfg: dict, *names: str, cmd: str = "run", sets: tuple = ()) -> str:
+    path = write_yaml(cfg)
+    argv = [cmd, path] + [a for s in sets for a in ("--set", s)]
+    return bad_run(ws, capsys, argv, path, *names)
+
+
+# --------------------------------------------------------------------------- the valid base
+def test_valid_base_passes(ws, capsys):
+    path = write_yaml(base_cfg())
+    before = files_under(ws)
+    rc, out, err = cli(["validate", path], capsys)
+    assert rc == 0, err
+    assert f"{path}: valid" in out
+    rc, out, err = cli(["run", path, "--dry-run"], capsys)
+    assert rc == 0, err
+    assert "dry run: nothing started" in out
+    assert not (ws / "e2e_runs").exists()
+    assert files_under(ws) == before
+
+
+# --------------------------------------------------------------------------- YAML
+def test_yaml_syntax_error(ws, capsys):
+    Path(YAML).write_text("name: x\nfamily: vit\ndata: {path: jets.h5\nparams: [1, 2\n")
+    line = bad_run(ws, capsys, ["run", YAML], YAML, "line ")
+    assert "YAML syntax error" in line
+
+
+def test_yaml_not_a_mapping(ws, capsys):
+    Path(YAML).write_text("- just\n- a list\n")
+    bad_run(ws, capsys, ["validate", YAML], YAML, "mapping")
+
+
+def test_yaml_file_missing(ws, capsys):
+    bad_run(ws, capsys, ["run", "nope.yaml"], "nope.yaml", "not found")
+
+
+def test_unknown_top_level_key(ws, capsys):
+    cfg = base_cfg()
+    cfg["serach"] = cfg.pop("search")
+    line = run_broken(ws, capsys, cfg, "serach")
+    assert "did you mean 'search'" in line
+
+
+def test_unknown_nested_key(ws, capsys):
+    cfg = base_cfg()
+    cfg["data"]["imge_key"] = cfg["data"].pop("image_key")
+    line = run_broken(ws, capsys, cfg, "data.imge_key")
+    assert "did you mean 'image_key'" in line
+
+
+def test_unknown_param_name(ws, capsys):
+    cfg = base_cfg()
+    cfg["params"]["patch_sise"] = cfg["params"].pop("patch_size")
+    line = run_broken(ws, capsys, cfg, "params.patch_sise")
+    assert "did you mean 'patch_size'" in line
+
+
+def test_unknown_key_in_dimension(ws, capsys):
+    cfg = base_cfg()
+    cfg["params"]["lr"]["hihg"] = cfg["params"]["lr"].pop("high")
+    line = run_broken(ws, capsys, cfg, "params.lr.hihg")  # not "params.lr.high: missing"
+    assert "did you mean 'high'" in line
+
+
+@pytest.mark.parametrize("key, value", [
+    ("search.num_samples", "many"),
+    ("params.depth", 2.5),
+    ("params.patch_size", {"type": "choice", "values": ["a", "b"]}),
+    ("params.batch_size", {"type": "uniform", "low": 0.5, "high": 8.5}),
+    ("scheduler.max_epochs", [1, 2]),
+    ("task", "classification"),
+])
+def test_wrong_type(ws, capsys, key, value):
+    cfg = base_cfg()
+    section, _, name = key.partition(".")
+    if name:
+        cfg[section][name] = value
+    else:
+        cfg[section] = value
+    run_broken(ws, capsys, cfg, key)
+
+
+def test_empty_choice(ws, capsys):
+    cfg = base_cfg()
+    cfg["params"]["patch_size"] = {"type": "choice", "values": []}
+    run_broken(ws, capsys, cfg, "params.patch_size.values")
+
+
+@pytest.mark.parametrize("low, high", [(0.1, 0.1), (0.2, 0.1)])
+def test_uniform_low_not_below_high(ws, capsys, low, high):
+    cfg = base_cfg()
+    cfg["params"]["drop_path"] = {"type": "uniform", "low": low, "high": high}
+    line = run_broken(ws, capsys, cfg, "params.drop_path")
+    assert "smaller than high" in line
+
+
+@pytest.mark.parametrize("low", [0.0, -1.0e-3])
+def test_loguniform_low_not_positive(ws, capsys, low):
+    cfg = base_cfg()
+    cfg["params"]["lr"] = {"type": "loguniform", "low": low, "high": 1.0e-2}
+    line = run_broken(ws, capsys, cfg, "params.lr.low")
+    assert "low > 0" in line
+
+
+def test_unknown_dimension_type(ws, capsys):
+    cfg = base_cfg()
+    cfg["params"]["lr"]["type"] = "logunifrom"
+    line = run_broken(ws, capsys, cfg, "params.lr")
+    assert "did you mean 'loguniform'" in line
+
+
+@pytest.mark.parametrize("key", ["family", "data.path"])
+def test_missing_required_key(ws, capsys, key):
+    cfg = base_cfg()
+    section, _, name = key.partition(".")
+    if name:
+        del cfg[section][name]
+    else:
+        del cfg[section]
+    line = run_broken(ws, capsys, cfg, key)
+    assert "missing" in line
+
+
+def test_unknown_family(ws, capsys):
+    cfg = base_cfg()
+    cfg["family"] = "vti"
+    line = run_broken(ws, capsys, cfg, "family", cmd="validate")
+    assert "did you mean 'vit'" in line
+
+
+def test_condition_on_unknown_param(ws, capsys):
+    cfg = base_cfg()
+    cfg["params"]["depth"]["when"] = {"pool": "token"}
+    line = run_broken(ws, capsys, cfg, "params.depth.when.pool")
+    assert "not in params" in line
+
+
+def test_grid_larger_than_num_samples(ws, capsys):
+    cfg = base_cfg()
+    cfg["params"]["patch_size"] = {"type": "grid", "values": [2, 4, 8]}
+    cfg["params"]["batch_size"] = {"type": "grid", "values": [8, 16]}
+    line = run_broken(ws, capsys, cfg, "search.num_samples")
+    assert "6 grid combinations" in line
+
+
+# --------------------------------------------------------------------------- the data file
+def test_missing_data_file(ws, capsys):
+    cfg = base_cfg()
+    cfg["data"]["path"] = "nope.h5"
+    line = run_broken(ws, capsys, cfg, "data.path", "nope.h5")
+    assert "not found" in line
+
+
+def test_data_file_not_hdf5(ws, capsys):
+    Path("notes.h5").write_text("this is not an HDF5 file\n")
+    cfg = base_cfg()
+    cfg["data"]["path"] = "notes.h5"
+    line = run_broken(ws, capsys, cfg, "data.path", "notes.h5")
+    assert "HDF5" in line
+
+
+def test_data_path_is_a_directory(ws, capsys):
+    Path("somedir").mkdir()
+    cfg = base_cfg()
+    cfg["data"]["path"] = "somedir"
+    line = run_broken(ws, capsys, cfg, "data.path", "somedir")
+    assert "directory" in line
+
+
+@pytest.mark.parametrize("key, value", [("data.image_key", "images"), ("data.label_key", "labels")])
+def test_missing_hdf5_key(ws, capsys, key, value):
+    cfg = base_cfg()
+    cfg["data"][key.split(".")[1]] = value
+    line = run_broken(ws, capsys, cfg, key, f"'{value}'")
+    assert "X_jets" in line and "y" in line  # lists the keys the file has
+
+
+def test_x_and_y_lengths_differ(ws, capsys):
+    write_h5(ws / H5, n=40, n_y=30)
+    line = run_broken(ws, capsys, base_cfg(), "data.label_key")
+    assert "40" in line and "30" in line
+
+
+def test_image_rank_not_3(ws, capsys):
+    write_h5(ws / H5, x_shape=(40, 16, 16))
+    line = run_broken(ws, capsys, base_cfg(), "data.image_key", cmd="validate")
+    assert "rank 3" in line
+
+
+def test_labels_outside_num_classes(ws, capsys):
+    write_h5(ws / H5, labels=(np.arange(40) % 3).astype(np.int64))
+    line = run_broken(ws, capsys, base_cfg(), "task.num_classes")
+    assert "0..2" in line
+
+
+def test_non_integer_labels(ws, capsys):
+    write_h5(ws / H5, labels=np.linspace(0, 1, 40).astype(np.float32))
+    run_broken(ws, capsys, base_cfg(), "data.label_key")
+
+
+# --------------------------------------------------------------------------- --set and flags
+def test_gpus_on_gpu_less_machine(ws, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    line = run_broken(ws, capsys, base_cfg(), "resources.gpus_per_worker", "--set",
+                      sets=("resources.gpus_per_worker=1",))
+    assert "no GPU" in line
+
+
+@pytest.mark.parametrize("override, key", [("data.nope=1", "data.nope"), ("nosuch.key=1", "nosuch")])
+def test_set_unknown_path(ws, capsys, override, key):
+    line = run_broken(ws, capsys, base_cfg(), key, "--set", sets=(override,))
+    assert "unknown key" in line
+
+
+def test_set_bad_value(ws, capsys):
+    run_broken(ws, capsys, base_cfg(), "search.num_samples", "--set", sets=("search.num_samples=many",))
+
+
+def test_set_missing_data_file(ws, capsys):
+    line = run_broken(ws, capsys, base_cfg(), "data.path", "--set", "gone.h5", sets=("data.path=gone.h5",))
+    assert "not found" in line
+
+
+def test_set_into_a_value(ws, capsys):
+    run_broken(ws, capsys, base_cfg(), "name", "--set", sets=("name.sub=1",))
+
+
+@pytest.mark.parametrize("override", ["data.path", "=1", "data path=x.h5"])
+def test_set_malformed(ws, capsys, override):
+    run_broken(ws, capsys, base_cfg(), "--set", sets=(override,))
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["run", YAML, "--bogus"], "--bogus"),
+    (["validate", YAML, "--dry-run"], "--dry-run"),
+    (["run"], "file"),
+    (["frobnicate", YAML], "frobnicate"),
+    ([], "run,validate,best"),
+])
+def test_bad_cli_flags(ws, capsys, argv, named):
+    write_yaml(base_cfg())
+    bad_run(ws, capsys, argv, "e2e-search", named)
+
+
+# --------------------------------------------------------------------------- the installed script
+def _console_script() -> str:
+    exe = Path(sys.executable).parent / "e2e-search"
+    return str(exe) if exe.is_file() else shutil.which("e2e-search")
+
+
+def test_console_script_bad_input(ws):
+    script = _console_script()
+    assert script, "the e2e-search console script is not installed"
+    cfg = base_cfg()
+    cfg["data"]["path"] = "nope.h5"
+    path = write_yaml(cfg)
+    before = files_under(ws)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHONWARNINGS")}
+    proc = subprocess.run([script, "run", path], cwd=ws, capture_output=True, text=True, timeout=120, env=env)
+    assert_one_line(proc.returncode, proc.stdout, proc.stderr, path, "data.path", "nope.h5")
+    assert proc.stdout == ""
+    assert not (ws / "e2e_runs").exists()
+    assert files_under(ws) == before

@@ -1,0 +1,111 @@
+"""End-to-end searches with a real local Ray, Optuna, MLflow (SQLite in tmp_path) and HDF5."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from e2e_search.cli import main
+from tests.conftest import base_config, write_e2e, write_yaml
+
+
+def _runs(uri: str, experiment: str):
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("e2e.kind") == "search"]
+    children = [r for r in runs if r.data.tags.get("e2e.kind") == "trial"]
+    return client, parents, children
+
+
+def test_two_trials_two_workers_recorded_in_mlflow(tmp_path, monkeypatch, capsys, ray_local):
+    monkeypatch.chdir(tmp_path)
+    data = write_e2e(tmp_path / "jets.h5", n=64)
+    cfg = base_config(tmp_path, data, name="ddp", resources={"workers": 2, "cpus_per_worker": 0.5})
+    yml = write_yaml(tmp_path / "s.yaml", cfg)
+    assert main(["run", str(yml)]) == 0
+    out = capsys.readouterr().out
+    assert "best trial: run" in out and "2 trials, 0 failed" in out
+
+    uri = cfg["tracking"]["uri"]
+    client, parents, children = _runs(uri, "ddp")
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert "search_space.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    for run in children:
+        rid = run.info.run_id
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED" and run.data.tags["e2e.status"] == "FINISHED"
+        assert {"lr", "embed_dim", "patch_size"} <= set(run.data.params)
+        history = client.get_metric_history(rid, "val_auc")
+        assert sorted(m.step for m in history) == [1, 2]  # step = absolute epoch
+        for key in ("best_val_auc", "final_val_auc", "best_epoch", "epochs_run", "val_loss", "train_loss"):
+            assert key in run.data.metrics, key
+        assert run.data.metrics["best_val_auc"] == max(m.value for m in history)
+        files = [a.path for a in client.list_artifacts(rid, "best_checkpoint")]
+        assert files == ["best_checkpoint/checkpoint.pt"]
+        local = client.download_artifacts(rid, "best_checkpoint/checkpoint.pt", str(tmp_path / rid))
+        state = torch.load(local, weights_only=True)
+        assert state["epoch"] == int(run.data.metrics["best_epoch"])
+        assert state["family"] == "vit" and "model" in state and "optimizer" in state
+
+    # `best` reads MLflow only and names the trial with the highest best_val_auc.
+    expected = max(children, key=lambda r: r.data.metrics["best_val_auc"]).info.run_id
+    assert main(["best", "ddp", "--tracking-uri", uri, "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if re.match(r"\s+\d+\s+[0-9a-f]{32}", ln)]
+    assert len(rows) == 2 and rows[0].split()[1] == expected
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        dict(image_key="X_jets", size=125, channels=3, layout="channels_last", sets=[]),
+        dict(image_key="X", size=32, channels=2, layout="channels_last", sets=["data.image_key=X"]),
+        dict(image_key="X_jets", size=20, channels=4, layout="channels_first",
+             sets=["data.layout=channels_first", "data.channels=[3,0]"]),
+    ],
+    ids=["e2e_125x125x3", "photon_32x32x2", "channels_first_subset"],
+)
+def test_same_search_runs_on_other_formats_through_set(tmp_path, monkeypatch, capsys, ray_local, fmt):
+    monkeypatch.chdir(tmp_path)
+    data = write_e2e(tmp_path / "in.h5", n=40, size=fmt["size"], channels=fmt["channels"], layout=fmt["layout"],
+                     image_key=fmt["image_key"])
+    # One YAML for every format; patch 10 does not divide 125/32: padded explicitly.
+    cfg = base_config(tmp_path, tmp_path / "elsewhere.h5", name="fmt",
+                      params={"patch_size": 10, "depth": 1, "embed_dim": 16, "num_heads": 2, "batch_size": 8},
+                      search={"num_samples": 1}, scheduler={"type": "none", "max_epochs": 1})
+    yml = write_yaml(tmp_path / "s.yaml", cfg)
+    sets = [f"data.path={data}", *fmt["sets"]]
+    args = ["run", str(yml)] + [a for s in sets for a in ("--set", s)]
+    assert main(args) == 0
+    _, parents, children = _runs(cfg["tracking"]["uri"], "fmt")
+    assert len(children) == 1 and children[0].data.tags["e2e.status"] == "FINISHED"
+    assert "val_auc" in children[0].data.metrics
+    assert "search_space.yaml" in [a.path for a in MlflowClient(cfg["tracking"]["uri"]).list_artifacts(parents[0].info.run_id)]
+
+
+def test_failing_trial_does_not_stop_the_search(tmp_path, monkeypatch, capsys, ray_local):
+    monkeypatch.chdir(tmp_path)
+    data = write_e2e(tmp_path / "jets.h5", n=40)
+    # patch 32 with patch_fit: crop cannot fit a 16x16 image -> that trial raises while building its model.
+    cfg = base_config(tmp_path, data, name="fail",
+                      params={"patch_size": {"type": "grid", "values": [4, 32]}, "patch_fit": "crop",
+                              "depth": 1, "embed_dim": 16, "num_heads": 2, "batch_size": 8},
+                      search={"num_samples": 2}, scheduler={"type": "none", "max_epochs": 1})
+    yml = write_yaml(tmp_path / "s.yaml", cfg)
+    assert main(["run", str(yml)]) == 0
+    _, parents, children = _runs(cfg["tracking"]["uri"], "fail")
+    by_patch = {r.data.params["patch_size"]: r for r in children}
+    assert set(by_patch) == {"4", "32"}
+    assert by_patch["4"].info.status == "FINISHED"
+    bad = by_patch["32"]
+    assert bad.info.status == "FAILED" and bad.data.tags["e2e.status"] == "FAILED"
+    assert "larger than the image" in bad.data.tags["e2e.error"]
+    assert parents[0].data.tags["e2e.trials_failed"] == "1"
+    assert parents[0].data.tags["e2e.best_run_id"] == by_patch["4"].info.run_id

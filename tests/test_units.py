@@ -1,0 +1,110 @@
+"""Fast checks of the parts a search is built from (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+from e2e_search.config import SearchSpace, validate
+from e2e_search.data import H5ImageDataset, inspect, split_indices
+from e2e_search.metrics import classification_metrics, regression_metrics
+from e2e_search.params import OptunaSpace, grid_points
+from tests.conftest import base_config, write_e2e
+from trainables.vit import VitParams, build_vit
+
+
+def _cfg(tmp_path, **over) -> SearchSpace:
+    data = write_e2e(tmp_path / "d.h5", n=40)
+    return validate(base_config(tmp_path, data, **over), source="test.yaml")
+
+
+def _sample(cfg: SearchSpace, n: int, seed: int = 0) -> list[dict]:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    space = OptunaSpace(cfg)
+    for p in grid_points(cfg):
+        study.enqueue_trial(p)
+    out = []
+    for _ in range(n):
+        t = study.ask()
+        fixed = space(t)
+        out.append({**t.params, **fixed})
+        study.tell(t, 0.0)
+    return out
+
+
+def test_conditional_params_only_where_they_apply(tmp_path):
+    cfg = _cfg(tmp_path, params={
+        "pool": {"type": "choice", "values": ["token", "avg"]},
+        "drop_path": {"type": "uniform", "low": 0.0, "high": 0.2, "when": {"pool": "avg"}},
+        "depth": {"type": "randint", "low": 1, "high": 3},
+        "mlp_ratio": {"type": "quniform", "low": 1, "high": 3, "q": 0.5},
+        "embed_dim": {"type": "quniform", "low": 16, "high": 64, "q": 16},
+    })
+    samples = _sample(cfg, 30)
+    pools = {s["pool"] for s in samples}
+    assert pools == {"token", "avg"}
+    for s in samples:
+        assert ("drop_path" in s) == (s["pool"] == "avg")
+        assert 1 <= s["depth"] <= 3 and isinstance(s["depth"], int)
+        assert s["mlp_ratio"] in {1.0, 1.5, 2.0, 2.5, 3.0}
+        assert s["embed_dim"] in {16, 32, 48, 64} and isinstance(s["embed_dim"], int)
+
+
+def test_grid_combinations_are_all_tried_first(tmp_path):
+    cfg = _cfg(tmp_path, params={"patch_size": {"type": "grid", "values": [4, 8]},
+                                 "depth": {"type": "grid", "values": [1, 2]}},
+               search={"num_samples": 5})
+    assert len(grid_points(cfg)) == 4
+    first = [(s["patch_size"], s["depth"]) for s in _sample(cfg, 4)]
+    assert sorted(first) == [(4, 1), (4, 2), (8, 1), (8, 2)]
+
+
+def test_split_is_deterministic_and_disjoint():
+    a = split_indices(1000, 0.15, 0.1, seed=3)
+    b = split_indices(1000, 0.15, 0.1, seed=3)
+    c = split_indices(1000, 0.15, 0.1, seed=4)
+    assert a == b and a != c
+    train, val, test = map(set, a)
+    assert len(train) + len(val) + len(test) == 1000 and not (train & val or train & test or val & test)
+    assert (len(val), len(test)) == (150, 100)
+
+
+def test_layouts_and_channel_order_read_the_same_pixels(tmp_path):
+    last = write_e2e(tmp_path / "last.h5", n=20, size=12, channels=4, layout="channels_last")
+    first = write_e2e(tmp_path / "first.h5", n=20, size=12, channels=4, layout="channels_first")
+    c1 = validate(base_config(tmp_path, last, data={"path": str(last), "channels": [3, 1], "normalize": "none"}), source="t")
+    c2 = validate(base_config(tmp_path, first, data={"path": str(first), "channels": [3, 1], "normalize": "none",
+                                                     "layout": "channels_first"}), source="t")
+    s1, s2 = inspect(c1), inspect(c2)
+    assert s1.in_chans == 2 and s1.img_size == (12, 12)
+    x1, y1 = H5ImageDataset(s1, s1.train)[0]
+    x2, y2 = H5ImageDataset(s2, s2.train)[0]
+    assert x1.shape == (2, 12, 12) and torch.equal(x1, x2) and y1 == y2
+
+
+def test_per_channel_normalization_from_training_split(tmp_path):
+    s = inspect(_cfg(tmp_path))
+    assert len(s.mean) == 3 and all(v > 0 for v in s.std)
+    ds = H5ImageDataset(s, s.train)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    assert x.mean(dim=(0, 2, 3)).abs().max() < 0.2  # roughly centred
+
+
+@pytest.mark.parametrize("size,chans,patch,fit,expect", [
+    (125, 3, 10, "pad", 130), (125, 8, 25, "pad", 125), (32, 2, 5, "crop", 30), (32, 2, 5, "pad", 35)])
+def test_vit_handles_sizes_not_divisible_by_patch(size, chans, patch, fit, expect):
+    m = build_vit(VitParams(patch_size=patch, depth=1, embed_dim=30, num_heads=4, patch_fit=fit),
+                  in_chans=chans, img_size=(size, size), num_outputs=3)
+    assert m[0].out_size == (expect, expect)
+    out = m(torch.randn(2, chans, size, size))
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+
+
+def test_metrics():
+    logits = np.array([[2.0, -1.0], [0.1, 0.3], [-1.0, 2.0], [0.5, 0.0]])
+    m = classification_metrics(logits, np.array([0, 1, 1, 0]))
+    assert m["val_auc"] == 1.0 and m["val_acc"] == 1.0
+    r = regression_metrics(np.array([110.0, 90.0]), np.array([100.0, 100.0]))
+    assert r["val_mae"] == 10.0 and r["val_bias"] == 0.0 and r["val_resolution"] == pytest.approx(0.1)
