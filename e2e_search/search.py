@@ -98,6 +98,18 @@ def _searcher(cfg: SearchSpace):
                         points_to_evaluate=grid_points(cfg) or None)
 
 
+def _quiet_libraries(verbose: bool) -> None:
+    """Keep the terminal to our progress lines: MLflow's DB set-up and Optuna's study notes are noise."""
+    import logging
+
+    import optuna
+
+    if not verbose:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _init_ray(address: str | None, verbose: bool) -> None:
     import ray
 
@@ -137,6 +149,7 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False) -> Ou
 
     cfg = p.cfg
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    _quiet_libraries(verbose)
     _init_ray(address, verbose)
     if cfg.resources.gpus_per_worker > 0 and ray.cluster_resources().get("GPU", 0) == 0:
         raise UserError(

@@ -69,8 +69,10 @@ def test_two_trials_two_workers_recorded_in_mlflow(tmp_path, monkeypatch, capsys
         dict(image_key="X", size=32, channels=2, layout="channels_last", sets=["data.image_key=X"]),
         dict(image_key="X_jets", size=20, channels=4, layout="channels_first",
              sets=["data.layout=channels_first", "data.channels=[3,0]"]),
+        dict(image_key="X_jets", size=16, channels=3, layout="channels_last",
+             sets=["task.type=regression", "task.target=m0"]),
     ],
-    ids=["e2e_125x125x3", "photon_32x32x2", "channels_first_subset"],
+    ids=["e2e_125x125x3", "photon_32x32x2", "channels_first_subset", "mass_regression"],
 )
 def test_same_search_runs_on_other_formats_through_set(tmp_path, monkeypatch, capsys, ray_local, fmt):
     monkeypatch.chdir(tmp_path)
@@ -86,7 +88,9 @@ def test_same_search_runs_on_other_formats_through_set(tmp_path, monkeypatch, ca
     assert main(args) == 0
     _, parents, children = _runs(cfg["tracking"]["uri"], "fmt")
     assert len(children) == 1 and children[0].data.tags["e2e.status"] == "FINISHED"
-    assert "val_auc" in children[0].data.metrics
+    regression = "task.type=regression" in fmt["sets"]
+    for key in (["val_mae", "val_resolution", "best_val_mae"] if regression else ["val_auc", "val_acc"]):
+        assert key in children[0].data.metrics, key
     assert "search_space.yaml" in [a.path for a in MlflowClient(cfg["tracking"]["uri"]).list_artifacts(parents[0].info.run_id)]
 
 

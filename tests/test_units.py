@@ -108,3 +108,17 @@ def test_metrics():
     assert m["val_auc"] == 1.0 and m["val_acc"] == 1.0
     r = regression_metrics(np.array([110.0, 90.0]), np.array([100.0, 100.0]))
     assert r["val_mae"] == 10.0 and r["val_bias"] == 0.0 and r["val_resolution"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path("search_spaces").glob("*.yaml")), ids=str)
+def test_shipped_search_spaces_validate(path, tmp_path, monkeypatch):
+    from e2e_search.config import load
+    from e2e_search.search import plan
+
+    path = path.resolve()
+    monkeypatch.chdir(tmp_path)
+    data = write_e2e(tmp_path / "jets.h5", n=40, size=125)
+    cfg = load(path, [f"data.path={data}"])
+    setup = plan(cfg, generate=False).data
+    assert setup.img_size == (125, 125) and setup.in_chans == 3
+    assert not (tmp_path / "e2e_runs").exists()
