@@ -113,3 +113,34 @@ def test_failing_trial_does_not_stop_the_search(tmp_path, monkeypatch, capsys, r
     assert "larger than the image" in bad.data.tags["e2e.error"]
     assert parents[0].data.tags["e2e.trials_failed"] == "1"
     assert parents[0].data.tags["e2e.best_run_id"] == by_patch["4"].info.run_id
+
+
+def test_trial_resumes_from_its_latest_checkpoint(tmp_path, ray_local):
+    """A Train run refitted under the same name continues after its last epoch (what a restarted trial does)."""
+    import hashlib
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from e2e_search.config import validate
+    from e2e_search.data import inspect
+    from trainables.loop import CHECKPOINT_FILE, worker_loop
+
+    data = write_e2e(tmp_path / "d.h5", n=40)
+    setup = inspect(validate(base_config(tmp_path, data), source="t.yaml"))
+    params = {"patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2, "batch_size": 8}
+    store = tmp_path / "store"
+
+    def fit(max_epochs: int):
+        return TorchTrainer(worker_loop, train_loop_config={"family": "vit", "params": params, "data": setup.to_dict(),
+                                                            "max_epochs": max_epochs},
+                            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                            run_config=RunConfig(name="trial_x", storage_path=str(store))).fit()
+
+    first = fit(1)
+    ckpt1 = store / "trial_x" / "epoch_0001" / CHECKPOINT_FILE
+    digest = hashlib.sha256(ckpt1.read_bytes()).hexdigest()
+    second = fit(3)
+    assert first.metrics["epoch"] == 1 and second.metrics["epoch"] == 3
+    assert hashlib.sha256(ckpt1.read_bytes()).hexdigest() == digest  # epoch 1 was not trained again
+    assert torch.load(store / "trial_x" / "epoch_0003" / CHECKPOINT_FILE, weights_only=True)["epoch"] == 3
