@@ -81,7 +81,7 @@ def _cmd_run(args) -> int:
     print(describe(p), flush=True)
     out = execute(p, address=args.address, verbose=args.verbose)
     failed = sum(1 for s in out.trials.values() if s == "FAILED")
-    print(f"\nsearch done: {len(out.trials)} trials, {failed} failed")
+    print(f"\nsearch done: {len(out.trials)} trials, {out.stopped_early} stopped early by the scheduler, {failed} failed")
     if out.best is None:
         print("no trial finished: see the errors above and in MLflow (tag e2e.error)", file=sys.stderr)
         return 1

@@ -11,8 +11,8 @@ from .tracking import is_better
 
 
 class Progress(Callback):
-    def __init__(self, *, metric: str, mode: str, num_samples: int):
-        self.metric, self.mode, self.num_samples = metric, mode, num_samples
+    def __init__(self, *, metric: str, mode: str, num_samples: int, max_epochs: int):
+        self.metric, self.mode, self.num_samples, self.max_epochs = metric, mode, num_samples, max_epochs
         self.t0 = time.time()
         self.best: tuple[float, str, int] | None = None
 
@@ -43,7 +43,9 @@ class Progress(Callback):
         self._line(trials, f"{trial.trial_id} epoch {ep} {self.metric}={shown}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._line(trials, f"{trial.trial_id} finished")
+        epoch = int((trial.last_result or {}).get("epoch", 0))
+        how = "finished" if epoch >= self.max_epochs else f"stopped early at epoch {epoch}"
+        self._line(trials, f"{trial.trial_id} {how}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._line(trials, f"{trial.trial_id} FAILED")

@@ -135,6 +135,7 @@ class Outcome:
     best_run_id: str | None
     best: dict[str, Any] | None
     trials: dict[str, str]
+    stopped_early: int = 0
 
 
 def execute(p: Plan, *, address: str | None = None, verbose: bool = False) -> Outcome:
@@ -207,7 +208,8 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False) -> Ou
                                         num_samples=cfg.search.num_samples, max_concurrent_trials=concurrent),
             run_config=tune.RunConfig(
                 name=run_name, storage_path=str(p.storage), verbose=0,
-                callbacks=[trials_cb, Progress(metric=metric, mode=mode, num_samples=cfg.search.num_samples)],
+                callbacks=[trials_cb, Progress(metric=metric, mode=mode, num_samples=cfg.search.num_samples,
+                                                  max_epochs=cfg.scheduler.max_epochs)],
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
         )
@@ -230,5 +232,7 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False) -> Ou
         n_failed = sum(1 for s in trials_cb.status.values() if s == "FAILED")
         client.set_tag(parent, "e2e.trials_failed", str(n_failed))
         client.set_terminated(parent, status=status)
+    early = sum(1 for tid, s in trials_cb.status.items()
+                if s == "FINISHED" and int(trials_cb.last.get(tid, {}).get("epoch", 0)) < cfg.scheduler.max_epochs)
     return Outcome(cfg.tracking.experiment, parent, p.tracking_uri, best_rid, winner[1] if winner else None,
-                   dict(trials_cb.status))
+                   dict(trials_cb.status), early)

@@ -89,7 +89,7 @@ def generate_toy_jets(out: str | Path, *, n: int, image_size: int = 32, channels
                 for i in range(start, stop):
                     imgs[i - start], m0[i], pt[i] = _jet(rng, bool(y[i]), image_size, channels)
                 X[start:stop] = imgs
-                if progress:
+                if progress and sys.stderr.isatty():
                     print(f"\r  generating toy jets: {stop}/{n}", end="", file=sys.stderr, flush=True)
             f["y"] = y.astype(np.int64)
             f["m0"] = m0

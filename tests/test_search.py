@@ -29,7 +29,7 @@ def test_two_trials_two_workers_recorded_in_mlflow(tmp_path, monkeypatch, capsys
     yml = write_yaml(tmp_path / "s.yaml", cfg)
     assert main(["run", str(yml)]) == 0
     out = capsys.readouterr().out
-    assert "best trial: run" in out and "2 trials, 0 failed" in out
+    assert "best trial: run" in out and "2 trials, 0 stopped early by the scheduler, 0 failed" in out
 
     uri = cfg["tracking"]["uri"]
     client, parents, children = _runs(uri, "ddp")
@@ -144,3 +144,32 @@ def test_trial_resumes_from_its_latest_checkpoint(tmp_path, ray_local):
     assert first.metrics["epoch"] == 1 and second.metrics["epoch"] == 3
     assert hashlib.sha256(ckpt1.read_bytes()).hexdigest() == digest  # epoch 1 was not trained again
     assert torch.load(store / "trial_x" / "epoch_0003" / CHECKPOINT_FILE, weights_only=True)["epoch"] == 3
+
+
+def test_nsga2_over_two_metrics(tmp_path, monkeypatch, capsys, ray_local):
+    monkeypatch.chdir(tmp_path)
+    data = write_e2e(tmp_path / "jets.h5", n=40)
+    cfg = base_config(tmp_path, data, name="pareto",
+                      search={"algorithm": "nsga2", "num_samples": 2, "metric": ["val_auc", "val_loss"]},
+                      scheduler={"type": "asha", "max_epochs": 2, "grace_period": 1})
+    yml = write_yaml(tmp_path / "s.yaml", cfg)
+    assert main(["run", str(yml)]) == 0
+    _, parents, children = _runs(cfg["tracking"]["uri"], "pareto")
+    assert parents[0].data.tags["e2e.metric"] == "val_auc"
+    assert len(children) == 2 and all(r.data.tags["e2e.status"] == "FINISHED" for r in children)
+    assert all("best_val_loss" in r.data.metrics for r in children)
+
+
+@pytest.mark.slow
+def test_quickstart_as_shipped(tmp_path, monkeypatch, capsys, ray_local):
+    """README command 1's search: >= 4 trials, ASHA stops at least one early, best trial printed."""
+    from pathlib import Path
+
+    yml = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(yml)]) == 0
+    out = capsys.readouterr().out
+    m = re.search(r"search done: (\d+) trials, (\d+) stopped early by the scheduler, 0 failed", out)
+    assert m and int(m.group(1)) >= 4 and int(m.group(2)) >= 1
+    assert "best trial: run" in out
+    assert (tmp_path / "e2e_runs" / "data" / "toy_jets_32.h5").is_file()
