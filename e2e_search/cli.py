@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="e2e-search", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{run,validate,best}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{run,validate,best,data}", parser_class=_Parser)
 
     r = sub.add_parser("run", help="run a search from a search-space YAML")
     r.add_argument("file", help="search-space YAML (see search_spaces/)")
@@ -34,6 +34,21 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a search-space YAML (and its data file) without running")
     v.add_argument("file")
     v.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.SUB=VALUE")
+
+    d = sub.add_parser("data", help="simulated physics datasets")
+    dsub = d.add_subparsers(dest="data_cmd", required=True, metavar="{generate}", parser_class=_Parser)
+    g = dsub.add_parser("generate", help="Pythia 8 + FastJet events -> E2E HDF5 (parallel Ray tasks)")
+    g.add_argument("process", help="top_vs_qcd | quark_vs_gluon | boosted_scalar | event_objects")
+    g.add_argument("--n", type=int, required=True, help="number of jets (events for event_objects), class-balanced")
+    g.add_argument("--out", required=True, help="output HDF5 file (written atomically)")
+    g.add_argument("--seed", type=int, default=1, help="Pythia seed base, 1..900000000 (default 1)")
+    g.add_argument("--workers", type=int, default=1, help="parallel Ray tasks, one seed each (default 1)")
+    g.add_argument("--address", help="address of a running Ray cluster (the output must be on shared storage)")
+    g.add_argument("--channels", default="ECAL,HCAL,Tracks", help="image channels in order (default ECAL,HCAL,Tracks)")
+    g.add_argument("--image-size", type=int, default=125, help="pixels per side (default 125)")
+    g.add_argument("--mass-range", default="50,200", help="boosted_scalar: LOW,HIGH in GeV (default 50,200)")
+    g.add_argument("--decay", choices=["bb", "gammagamma"], default="bb", help="boosted_scalar decay (default bb)")
+    g.add_argument("--per-mass", type=int, default=200, help="boosted_scalar: jets per mass point (default 200)")
 
     b = sub.add_parser("best", help="rank the finished trials of an experiment (reads MLflow only)")
     b.add_argument("experiment")
@@ -119,11 +134,27 @@ def _cmd_best(args) -> int:
     return 0
 
 
+def _cmd_data(args) -> int:
+    from .physics.generate import GenSpec, generate
+
+    try:
+        lo, hi = (float(v) for v in args.mass_range.split(","))
+    except ValueError:
+        raise UserError(f"expected LOW,HIGH in GeV (got '{args.mass_range}')", key="--mass-range") from None
+    spec = GenSpec(process=args.process, n=args.n, out=args.out, seed=args.seed, workers=args.workers,
+                   channels=[c.strip() for c in args.channels.split(",") if c.strip()], image_size=args.image_size,
+                   mass_range=(lo, hi), decay=args.decay, per_mass=args.per_mass)
+    r = generate(spec, address=args.address)
+    print(f"wrote {r['n']} examples of {args.process} to {r['out']} in {r['seconds']:.1f}s "
+          f"({r['per_second']:.1f}/s, {r['events']} events generated)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     try:
-        return {"run": _cmd_run, "validate": _cmd_validate, "best": _cmd_best}[args.cmd](args)
+        return {"run": _cmd_run, "validate": _cmd_validate, "best": _cmd_best, "data": _cmd_data}[args.cmd](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,183 @@
+"""Simulated processes: Pythia 8 settings and the selection of one jet (or event) per collision.
+
+Each process is a list of *samples* (a Pythia configuration and what to keep of
+its events); a generation task runs each sample until it has its share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import awkward as ak
+import numpy as np
+import vector
+
+from .detector import NEUTRINOS, wrap
+
+vector.register_awkward()
+
+COMMON = ["Beams:eCM = 13000.", "Print:quiet = on", "Next:numberCount = 0"]
+HARD = ["PhaseSpace:pTHatMin = 400."]
+TOP = ["Top:gg2ttbar = on", "Top:qqbar2ttbar = on", "24:onMode = off", "24:onIfAny = 1 2 3 4 5"]
+QCD = ["HardQCD:all = on"]
+JET_R = 0.8
+JET_PT_MIN = 300.0
+JET_ETA_MAX = 1.4
+PROCESSES = ("top_vs_qcd", "quark_vs_gluon", "boosted_scalar", "event_objects")
+
+
+def scalar_settings(mass: float, decay: str) -> list[str]:
+    width = max(5.0, 0.2 * mass)
+    pair = {"bb": "5 -5", "gammagamma": "22 22"}[decay]
+    return ["Higgs:useBSM = on", "HiggsBSM:gg2A3g(l:t) = on", "HiggsBSM:qg2A3q(l:t) = on",
+            "HiggsBSM:qqbar2A3g(l:t) = on", f"36:m0 = {mass:.3f}", f"36:mMin = {max(1.0, mass - width):.3f}",
+            f"36:mMax = {mass + width:.3f}", "36:onMode = off", f"36:onIfMatch = {pair}"]
+
+
+@dataclass
+class Sample:
+    """One Pythia configuration and the selection applied to its events."""
+
+    name: str
+    settings: list[str]
+    count: int
+    select: Callable[["Batch"], dict[str, np.ndarray]]
+    """-> {"keep": bool mask over events, "jet": index of the chosen jet, "y": label, ...extra truth}."""
+    extra: dict = field(default_factory=dict)
+
+
+class Batch:
+    """A batch of Pythia events, clustered: per event the visible final state and its jets (pt-ordered)."""
+
+    def __init__(self, events: ak.Array, *, radius: float = JET_R, jet_pt_min: float = JET_PT_MIN):
+        import fastjet
+
+        prt = events.prt
+        self.prt = prt
+        fs = prt[prt.status > 0]
+        afs = abs(fs.id)
+        vis = fs[(afs != NEUTRINOS[0]) & (afs != NEUTRINOS[1]) & (afs != NEUTRINOS[2])]
+        self.visible = ak.zip({"id": vis.id, "pt": vis.p.pt, "eta": vis.p.eta, "phi": vis.p.phi, "e": vis.p.e})
+        self.invisible = fs[(afs == NEUTRINOS[0]) | (afs == NEUTRINOS[1]) | (afs == NEUTRINOS[2])]
+        mom = ak.zip({"px": vis.p.px, "py": vis.p.py, "pz": vis.p.pz, "E": vis.p.e})
+        cs = fastjet.ClusterSequence(mom, fastjet.JetDefinition(fastjet.antikt_algorithm, radius))
+        jets = ak.zip({k: v for k, v in zip(["px", "py", "pz", "E"], ak.unzip(cs.inclusive_jets(min_pt=jet_pt_min)))},
+                      with_name="Momentum4D")
+        nconst = ak.num(cs.constituents(min_pt=jet_pt_min), axis=2)
+        order = ak.argsort(jets.pt, ascending=False)
+        self.jets = jets[order]
+        self.nconst = nconst[order]
+
+    def __len__(self) -> int:
+        return len(self.prt)
+
+    def leading(self, eta_max: float = JET_ETA_MAX) -> np.ndarray:
+        """Index of the leading jet per event if it is central enough, else -1."""
+        has = ak.num(self.jets) > 0
+        first_eta = ak.fill_none(ak.firsts(abs(self.jets.eta)), 99.0)
+        return np.where(has.to_numpy() & (first_eta.to_numpy() < eta_max), 0, -1)
+
+    def nearest_jet(self, eta, phi, r_max: float, eta_max: float = JET_ETA_MAX) -> np.ndarray:
+        """Per event, index of the jet nearest to (eta, phi) within r_max, else -1."""
+        dr = np.hypot(self.jets.eta - eta, wrap(self.jets.phi - phi))
+        dr = ak.where(abs(self.jets.eta) < eta_max, dr, 99.0)
+        best = ak.fill_none(ak.argmin(dr, axis=1), -1).to_numpy()
+        mind = ak.fill_none(ak.min(dr, axis=1), 99.0).to_numpy()
+        return np.where(mind < r_max, best, -1)
+
+
+def _jet_at(batch: Batch, idx: np.ndarray):
+    """The chosen jet of each event (events with idx -1 get jet 0 as a placeholder)."""
+    padded = ak.pad_none(batch.jets, 1, axis=1)
+    return padded[np.arange(len(idx)), np.maximum(idx, 0)]
+
+
+def _partons_near(batch: Batch, mask, jet_idx: np.ndarray, r: float) -> np.ndarray:
+    prt = batch.prt
+    sel = prt[mask]
+    jet = _jet_at(batch, jet_idx)
+    ok = jet_idx >= 0
+    if not ok.any():
+        return np.zeros(len(jet_idx), np.int64)
+    dr = np.hypot(sel.p.eta - ak.fill_none(jet.eta, 0), wrap(sel.p.phi - ak.fill_none(jet.phi, 0)))
+    return np.where(ok, ak.sum(dr < r, axis=1).to_numpy(), 0)
+
+
+def select_top(batch: Batch) -> dict[str, np.ndarray]:
+    """Leading jet containing a hadronic top: two W-daughter quarks and a top-daughter b within R."""
+    prt = batch.prt
+    aid = abs(prt.id)
+    mother = abs(prt.id[ak.where(prt.mother1 >= 0, prt.mother1, 0)])
+    lead = batch.leading()
+    w_quarks = _partons_near(batch, (aid >= 1) & (aid <= 5) & (mother == 24), lead, JET_R)
+    b_quarks = _partons_near(batch, (aid == 5) & (mother == 6), lead, JET_R)
+    keep = (lead >= 0) & (w_quarks >= 2) & (b_quarks >= 1)
+    return {"keep": keep, "jet": lead, "y": np.ones(len(batch), np.int64), "parton": np.full(len(batch), 6)}
+
+
+def select_qcd(batch: Batch) -> dict[str, np.ndarray]:
+    lead = batch.leading()
+    return {"keep": lead >= 0, "jet": lead, "y": np.zeros(len(batch), np.int64), "parton": _hard_parton(batch, lead)}
+
+
+def _hard_parton(batch: Batch, jet_idx: np.ndarray) -> np.ndarray:
+    """PDG id of the outgoing hard-process parton nearest to the jet (0 if none within 0.8)."""
+    prt = batch.prt
+    hard = prt[prt.status == -23]
+    jet = _jet_at(batch, jet_idx)
+    dr = np.hypot(hard.p.eta - ak.fill_none(jet.eta, 0), wrap(hard.p.phi - ak.fill_none(jet.phi, 0)))
+    near = ak.fill_none(ak.argmin(dr, axis=1), 0).to_numpy()
+    pid = ak.fill_none(ak.pad_none(hard.id, 1, axis=1)[np.arange(len(jet_idx)), near], 0).to_numpy()
+    mind = ak.fill_none(ak.min(dr, axis=1), 99.0).to_numpy()
+    return np.where((jet_idx >= 0) & (mind < JET_R), pid, 0)
+
+
+def select_quark_gluon(batch: Batch) -> dict[str, np.ndarray]:
+    """Leading jet labelled by its initiating hard parton: 0 quark (|id| <= 5), 1 gluon (id 21)."""
+    lead = batch.leading()
+    parton = _hard_parton(batch, lead)
+    quark = (np.abs(parton) >= 1) & (np.abs(parton) <= 5)
+    gluon = parton == 21
+    return {"keep": (lead >= 0) & (quark | gluon), "jet": lead, "y": gluon.astype(np.int64), "parton": parton}
+
+
+def select_scalar(batch: Batch) -> dict[str, np.ndarray]:
+    """The jet nearest to the scalar A within R that contains both its decay products; truth mass of A."""
+    prt = batch.prt
+    a = prt[prt.id == 36]
+    last = ak.firsts(a[:, -1:])
+    has = ~ak.is_none(last).to_numpy()
+    eta = ak.fill_none(last.p.eta, 0.0)
+    phi = ak.fill_none(last.p.phi, 0.0)
+    idx = np.where(has, batch.nearest_jet(eta, phi, JET_R), -1)
+    # Both decay products of A inside the jet (a fully contained, "boosted" decay).
+    mother = prt.id[ak.where(prt.mother1 >= 0, prt.mother1, 0)]
+    daughters = (mother == 36) & (prt.id != 36)
+    idx = np.where(_partons_near(batch, daughters, idx, JET_R) >= 2, idx, -1)
+    m_true = ak.fill_none(last.m, 0.0).to_numpy()
+    return {"keep": idx >= 0, "jet": idx, "y": np.zeros(len(batch), np.int64), "m_true": m_true.astype(np.float32),
+            "parton": np.full(len(batch), 36)}
+
+
+def samples(process: str, n: int, *, rng: np.random.Generator, mass_range: tuple[float, float] = (50.0, 250.0),
+            decay: str = "bb", per_mass: int = 200) -> list[Sample]:
+    """The samples of ``process`` that make up ``n`` examples (class-balanced)."""
+    if process == "top_vs_qcd":
+        return [Sample("top", COMMON + HARD + TOP, n - n // 2, select_top),
+                Sample("qcd", COMMON + HARD + QCD, n // 2, select_qcd)]
+    if process == "quark_vs_gluon":
+        return [Sample("quark_gluon", COMMON + HARD + QCD, n, select_quark_gluon, {"balance": 2})]
+    if process == "boosted_scalar":
+        out, left = [], n
+        while left > 0:
+            m = float(rng.uniform(*mass_range))
+            k = min(per_mass, left)
+            out.append(Sample(f"A{m:.1f}", COMMON + HARD + scalar_settings(m, decay), k, select_scalar))
+            left -= k
+        return out
+    if process == "event_objects":
+        from .events import event_samples
+
+        return event_samples(n)
+    raise ValueError(f"unknown process '{process}'")
