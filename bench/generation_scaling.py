@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/generation_scaling.py [--n 400] [--process top_vs_qcd]
 
-Both runs share one local Ray (started once, not timed); each run's time covers
+Both runs share one local Ray (started and warmed up once, not timed); each run's time covers
 Pythia initialisation, generation, clustering, images and the HDF5 merge.
 """
 
@@ -28,6 +28,10 @@ def main() -> None:
     ray.init(num_cpus=max(counts), log_to_driver=False, include_dashboard=False, logging_level="WARNING")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        # Warm-up (not timed): start one Ray worker process per core and import Pythia/FastJet there,
+        # so neither run pays a cold start the other does not.
+        generate(GenSpec(process=args.process, n=2 * max(counts), out=f"{tmp}/warm.h5", seed=1,
+                         workers=max(counts)), progress=False)
         for w in counts:
             r = generate(GenSpec(process=args.process, n=args.n, out=f"{tmp}/w{w}.h5", seed=11, workers=w),
                          progress=False)

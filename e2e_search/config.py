@@ -147,13 +147,35 @@ class TaskConfig(_Strict):
 
 
 class GenerateConfig(_Strict):
-    """A recipe that writes ``data.path`` when the file does not exist yet."""
+    """A recipe that writes ``data.path`` when the file does not exist yet (then cached).
 
-    recipe: Literal["toy_jets"] = "toy_jets"
+    ``toy_jets`` is a fast numpy toy; the others are Pythia 8 + FastJet processes
+    (see ``e2e-search data generate``).
+    """
+
+    recipe: Literal["toy_jets", "top_vs_qcd", "quark_vs_gluon", "boosted_scalar", "event_objects"] = "toy_jets"
     n: int = Field(default=2000, gt=0)
     image_size: int = Field(default=32, ge=8)
-    channels: int = Field(default=3, ge=1)
-    seed: int = Field(default=1, ge=0)
+    channels: int | list[str] = 3
+    """toy_jets: a number of channels; Pythia recipes: names in order (default ECAL, HCAL, Tracks)."""
+    seed: int = Field(default=1, ge=0, le=900_000_000)
+    workers: int = Field(default=1, gt=0)
+    mass_range: list[float] = [50.0, 200.0]
+    decay: Literal["bb", "gammagamma"] = "bb"
+    per_mass: int = Field(default=200, gt=0)
+
+    @model_validator(mode="after")
+    def _channels(self):
+        if self.recipe == "toy_jets":
+            if not isinstance(self.channels, int) or self.channels < 1:
+                raise ValueError("toy_jets takes channels as a number >= 1")
+        elif isinstance(self.channels, int):
+            self.channels = ["ECAL", "HCAL", "Tracks"][: self.channels] if self.channels <= 3 else self.channels
+            if isinstance(self.channels, int):
+                raise ValueError("Pythia recipes take channels as names: ECAL, HCAL, Tracks")
+        if self.recipe != "toy_jets" and self.seed < 1:
+            raise ValueError("Pythia seeds run from 1 to 900000000")
+        return self
 
 
 class DataConfig(_Strict):
@@ -162,6 +184,10 @@ class DataConfig(_Strict):
     label_key: str = "y"
     target_key: str | None = None
     layout: Literal["channels_last", "channels_first"] = "channels_last"
+    format: Literal["auto", "hdf5", "parquet", "root"] = "auto"
+    """auto: from the extension of path (.h5/.hdf5, .parquet/.pq, .root); parquet and ROOT are converted once to an HDF5 cache."""
+    tree: str | None = None
+    """ROOT: name of the TTree (default: the file's only tree)."""
     channels: list[int] | None = None
     """Indices of the file's channels to use, in this order (default: all)."""
     val_fraction: float = Field(default=0.15, gt=0, lt=1)
@@ -176,6 +202,34 @@ class DataConfig(_Strict):
     stats_samples: int = Field(default=512, gt=0)
     loader_workers: int = Field(default=0, ge=0)
     generate: GenerateConfig | None = None
+    # Preprocessing (e2e_search/transforms.py), in this order, the same for every split:
+    zero_suppress: float = Field(default=0.0, ge=0)
+    """Pixels with |x| below this become 0 (applied first)."""
+    clip: list[float] | None = None
+    """[low, high]: clip pixel values (after zero_suppress, before log1p)."""
+    log1p: bool = False
+    """x -> log1p(max(x, 0)) per pixel, before resize and normalization."""
+    resize: list[int] | None = None
+    """[H, W]: target image size (the model is built for it)."""
+    resize_mode: Literal["crop", "pad_crop", "avgpool"] = "crop"
+    flip_augment: bool = False
+    """Random flips along eta (H) and phi (W), p=0.5 each, training split only."""
+    cache: Literal["none", "memory"] = "none"
+    """memory: each worker reads its split once into RAM (after the deterministic transforms)."""
+
+    @field_validator("clip")
+    @classmethod
+    def _clip_pair(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (len(v) != 2 or not v[0] < v[1]):
+            raise ValueError(f"clip needs [low, high] with low < high (got {v})")
+        return v
+
+    @field_validator("resize")
+    @classmethod
+    def _resize_pair(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) != 2 or any(n <= 0 for n in v)):
+            raise ValueError(f"resize needs [H, W], two positive integers (got {v})")
+        return v
 
     @model_validator(mode="after")
     def _fractions(self):

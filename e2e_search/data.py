@@ -18,6 +18,10 @@ import numpy as np
 
 from .config import SearchSpace
 from .errors import UserError
+from .transforms import output_size, preprocess, random_flip, to_chw
+
+READ_CHUNK = 256
+"""Images read per h5py call when a whole split (or the statistics sample) is read."""
 
 
 @dataclass
@@ -41,12 +45,39 @@ class DataSetup:
     target_mean: float = 0.0
     target_std: float = 1.0
     extra: dict = field(default_factory=dict)
+    # Preprocessing (see e2e_search/transforms.py); img_size above is the size after resize.
+    src_size: tuple[int, int] | None = None
+    """(H, W) of the file's images, before resize."""
+    zero_suppress: float = 0.0
+    clip: list[float] | None = None
+    log1p: bool = False
+    resize: list[int] | None = None
+    resize_mode: str = "crop"
+    flip_augment: bool = False
+    cache: str = "none"
+
+    def preprocessing(self) -> str:
+        steps = []
+        if self.zero_suppress > 0:
+            steps.append(f"zero_suppress {self.zero_suppress:g}")
+        if self.clip is not None:
+            steps.append(f"clip [{self.clip[0]:g}, {self.clip[1]:g}]")
+        if self.log1p:
+            steps.append("log1p")
+        if self.resize and self.src_size and tuple(self.src_size) != tuple(self.img_size):
+            steps.append(f"{self.resize_mode} {self.src_size[0]}x{self.src_size[1]}->{self.img_size[0]}x{self.img_size[1]}")
+        if self.flip_augment:
+            steps.append("training flips")
+        if self.cache != "none":
+            steps.append(f"cache in {self.cache}")
+        return ", ".join(steps)
 
     def summary(self) -> str:
         kind = f"{self.num_classes} classes" if self.task == "classification" else f"target '{self.label_key}'"
         return (
             f"{self.path}: {len(self.train)}/{len(self.val)}/{len(self.test)} train/val/test, "
             f"{self.in_chans}x{self.img_size[0]}x{self.img_size[1]} images, {kind}"
+            + (f", preprocessing: {self.preprocessing()}" if self.preprocessing() else "")
         )
 
     def to_dict(self) -> dict:
@@ -68,6 +99,72 @@ def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int, 
 def _check_finite(arr: np.ndarray, key: str) -> None:
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise UserError(f"contains NaN or Inf values; clean the file or drop those samples", key=key)
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations on this machine."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def check_cache_fits(n_images: int, setup: DataSetup) -> None:
+    """Raise a UserError naming data.cache if ``n_images`` transformed images exceed half the free memory."""
+    need = n_images * setup.in_chans * setup.img_size[0] * setup.img_size[1] * 4
+    avail = available_memory()
+    if need > avail / 2:
+        raise UserError(
+            f"cache: memory needs {need / 2**30:.2f} GiB for {n_images} images of {setup.in_chans}x"
+            f"{setup.img_size[0]}x{setup.img_size[1]} float32 but only {avail / 2**30:.2f} GiB is available "
+            "(the cache may take at most half); set data.cache: none, or shrink the data with data.limit or data.resize",
+            key="data.cache",
+        )
+
+
+def _read_rows(X: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """Rows ``rows`` (sorted, unique) of ``X`` in few h5py reads.
+
+    Contiguous storage: one fancy-indexed read. Chunked (e.g. compressed) storage:
+    one slice per run of neighbouring HDF5 chunks that hold a wanted row, so no
+    chunk is decompressed for nothing (h5py's fancy indexing is slow there).
+    """
+    if X.chunks is None:
+        return X[rows]
+    ids = rows // X.chunks[0]
+    parts = []
+    for run in np.split(rows, np.flatnonzero(np.diff(ids) > 1) + 1):
+        lo, hi = int(run[0]), int(run[-1]) + 1
+        block = X[lo:hi]
+        parts.append(block if hi - lo == len(run) else block[run - lo])
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def read_images(X: h5py.Dataset, indices, setup: DataSetup, *, normalize: bool = True,
+                check_key: str | None = None, chunk: int = READ_CHUNK) -> np.ndarray:
+    """Images ``indices`` of ``X``, read in sorted chunks and preprocessed: float32 (n, C, h, w), in the order given."""
+    idx = np.asarray(indices, dtype=np.int64)
+    uniq, inverse = np.unique(idx, return_inverse=True)
+    H, W = X.shape[1:3] if setup.layout == "channels_last" else X.shape[2:4]
+    h, w = output_size(setup, (H, W))
+    out = np.empty((len(uniq), len(setup.channels), h, w), np.float32)
+    for a in range(0, len(uniq), chunk):
+        part = uniq[a : a + chunk]
+        raw = to_chw(_read_rows(X, part), setup.layout)[:, setup.channels]
+        if check_key:
+            _check_finite(raw, check_key)
+        out[a : a + len(part)] = preprocess(raw, setup, normalize=normalize, select=False)
+    return out if len(uniq) == len(idx) and np.array_equal(uniq, idx) else out[inverse]
 
 
 def inspect(cfg: SearchSpace) -> DataSetup:
@@ -127,6 +224,12 @@ def inspect(cfg: SearchSpace) -> DataSetup:
             )
         if len(d.mean or channels) != len(channels):
             raise UserError(f"mean/std need {len(channels)} values (one per channel)", key="data.mean")
+        if d.resize is not None and d.resize_mode in ("crop", "avgpool") and (d.resize[0] > H or d.resize[1] > W):
+            raise UserError(
+                f"resize {list(d.resize)} is larger than the images ({H}x{W}); resize_mode {d.resize_mode} only "
+                "shrinks: give a size up to the image size, or use resize_mode: pad_crop to pad",
+                key="data.resize",
+            )
         y = Y[...]
         if y.ndim != 1:
             raise UserError(f"'{label_key}' must be one value per sample, got shape {y.shape}", key=label_which)
@@ -139,7 +242,7 @@ def inspect(cfg: SearchSpace) -> DataSetup:
             layout=d.layout,
             channels=list(channels),
             in_chans=len(channels),
-            img_size=(int(H), int(W)),
+            img_size=(int(d.resize[0]), int(d.resize[1])) if d.resize else (int(H), int(W)),
             task=cfg.task.type,
             num_classes=cfg.task.num_classes or 0,
             train=train,
@@ -147,6 +250,14 @@ def inspect(cfg: SearchSpace) -> DataSetup:
             test=test,
             mean=d.mean,
             std=d.std,
+            src_size=(int(H), int(W)),
+            zero_suppress=d.zero_suppress,
+            clip=list(d.clip) if d.clip is not None else None,
+            log1p=d.log1p,
+            resize=list(d.resize) if d.resize is not None else None,
+            resize_mode=d.resize_mode,
+            flip_augment=d.flip_augment,
+            cache=d.cache,
         )
         if cfg.task.type == "classification":
             if y.dtype.kind == "f" and not np.all(y == np.round(y)):
@@ -161,37 +272,49 @@ def inspect(cfg: SearchSpace) -> DataSetup:
             t = y[train].astype(np.float64)
             setup.target_mean, setup.target_std = float(t.mean()), float(t.std() or 1.0)
         sample = sorted(np.random.default_rng(d.seed + 1).choice(train, min(len(train), d.stats_samples), replace=False).tolist())
-        imgs = to_chw(X[sample], d.layout)[:, channels].astype(np.float64)
-        _check_finite(imgs, "data.image_key")
+        # Statistics of what the model sees: after the deterministic transforms, before normalization.
+        imgs = read_images(X, sample, setup, normalize=False, check_key="data.image_key")
         if d.normalize == "per_channel" and d.mean is None:
-            setup.mean = imgs.mean(axis=(0, 2, 3)).tolist()
-            setup.std = [float(s) if s > 0 else 1.0 for s in imgs.std(axis=(0, 2, 3))]
+            setup.mean = imgs.mean(axis=(0, 2, 3), dtype=np.float64).tolist()
+            setup.std = [float(s) if s > 0 else 1.0 for s in imgs.std(axis=(0, 2, 3), dtype=np.float64)]
         elif d.normalize == "none":
             setup.mean = setup.std = None
+        if d.cache == "memory":  # a worker holds the training split and its stride of validation
+            check_cache_fits(len(train) + len(val), setup)
     return setup
-
-
-def to_chw(x: np.ndarray, layout: str) -> np.ndarray:
-    """(..., H, W, C) -> (..., C, H, W) for channels_last; unchanged otherwise."""
-    return np.moveaxis(x, -1, -3) if layout == "channels_last" else x
 
 
 class H5ImageDataset:
     """Map-style dataset over some indices of an E2E HDF5 file.
 
-    The file is opened lazily, once per process (DataLoader workers and Ray
-    workers each get their own handle; h5py handles do not survive fork).
+    Images go through :func:`e2e_search.transforms.preprocess` (the settings in
+    the DataSetup); with ``train=True`` and ``flip_augment`` they are also
+    flipped at random, from a generator seeded per process (``seed``, or
+    torch's seed of the Ray worker / DataLoader worker).
+
+    ``cache: none``: the file is opened lazily, once per process (DataLoader
+    workers and Ray workers each get their own handle; h5py handles do not
+    survive fork) and each item is read on its own. ``cache: memory``: the
+    whole split is read here, once, in sorted chunks, into one array.
     Items: (image float32 (C, H, W), label int64 | normalized target float32).
     """
 
-    def __init__(self, setup: DataSetup | dict, indices: list[int]):
+    def __init__(self, setup: DataSetup | dict, indices: list[int], *, train: bool = False, seed: int | None = None):
         self.s = setup if isinstance(setup, DataSetup) else DataSetup(**setup)
         self.indices = np.asarray(indices, dtype=np.int64)
+        self.train = train
+        self.flip = bool(train and self.s.flip_augment)
+        self._seed = seed
+        self._rng: np.random.Generator | None = None
+        self._rng_pid = -1
         self._file: h5py.File | None = None
         self._pid = -1
-        C = self.s.in_chans
-        self._mean = np.asarray(self.s.mean, np.float32).reshape(C, 1, 1) if self.s.mean else None
-        self._std = np.asarray(self.s.std, np.float32).reshape(C, 1, 1) if self.s.std else None
+        self._images: np.ndarray | None = None
+        with h5py.File(self.s.path, "r") as f:
+            self._labels = np.asarray(f[self.s.label_key][...])[self.indices]
+            if self.s.cache == "memory":
+                check_cache_fits(len(self.indices), self.s)
+                self._images = read_images(f[self.s.image_key], self.indices, self.s)
 
     def _open(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
@@ -199,23 +322,37 @@ class H5ImageDataset:
             self._pid = os.getpid()
         return self._file
 
+    def _flip_rng(self) -> np.random.Generator:
+        if self._rng is None or self._rng_pid != os.getpid():
+            import torch.utils.data
+
+            info = torch.utils.data.get_worker_info()
+            if self._seed is None:  # torch seeds each Ray worker (per rank) and each DataLoader worker
+                self._rng = np.random.default_rng(torch.initial_seed())
+            else:
+                self._rng = np.random.default_rng([self._seed, info.id if info else 0])
+            self._rng_pid = os.getpid()
+        return self._rng
+
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int):
         import torch
 
-        f = self._open()
-        j = int(self.indices[i])
-        x = to_chw(np.asarray(f[self.s.image_key][j], dtype=np.float32), self.s.layout)[self.s.channels]
-        if self._mean is not None:
-            x = (x - self._mean) / self._std
-        y = f[self.s.label_key][j]
+        if self._images is not None:
+            x = self._images[i]
+        else:
+            raw = np.asarray(self._open()[self.s.image_key][int(self.indices[i])])
+            x = preprocess(to_chw(raw, self.s.layout)[None], self.s)[0]
+        if self.flip:
+            x = random_flip(x, self._flip_rng())
+        y = self._labels[i]
         if self.s.task == "classification":
             label = torch.tensor(int(y), dtype=torch.long)
         else:
             label = torch.tensor((float(y) - self.s.target_mean) / self.s.target_std, dtype=torch.float32)
-        return torch.from_numpy(np.ascontiguousarray(x)), label
+        return torch.from_numpy(np.array(x, dtype=np.float32)), label  # a copy: the cache stays intact
 
     def __getstate__(self):
         state = self.__dict__.copy()

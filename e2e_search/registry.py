@@ -28,6 +28,9 @@ class Family:
     build: Callable[..., Any]
     params: type[BaseModel]
     description: str = ""
+    inputs: str = "image"
+    """``image``: build(p, *, in_chans, img_size, num_outputs), forward(x (B, C, H, W));
+    ``objects``: build(p, *, n_objects, n_features, num_outputs), forward(x (B, N, F), mask (B, N))."""
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -35,12 +38,12 @@ NOT_FAMILIES = {"loop"}  # modules of trainables/ that hold training functions, 
 _LOADED = False
 
 
-def register_family(name: str, *, params: type[BaseModel]):
+def register_family(name: str, *, params: type[BaseModel], inputs: str = "image"):
     def deco(build: Callable[..., Any]) -> Callable[..., Any]:
         if name in _FAMILIES and _FAMILIES[name].build is not build:
             raise RuntimeError(f"family '{name}' registered twice")
         doc = (build.__doc__ or "").strip().splitlines()
-        _FAMILIES[name] = Family(name, build, params, doc[0] if doc else "")
+        _FAMILIES[name] = Family(name, build, params, doc[0] if doc else "", inputs)
         return build
 
     return deco

@@ -17,6 +17,7 @@ from typing import Any
 from .config import DEFAULT_WORKDIR, SearchSpace, dump
 from .data import DataSetup, inspect
 from .errors import UserError
+from .formats import materialize
 from .params import grid_points
 
 # A trial's own process only builds the TorchTrainer and waits: give it a sliver of a CPU.
@@ -59,7 +60,9 @@ def plan(cfg: SearchSpace, *, address: str | None = None, generate: bool = True)
         print(f"data file {cfg.data.path} not found: generating it with recipe '{g.recipe}' (cached for later runs)",
               file=sys.stderr)
         generate_toy_jets(cfg.data.path, n=g.n, image_size=g.image_size, channels=g.channels, seed=g.seed)
-    data = inspect(cfg) if not (needs_gen and not generate) else None
+    # Parquet/ROOT: converted once to an HDF5 cache (not in a dry run: then None, and nothing is written).
+    source = None if (needs_gen and not generate) else materialize(cfg, generate=generate)
+    data = inspect(source) if source is not None else None
     storage = Path(cfg.tracking.storage) if cfg.tracking.storage else workdir / "ray_results"
     artifacts = Path(cfg.tracking.artifacts) if cfg.tracking.artifacts else workdir / "mlartifacts"
     return Plan(cfg=cfg, data=data, workdir=workdir, storage=storage.resolve(),
@@ -72,7 +75,8 @@ def describe(p: Plan) -> str:
     lines = [
         f"search '{c.name}': family {c.family}, task {c.task.type}, {c.search.algorithm} x {c.search.num_samples} trials, "
         f"metric {c.search.metric} ({c.search.mode}), scheduler {c.scheduler.type} up to {c.scheduler.max_epochs} epochs",
-        f"data: {p.data.summary()}" if p.data else f"data: {c.data.path} will be generated ({c.data.generate.n} samples)",
+        f"data: {p.data.summary()}" if p.data else f"data: {c.data.path} will be generated ({c.data.generate.n} samples)"
+        if p.needs_generation else f"data: {c.data.path} checked without converting it; run converts it once to an HDF5 cache",
         f"resources: {c.resources.workers} worker(s) x {c.resources.cpus_per_worker:g} CPU"
         + (f" + {c.resources.gpus_per_worker:g} GPU" if c.resources.gpus_per_worker else "") + " per trial",
         f"tracking: {p.tracking_uri} (experiment '{c.tracking.experiment}'), storage {p.storage}",

@@ -94,6 +94,27 @@ def test_same_search_runs_on_other_formats_through_set(tmp_path, monkeypatch, ca
     assert "search_space.yaml" in [a.path for a in MlflowClient(cfg["tracking"]["uri"]).list_artifacts(parents[0].info.run_id)]
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "root"])
+def test_same_search_runs_on_parquet_and_root(tmp_path, monkeypatch, capsys, ray_local, fmt):
+    """A parquet file (nested lists, channels-first) and a ROOT TTree (float[3][16][16]) through --set data.path."""
+    from tests.test_formats import reference, source
+
+    monkeypatch.chdir(tmp_path)
+    _, arrays = reference(tmp_path)
+    data = source(tmp_path, fmt, arrays)
+    cfg = base_config(tmp_path, tmp_path / "elsewhere.h5", name=f"fmt-{fmt}",
+                      params={"patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2, "batch_size": 8},
+                      search={"num_samples": 1}, scheduler={"type": "none", "max_epochs": 1})
+    yml = write_yaml(tmp_path / "s.yaml", cfg)
+    assert main(["run", str(yml), "--set", f"data.path={data}"]) == 0
+    caches = list((tmp_path / "e2e_runs" / "cache").glob("jets-*.h5"))
+    assert len(caches) == 1
+    _, parents, children = _runs(cfg["tracking"]["uri"], f"fmt-{fmt}")
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    assert children[0].data.tags["e2e.status"] == "FINISHED" and "val_auc" in children[0].data.metrics
+    assert parents[0].data.params["data_path"] == str(data)  # MLflow records the user's file, not the cache
+
+
 def test_failing_trial_does_not_stop_the_search(tmp_path, monkeypatch, capsys, ray_local):
     monkeypatch.chdir(tmp_path)
     data = write_e2e(tmp_path / "jets.h5", n=40)

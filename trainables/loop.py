@@ -85,7 +85,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(tp.seed + rank)
     np.random.seed(tp.seed + rank)
 
-    train_ds = H5ImageDataset(data, data.train)
+    train_ds = H5ImageDataset(data, data.train, train=True)
     loader_workers = int(config.get("loader_workers", 0))
     train_loader = DataLoader(train_ds, batch_size=tp.batch_size, shuffle=True, drop_last=len(train_ds) > tp.batch_size * world,
                               num_workers=loader_workers, persistent_workers=loader_workers > 0)
