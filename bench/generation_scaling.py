@@ -1,6 +1,6 @@
 """Jets/s of `e2e-search data generate` with 1 and 2 Ray workers, side by side in one run.
 
-    .venv/bin/python bench/generation_scaling.py [--n 400] [--process top_vs_qcd]
+    .venv/bin/python bench/generation_scaling.py [--n 1200] [--process top_vs_qcd]
 
 Both runs share one local Ray (started and warmed up once, not timed); each run's time covers
 Pythia initialisation, generation, clustering, images and the HDF5 merge.
@@ -19,7 +19,7 @@ from e2e_search.physics.generate import GenSpec, generate
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=400)
+    ap.add_argument("--n", type=int, default=1200)
     ap.add_argument("--process", default="top_vs_qcd")
     ap.add_argument("--workers", default="1,2")
     args = ap.parse_args()

@@ -54,12 +54,7 @@ def plan(cfg: SearchSpace, *, address: str | None = None, generate: bool = True)
         )
     needs_gen = cfg.data.generate is not None and not Path(cfg.data.path).exists()
     if needs_gen and generate:
-        from .toy import generate_toy_jets
-
-        g = cfg.data.generate
-        print(f"data file {cfg.data.path} not found: generating it with recipe '{g.recipe}' (cached for later runs)",
-              file=sys.stderr)
-        generate_toy_jets(cfg.data.path, n=g.n, image_size=g.image_size, channels=g.channels, seed=g.seed)
+        generate_data(cfg.data.path, cfg.data.generate, address=address)
     # Parquet/ROOT: converted once to an HDF5 cache (not in a dry run: then None, and nothing is written).
     source = None if (needs_gen and not generate) else materialize(cfg, generate=generate)
     data = inspect(source) if source is not None else None
@@ -68,6 +63,23 @@ def plan(cfg: SearchSpace, *, address: str | None = None, generate: bool = True)
     return Plan(cfg=cfg, data=data, workdir=workdir, storage=storage.resolve(),
                 tracking_uri=tracking_uri(cfg.tracking.uri, workdir), artifact_root=artifacts.resolve().as_uri(),
                 needs_generation=needs_gen)
+
+
+def generate_data(path: str, g, *, address: str | None = None) -> None:
+    """Write ``path`` from the YAML's ``data.generate`` recipe (atomically; cached for later runs)."""
+    print(f"data file {path} not found: generating it with recipe '{g.recipe}' (cached for later runs)",
+          file=sys.stderr)
+    if g.recipe == "toy_jets":
+        from .toy import generate_toy_jets
+
+        generate_toy_jets(path, n=g.n, image_size=g.image_size, channels=g.channels, seed=g.seed)
+        return
+    from .physics.generate import GenSpec, generate
+
+    _init_ray(address, verbose=False)  # the search reuses this Ray
+    generate(GenSpec(process=g.recipe, n=g.n, out=path, seed=g.seed, workers=g.workers, channels=list(g.channels),
+                     image_size=g.image_size, mass_range=tuple(g.mass_range), decay=g.decay, per_mass=g.per_mass),
+             address=address)
 
 
 def describe(p: Plan) -> str:

@@ -208,6 +208,14 @@ def _merge(shards: list[Path], out: Path, attrs: dict) -> None:
                 pos = 0
                 for s in srcs:
                     src = s[k]
+                    if src.chunks == dst.chunks and src.chunks[0] == 1 and src.compression == dst.compression:
+                        # One compressed chunk per sample: copy the bytes, no decompress/recompress.
+                        tail = (0,) * (src.ndim - 1)
+                        for i in range(len(src)):
+                            mask, raw = src.id.read_direct_chunk((i, *tail))
+                            dst.id.write_direct_chunk((pos + i, *tail), raw, mask)
+                        pos += len(src)
+                        continue
                     for start in range(0, len(src), 1024):
                         block = src[start:start + 1024]
                         dst[pos:pos + len(block)] = block
