@@ -183,8 +183,10 @@ class DataConfig(_Strict):
     image_key: str = "X_jets"
     label_key: str = "y"
     target_key: str | None = None
+    mask_key: str = "mask"
+    """Objects families: the (N, n_objects) mask of real (1) vs padding (0) objects; all real if absent."""
     layout: Literal["channels_last", "channels_first"] = "channels_last"
-    format: Literal["auto", "hdf5", "parquet", "root"] = "auto"
+    format: Literal["auto", "hdf5", "parquet", "root", "csv"] = "auto"
     """auto: from the extension of path (.h5/.hdf5, .parquet/.pq, .root); parquet and ROOT are converted once to an HDF5 cache."""
     tree: str | None = None
     """ROOT: name of the TTree (default: the file's only tree)."""

@@ -55,6 +55,9 @@ class DataSetup:
     resize_mode: str = "crop"
     flip_augment: bool = False
     cache: str = "none"
+    kind: str = "images"
+    """``images`` or ``objects`` (padded object lists: image_key (N, n_objects, n_features) and mask_key)."""
+    mask_key: str | None = None
 
     def preprocessing(self) -> str:
         steps = []
@@ -167,13 +170,8 @@ def read_images(X: h5py.Dataset, indices, setup: DataSetup, *, normalize: bool =
     return out if len(uniq) == len(idx) and np.array_equal(uniq, idx) else out[inverse]
 
 
-def inspect(cfg: SearchSpace) -> DataSetup:
-    """Validate the data file against the config and compute splits and statistics.
-
-    Reads only labels and a sample of images; raises :class:`UserError` naming
-    ``data.*`` keys. Writes nothing.
-    """
-    d = cfg.data
+def open_h5(d) -> h5py.File:
+    """The data file of ``data`` opened read-only, or a UserError naming data.path."""
     path = Path(d.path)
     if path.is_dir():
         raise UserError(f"'{d.path}' is a directory; give the path of an HDF5 file", key="data.path")
@@ -181,27 +179,75 @@ def inspect(cfg: SearchSpace) -> DataSetup:
         hint = " or add a data.generate recipe" if d.generate is None else ""
         raise UserError(f"file '{d.path}' not found; fix the path (e.g. --set data.path=FILE.h5){hint}", key="data.path")
     try:
-        f = h5py.File(path, "r")
+        return h5py.File(path, "r")
     except OSError as e:
         raise UserError(f"'{d.path}' is not a readable HDF5 file ({str(e).split('(')[0].strip()}); check the file", key="data.path") from None
+
+
+def need_dataset(f: h5py.File, key: str, which: str, path: str) -> h5py.Dataset:
+    if key not in f or not isinstance(f[key], h5py.Dataset):
+        raise UserError(
+            f"no dataset '{key}' in {path} (it has: {', '.join(f.keys()) or 'nothing'}); set {which} to one of those",
+            key=which,
+        )
+    return f[key]
+
+
+def label_source(cfg: SearchSpace) -> tuple[str, str]:
+    """(HDF5 key of the label or target, the config key that names it)."""
+    d = cfg.data
+    if cfg.task.type == "classification":
+        return d.label_key, "data.label_key"
+    return cfg.target_key, "data.target_key" if d.target_key else "task.target"
+
+
+def check_labels(cfg: SearchSpace, y: np.ndarray, label_key: str, which: str) -> None:
+    if y.ndim != 1:
+        raise UserError(f"'{label_key}' must be one value per sample, got shape {y.shape}", key=which)
+    _check_finite(y, which)
+    if cfg.task.type == "classification":
+        if y.dtype.kind == "f" and not np.all(y == np.round(y)):
+            raise UserError(f"'{label_key}' holds non-integer labels; classification needs class indices", key=which)
+        yi = y.astype(np.int64)
+        if yi.min() < 0 or yi.max() >= cfg.task.num_classes:
+            raise UserError(
+                f"labels range {yi.min()}..{yi.max()} but task.num_classes is {cfg.task.num_classes}; fix task.num_classes",
+                key="task.num_classes",
+            )
+
+
+def target_stats(y: np.ndarray, train: list[int]) -> tuple[float, float]:
+    """Mean and std of a regression target on the training split (targets are standardized with them)."""
+    t = y[train].astype(np.float64)
+    return float(t.mean()), float(t.std() or 1.0)
+
+
+def inspect(cfg: SearchSpace) -> DataSetup:
+    """Validate the data file against the config and compute splits and statistics.
+
+    Reads only labels and a sample of images; raises :class:`UserError` naming
+    ``data.*`` keys. Writes nothing.
+    """
+    d = cfg.data
+    from .registry import get_family
+
+    if get_family(cfg.family).inputs == "objects":
+        from .objects import inspect_objects
+
+        return inspect_objects(cfg)
+    f = open_h5(d)
     with f:
-        keys = list(f.keys())
 
         def need(key: str, which: str) -> h5py.Dataset:
-            if key not in f or not isinstance(f[key], h5py.Dataset):
-                raise UserError(
-                    f"no dataset '{key}' in {d.path} (it has: {', '.join(keys) or 'nothing'}); set {which} to one of those",
-                    key=which,
-                )
-            return f[key]
+            return need_dataset(f, key, which, d.path)
 
         X = need(d.image_key, "data.image_key")
-        label_key = d.label_key if cfg.task.type == "classification" else cfg.target_key
-        label_which = "data.label_key" if cfg.task.type == "classification" else ("data.target_key" if d.target_key else "task.target")
+        label_key, label_which = label_source(cfg)
         Y = need(label_key, label_which)
         if X.ndim != 4:
+            hint = " (object lists? use an objects family such as deepsets)" if X.ndim == 3 else ""
             raise UserError(
-                f"'{d.image_key}' has shape {X.shape}: each sample must be an image of rank 3 (H, W, C or C, H, W)",
+                f"'{d.image_key}' has shape {X.shape}: each sample must be an image of rank 3 (H, W, C or C, H, W){hint}",
                 key="data.image_key",
             )
         if len(X) != len(Y):
@@ -231,12 +277,10 @@ def inspect(cfg: SearchSpace) -> DataSetup:
                 key="data.resize",
             )
         y = Y[...]
-        if y.ndim != 1:
-            raise UserError(f"'{label_key}' must be one value per sample, got shape {y.shape}", key=label_which)
-        _check_finite(y, label_which)
+        check_labels(cfg, y, label_key, label_which)
         train, val, test = split_indices(len(X), d.val_fraction, d.test_fraction, d.seed, d.limit)
         setup = DataSetup(
-            path=str(path.resolve()),
+            path=str(Path(d.path).resolve()),
             image_key=d.image_key,
             label_key=label_key,
             layout=d.layout,
@@ -259,18 +303,8 @@ def inspect(cfg: SearchSpace) -> DataSetup:
             flip_augment=d.flip_augment,
             cache=d.cache,
         )
-        if cfg.task.type == "classification":
-            if y.dtype.kind == "f" and not np.all(y == np.round(y)):
-                raise UserError(f"'{label_key}' holds non-integer labels; classification needs class indices", key=label_which)
-            yi = y.astype(np.int64)
-            if yi.min() < 0 or yi.max() >= setup.num_classes:
-                raise UserError(
-                    f"labels range {yi.min()}..{yi.max()} but task.num_classes is {setup.num_classes}; fix task.num_classes",
-                    key="task.num_classes",
-                )
-        else:
-            t = y[train].astype(np.float64)
-            setup.target_mean, setup.target_std = float(t.mean()), float(t.std() or 1.0)
+        if cfg.task.type == "regression":
+            setup.target_mean, setup.target_std = target_stats(y, train)
         sample = sorted(np.random.default_rng(d.seed + 1).choice(train, min(len(train), d.stats_samples), replace=False).tolist())
         # Statistics of what the model sees: after the deterministic transforms, before normalization.
         imgs = read_images(X, sample, setup, normalize=False, check_key="data.image_key")

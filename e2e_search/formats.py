@@ -32,7 +32,7 @@ from .config import DEFAULT_WORKDIR, DataConfig, SearchSpace
 from .errors import UserError
 
 EXTENSIONS = {".h5": "hdf5", ".hdf5": "hdf5", ".hdf": "hdf5", ".parquet": "parquet", ".pq": "parquet",
-              ".root": "root"}
+              ".root": "root", ".csv": "csv"}
 CACHE_VERSION = 1
 """Bumped when the cache layout changes: older caches are then rebuilt."""
 CHUNK_BYTES = 32 * 2**20
@@ -58,7 +58,7 @@ def resolve_format(d: DataConfig) -> str:
         return EXTENSIONS[suffix]
     raise UserError(
         f"cannot tell the format of '{d.path}' from its extension '{suffix or '(none)'}' "
-        f"(known: {', '.join(EXTENSIONS)}); set data.format to hdf5, parquet or root",
+        f"(known: {', '.join(EXTENSIONS)}); set data.format to hdf5, parquet, root or csv",
         key="data.format",
     )
 
@@ -542,6 +542,10 @@ def materialize(cfg: SearchSpace, *, generate: bool = True) -> SearchSpace | Non
         raise
     if fmt == "hdf5":
         return cfg
+    if fmt == "csv":
+        from .objects import csv_cache
+
+        return csv_cache(cfg, generate=generate)
     path = Path(d.path)
     if path.is_dir():
         raise UserError(f"'{d.path}' is a directory; give the path of a {fmt} file", key="data.path")

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from e2e_search.data import DataSetup, H5ImageDataset
+from e2e_search.objects import ObjectDataset
 from e2e_search.metrics import classification_metrics, regression_metrics
 from e2e_search.params import split_params
 from e2e_search.registry import get_family
@@ -40,7 +41,18 @@ def build_model(family: str, params: dict[str, Any], data: DataSetup) -> torch.n
     fam = get_family(family)
     _, fp = split_params(family, params)
     outputs = data.num_classes if data.task == "classification" else 1
+    if fam.inputs == "objects":
+        return fam.build(fp, n_objects=data.img_size[0], n_features=data.img_size[1], num_outputs=outputs)
     return fam.build(fp, in_chans=data.in_chans, img_size=tuple(data.img_size), num_outputs=outputs)
+
+
+def _forward(model: torch.nn.Module, x) -> torch.Tensor:
+    """Images: model(x); object lists: model(objects, mask)."""
+    return model(*x) if isinstance(x, (list, tuple)) else model(x)
+
+
+def _to(x, device):
+    return [t.to(device) for t in x] if isinstance(x, (list, tuple)) else x.to(device)
 
 
 def _loss_fn(task: str, name: str):
@@ -85,13 +97,14 @@ def worker_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(tp.seed + rank)
     np.random.seed(tp.seed + rank)
 
-    train_ds = H5ImageDataset(data, data.train, train=True)
+    dataset_cls = ObjectDataset if data.kind == "objects" else H5ImageDataset
+    train_ds = dataset_cls(data, data.train, train=True)
     loader_workers = int(config.get("loader_workers", 0))
     train_loader = DataLoader(train_ds, batch_size=tp.batch_size, shuffle=True, drop_last=len(train_ds) > tp.batch_size * world,
                               num_workers=loader_workers, persistent_workers=loader_workers > 0)
     train_loader = ray.train.torch.prepare_data_loader(train_loader)  # DistributedSampler + device
     # Validation: each rank scores its own stride of the split, predictions are gathered.
-    val_ds = H5ImageDataset(data, data.val[rank::world])
+    val_ds = dataset_cls(data, data.val[rank::world])
     val_loader = DataLoader(val_ds, batch_size=max(tp.batch_size, 128), shuffle=False, num_workers=loader_workers)
     device = ray.train.torch.get_device()
 
@@ -135,7 +148,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         model.train()
         loss_sum, n_seen = 0.0, 0
         for x, y in train_loader:
-            out = model(x)
+            out = _forward(model, x)
             loss = loss_fn(out, y)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite training loss ({loss.item()}) at epoch {epoch}")
@@ -154,8 +167,8 @@ def worker_loop(config: dict[str, Any]) -> None:
         outs, ys, vloss, vn = [], [], 0.0, 0
         with torch.no_grad():
             for x, y in val_loader:
-                x, y = x.to(device), y.to(device)
-                out = model(x)
+                x, y = _to(x, device), y.to(device)
+                out = _forward(model, x)
                 vloss += loss_fn(out, y).item() * len(y)
                 vn += len(y)
                 outs.append(out.float().cpu().numpy())
