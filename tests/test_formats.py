@@ -308,9 +308,9 @@ def _h5_lengths() -> str:
     return "jets.h5"
 
 
-def _csv() -> str:
-    Path("jets.csv").write_text("a,b\n1,2\n")
-    return "jets.csv"
+def _txt() -> str:
+    Path("jets.txt").write_text("a,b\n1,2\n")
+    return "jets.txt"
 
 
 # (id, builder -> data path, extra --set, words the error line must hold); LATE: found past the first chunk
@@ -340,7 +340,7 @@ BAD = [
     ("root-truncated", lambda: _truncated(lambda: _root("full.root"), "jets.root"), [], ["data.path", "truncated"]),
     ("h5-truncated", _h5_truncated, [], ["data.path", "not a readable HDF5 file"]),
     ("h5-lengths", _h5_lengths, [], ["data.label_key", "must match"]),
-    ("unknown-extension", _csv, [], ["data.format", ".csv", "hdf5, parquet or root"]),
+    ("unknown-extension", _txt, [], ["data.format", ".txt", "hdf5, parquet, root or csv"]),
     ("unknown-format", _pq, ["data.format=feather"], ["data.format", "feather"]),
     ("parquet-as-root", _pq, ["data.format=root"], ["data.path", "not a readable ROOT file"]),
     ("root-several-trees", lambda: _root(extra_trees=("lumi",)), [], ["data.tree", "jets, lumi"]),
