@@ -216,8 +216,10 @@ class DataConfig(_Strict):
     resize_mode: Literal["crop", "pad_crop", "avgpool"] = "crop"
     flip_augment: bool = False
     """Random flips along eta (H) and phi (W), p=0.5 each, training split only."""
-    cache: Literal["none", "memory"] = "none"
-    """memory: each worker reads its split once into RAM (after the deterministic transforms)."""
+    cache: Literal["none", "memory", "device"] = "none"
+    """memory: each worker reads its split once into RAM (after the deterministic transforms);
+    device: the same, then moved onto the training device (the GPU when present) and cut into
+    batches there, with no DataLoader (images families)."""
 
     @field_validator("clip")
     @classmethod

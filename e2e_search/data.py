@@ -313,7 +313,7 @@ def inspect(cfg: SearchSpace) -> DataSetup:
             setup.std = [float(s) if s > 0 else 1.0 for s in imgs.std(axis=(0, 2, 3), dtype=np.float64)]
         elif d.normalize == "none":
             setup.mean = setup.std = None
-        if d.cache == "memory":  # a worker holds the training split and its stride of validation
+        if d.cache in ("memory", "device"):  # a worker holds the training split and its stride of validation
             check_cache_fits(len(train) + len(val), setup)
     return setup
 
@@ -346,7 +346,7 @@ class H5ImageDataset:
         self._images: np.ndarray | None = None
         with h5py.File(self.s.path, "r") as f:
             self._labels = np.asarray(f[self.s.label_key][...])[self.indices]
-            if self.s.cache == "memory":
+            if self.s.cache in ("memory", "device"):
                 check_cache_fits(len(self.indices), self.s)
                 self._images = read_images(f[self.s.image_key], self.indices, self.s)
 
@@ -387,6 +387,18 @@ class H5ImageDataset:
         else:
             label = torch.tensor((float(y) - self.s.target_mean) / self.s.target_std, dtype=torch.float32)
         return torch.from_numpy(np.array(x, dtype=np.float32)), label  # a copy: the cache stays intact
+
+    def tensors(self):
+        """The cached split as tensors: images (n, C, H, W) float32 and labels (targets standardized)."""
+        import torch
+
+        if self._images is None:
+            raise RuntimeError("tensors() needs data.cache: memory or device")
+        if self.s.task == "classification":
+            labels = torch.as_tensor(self._labels.astype(np.int64))
+        else:
+            labels = torch.as_tensor(((self._labels - self.s.target_mean) / self.s.target_std).astype(np.float32))
+        return torch.from_numpy(self._images), labels
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -71,8 +71,10 @@ def test_two_trials_two_workers_recorded_in_mlflow(tmp_path, monkeypatch, capsys
              sets=["data.layout=channels_first", "data.channels=[3,0]"]),
         dict(image_key="X_jets", size=16, channels=3, layout="channels_last",
              sets=["task.type=regression", "task.target=m0"]),
+        dict(image_key="X_jets", size=16, channels=3, layout="channels_last",
+             sets=["data.cache=device", "data.flip_augment=true"]),
     ],
-    ids=["e2e_125x125x3", "photon_32x32x2", "channels_first_subset", "mass_regression"],
+    ids=["e2e_125x125x3", "photon_32x32x2", "channels_first_subset", "mass_regression", "device_cache"],
 )
 def test_same_search_runs_on_other_formats_through_set(tmp_path, monkeypatch, capsys, ray_local, fmt):
     monkeypatch.chdir(tmp_path)

@@ -122,3 +122,29 @@ def test_shipped_search_spaces_validate(path, tmp_path, monkeypatch):
     setup = plan(cfg, generate=False).data
     assert setup.img_size == (125, 125) and setup.in_chans == 3
     assert not (tmp_path / "e2e_runs").exists()
+
+
+def test_device_batches_shard_shuffle_and_flip():
+    from trainables.batches import DeviceBatches
+
+    x = torch.arange(10 * 1 * 2 * 2, dtype=torch.float32).reshape(10, 1, 2, 2)
+    y = torch.arange(10)
+    seen = []
+    for rank in range(2):
+        b = DeviceBatches(x, y, 3, "cpu", shuffle=True, rank=rank, world=2, seed=1)
+        b.set_epoch(4)
+        seen.append(torch.cat([yb for _, yb in b]).tolist())
+        assert len(b) == 2
+    assert sorted(seen[0] + seen[1]) == list(range(10))  # disjoint shards covering the split
+    b = DeviceBatches(x, y, 3, "cpu", shuffle=True, seed=1)
+    b.set_epoch(1)
+    first = torch.cat([yb for _, yb in b]).tolist()
+    b.set_epoch(2)
+    assert first != torch.cat([yb for _, yb in b]).tolist()  # a new order each epoch
+    assert [len(yb) for _, yb in DeviceBatches(x, y, 4, "cpu", shuffle=False, drop_last=True)] == [4, 4]
+    flipped = DeviceBatches(x, y, 10, "cpu", shuffle=False, flip=True)
+    torch.manual_seed(0)
+    xb, yb = next(iter(flipped))
+    variants = {tuple(xb[i].flatten().tolist()) for i in range(10)} - {tuple(x[i].flatten().tolist()) for i in range(10)}
+    assert variants and all(sorted(v) == sorted(x[yb[i]].flatten().tolist()) for i, v in enumerate(
+        tuple(xb[i].flatten().tolist()) for i in range(10)))

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from e2e_search.data import DataSetup, H5ImageDataset
 from e2e_search.objects import ObjectDataset
+from trainables.batches import DeviceBatches
 from e2e_search.metrics import classification_metrics, regression_metrics
 from e2e_search.params import split_params
 from e2e_search.registry import get_family
@@ -99,14 +100,20 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     dataset_cls = ObjectDataset if data.kind == "objects" else H5ImageDataset
     train_ds = dataset_cls(data, data.train, train=True)
-    loader_workers = int(config.get("loader_workers", 0))
-    train_loader = DataLoader(train_ds, batch_size=tp.batch_size, shuffle=True, drop_last=len(train_ds) > tp.batch_size * world,
-                              num_workers=loader_workers, persistent_workers=loader_workers > 0)
-    train_loader = ray.train.torch.prepare_data_loader(train_loader)  # DistributedSampler + device
     # Validation: each rank scores its own stride of the split, predictions are gathered.
     val_ds = dataset_cls(data, data.val[rank::world])
-    val_loader = DataLoader(val_ds, batch_size=max(tp.batch_size, 128), shuffle=False, num_workers=loader_workers)
+    drop_last = len(train_ds) > tp.batch_size * world
     device = ray.train.torch.get_device()
+    if data.cache == "device" and data.kind == "images":  # tensors on the device, no DataLoader
+        train_loader = DeviceBatches(*train_ds.tensors(), tp.batch_size, device, shuffle=True, rank=rank, world=world,
+                                     flip=data.flip_augment, seed=tp.seed, drop_last=drop_last)
+        val_loader = DeviceBatches(*val_ds.tensors(), max(tp.batch_size, 128), device, shuffle=False)
+    else:
+        loader_workers = int(config.get("loader_workers", 0))
+        train_loader = DataLoader(train_ds, batch_size=tp.batch_size, shuffle=True, drop_last=drop_last,
+                                  num_workers=loader_workers, persistent_workers=loader_workers > 0)
+        train_loader = ray.train.torch.prepare_data_loader(train_loader)  # DistributedSampler + device
+        val_loader = DataLoader(val_ds, batch_size=max(tp.batch_size, 128), shuffle=False, num_workers=loader_workers)
 
     model = build_model(config["family"], params, data)
     n_params = sum(p.numel() for p in model.parameters())
@@ -143,8 +150,9 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, max_epochs + 1):
         t0 = time.time()
-        if world > 1 and hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
+        for epoch_aware in (train_loader, getattr(train_loader, "sampler", None)):
+            if hasattr(epoch_aware, "set_epoch"):
+                epoch_aware.set_epoch(epoch)
         model.train()
         loss_sum, n_seen = 0.0, 0
         for x, y in train_loader:

@@ -35,7 +35,7 @@ class GenSpec:
     workers: int = 1
     channels: list[str] = field(default_factory=lambda: list(CHANNELS))
     image_size: int = 125
-    mass_range: tuple[float, float] = (50.0, 250.0)
+    mass_range: tuple[float, float] = (50.0, 200.0)
     decay: str = "bb"
     per_mass: int = 200
 
@@ -283,12 +283,14 @@ def generate(s: GenSpec, *, address: str | None = None, progress: bool = True) -
                       end=end, file=sys.stderr, flush=True)
                 last_print = now
         n_events = sum(ray.get(refs))
+        events = s.process == "event_objects"
         attrs = {"generator": "pythia8mc + fastjet (e2e-search)", "process": s.process, "n": s.n, "seed": s.seed,
                  "workers": s.workers, "channel_names": ",".join(s.channels), "image_size": s.image_size,
-                 "pixel_eta": 0.0174, "pixel_phi": 2 * np.pi / 360, "jet_algorithm": "anti-kt", "jet_radius": 0.8,
-                 "sqrt_s_gev": 13000.0, "pthat_min_gev": 400.0, "mass_range": list(s.mass_range), "decay": s.decay,
+                 "pixel_eta": 0.0174, "pixel_phi": 2 * np.pi / 360, "jet_algorithm": "anti-kt",
+                 "jet_radius": 0.4 if events else 0.8, "sqrt_s_gev": 13000.0,
+                 "pthat_min_gev": "ttbar: none, W+jets: 40" if events else 400.0, "mass_range": list(s.mass_range), "decay": s.decay,
                  "per_mass": s.per_mass, "events_generated": int(n_events),
-                 "layout": "channels_last" if s.process != "event_objects" else "objects"}
+                 "layout": "objects" if events else "channels_last"}
         _merge([p for p, share in zip(shards, shares) if share], tmp, attrs)
         os.replace(tmp, out)
     finally:
