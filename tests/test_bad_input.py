@@ -290,6 +290,35 @@ def test_image_rank_not_3(ws, capsys):
     assert "rank 3" in line
 
 
+def test_nan_in_images(ws, capsys):
+    write_h5(ws / H5)
+    with h5py.File(ws / H5, "a") as f:
+        x = f["X_jets"][...]
+        x[::4, 3, 3, 0] = np.nan
+        x[1, 0, 0, 1] = np.inf
+        f["X_jets"][...] = x
+    line = run_broken(ws, capsys, base_cfg(), "data.image_key")
+    assert "NaN or Inf" in line
+
+
+def test_nan_in_regression_target(ws, capsys):
+    write_h5(ws / H5)
+    with h5py.File(ws / H5, "a") as f:
+        m0 = f["m0"][...]
+        m0[5] = np.nan
+        f["m0"][...] = m0
+    cfg = base_cfg()
+    cfg["task"] = {"type": "regression", "target": "m0"}
+    line = run_broken(ws, capsys, cfg, "task.target")
+    assert "NaN or Inf" in line
+
+
+def test_empty_data_file(ws, capsys):
+    write_h5(ws / H5, n=0, x_shape=(0, 16, 16, 3))
+    line = run_broken(ws, capsys, base_cfg(), "data.image_key")
+    assert "0 samples" in line
+
+
 def test_labels_outside_num_classes(ws, capsys):
     write_h5(ws / H5, labels=(np.arange(40) % 3).astype(np.int64))
     line = run_broken(ws, capsys, base_cfg(), "task.num_classes")
