@@ -148,3 +148,22 @@ def test_device_batches_shard_shuffle_and_flip():
     variants = {tuple(xb[i].flatten().tolist()) for i in range(10)} - {tuple(x[i].flatten().tolist()) for i in range(10)}
     assert variants and all(sorted(v) == sorted(x[yb[i]].flatten().tolist()) for i, v in enumerate(
         tuple(xb[i].flatten().tolist()) for i in range(10)))
+
+
+@pytest.mark.parametrize("family", ["vit", "resnet15"])
+@pytest.mark.parametrize("shape", [(3, 125, 125), (2, 32, 32), (8, 125, 125)], ids=["125x125x3", "32x32x2", "125x125x8"])
+@pytest.mark.parametrize("outputs", [2, 1], ids=["classification", "regression"])
+def test_image_families_train_a_step(family, shape, outputs):
+    from e2e_search.registry import get_family
+
+    fam = get_family(family)
+    params = {"vit": {"patch_size": 10, "depth": 1, "embed_dim": 16, "num_heads": 2}, "resnet15": {"width": 8}}[family]
+    model = fam.build(fam.params(**params), in_chans=shape[0], img_size=shape[1:], num_outputs=outputs)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.rand(4, *shape)
+    out = model(x)
+    loss = torch.nn.functional.cross_entropy(out, torch.tensor([0, 1, 0, 1])) if outputs == 2 else out.pow(2).mean()
+    loss.backward()
+    opt.step()
+    assert out.shape == (4, outputs) and torch.isfinite(loss)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
