@@ -201,10 +201,15 @@ def label_source(cfg: SearchSpace) -> tuple[str, str]:
     return cfg.target_key, "data.target_key" if d.target_key else "task.target"
 
 
-def check_labels(cfg: SearchSpace, y: np.ndarray, label_key: str, which: str) -> None:
+def check_labels(cfg: SearchSpace, y: np.ndarray, label_key: str, which: str, path: str | Path | None = None) -> None:
+    """Labels (classification) or targets (regression): one finite value per sample, classes in range."""
     if y.ndim != 1:
         raise UserError(f"'{label_key}' must be one value per sample, got shape {y.shape}", key=which)
-    _check_finite(y, which)
+    if y.dtype.kind == "f" and not np.isfinite(y).all():
+        bad = int(np.flatnonzero(~np.isfinite(y))[0])
+        where = f" in {path}" if path else ""
+        raise UserError(f"'{label_key}'{where} contains NaN or Inf values (first at row {bad}); clean the file or drop "
+                        "those samples", key=which)
     if cfg.task.type == "classification":
         if y.dtype.kind == "f" and not np.all(y == np.round(y)):
             raise UserError(f"'{label_key}' holds non-integer labels; classification needs class indices", key=which)

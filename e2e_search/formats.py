@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import DEFAULT_WORKDIR, DataConfig, SearchSpace
+from .data import check_labels, label_source
 from .errors import UserError
 
 EXTENSIONS = {".h5": "hdf5", ".hdf5": "hdf5", ".hdf": "hdf5", ".parquet": "parquet", ".pq": "parquet",
@@ -79,13 +80,6 @@ def _listing(names: list[str], most: int = 20) -> str:
         return "nothing"
     more = f", ... ({len(names) - most} more)" if len(names) > most else ""
     return ", ".join(names[:most]) + more
-
-
-def _label_of(cfg: SearchSpace) -> tuple[str, str]:
-    """(column holding the label or target, the config key that names it)."""
-    if cfg.task.type == "classification":
-        return cfg.data.label_key, "data.label_key"
-    return cfg.target_key, ("data.target_key" if cfg.data.target_key else "task.target")
 
 
 # --------------------------------------------------------------------------- sources
@@ -333,7 +327,7 @@ def _check_source(cfg: SearchSpace, src: _Source) -> tuple[list[str], str]:
     if d.image_key not in src.names:
         raise UserError(f"no {src.what} '{d.image_key}' in {src.path} (it has: {has}); set data.image_key to one of those",
                         key="data.image_key")
-    label, which = _label_of(cfg)
+    label, which = label_source(cfg)
     if label not in src.names:
         raise UserError(f"no {src.what} '{label}' in {src.path} (it has: {has}); set {which} to one of those", key=which)
     if label not in src.scalars:
@@ -352,22 +346,8 @@ def _check_source(cfg: SearchSpace, src: _Source) -> tuple[list[str], str]:
     y = src.read_column(label, which)
     if len(y) != src.n:
         raise UserError(f"'{d.image_key}' has {src.n} samples but '{label}' has {len(y)}; they must match", key=which)
-    _check_labels(cfg, y, label, which, src.path)
+    check_labels(cfg, y, label, which, src.path)
     return src.scalars, label
-
-
-def _check_labels(cfg: SearchSpace, y: np.ndarray, label: str, which: str, path: Path) -> None:
-    if y.dtype.kind == "f" and not np.isfinite(y).all():
-        bad = int(np.flatnonzero(~np.isfinite(y))[0])
-        raise UserError(f"'{label}' in {path} contains NaN or Inf values (first at row {bad}); clean the file or drop "
-                        "those samples", key=which)
-    if cfg.task.type == "classification":
-        if y.dtype.kind == "f" and not np.all(y == np.round(y)):
-            raise UserError(f"'{label}' holds non-integer labels; classification needs class indices", key=which)
-        yi = y.astype(np.int64)
-        if yi.min() < 0 or yi.max() >= (cfg.task.num_classes or 0):
-            raise UserError(f"labels range {yi.min()}..{yi.max()} but task.num_classes is {cfg.task.num_classes}; "
-                            "fix task.num_classes", key="task.num_classes")
 
 
 def _to_hwc(images: np.ndarray, layout: str, key: str, path: Path, start: int, expect: tuple | None) -> np.ndarray:
@@ -485,7 +465,7 @@ def _convert(src: _Source, cfg: SearchSpace, layout: str, scalars: list[str], la
                         if v is None:  # nulls in a column the search does not use: left out of the cache
                             if name == label:
                                 raise UserError(f"'{name}' in {src.path} has null values; fill or drop those rows",
-                                                key=_label_of(cfg)[1])
+                                                key=label_source(cfg)[1])
                             dropped.add(name)
                             continue
                         if name not in dsets:
