@@ -24,7 +24,7 @@ from pydantic import (
 from .errors import UserError, did_you_mean
 
 # Metrics a trial reports; the mode of each is known so users rarely need `search.mode`.
-MAXIMIZED = {"val_auc", "val_acc"}
+MAXIMIZED = {"val_auc", "val_acc", "val_rej30", "val_rej50", "val_rej70"}
 MINIMIZED = {"val_loss", "train_loss", "val_mae", "val_resolution", "val_abs_bias"}
 DEFAULT_WORKDIR = Path("e2e_runs")
 
@@ -131,19 +131,28 @@ def dim_values(dim: Any) -> list[Any]:
 
 # --------------------------------------------------------------------------- sections
 class TaskConfig(_Strict):
-    type: Literal["classification", "regression"]
+    type: Literal["classification", "regression", "joint"]
+    """joint: classification and regression at once, one model with both outputs
+    (the regression loss is weighted by the training parameter ``loss_weight``)."""
     num_classes: int | None = Field(default=None, ge=2)
     target: str | None = None
     """Regression: name of the target (also its HDF5 key unless data.target_key says otherwise)."""
 
     @model_validator(mode="after")
     def _complete(self):
-        if self.type == "classification":
-            if self.num_classes is None:
-                self.num_classes = 2
-        elif self.target is None:
+        if self.type in ("classification", "joint") and self.num_classes is None:
+            self.num_classes = 2
+        if self.type in ("regression", "joint") and self.target is None:
             self.target = "m0"
         return self
+
+    @property
+    def classifies(self) -> bool:
+        return self.type in ("classification", "joint")
+
+    @property
+    def regresses(self) -> bool:
+        return self.type in ("regression", "joint")
 
 
 class GenerateConfig(_Strict):
@@ -155,7 +164,8 @@ class GenerateConfig(_Strict):
 
     recipe: Literal["toy_jets", "top_vs_qcd", "quark_vs_gluon", "boosted_scalar", "event_objects"] = "toy_jets"
     n: int = Field(default=2000, gt=0)
-    image_size: int = Field(default=32, ge=8)
+    image_size: int | None = Field(default=None, ge=8)
+    """Pixels per side: 32 for toy_jets, 125 (the E2E window) for the Pythia recipes unless given."""
     channels: int | list[str] = 3
     """toy_jets: a number of channels; Pythia recipes: names in order (default ECAL, HCAL, Tracks)."""
     seed: int = Field(default=1, ge=0, le=900_000_000)
@@ -166,6 +176,8 @@ class GenerateConfig(_Strict):
 
     @model_validator(mode="after")
     def _channels(self):
+        if self.image_size is None:
+            self.image_size = 32 if self.recipe == "toy_jets" else 125
         if self.recipe == "toy_jets":
             if not isinstance(self.channels, int) or self.channels < 1:
                 raise ValueError("toy_jets takes channels as a number >= 1")
@@ -287,9 +299,18 @@ class TrackingConfig(_Strict):
     """Artifact root of a new experiment (default: ``e2e_runs/mlartifacts``)."""
 
 
+class FamilyDim(_Strict):
+    """Several families in one search: ``choice`` (the sampler picks) or ``grid`` (each is tried first)."""
+
+    type: Literal["choice", "grid"]
+    values: list[str] = Field(min_length=1)
+
+
 class SearchSpace(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    family: str
+    family: str | FamilyDim
+    """One family by name, or {type: choice|grid, values: [...]} to search over families
+    (then params may carry ``when: {family: ...}``; a family's own params apply only to it)."""
     task: TaskConfig
     data: DataConfig
     params: dict[str, Dimension] = {}
@@ -302,7 +323,7 @@ class SearchSpace(_Strict):
     def _defaults(self):
         s = self.search
         if s.metric is None:
-            s.metric = "val_auc" if self.task.type == "classification" else "val_mae"
+            s.metric = "val_auc" if self.task.classifies else "val_mae"
         metrics = [s.metric] if isinstance(s.metric, str) else list(s.metric)
         if len(metrics) > 1 and s.algorithm != "nsga2":
             raise ValueError("several metrics need search.algorithm: nsga2")
@@ -325,6 +346,15 @@ class SearchSpace(_Strict):
 
     # Convenience accessors ------------------------------------------------
     @property
+    def families(self) -> list[str]:
+        return [self.family] if isinstance(self.family, str) else list(self.family.values)
+
+    @property
+    def family_label(self) -> str:
+        """The family, or ``a|b|c`` when the search is over families (tags, progress)."""
+        return "|".join(self.families)
+
+    @property
     def metrics(self) -> list[str]:
         m = self.search.metric
         return [m] if isinstance(m, str) else list(m)
@@ -336,7 +366,7 @@ class SearchSpace(_Strict):
 
     @property
     def target_key(self) -> str | None:
-        if self.task.type != "regression":
+        if not self.task.regresses:
             return None
         return self.data.target_key or self.task.target
 

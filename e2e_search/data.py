@@ -58,6 +58,8 @@ class DataSetup:
     kind: str = "images"
     """``images`` or ``objects`` (padded object lists: image_key (N, n_objects, n_features) and mask_key)."""
     mask_key: str | None = None
+    target_key: str | None = None
+    """Joint task: the regression target's key (label_key then holds the class label)."""
 
     def preprocessing(self) -> str:
         steps = []
@@ -76,7 +78,8 @@ class DataSetup:
         return ", ".join(steps)
 
     def summary(self) -> str:
-        kind = f"{self.num_classes} classes" if self.task == "classification" else f"target '{self.label_key}'"
+        kind = {"classification": f"{self.num_classes} classes", "regression": f"target '{self.label_key}'",
+                "joint": f"{self.num_classes} classes + target '{self.target_key}'"}[self.task]
         return (
             f"{self.path}: {len(self.train)}/{len(self.val)}/{len(self.test)} train/val/test, "
             f"{self.in_chans}x{self.img_size[0]}x{self.img_size[1]} images, {kind}"
@@ -194,15 +197,21 @@ def need_dataset(f: h5py.File, key: str, which: str, path: str) -> h5py.Dataset:
 
 
 def label_source(cfg: SearchSpace) -> tuple[str, str]:
-    """(HDF5 key of the label or target, the config key that names it)."""
+    """(HDF5 key of the label (classification, joint) or target (regression), the config key that names it)."""
     d = cfg.data
-    if cfg.task.type == "classification":
+    if cfg.task.classifies:
         return d.label_key, "data.label_key"
-    return cfg.target_key, "data.target_key" if d.target_key else "task.target"
+    return target_source(cfg)
 
 
-def check_labels(cfg: SearchSpace, y: np.ndarray, label_key: str, which: str, path: str | Path | None = None) -> None:
-    """Labels (classification) or targets (regression): one finite value per sample, classes in range."""
+def target_source(cfg: SearchSpace) -> tuple[str, str]:
+    """(HDF5 key of the regression target, the config key that names it)."""
+    return cfg.target_key, "data.target_key" if cfg.data.target_key else "task.target"
+
+
+def check_labels(cfg: SearchSpace, y: np.ndarray, label_key: str, which: str, path: str | Path | None = None,
+                 *, target: bool | None = None) -> None:
+    """Labels (classification) or targets (regression, or ``target=True``): one finite value per sample, classes in range."""
     if y.ndim != 1:
         raise UserError(f"'{label_key}' must be one value per sample, got shape {y.shape}", key=which)
     if y.dtype.kind == "f" and not np.isfinite(y).all():
@@ -210,7 +219,9 @@ def check_labels(cfg: SearchSpace, y: np.ndarray, label_key: str, which: str, pa
         where = f" in {path}" if path else ""
         raise UserError(f"'{label_key}'{where} contains NaN or Inf values (first at row {bad}); clean the file or drop "
                         "those samples", key=which)
-    if cfg.task.type == "classification":
+    if target is None:
+        target = not cfg.task.classifies
+    if not target:
         if y.dtype.kind == "f" and not np.all(y == np.round(y)):
             raise UserError(f"'{label_key}' holds non-integer labels; classification needs class indices", key=which)
         yi = y.astype(np.int64)
@@ -219,6 +230,35 @@ def check_labels(cfg: SearchSpace, y: np.ndarray, label_key: str, which: str, pa
                 f"labels range {yi.min()}..{yi.max()} but task.num_classes is {cfg.task.num_classes}; fix task.num_classes",
                 key="task.num_classes",
             )
+
+
+def read_labels(cfg: SearchSpace, need) -> tuple[np.ndarray, np.ndarray | None, str, str | None]:
+    """Checked (labels or targets, joint targets or None, label key, joint target key or None).
+
+    ``need(key, which)`` returns the file's dataset ``key`` (or raises naming ``which``).
+    """
+    label_key, which = label_source(cfg)
+    y = need(label_key, which)[...]
+    check_labels(cfg, y, label_key, which)
+    if cfg.task.type != "joint":
+        return y, None, label_key, None
+    tkey, twhich = target_source(cfg)
+    t = need(tkey, twhich)[...]
+    if len(t) != len(y):
+        raise UserError(f"'{tkey}' has {len(t)} values but '{label_key}' has {len(y)}; they must match", key=twhich)
+    check_labels(cfg, t, tkey, twhich, target=True)
+    return y, t, label_key, tkey
+
+
+def encode_labels(s: "DataSetup", labels: np.ndarray, targets: np.ndarray | None = None) -> np.ndarray:
+    """What the loss sees: class indices (int64), the standardized target (float32), or for a joint
+    task (n, 2) float32 of [class index, standardized target]."""
+    if s.task == "classification":
+        return labels.astype(np.int64)
+    if s.task == "regression":
+        return ((labels - s.target_mean) / s.target_std).astype(np.float32)
+    t = (np.asarray(targets, np.float64) - s.target_mean) / s.target_std
+    return np.stack([labels.astype(np.float32), t.astype(np.float32)], axis=-1)
 
 
 def target_stats(y: np.ndarray, train: list[int]) -> tuple[float, float]:
@@ -236,7 +276,7 @@ def inspect(cfg: SearchSpace) -> DataSetup:
     d = cfg.data
     from .registry import get_family
 
-    if get_family(cfg.family).inputs == "objects":
+    if get_family(cfg.families[0]).inputs == "objects":
         from .objects import inspect_objects
 
         return inspect_objects(cfg)
@@ -281,8 +321,7 @@ def inspect(cfg: SearchSpace) -> DataSetup:
                 "shrinks: give a size up to the image size, or use resize_mode: pad_crop to pad",
                 key="data.resize",
             )
-        y = Y[...]
-        check_labels(cfg, y, label_key, label_which)
+        y, t, _, tkey = read_labels(cfg, need)
         train, val, test = split_indices(len(X), d.val_fraction, d.test_fraction, d.seed, d.limit)
         setup = DataSetup(
             path=str(Path(d.path).resolve()),
@@ -307,9 +346,10 @@ def inspect(cfg: SearchSpace) -> DataSetup:
             resize_mode=d.resize_mode,
             flip_augment=d.flip_augment,
             cache=d.cache,
+            target_key=tkey,
         )
-        if cfg.task.type == "regression":
-            setup.target_mean, setup.target_std = target_stats(y, train)
+        if cfg.task.regresses:
+            setup.target_mean, setup.target_std = target_stats(y if t is None else t, train)
         sample = sorted(np.random.default_rng(d.seed + 1).choice(train, min(len(train), d.stats_samples), replace=False).tolist())
         # Statistics of what the model sees: after the deterministic transforms, before normalization.
         imgs = read_images(X, sample, setup, normalize=False, check_key="data.image_key")
@@ -350,7 +390,8 @@ class H5ImageDataset:
         self._pid = -1
         self._images: np.ndarray | None = None
         with h5py.File(self.s.path, "r") as f:
-            self._labels = np.asarray(f[self.s.label_key][...])[self.indices]
+            targets = np.asarray(f[self.s.target_key][...])[self.indices] if self.s.target_key else None
+            self._labels = encode_labels(self.s, np.asarray(f[self.s.label_key][...])[self.indices], targets)
             if self.s.cache in ("memory", "device"):
                 check_cache_fits(len(self.indices), self.s)
                 self._images = read_images(f[self.s.image_key], self.indices, self.s)
@@ -386,11 +427,7 @@ class H5ImageDataset:
             x = preprocess(to_chw(raw, self.s.layout)[None], self.s)[0]
         if self.flip:
             x = random_flip(x, self._flip_rng())
-        y = self._labels[i]
-        if self.s.task == "classification":
-            label = torch.tensor(int(y), dtype=torch.long)
-        else:
-            label = torch.tensor((float(y) - self.s.target_mean) / self.s.target_std, dtype=torch.float32)
+        label = torch.as_tensor(self._labels[i])
         return torch.from_numpy(np.array(x, dtype=np.float32)), label  # a copy: the cache stays intact
 
     def tensors(self):
@@ -399,11 +436,7 @@ class H5ImageDataset:
 
         if self._images is None:
             raise RuntimeError("tensors() needs data.cache: memory or device")
-        if self.s.task == "classification":
-            labels = torch.as_tensor(self._labels.astype(np.int64))
-        else:
-            labels = torch.as_tensor(((self._labels - self.s.target_mean) / self.s.target_std).astype(np.float32))
-        return torch.from_numpy(self._images), labels
+        return torch.from_numpy(self._images), torch.as_tensor(self._labels)
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import SearchSpace
-from .data import DataSetup, check_labels, label_source, need_dataset, open_h5, split_indices, target_stats
+from .data import DataSetup, encode_labels, label_source, need_dataset, read_labels, open_h5, split_indices, target_stats
 from .errors import UserError
 
 
@@ -28,7 +28,7 @@ def inspect_objects(cfg: SearchSpace) -> DataSetup:
     with open_h5(d) as f:
         X = need_dataset(f, d.image_key, "data.image_key", d.path)
         label_key, which = label_source(cfg)
-        y = need_dataset(f, label_key, which, d.path)[...]
+        y, t, _, tkey = read_labels(cfg, lambda key, w: need_dataset(f, key, w, d.path))
         if X.ndim != 3:
             raise UserError(f"'{d.image_key}' has shape {X.shape}: object lists must be (N, n_objects, n_features) "
                             f"(images? use an image family such as vit)", key="data.image_key")
@@ -40,7 +40,6 @@ def inspect_objects(cfg: SearchSpace) -> DataSetup:
         mask_key = d.mask_key if d.mask_key in f else None
         if mask_key and f[mask_key].shape != (n, n_obj):
             raise UserError(f"'{mask_key}' has shape {f[mask_key].shape}, expected ({n}, {n_obj})", key="data.mask_key")
-        check_labels(cfg, y, label_key, which)
         train, val, test = split_indices(n, d.val_fraction, d.test_fraction, d.seed, d.limit)
         sample = sorted(np.random.default_rng(d.seed + 1).choice(train, min(len(train), d.stats_samples * 8),
                                                                  replace=False).tolist())
@@ -51,7 +50,7 @@ def inspect_objects(cfg: SearchSpace) -> DataSetup:
     setup = DataSetup(path=str(Path(d.path).resolve()), image_key=d.image_key, label_key=label_key, layout="objects",
                       channels=list(range(n_feat)), in_chans=n_feat, img_size=(n_obj, n_feat), task=cfg.task.type,
                       num_classes=cfg.task.num_classes or 0, train=train, val=val, test=test, mean=d.mean, std=d.std,
-                      kind="objects", mask_key=mask_key)
+                      kind="objects", mask_key=mask_key, target_key=tkey)
     if d.mean is not None and len(d.mean) != n_feat:
         raise UserError(f"mean/std need {n_feat} values (one per feature)", key="data.mean")
     if d.normalize == "per_channel" and d.mean is None:
@@ -60,8 +59,8 @@ def inspect_objects(cfg: SearchSpace) -> DataSetup:
         setup.std = [float(v) if v > 0 else 1.0 for v in real.std(axis=0)]
     elif d.normalize == "none":
         setup.mean = setup.std = None
-    if cfg.task.type == "regression":
-        setup.target_mean, setup.target_std = target_stats(y, train)
+    if cfg.task.regresses:
+        setup.target_mean, setup.target_std = target_stats(y if t is None else t, train)
     return setup
 
 
@@ -77,11 +76,12 @@ class ObjectDataset:
             x = f[s.image_key][...][idx].astype(np.float32)
             mask = f[s.mask_key][...][idx].astype(bool) if s.mask_key else np.ones(x.shape[:2], bool)
             y = f[s.label_key][...][idx]
+            t = f[s.target_key][...][idx] if s.target_key else None
         if s.mean is not None:
             x = (x - np.asarray(s.mean, np.float32)) / np.asarray(s.std, np.float32)
         self.x = np.where(mask[..., None], x, 0).astype(np.float32)
         self.mask = mask
-        self.y = y.astype(np.int64) if s.task == "classification" else ((y - s.target_mean) / s.target_std).astype(np.float32)
+        self.y = encode_labels(s, y, t)
 
     def __len__(self) -> int:
         return len(self.y)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import ChoiceDim, FixedDim, GridDim, LogUniformDim, QUniformDim, RandIntDim, SearchSpace, UniformDim, dim_values
 from .errors import UserError, did_you_mean
-from .registry import get_family
+from .registry import family_names, get_family
 
 
 class TrainParams(BaseModel):
@@ -30,16 +31,32 @@ class TrainParams(BaseModel):
     grad_clip: float = Field(default=1.0, ge=0)
     """Max gradient norm (0 turns clipping off)."""
     loss: Literal["auto", "cross_entropy", "mse", "huber", "relative"] = "auto"
-    """auto: cross_entropy for classification, mse for regression."""
+    """auto: cross_entropy for classification, mse for regression; in a joint task, the regression part's loss."""
+    loss_weight: float = Field(default=1.0, ge=0)
+    """Joint task: weight of the regression loss (the classification loss has weight 1)."""
+    pretrained: str | None = None
+    """A checkpoint.pt (of an earlier trial, e.g. a masked-autoencoder pretraining) whose weights with
+    matching names and shapes initialize the model before training."""
     seed: int = 0
 
 
-def _schemas(cfg: SearchSpace) -> dict[str, Any]:
-    fam = get_family(cfg.family)
-    fields: dict[str, Any] = {}
-    for model in (TrainParams, fam.params):
-        for name, f in model.model_fields.items():
-            fields[name] = (model, name, f)
+def search_dims(cfg: SearchSpace) -> dict[str, Any]:
+    """The dimensions the sampler draws: ``family`` first when the search is over families, then ``params``."""
+    dims: dict[str, Any] = {}
+    if not isinstance(cfg.family, str):
+        cls = GridDim if cfg.family.type == "grid" else ChoiceDim
+        dims["family"] = cls(type=cfg.family.type, values=list(cfg.family.values))
+    dims.update(cfg.params)
+    return dims
+
+
+def _schemas(cfg: SearchSpace) -> dict[str, list[tuple[type[BaseModel], Any, str | None]]]:
+    """name -> [(pydantic model, field, owning family or None for training)] over every family searched."""
+    fields: dict[str, list] = {n: [(TrainParams, f, None)] for n, f in TrainParams.model_fields.items()}
+    for fam_name in cfg.families:
+        fam = get_family(fam_name)
+        for name, f in fam.params.model_fields.items():
+            fields.setdefault(name, []).append((fam.params, f, fam_name))
     return fields
 
 
@@ -56,39 +73,79 @@ def _check_value(model: type[BaseModel], name: str, value: Any) -> str | None:
     return None
 
 
+def _check_families(cfg: SearchSpace) -> None:
+    if isinstance(cfg.family, str):
+        get_family(cfg.family)
+        return
+    seen: dict[str, str] = {}
+    for i, name in enumerate(cfg.family.values):
+        try:
+            inputs = get_family(name).inputs
+        except UserError as e:
+            raise UserError(e.message, key=f"family.values.{i}") from None
+        if name in seen:
+            raise UserError(f"family '{name}' is listed twice; list each once", key=f"family.values.{i}")
+        first = next(iter(seen.items()), None)
+        if first and get_family(first[0]).inputs != inputs:
+            raise UserError(f"'{name}' takes {inputs} but '{first[0]}' takes {first[1]}: one search compares "
+                            "families of one input kind (the data file holds one)", key=f"family.values.{i}")
+        seen[name] = inputs
+
+
 def check_params(cfg: SearchSpace) -> None:
+    _check_families(cfg)
     fields = _schemas(cfg)
+    dims = search_dims(cfg)
+    fam_text = f"family '{cfg.family}'" if isinstance(cfg.family, str) else f"any of the families {cfg.families}"
     for name, dim in cfg.params.items():
         key = f"params.{name}"
+        if name == "family":
+            raise UserError("'family' is searched through the top-level family key "
+                            "(family: {type: choice, values: [...]}); remove it from params", key=key)
+        if name not in fields and not isinstance(cfg.family, str) and any(
+                name in get_family(f).params.model_fields for f in family_names()):
+            continue  # a parameter of a family a --set took out of the list: never drawn
         if name not in fields:
-            raise UserError(
-                f"'{name}' is not a parameter of family '{cfg.family}' or of training{did_you_mean(name, fields)}",
-                key=key,
-            )
-        model, _, _ = fields[name]
-        for v in dim_values(dim):
-            if isinstance(dim, RandIntDim | UniformDim | LogUniformDim | QUniformDim) and model.model_fields[name].annotation is int:
-                v = int(v) if float(v).is_integer() else v
-            reason = _check_value(model, name, v)
-            if reason:
-                raise UserError(f"{reason} (got {v!r}); fix the value", key=key)
+            raise UserError(f"'{name}' is not a parameter of {fam_text} or of training{did_you_mean(name, fields)}",
+                            key=key)
+        for model, field, _ in fields[name]:
+            for v in dim_values(dim):
+                if isinstance(dim, RandIntDim | UniformDim | LogUniformDim | QUniformDim) and field.annotation is int:
+                    v = int(v) if float(v).is_integer() else v
+                reason = _check_value(model, name, v)
+                if reason:
+                    raise UserError(f"{reason} (got {v!r}); fix the value", key=key)
         for other, wanted in (dim.when or {}).items():
             ckey = f"{key}.when.{other}"
-            if other not in cfg.params:
-                raise UserError(f"condition on '{other}', which is not in params{did_you_mean(other, cfg.params)}", key=ckey)
-            odim = cfg.params[other]
+            if other not in dims:
+                raise UserError(f"condition on '{other}', which is not in params{did_you_mean(other, dims)}", key=ckey)
+            odim = dims[other]
             if not isinstance(odim, ChoiceDim | GridDim | FixedDim):
                 raise UserError(f"conditions must name a choice, grid or fixed parameter; '{other}' is {odim.type}", key=ckey)
             allowed = dim_values(odim)
+            if other == "family" and not isinstance(cfg.family, str):
+                allowed = family_names()  # a YAML may name families a --set has taken out of the list
             for w in wanted if isinstance(wanted, list) else [wanted]:
                 if w not in allowed:
                     raise UserError(f"'{other}' never takes the value {w!r} (its values: {allowed})", key=ckey)
     loss = cfg.params.get("loss")
-    fits = {"classification": {"auto", "cross_entropy"}, "regression": {"auto", "mse", "huber", "relative"}}[cfg.task.type]
+    fits = {"classification": {"auto", "cross_entropy"}, "regression": {"auto", "mse", "huber", "relative"},
+            "joint": {"auto", "mse", "huber", "relative"}}[cfg.task.type]
     for v in dim_values(loss) if loss is not None else []:
         if v not in fits:
             raise UserError(f"loss '{v}' does not fit a {cfg.task.type} task; use one of {sorted(fits)}", key="params.loss")
-    _condition_order(cfg.params)
+    pretrained = cfg.params.get("pretrained")
+    for v in dim_values(pretrained) if pretrained is not None else []:
+        if v is not None and not Path(v).is_file():
+            raise UserError(f"checkpoint '{v}' not found; give the path of a checkpoint.pt (e.g. a trial's "
+                            "best_checkpoint/checkpoint.pt artifact)", key="params.pretrained")
+    pre = cfg.params.get("pretrain_epochs")
+    for v in dim_values(pre) if pre is not None else []:
+        if int(v) >= cfg.scheduler.max_epochs:
+            raise UserError(f"pretrain_epochs {v} leaves no epoch to train on the task (scheduler.max_epochs is "
+                            f"{cfg.scheduler.max_epochs}); lower it or raise scheduler.max_epochs",
+                            key="params.pretrain_epochs")
+    _condition_order(dims)
     combos = len(grid_points(cfg))
     if combos > cfg.search.num_samples:
         raise UserError(
@@ -120,7 +177,7 @@ def _condition_order(params: dict[str, Any]) -> list[str]:
 
 def grid_points(cfg: SearchSpace) -> list[dict[str, Any]]:
     """Every combination of the ``grid`` dimensions (queued before the sampler's picks)."""
-    grids = {n: d.values for n, d in cfg.params.items() if isinstance(d, GridDim)}
+    grids = {n: d.values for n, d in search_dims(cfg).items() if isinstance(d, GridDim)}
     if not grids:
         return []
     names = list(grids)
@@ -149,16 +206,26 @@ class OptunaSpace:
     """
 
     def __init__(self, cfg: SearchSpace):
-        self.params = dict(cfg.params)
+        self.params = search_dims(cfg)
         self.order = _condition_order(self.params)
-        self.int_fields = {n for n, (m, _, f) in _schemas(cfg).items() if f.annotation is int}
+        schemas = _schemas(cfg)
+        self.int_fields = {n for n, owners in schemas.items() if any(f.annotation is int for _, f, _ in owners)}
+        # Searching over families: a family's own parameter is drawn only in that family's trials.
+        self.owners = {n: {fam for _, _, fam in owners} for n, owners in schemas.items()}
+        self.family = cfg.family if isinstance(cfg.family, str) else None
+
+    def _applies(self, name: str, chosen: dict[str, Any]) -> bool:
+        if name == "family":
+            return True
+        owners = self.owners.get(name, set())  # none: a parameter only of families not searched
+        return None in owners or (self.family or chosen.get("family")) in owners
 
     def __call__(self, trial) -> dict[str, Any]:
         chosen: dict[str, Any] = {}
         fixed: dict[str, Any] = {}
         for name in self.order:
             dim = self.params[name]
-            if not _active(dim, chosen):
+            if not _active(dim, chosen) or not self._applies(name, chosen):
                 continue
             if isinstance(dim, FixedDim):
                 value = fixed[name] = dim.value
@@ -184,9 +251,14 @@ class OptunaSpace:
         return fixed
 
 
+def trial_family(cfg_family: str, params: dict[str, Any]) -> str:
+    """The family a trial trains: its sampled ``family`` when the search is over families."""
+    return params.get("family", cfg_family)
+
+
 def split_params(cfg_family: str, params: dict[str, Any]) -> tuple[TrainParams, BaseModel]:
     """Trial params → (training params, family params), defaults filled in."""
-    fam = get_family(cfg_family)
+    fam = get_family(trial_family(cfg_family, params))
     clean = {k: v for k, v in params.items() if "__" not in k}
     return TrainParams.model_validate(clean), fam.params.model_validate(
         {k: v for k, v in clean.items() if k in fam.params.model_fields}

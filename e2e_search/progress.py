@@ -39,6 +39,9 @@ class Progress(Callback):
         ep = int(result.get("epoch", 0))
         if isinstance(v, (int, float)) and is_better(float(v), self.best and self.best[0], self.mode):
             self.best = (float(v), trial.trial_id, ep)
+        if "pretrain_loss" in result:
+            self._line(trials, f"{trial.trial_id} epoch {ep} pretraining loss={result['pretrain_loss']:.4f}")
+            return
         shown = f"{v:.4f}" if isinstance(v, (int, float)) else v
         self._line(trials, f"{trial.trial_id} epoch {ep} {self.metric}={shown}")
 

@@ -85,7 +85,7 @@ def generate_data(path: str, g, *, address: str | None = None) -> None:
 def describe(p: Plan) -> str:
     c = p.cfg
     lines = [
-        f"search '{c.name}': family {c.family}, task {c.task.type}, {c.search.algorithm} x {c.search.num_samples} trials, "
+        f"search '{c.name}': family {c.family_label}, task {c.task.type}, {c.search.algorithm} x {c.search.num_samples} trials, "
         f"metric {c.search.metric} ({c.search.mode}), scheduler {c.scheduler.type} up to {c.scheduler.max_epochs} epochs",
         f"data: {p.data.summary()}" if p.data else f"data: {c.data.path} will be generated ({c.data.generate.n} samples)"
         if p.needs_generation else f"data: {c.data.path} checked without converting it; run converts it once to an HDF5 cache",
@@ -173,6 +173,13 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False) -> Ou
             f"asks for GPUs but the Ray cluster at {address or 'local'} has none; set resources.gpus_per_worker: 0",
             key="resources.gpus_per_worker",
         )
+    need = cfg.resources.workers * cfg.resources.cpus_per_worker + DRIVER_CPU
+    have = ray.cluster_resources().get("CPU", 0)
+    if address is None and need > have:  # a cluster may autoscale; a local Ray never grows
+        raise UserError(
+            f"a trial needs {cfg.resources.workers} worker(s) x {cfg.resources.cpus_per_worker:g} CPU but this machine "
+            f"gives Ray {have:g}; lower resources.cpus_per_worker or resources.workers "
+            f"(--set resources.cpus_per_worker=1)", key="resources.cpus_per_worker")
     p.workdir.mkdir(parents=True, exist_ok=True)
     p.storage.mkdir(parents=True, exist_ok=True)
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -182,9 +189,9 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False) -> Ou
     metric, mode = cfg.metrics[0], cfg.modes[0]
     parent = start_parent_run(
         client, exp_id, name=run_name, resolved_yaml=dump(cfg),
-        tags={"e2e.family": cfg.family, "e2e.task": cfg.task.type, "e2e.metric": metric, "e2e.mode": mode,
+        tags={"e2e.family": cfg.family_label, "e2e.task": cfg.task.type, "e2e.metric": metric, "e2e.mode": mode,
               "e2e.tune_path": str(p.storage / run_name)},
-        params={"family": cfg.family, "task": cfg.task.type, "algorithm": cfg.search.algorithm,
+        params={"family": cfg.family_label, "task": cfg.task.type, "algorithm": cfg.search.algorithm,
                 "num_samples": cfg.search.num_samples, "scheduler": cfg.scheduler.type,
                 "max_epochs": cfg.scheduler.max_epochs, "workers": cfg.resources.workers,
                 "data_path": cfg.data.path, "train_size": len(p.data.train), "val_size": len(p.data.val)},
@@ -192,16 +199,17 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False) -> Ou
     print(f"MLflow: experiment '{cfg.tracking.experiment}', search run {parent} ({p.tracking_uri})", flush=True)
 
     status = "FAILED"
-    trials_cb = MlflowTrials(client, exp_id, parent, search_name=run_name, family=cfg.family, metric=metric,
+    trials_cb = MlflowTrials(client, exp_id, parent, search_name=run_name, family=cfg.family_label, metric=metric,
                              mode=mode, max_epochs=cfg.scheduler.max_epochs)
     try:
         res = cfg.resources
         setup = {
-            "family": cfg.family,
+            "family": cfg.family if isinstance(cfg.family, str) else None,  # else each trial's sampled one
             "data": p.data.to_dict(),
             "max_epochs": cfg.scheduler.max_epochs,
             "metric": metric,
             "mode": mode,
+            "metrics": cfg.metrics,
             "loader_workers": cfg.data.loader_workers,
             "train_storage": str(p.storage / run_name / "train"),
             "resources": {"workers": res.workers, "cpus_per_worker": res.cpus_per_worker,

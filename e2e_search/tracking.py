@@ -30,7 +30,7 @@ from .params import public_params
 
 # Result keys that are bookkeeping, not metrics.
 _SKIP = {"epoch", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "time_since_restore",
-         "iterations_since_restore", "pid", "done", "num_params"}
+         "iterations_since_restore", "pid", "done", "num_params", "checkpoint_score"}
 
 
 def tracking_uri(uri: str | None, workdir: Path) -> str:
@@ -87,7 +87,7 @@ class MlflowTrials(Callback):
             self.experiment_id,
             run_name=f"{self.search_name}-{tid}",
             tags={MLFLOW_PARENT_RUN_ID: self.parent, "e2e.kind": "trial", "e2e.trial_id": tid,
-                  "e2e.family": self.family, "e2e.search": self.search_name, "e2e.status": "RUNNING"},
+                  "e2e.family": trial.config.get("family", self.family), "e2e.search": self.search_name, "e2e.status": "RUNNING"},
         )
         rid = run.info.run_id
         params = public_params(trial.config)
@@ -147,6 +147,8 @@ class MlflowTrials(Callback):
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         now = int(time.time() * 1000)
         numeric = self._numeric(result)
+        if "pretrain_loss" in result:  # the search metrics' NaN placeholders of a pretraining epoch
+            numeric = {k: v for k, v in numeric.items() if not math.isnan(v)}
         self.client.log_batch(rid, metrics=[Metric(k, v, now, epoch) for k, v in numeric.items()])
         self.last[trial.trial_id] = dict(result)
         value = result.get(self.metric)

@@ -33,6 +33,9 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
             "params": params,
             "data": setup["data"],
             "max_epochs": setup["max_epochs"],
+            "metric": setup["metric"],
+            "metrics": setup["metrics"],
+            "mode": setup["mode"],
             "cpus_per_worker": res["cpus_per_worker"],
             "loader_workers": setup["loader_workers"],
         },
@@ -42,11 +45,12 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
             name=f"trial_{trial_id}",
             storage_path=setup["train_storage"],
             callbacks=[TuneReportCallback()],
-            # Keeps the best checkpoint by the search metric (and always the latest, for resuming).
+            # Keeps the best checkpoint by the search metric (and always the latest, for resuming);
+            # ``checkpoint_score`` is the metric signed so higher is better, lowest while pretraining.
             checkpoint_config=CheckpointConfig(
                 num_to_keep=1,
-                checkpoint_score_attribute=setup["metric"],
-                checkpoint_score_order=setup["mode"],
+                checkpoint_score_attribute="checkpoint_score",
+                checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=res["worker_failures"]),
         ),

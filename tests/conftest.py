@@ -29,7 +29,22 @@ def write_e2e(path: Path, *, n: int = 64, size: int = 16, channels: int = 3, lay
         f.create_dataset(image_key, data=X, chunks=(1, *X.shape[1:]), compression="gzip")
         f[label_key] = y.astype(np.int64)
         f["m0"] = (50 + 100 * y + rng.normal(0, 5, n)).astype(np.float32)
+        f["m_true"] = f["m0"][...]
         f["pt"] = rng.uniform(400, 600, n).astype(np.float32)
+    return path
+
+
+def write_objects(path: Path, n: int = 60, seed: int = 0) -> Path:
+    """Events as 6 objects x 4 features with a padding mask; class 1 has a harder leading object."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    X = rng.normal(0, 1, (n, 6, 4)).astype(np.float32)
+    X[:, 0, 0] += 2.0 * y
+    mask = np.ones((n, 6), np.uint8)
+    mask[::3, 4:] = 0
+    X[mask == 0] = 0
+    with h5py.File(path, "w") as f:
+        f["X_objects"], f["mask"], f["y"] = X, mask, y.astype(np.int64)
     return path
 
 

@@ -13,20 +13,7 @@ from e2e_search.config import validate
 from e2e_search.data import inspect
 from e2e_search.formats import materialize
 from e2e_search.objects import ObjectDataset, higgs_objects
-from tests.conftest import base_config, write_yaml
-
-
-def write_objects(path, n=60, seed=0):
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % 2
-    X = rng.normal(0, 1, (n, 6, 4)).astype(np.float32)
-    X[:, 0, 0] += 2.0 * y
-    mask = np.ones((n, 6), np.uint8)
-    mask[::3, 4:] = 0
-    X[mask == 0] = 0
-    with h5py.File(path, "w") as f:
-        f["X_objects"], f["mask"], f["y"] = X, mask, y.astype(np.int64)
-    return path
+from tests.conftest import base_config, write_objects, write_yaml
 
 
 def write_higgs_csv(path, n=60, seed=0, header=False):

@@ -115,12 +115,21 @@ def test_shipped_search_spaces_validate(path, tmp_path, monkeypatch):
     from e2e_search.config import load
     from e2e_search.search import plan
 
+    from e2e_search.registry import get_family
+    from tests.conftest import write_objects
+
     path = path.resolve()
     monkeypatch.chdir(tmp_path)
-    data = write_e2e(tmp_path / "jets.h5", n=40, size=125)
-    cfg = load(path, [f"data.path={data}"])
-    setup = plan(cfg, generate=False).data
-    assert setup.img_size == (125, 125) and setup.in_chans == 3
+    shipped = load(path)
+    assert shipped.data.generate is not None, "every shipped YAML must run as shipped: name a generator recipe"
+    if get_family(shipped.families[0]).inputs == "objects":
+        cfg = load(path, [f"data.path={write_objects(tmp_path / 'events.h5', n=40)}"])
+        assert plan(cfg, generate=False).data.img_size == (6, 4)
+    else:
+        size = shipped.data.generate.image_size
+        cfg = load(path, [f"data.path={write_e2e(tmp_path / 'jets.h5', n=40, size=size)}"])
+        setup = plan(cfg, generate=False).data
+        assert setup.img_size == (size, size) and setup.in_chans == 3
     assert not (tmp_path / "e2e_runs").exists()
 
 
@@ -150,20 +159,68 @@ def test_device_batches_shard_shuffle_and_flip():
         tuple(xb[i].flatten().tolist()) for i in range(10)))
 
 
-@pytest.mark.parametrize("family", ["vit", "resnet15"])
-@pytest.mark.parametrize("shape", [(3, 125, 125), (2, 32, 32), (8, 125, 125)], ids=["125x125x3", "32x32x2", "125x125x8"])
-@pytest.mark.parametrize("outputs", [2, 1], ids=["classification", "regression"])
-def test_image_families_train_a_step(family, shape, outputs):
-    from e2e_search.registry import get_family
+def test_family_as_a_search_dimension(tmp_path):
+    cfg = _cfg(tmp_path, family={"type": "grid", "values": ["vit", "resnet15"]}, params={
+        "patch_size": {"type": "choice", "values": [4, 8]},            # vit's own
+        "width": {"type": "choice", "values": [8, 16]},                # resnet15's own
+        "drop_path": {"type": "uniform", "low": 0.0, "high": 0.1, "when": {"family": "vit"}},
+        "lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},      # training: every family
+    }, search={"num_samples": 12})
+    assert [p["family"] for p in grid_points(cfg)] == ["vit", "resnet15"]
+    samples = _sample(cfg, 12)
+    assert [s["family"] for s in samples[:2]] == ["vit", "resnet15"]  # each family tried first
+    for s in samples:
+        assert "lr" in s
+        assert ("patch_size" in s) == ("drop_path" in s) == (s["family"] == "vit")
+        assert ("width" in s) == (s["family"] == "resnet15")
 
-    fam = get_family(family)
-    params = {"vit": {"patch_size": 10, "depth": 1, "embed_dim": 16, "num_heads": 2}, "resnet15": {"width": 8}}[family]
-    model = fam.build(fam.params(**params), in_chans=shape[0], img_size=shape[1:], num_outputs=outputs)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.rand(4, *shape)
-    out = model(x)
-    loss = torch.nn.functional.cross_entropy(out, torch.tensor([0, 1, 0, 1])) if outputs == 2 else out.pow(2).mean()
-    loss.backward()
-    opt.step()
-    assert out.shape == (4, outputs) and torch.isfinite(loss)
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+@pytest.mark.parametrize("family,params,key,words", [
+    ({"type": "choice", "values": ["vit", "deepsets"]}, {}, "family.values.1", "one input kind"),
+    ({"type": "choice", "values": ["vit", "resnte15"]}, {}, "family.values.1", "did you mean 'resnet15'"),
+    ({"type": "grid", "values": ["vit", "vit"]}, {}, "family.values.1", "listed twice"),
+    ("vit", {"family": {"type": "choice", "values": ["vit"]}}, "params.family", "top-level family"),
+    ({"type": "choice", "values": ["vit", "resnet15"]}, {"blocks": 3, "depth": {"type": "choice", "values": [1],
+                                                                                 "when": {"family": "cnn"}}},
+     "params.depth.when.family", "never takes the value 'cnn'"),
+    ("vit", {"width": 8}, "params.width", "not a parameter of family 'vit'"),
+])
+def test_family_dimension_errors(tmp_path, family, params, key, words):
+    from e2e_search.errors import UserError
+
+    data = write_e2e(tmp_path / "d.h5", n=40)
+    raw = base_config(tmp_path, data, family=family)
+    raw["params"] = {**raw["params"], **params} if family == "vit" else params
+    with pytest.raises(UserError) as e:
+        validate(raw, source="test.yaml")
+    assert e.value.key == key and words in e.value.message, (e.value.key, e.value.message)
+
+
+def test_pretrain_epochs_must_leave_task_epochs(tmp_path):
+    from e2e_search.errors import UserError
+
+    data = write_e2e(tmp_path / "d.h5", n=40)
+    raw = base_config(tmp_path, data, family="mae", params={"pretrain_epochs": {"type": "choice", "values": [1, 2]}})
+    with pytest.raises(UserError) as e:
+        validate(raw, source="test.yaml")
+    assert e.value.key == "params.pretrain_epochs" and "scheduler.max_epochs is 2" in e.value.message
+    raw["params"] = {"pretrained": str(tmp_path / "none.pt")}
+    with pytest.raises(UserError) as e:
+        validate(raw, source="test.yaml")
+    assert e.value.key == "params.pretrained" and "not found" in e.value.message
+
+
+def test_joint_task_reads_label_and_target(tmp_path):
+    data = write_e2e(tmp_path / "d.h5", n=40)
+    cfg = validate(base_config(tmp_path, data, task={"type": "joint", "num_classes": 2, "target": "m0"}), source="t")
+    setup = inspect(cfg)
+    assert setup.task == "joint" and setup.label_key == "y" and setup.target_key == "m0"
+    ds = H5ImageDataset(setup, setup.train[:4])
+    x, y = ds[1]
+    assert y.shape == (2,) and y.dtype == torch.float32
+    import h5py
+
+    with h5py.File(data) as f:
+        label, mass = f["y"][setup.train[1]], f["m0"][setup.train[1]]
+    assert y[0] == label and y[1].item() == pytest.approx((mass - setup.target_mean) / setup.target_std, rel=1e-5)
+    assert cfg.search.metric == "val_auc"

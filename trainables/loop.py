@@ -10,6 +10,7 @@ needed to rebuild the model. A restarted trial resumes from the latest one.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import tempfile
@@ -27,8 +28,8 @@ from torch.utils.data import DataLoader
 from e2e_search.data import DataSetup, H5ImageDataset
 from e2e_search.objects import ObjectDataset
 from trainables.batches import DeviceBatches
-from e2e_search.metrics import classification_metrics, regression_metrics
-from e2e_search.params import split_params
+from e2e_search.metrics import task_metrics
+from e2e_search.params import split_params, trial_family
 from e2e_search.registry import get_family
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -38,38 +39,72 @@ class NonFiniteLoss(RuntimeError):
     """Training produced NaN/Inf: the trial stops at once."""
 
 
+def task_outputs(data: DataSetup) -> dict[str, int]:
+    """The model's output blocks, in column order: classes, the regression target, or both (joint)."""
+    if data.task == "classification":
+        return {"classification": data.num_classes}
+    if data.task == "regression":
+        return {"regression": 1}
+    return {"classification": data.num_classes, "regression": 1}
+
+
 def build_model(family: str, params: dict[str, Any], data: DataSetup) -> torch.nn.Module:
-    fam = get_family(family)
+    """The trial's model; families whose build takes ``tasks`` get the output blocks (task-specific heads)."""
+    fam = get_family(trial_family(family, params))
     _, fp = split_params(family, params)
-    outputs = data.num_classes if data.task == "classification" else 1
+    tasks = task_outputs(data)
+    kw: dict[str, Any] = {"num_outputs": sum(tasks.values())}
+    if "tasks" in inspect.signature(fam.build).parameters:
+        kw["tasks"] = tasks
     if fam.inputs == "objects":
-        return fam.build(fp, n_objects=data.img_size[0], n_features=data.img_size[1], num_outputs=outputs)
-    return fam.build(fp, in_chans=data.in_chans, img_size=tuple(data.img_size), num_outputs=outputs)
+        return fam.build(fp, n_objects=data.img_size[0], n_features=data.img_size[1], **kw)
+    return fam.build(fp, in_chans=data.in_chans, img_size=tuple(data.img_size), **kw)
 
 
-def _forward(model: torch.nn.Module, x) -> torch.Tensor:
+def load_pretrained(model: torch.nn.Module, path: str) -> int:
+    """Copy the entries of a checkpoint.pt whose names and shapes match; returns how many tensors were copied."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    src = state.get("model", state) if isinstance(state, dict) else {}
+    own = model.state_dict()
+    match = {k: v for k, v in src.items() if k in own and getattr(v, "shape", None) == own[k].shape}
+    if not match:
+        raise ValueError(f"no weights of {path} match this model (different family or sizes?)")
+    model.load_state_dict(match, strict=False)
+    return len(match)
+
+
+def _forward(model: torch.nn.Module, x, **kw) -> torch.Tensor:
     """Images: model(x); object lists: model(objects, mask)."""
-    return model(*x) if isinstance(x, (list, tuple)) else model(x)
+    return model(*x, **kw) if isinstance(x, (list, tuple)) else model(x, **kw)
 
 
 def _to(x, device):
     return [t.to(device) for t in x] if isinstance(x, (list, tuple)) else x.to(device)
 
 
-def _loss_fn(task: str, name: str):
-    if name == "auto":
-        name = "cross_entropy" if task == "classification" else "mse"
-    if task == "classification":
-        if name != "cross_entropy":
-            raise ValueError(f"loss '{name}' does not fit a classification task")
-        return lambda out, y: F.cross_entropy(out, y)
-    if name == "mse":
-        return lambda out, y: F.mse_loss(out.squeeze(-1), y)
+def _regression_loss(name: str, data: DataSetup):
+    """out (B,), y (B,) standardized -> loss."""
+    if name in ("auto", "mse"):
+        return F.mse_loss
     if name == "huber":
-        return lambda out, y: F.huber_loss(out.squeeze(-1), y)
-    if name == "relative":
-        return None  # needs the target scale: built in the loop
+        return F.huber_loss
+    if name == "relative":  # relative error on the physical scale
+        m, s = data.target_mean, data.target_std
+        return lambda out, y: (((out - y) * s) / (y * s + m).abs().clamp_min(1e-6)).abs().mean()
     raise ValueError(f"loss '{name}' does not fit a regression task")
+
+
+def task_loss(data: DataSetup, name: str, loss_weight: float = 1.0):
+    """(out (B, outputs), y as made by data.encode_labels) -> scalar loss for the task."""
+    if data.task == "classification":
+        if name not in ("auto", "cross_entropy"):
+            raise ValueError(f"loss '{name}' does not fit a classification task")
+        return F.cross_entropy
+    reg = _regression_loss(name, data)
+    if data.task == "regression":
+        return lambda out, y: reg(out.squeeze(-1), y)
+    k = data.num_classes  # joint: y (B, 2) = [class, standardized target]
+    return lambda out, y: F.cross_entropy(out[:, :k], y[:, 0].long()) + loss_weight * reg(out[:, k], y[:, 1])
 
 
 def _gather(arr: np.ndarray) -> np.ndarray:
@@ -87,14 +122,30 @@ def _mean_across_ranks(total: float, count: int, device) -> float:
     return float(t[0] / max(t[1], 1.0))
 
 
+def checkpoint_score(metrics: dict[str, Any], metric: str, mode: str) -> float:
+    """Higher is better; pretraining epochs (no task metric yet) and NaN rank below every real epoch."""
+    v = metrics.get(metric)
+    if not isinstance(v, (int, float)) or not math.isfinite(v):
+        return -1e30
+    return float(v) if mode == "max" else -float(v)
+
+
 def worker_loop(config: dict[str, Any]) -> None:
-    """``config``: {"family", "params", "data" (DataSetup dict), "max_epochs", "cpus_per_worker", "trial_name"}."""
+    """``config``: {"family", "params", "data" (DataSetup dict), "max_epochs", "metric", "mode", "metrics",
+    "cpus_per_worker", "loader_workers"}.
+
+    Families with ``pretrain_epochs`` first train that many epochs on their self-supervised loss
+    (``model(x, pretrain=True)``), then on the task; epochs count across both phases.
+    """
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
     data = DataSetup(**config["data"])
     params = config["params"]
-    tp, _ = split_params(config["family"], params)
+    family = trial_family(config["family"], params)
+    tp, fp = split_params(family, params)
+    pretrain_epochs = int(getattr(fp, "pretrain_epochs", 0))
+    metric, mode = config.get("metric", "val_loss"), config.get("mode", "min")
     torch.manual_seed(tp.seed + rank)
     np.random.seed(tp.seed + rank)
 
@@ -115,9 +166,14 @@ def worker_loop(config: dict[str, Any]) -> None:
         train_loader = ray.train.torch.prepare_data_loader(train_loader)  # DistributedSampler + device
         val_loader = DataLoader(val_ds, batch_size=max(tp.batch_size, 128), shuffle=False, num_workers=loader_workers)
 
-    model = build_model(config["family"], params, data)
+    model = build_model(family, params, data)
+    if tp.pretrained:
+        load_pretrained(model, tp.pretrained)
     n_params = sum(p.numel() for p in model.parameters())
-    model = ray.train.torch.prepare_model(model)
+    # Pretraining heads / probed encoders leave parameters without gradients in one phase.
+    two_phase = hasattr(fp, "pretrain_epochs") or getattr(fp, "finetune", "full") != "full"
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": True} if two_phase else None)
     opt = torch.optim.AdamW(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
     max_epochs = int(config["max_epochs"])
     steps_per_epoch = max(1, len(train_loader))
@@ -130,10 +186,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    loss_fn = _loss_fn(data.task, tp.loss)
-    if loss_fn is None:  # relative error on the physical scale
-        m, s = data.target_mean, data.target_std
-        loss_fn = lambda out, y: (((out.squeeze(-1) - y) * s) / (y * s + m).abs().clamp_min(1e-6)).abs().mean()  # noqa: E731
+    loss_fn = task_loss(data, tp.loss, tp.loss_weight)
 
     # What export/inference need to rebuild the model (the split lists stay out).
     model_data = {k: v for k, v in config["data"].items() if k not in ("train", "val", "test")}
@@ -149,6 +202,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         start_epoch = int(state["epoch"]) + 1
 
     for epoch in range(start_epoch, max_epochs + 1):
+        pretraining = epoch <= pretrain_epochs
         t0 = time.time()
         for epoch_aware in (train_loader, getattr(train_loader, "sampler", None)):
             if hasattr(epoch_aware, "set_epoch"):
@@ -156,10 +210,13 @@ def worker_loop(config: dict[str, Any]) -> None:
         model.train()
         loss_sum, n_seen = 0.0, 0
         for x, y in train_loader:
-            out = _forward(model, x)
-            loss = loss_fn(out, y)
+            if pretraining:
+                loss = _forward(model, x, pretrain=True)
+            else:
+                loss = loss_fn(_forward(model, x), y)
             if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"non-finite training loss ({loss.item()}) at epoch {epoch}")
+                raise NonFiniteLoss(f"non-finite {'pretraining' if pretraining else 'training'} loss ({loss.item()}) "
+                                    f"at epoch {epoch}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if tp.grad_clip > 0:
@@ -176,33 +233,36 @@ def worker_loop(config: dict[str, Any]) -> None:
         with torch.no_grad():
             for x, y in val_loader:
                 x, y = _to(x, device), y.to(device)
-                out = _forward(model, x)
-                vloss += loss_fn(out, y).item() * len(y)
+                if pretraining:
+                    vloss += _forward(model, x, pretrain=True).item() * len(y)
+                else:
+                    out = _forward(model, x)
+                    vloss += loss_fn(out, y).item() * len(y)
+                    outs.append(out.float().cpu().numpy())
+                    ys.append(y.cpu().numpy())
                 vn += len(y)
-                outs.append(out.float().cpu().numpy())
-                ys.append(y.cpu().numpy())
         val_loss = _mean_across_ranks(vloss, vn, device)
-        out_all = _gather(np.concatenate(outs) if outs else np.zeros((0, 1), np.float32))
-        y_all = _gather(np.concatenate(ys) if ys else np.zeros((0,), np.float32))
-        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                                   "lr": sched.get_last_lr()[0], "epoch_time_s": time.time() - t0,
+        metrics: dict[str, Any] = {"epoch": epoch, "lr": sched.get_last_lr()[0], "epoch_time_s": time.time() - t0,
                                    "train_samples_per_s": len(train_ds) / max(train_time, 1e-9),
                                    "num_params": n_params}
-        if data.task == "classification":
-            metrics.update(classification_metrics(out_all, y_all.astype(np.int64)))
+        if pretraining:  # no task metric yet: NaN for the search metrics (Tune needs the keys; ASHA skips NaN)
+            metrics.update({"pretrain_loss": train_loss, "val_pretrain_loss": val_loss})
+            metrics.update({m: math.nan for m in config.get("metrics", [metric])})
         else:
-            scale = lambda v: v * data.target_std + data.target_mean  # noqa: E731
-            metrics.update(regression_metrics(scale(out_all.reshape(-1)), scale(y_all.reshape(-1))))
-            metrics["val_abs_bias"] = abs(metrics["val_bias"])
+            metrics.update({"train_loss": train_loss, "val_loss": val_loss})
+            out_all = _gather(np.concatenate(outs) if outs else np.zeros((0, 1), np.float32))
+            y_all = _gather(np.concatenate(ys) if ys else np.zeros((0,), np.float32))
+            metrics.update(task_metrics(data.task, data.num_classes, out_all, y_all, data.target_mean, data.target_std))
         if not math.isfinite(val_loss):
             raise NonFiniteLoss(f"non-finite validation loss at epoch {epoch}")
+        metrics["checkpoint_score"] = checkpoint_score(metrics, metric, mode)
 
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 unwrapped = model.module if hasattr(model, "module") else model
                 torch.save({"model": unwrapped.state_dict(), "optimizer": opt.state_dict(),
                             "scheduler": sched.state_dict(), "epoch": epoch,
-                            "family": config["family"], "params": params, "data": model_data,
+                            "family": family, "params": params, "data": model_data,
                             "metrics": metrics}, os.path.join(tmp, CHECKPOINT_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"epoch_{epoch:04d}")

@@ -1,0 +1,293 @@
+"""Family ``event_transformer``: shapes, set invariances, task heads, masked-object pretraining, transfer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from e2e_search.registry import get_family
+from trainables.event_transformer import EventTransformerParams, hidden_counts
+
+torch.set_num_threads(1)
+
+SHAPES = [(6, 4), (20, 7)]
+TASKS = [{"classification": 2}, {"classification": 3}, {"regression": 1}, {"classification": 2, "regression": 1}]
+SMALL = dict(embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0)
+TRAINING_PARAMS = {"lr", "weight_decay", "batch_size", "warmup_epochs", "grad_clip", "loss", "loss_weight", "seed",
+                   "family", "tasks", "pretrained"}
+
+
+def build(n_objects: int = 6, n_features: int = 4, tasks: dict[str, int] | None = None, seed: int = 0, **params):
+    torch.manual_seed(seed)
+    fam = get_family("event_transformer")
+    p = fam.params(**(SMALL | params))
+    tasks = tasks or {"out": 2}
+    return fam.build(p, n_objects=n_objects, n_features=n_features, num_outputs=sum(tasks.values()), tasks=tasks)
+
+
+def batch(b: int = 4, n: int = 6, f: int = 4, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Objects (b, n, f) with 1..n real objects per event (real first), padding zeroed."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, f, generator=g)
+    n_real = torch.randint(1, n + 1, (b,), generator=g)
+    n_real[0] = n
+    mask = torch.arange(n)[None, :] < n_real[:, None]                          # (b, n)
+    return x * mask[..., None], mask
+
+
+def task_loss(out: torch.Tensor, tasks: dict[str, int]) -> torch.Tensor:
+    loss, col = out.new_zeros(()), 0
+    for name, n in tasks.items():
+        block = out[:, col : col + n]
+        if name == "classification":
+            loss = loss + F.cross_entropy(block, torch.arange(len(out)) % n)
+        else:
+            loss = loss + F.mse_loss(block.squeeze(-1), torch.linspace(-1, 1, len(out)))
+        col += n
+    return loss
+
+
+# --------------------------------------------------------------------------- contract
+def test_registered_and_params_are_searchable():
+    fam = get_family("event_transformer")
+    assert fam.inputs == "objects" and fam.description
+    fields = set(EventTransformerParams.model_fields)
+    assert not fields & TRAINING_PARAMS
+    assert {"pretrain_epochs", "finetune", "mask_ratio", "task_queries", "head_mixing"} <= fields
+    p = EventTransformerParams(unknown=1)                                       # extra ignored
+    assert (p.embed_dim, p.depth, p.num_heads, p.pretrain_epochs, p.finetune) == (64, 3, 4, 2, "full")
+    with pytest.raises(ValueError):
+        EventTransformerParams(task_queries=0)
+    with pytest.raises(ValueError):
+        EventTransformerParams(finetune="frozen")
+
+
+def test_embed_dim_rounded_up_to_heads():
+    m = build(embed_dim=30, num_heads=4)
+    assert m.encoder.embed[0].out_features == 32
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tasks", TASKS, ids=lambda t: "+".join(f"{k}{v}" for k, v in t.items()))
+def test_one_step_finite(shape, tasks):
+    n, f = shape
+    m = build(n, f, tasks)
+    x, mask = batch(4, n, f)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    out = m(x, mask)
+    assert out.shape == (4, sum(tasks.values()))
+    loss = task_loss(out, tasks)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in m.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert m.encoder.embed[0].weight.grad.abs().sum() > 0
+    opt.step()
+    # and one pretraining step
+    opt.zero_grad()
+    ploss = m(x, mask, pretrain=True)
+    assert ploss.dim() == 0 and torch.isfinite(ploss)
+    ploss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    assert m.mask_token.grad.abs().sum() > 0
+
+
+def test_tasks_none_means_single_block():
+    fam = get_family("event_transformer")
+    m = fam.build(fam.params(**SMALL), n_objects=6, n_features=4, num_outputs=3)
+    x, mask = batch()
+    assert m(x, mask).shape == (4, 3)
+    with pytest.raises(ValueError):
+        fam.build(fam.params(**SMALL), n_objects=6, n_features=4, num_outputs=3, tasks={"classification": 2})
+
+
+# --------------------------------------------------------------------------- set invariances
+@pytest.mark.parametrize("shape", SHAPES)
+def test_permutation_invariance(shape):
+    n, f = shape
+    m = build(n, f, {"classification": 2, "regression": 1}, task_queries=2).eval()
+    x, mask = batch(4, n, f)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out, out_p = m(x, mask), m(x[:, perm], mask[:, perm])
+    torch.testing.assert_close(out_p, out, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out[0], out[1])                                   # outputs do depend on the event
+
+
+def test_padding_invariance():
+    m = build(6, 4, {"classification": 2, "regression": 1}).eval()
+    x, mask = batch(4, 6, 4)
+    garbage = torch.randn(4, 5, 4) * 100
+    x2 = torch.cat([x, garbage], dim=1)                                        # (4, 11, 4)
+    mask2 = torch.cat([mask, torch.zeros(4, 5, dtype=torch.bool)], dim=1)
+    x2[~mask2] = torch.randn(int((~mask2).sum()), 4) * 100                     # garbage in existing padding too
+    with torch.no_grad():
+        out, out2 = m(x, mask), m(x2, mask2)
+        # float 0/1 masks are accepted like bool ones
+        out3 = m(x2, mask2.float())
+    torch.testing.assert_close(out2, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out3, out, atol=1e-5, rtol=1e-5)
+
+
+def test_all_padded_event_is_finite():
+    m = build(6, 4, {"classification": 2, "regression": 1})
+    x, mask = batch(3, 6, 4)
+    mask[1] = False
+    x[1] = torch.randn(6, 4) * 50                                              # garbage under padding
+    out = m(x, mask)
+    assert torch.isfinite(out).all()
+    task_loss(out, {"classification": 2, "regression": 1}).backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    # the other events are unaffected by the empty one
+    with torch.no_grad():
+        torch.testing.assert_close(m(x[[0, 2]], mask[[0, 2]]), out[[0, 2]].detach(), atol=1e-5, rtol=1e-5)
+    # a batch with no real object at all: pretraining loss 0, not NaN, still differentiable
+    ploss = m(x, torch.zeros_like(mask), pretrain=True)
+    assert ploss.item() == 0.0
+    ploss.backward()
+
+
+# --------------------------------------------------------------------------- pretraining
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.9])
+def test_hidden_count_rule(ratio):
+    n_real = torch.arange(0, 21)
+    k = hidden_counts(n_real, ratio)
+    for n, kk in zip(n_real.tolist(), k.tolist()):
+        want = 0 if n == 0 else 1 if n == 1 else min(max(1, math.ceil(round(ratio * n, 9))), n - 1)
+        assert kk == want, (n, kk, want)
+    assert hidden_counts(torch.tensor([10]), 0.3).item() == 3                 # not 4 from 0.3 * 10 = 3.0000000000000004
+    m = build(20, 7, mask_ratio=ratio)
+    _, mask = batch(16, 20, 7, seed=5)
+    mask[3] = False
+    hidden = m.sample_hidden(mask)
+    assert not (hidden & ~mask).any()                                          # only real objects are hidden
+    torch.testing.assert_close(hidden.sum(1), hidden_counts(mask.sum(1), ratio))
+    assert ((mask & ~hidden).sum(1) >= 1)[mask.sum(1) >= 2].all()             # something stays visible
+
+
+def test_pretrain_loss_is_mse_over_hidden_real_objects():
+    m = build(6, 4).eval()
+    x, mask = batch(4, 6, 4)
+    hidden = m.sample_hidden(mask)
+    loss = m.pretrain_loss(x, mask, hidden)
+    pred = m.reconstruct_hidden(x, mask, hidden)
+    want = (pred - x).pow(2).mean(-1)[hidden].mean()
+    torch.testing.assert_close(loss, want)
+    # garbage under padding changes nothing; changing a hidden object's target changes the loss
+    x_pad = x.clone()
+    x_pad[~mask] = 1e3
+    torch.testing.assert_close(m.pretrain_loss(x_pad, mask, hidden), loss)
+    x_vis = x.clone()
+    x_vis[hidden] += 1.0
+    assert not torch.allclose(m.pretrain_loss(x_vis, mask, hidden), loss)
+    # hidden objects' own features never reach the encoder (replaced by the mask token)
+    torch.testing.assert_close(m.reconstruct_hidden(x_vis, mask, hidden), pred)
+
+
+def test_pretrain_loss_decreases():
+    """Objects of an event share one feature vector (plus noise): hidden ones are predictable from the rest."""
+    m = build(6, 4, dropout=0.0)
+    _, mask = batch(8, 6, 4, seed=7)
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(8, 1, 4, generator=g) + 0.1 * torch.randn(8, 6, 4, generator=g)) * mask[..., None]
+
+    def expected_loss() -> float:                                              # mean over 16 random hidings
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return sum(m.pretrain_loss(x, mask, m.sample_hidden(mask)).item() for _ in range(16)) / 16
+
+    before = expected_loss()
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(30):
+        opt.zero_grad()
+        loss = m(x, mask, pretrain=True)
+        assert torch.isfinite(loss)
+        loss.backward()
+        opt.step()
+    after = expected_loss()
+    assert after < 0.3 * before, (before, after)
+
+
+# --------------------------------------------------------------------------- task heads
+def test_each_task_reads_its_own_head():
+    tasks = {"classification": 2, "regression": 1}
+    m = build(6, 4, tasks, task_queries=2).eval()
+    x, mask = batch()
+    with torch.no_grad():
+        out = m(x, mask)
+        assert out.shape == (4, 3)
+        m.heads["regression"].weight.zero_()
+        m.heads["regression"].bias.zero_()
+        out2 = m(x, mask)
+    torch.testing.assert_close(out2[:, :2], out[:, :2])
+    assert (out2[:, 2] == 0).all() and not (out[:, 2] == 0).all()
+
+
+@pytest.mark.parametrize("mixing", [False, True])
+def test_head_mixing_lets_tasks_exchange_information(mixing):
+    m = build(6, 4, {"classification": 2, "regression": 1}, task_queries=2, head_depth=2, head_mixing=mixing).eval()
+    x, mask = batch()
+    with torch.no_grad():
+        out = m(x, mask)
+        m.queries[2:].add_(torch.randn(2, m.queries.shape[1]))                # the regression task's queries
+        out2 = m(x, mask)
+    assert not torch.allclose(out2[:, 2], out[:, 2])
+    if mixing:                                                                 # the other task sees it
+        assert not torch.allclose(out2[:, :2], out[:, :2])
+    else:                                                                      # independent heads
+        torch.testing.assert_close(out2[:, :2], out[:, :2])
+
+
+def test_head_mixing_changes_params_and_outputs():
+    on = build(6, 4, {"classification": 2}, head_mixing=True).eval()
+    off = build(6, 4, {"classification": 2}, head_mixing=False).eval()
+    n_on, n_off = (sum(p.numel() for p in mm.parameters()) for mm in (on, off))
+    assert n_on > n_off
+    missing, unexpected = off.load_state_dict(on.state_dict(), strict=False)
+    assert not missing and unexpected and all("self_attn" in k or "norm_self" in k for k in unexpected)
+    x, mask = batch()
+    with torch.no_grad():
+        assert not torch.allclose(on(x, mask), off(x, mask))
+
+
+# --------------------------------------------------------------------------- fine-tuning
+@pytest.mark.parametrize("finetune", ["linear", "full"])
+def test_linear_probe_trains_only_heads(finetune):
+    m = build(6, 4, {"classification": 2, "regression": 1}, finetune=finetune)
+    x, mask = batch()
+    task_loss(m(x, mask), {"classification": 2, "regression": 1}).backward()
+    enc = [p.grad for p in m.encoder.parameters()]
+    if finetune == "linear":
+        assert all(g is None for g in enc)
+    else:
+        assert all(g is not None for g in enc) and sum(g.abs().sum() for g in enc) > 0
+    for name, p in m.named_parameters():
+        if name.startswith(("queries", "head_blocks", "head_norm", "heads")):
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert m.queries.grad.abs().sum() > 0 and m.heads["classification"].weight.grad.abs().sum() > 0
+
+
+def test_encoder_transfers_from_pretrained_state_dict():
+    pre = build(6, 4, {"out": 2}, seed=0)
+    x, mask = batch()
+    opt = torch.optim.Adam(pre.parameters(), lr=1e-3)
+    for _ in range(2):                                                         # a (tiny) pretraining
+        opt.zero_grad()
+        pre(x, mask, pretrain=True).backward()
+        opt.step()
+    fresh = build(6, 4, {"classification": 2, "regression": 1}, seed=1, finetune="linear").eval()
+    pre.eval()
+    with torch.no_grad():
+        assert not torch.allclose(fresh.encode(x, mask), pre.encode(x, mask))
+    # what the loop does: copy every entry whose key and shape match
+    own = fresh.state_dict()
+    src = {k: v for k, v in pre.state_dict().items() if k in own and own[k].shape == v.shape}
+    assert {k for k in own if k.startswith("encoder.")} <= set(src)
+    fresh.load_state_dict(src, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.encode(x, mask), pre.encode(x, mask), atol=0, rtol=0)
+        assert fresh(x, mask).shape == (4, 3)

@@ -1,0 +1,79 @@
+"""Family ``hybrid_vit``: a small convolutional stem feeding timm's VisionTransformer.
+
+The stem (``stem_layers`` conv3x3-BN-GELU layers, ``stem_channels`` wide, the first
+log2(``stem_stride``) of them with stride 2) turns sparse detector hits into dense local
+features before tokenization; timm's ``HybridEmbed`` then cuts its feature map into
+``patch_size`` x ``patch_size`` patches (a 1x1 patch makes every stem pixel a token).
+The image is zero-padded to a multiple of ``stem_stride * patch_size`` (FitToPatches).
+
+    x (B, C, H, W) -> pad -> stem (B, S, H/s, W/s) -> patches (B, N, D) -> ViT blocks -> pool -> (B, outputs)
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from timm.layers import HybridEmbed
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from e2e_search.registry import register_family
+from trainables.vit import FitToPatches, use_fused_attention
+
+
+class HybridVitParams(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    stem_channels: int = Field(default=32, ge=4)
+    """Width of every stem convolution."""
+    stem_layers: int = Field(default=2, ge=1, le=6)
+    """Conv-BN-GELU layers in the stem (raised to log2(stem_stride) if that is larger)."""
+    stem_stride: Literal[1, 2, 4, 8] = 4
+    """Total downsampling of the stem (its first log2(stem_stride) layers have stride 2)."""
+    patch_size: int = Field(default=2, ge=1)
+    """Patch side on the stem's feature map (image pixels per token side: stem_stride * patch_size)."""
+    depth: int = Field(default=4, ge=1)
+    embed_dim: int = Field(default=64, ge=8)
+    """Rounded up to a multiple of num_heads."""
+    num_heads: int = Field(default=4, ge=1)
+    mlp_ratio: float = Field(default=4.0, gt=0)
+    drop_path: float = Field(default=0.0, ge=0, lt=1)
+    pool: Literal["token", "avg", "map"] = "token"
+    """Output head: class token, mean over patches, or attention pooling."""
+
+
+def conv_stem(in_chans: int, width: int, layers: int, stride: int) -> nn.Sequential:
+    """(B, C, H, W) -> (B, width, H / stride, W / stride) for H, W multiples of stride."""
+    n_down = int(math.log2(stride))
+    mods: list[nn.Module] = []
+    for i in range(max(layers, n_down)):
+        mods += [nn.Conv2d(in_chans if i == 0 else width, width, 3, 2 if i < n_down else 1, 1, bias=False),
+                 nn.BatchNorm2d(width), nn.GELU()]
+    return nn.Sequential(*mods)
+
+
+@register_family("hybrid_vit", params=HybridVitParams)
+def build_hybrid_vit(p: HybridVitParams, *, in_chans: int, img_size: tuple[int, int], num_outputs: int,
+                     tasks: dict[str, int] | None = None) -> nn.Module:
+    """Hybrid ViT: convolutional stem + timm VisionTransformer on its feature map."""
+    fit = FitToPatches(img_size, p.stem_stride * p.patch_size, "pad")
+    stem = conv_stem(in_chans, p.stem_channels, p.stem_layers, p.stem_stride)
+    embed_dim = math.ceil(p.embed_dim / p.num_heads) * p.num_heads
+    vit = VisionTransformer(
+        img_size=fit.out_size,
+        patch_size=p.patch_size,
+        in_chans=in_chans,
+        num_classes=num_outputs,
+        global_pool=p.pool,
+        class_token=p.pool == "token",
+        embed_dim=embed_dim,
+        depth=p.depth,
+        num_heads=p.num_heads,
+        mlp_ratio=p.mlp_ratio,
+        drop_path_rate=p.drop_path,
+        embed_layer=partial(HybridEmbed, backbone=stem),
+    )
+    return nn.Sequential(fit, use_fused_attention(vit))
