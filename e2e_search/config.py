@@ -453,7 +453,6 @@ def _explain(err: dict) -> tuple[str, str]:
     if kind == "extra_forbidden":
         model = _model_at(loc)
         if loc and loc[0] == "params" and len(loc) >= 3:
-            from . import config as _c  # noqa: F401  (fields of the dimension)
             options = ["type", "values", "low", "high", "q", "when", "value"]
         else:
             options = list(model.model_fields) if model else []

@@ -104,7 +104,7 @@ def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int, 
 
 def _check_finite(arr: np.ndarray, key: str) -> None:
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise UserError(f"contains NaN or Inf values; clean the file or drop those samples", key=key)
+        raise UserError("contains NaN or Inf values; clean the file or drop those samples", key=key)
 
 
 def available_memory() -> int:

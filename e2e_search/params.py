@@ -139,8 +139,16 @@ def check_params(cfg: SearchSpace) -> None:
         if v is not None and not Path(v).is_file():
             raise UserError(f"checkpoint '{v}' not found; give the path of a checkpoint.pt (e.g. a trial's "
                             "best_checkpoint/checkpoint.pt artifact)", key="params.pretrained")
+    if pretrained is not None:  # workers run elsewhere (trial folders, other nodes): absolute paths
+        if isinstance(pretrained, FixedDim) and pretrained.value is not None:
+            pretrained.value = str(Path(pretrained.value).resolve())
+        elif isinstance(pretrained, ChoiceDim | GridDim):
+            pretrained.values = [v if v is None else str(Path(v).resolve()) for v in pretrained.values]
     pre = cfg.params.get("pretrain_epochs")
-    for v in dim_values(pre) if pre is not None else []:
+    if pre is None:  # the family's default applies
+        pre = FixedDim(value=max((get_family(f).params.model_fields["pretrain_epochs"].default for f in cfg.families
+                                  if "pretrain_epochs" in get_family(f).params.model_fields), default=0))
+    for v in dim_values(pre):
         if int(v) >= cfg.scheduler.max_epochs:
             raise UserError(f"pretrain_epochs {v} leaves no epoch to train on the task (scheduler.max_epochs is "
                             f"{cfg.scheduler.max_epochs}); lower it or raise scheduler.max_epochs",

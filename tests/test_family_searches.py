@@ -56,7 +56,8 @@ def test_two_trial_search_with_pretraining(tmp_path, monkeypatch, ray_local, fam
     """Epoch 1 pretrains (self-supervised loss, no task metric), epoch 2 trains on the task; the kept
     checkpoint is the task epoch, and a new search can start from it (``params.pretrained``)."""
     monkeypatch.chdir(tmp_path)
-    client, runs = _smoke(tmp_path, family)
+    # 2 DDP workers: parameters unused in one phase (decoder, heads) must not stall gradient sync.
+    client, runs = _smoke(tmp_path, family, ["resources.workers=2", "resources.cpus_per_worker=0.5"])
     for r in runs:
         rid = r.info.run_id
         assert [m.step for m in client.get_metric_history(rid, "pretrain_loss")] == [1]
@@ -86,3 +87,17 @@ def test_compare_families_searches_over_families(tmp_path, monkeypatch, ray_loca
     assert "width" in trials["resnet15"].data.params and "patch_size" not in trials["resnet15"].data.params
     assert "mask_ratio" in trials["mae"].data.params and "width" not in trials["mae"].data.params
     assert trials["vit"].data.tags["e2e.family"] == "vit"
+
+
+@pytest.mark.slow
+def test_mae_event_as_shipped(tmp_path, monkeypatch, capsys, ray_local):
+    """The headline YAML with no other step: events generated with Pythia (progress shown), then the search."""
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(SPACES / "mae_event.yaml")]) == 0
+    out, err = capsys.readouterr()
+    assert "generating it with recipe 'event_objects'" in err and "event_objects: [" in err
+    assert (tmp_path / "e2e_runs/data/event_objects_2k.h5").is_file()
+    m = re.search(r"search done: (\d+) trials, (\d+) stopped early by the scheduler, 0 failed", out)
+    assert m and int(m.group(1)) == 8

@@ -10,14 +10,13 @@ Image sizes that are not a multiple of the patch size are zero-padded (FitToPatc
 
 from __future__ import annotations
 
-import math
 
 from pydantic import BaseModel, ConfigDict, Field
 from timm.models.cait import Cait
 from torch import nn
 
 from e2e_search.registry import register_family
-from trainables.vit import FitToPatches, use_fused_attention
+from trainables.vit import FitToPatches, heads_multiple, use_fused_attention
 
 
 class CaitParams(BaseModel):
@@ -42,7 +41,7 @@ def build_cait(p: CaitParams, *, in_chans: int, img_size: tuple[int, int], num_o
                tasks: dict[str, int] | None = None) -> nn.Module:
     """CaiT (timm): patch self-attention followed by class-attention layers, with LayerScale."""
     fit = FitToPatches(img_size, p.patch_size, "pad")
-    embed_dim = math.ceil(p.embed_dim / p.num_heads) * p.num_heads
+    embed_dim = heads_multiple(p.embed_dim, p.num_heads)
     cait = Cait(
         img_size=fit.out_size,
         patch_size=p.patch_size,

@@ -40,7 +40,6 @@ only the heads (queries, decoder layers, per-task Linear) learn.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -49,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from e2e_search.registry import register_family
+from trainables.vit import heads_multiple
 
 
 class EventTransformerParams(BaseModel):
@@ -183,7 +183,7 @@ def hidden_counts(n_real: torch.Tensor, mask_ratio: float) -> torch.Tensor:
 class EventTransformer(nn.Module):
     def __init__(self, p: EventTransformerParams, n_features: int, tasks: dict[str, int]):
         super().__init__()
-        dim = math.ceil(p.embed_dim / p.num_heads) * p.num_heads
+        dim = heads_multiple(p.embed_dim, p.num_heads)
         self.tasks = dict(tasks)
         self.task_queries = p.task_queries
         self.mask_ratio = p.mask_ratio

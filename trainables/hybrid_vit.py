@@ -17,11 +17,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from timm.layers import HybridEmbed
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from e2e_search.registry import register_family
-from trainables.vit import FitToPatches, use_fused_attention
+from trainables.vit import FitToPatches, timm_vit
 
 
 class HybridVitParams(BaseModel):
@@ -61,19 +60,6 @@ def build_hybrid_vit(p: HybridVitParams, *, in_chans: int, img_size: tuple[int, 
     """Hybrid ViT: convolutional stem + timm VisionTransformer on its feature map."""
     fit = FitToPatches(img_size, p.stem_stride * p.patch_size, "pad")
     stem = conv_stem(in_chans, p.stem_channels, p.stem_layers, p.stem_stride)
-    embed_dim = math.ceil(p.embed_dim / p.num_heads) * p.num_heads
-    vit = VisionTransformer(
-        img_size=fit.out_size,
-        patch_size=p.patch_size,
-        in_chans=in_chans,
-        num_classes=num_outputs,
-        global_pool=p.pool,
-        class_token=p.pool == "token",
-        embed_dim=embed_dim,
-        depth=p.depth,
-        num_heads=p.num_heads,
-        mlp_ratio=p.mlp_ratio,
-        drop_path_rate=p.drop_path,
-        embed_layer=partial(HybridEmbed, backbone=stem),
-    )
-    return nn.Sequential(fit, use_fused_attention(vit))
+    vit = timm_vit(p, img_size=fit.out_size, in_chans=in_chans, num_outputs=num_outputs,
+                   embed_layer=partial(HybridEmbed, backbone=stem))
+    return nn.Sequential(fit, vit)

@@ -57,7 +57,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from e2e_search.registry import register_family
-from trainables.vit import FitToPatches
+from trainables.vit import FitToPatches, heads_multiple
 
 EMPTY_TOL = 1e-6
 """A patch channel is constant when max - min over its real pixels is at most this."""
@@ -226,8 +226,8 @@ class MaskedAutoencoder(nn.Module):
         self.fit = FitToPatches(img_size, p.patch_size, "pad")
         self.grid = (self.fit.out_size[0] // p.patch_size, self.fit.out_size[1] // p.patch_size)
         patch_dim = p.patch_size ** 2 * in_chans
-        dim = math.ceil(p.embed_dim / p.num_heads) * p.num_heads
-        dec_dim = math.ceil(p.decoder_dim / p.decoder_heads) * p.decoder_heads
+        dim = heads_multiple(p.embed_dim, p.num_heads)
+        dec_dim = heads_multiple(p.decoder_dim, p.decoder_heads)
         self.encoder = MaeEncoder(patch_dim, self.grid, dim, p.depth, p.num_heads, p.mlp_ratio)
         self.decoder = MaeDecoder(dim, patch_dim, self.grid, dec_dim, p.decoder_depth, p.decoder_heads, p.mlp_ratio)
         self.head_norm = nn.LayerNorm(dim)

@@ -27,7 +27,7 @@ from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
 from e2e_search.registry import register_family
-from trainables.vit import FitToPatches, use_fused_attention
+from trainables.vit import FitToPatches, heads_multiple, use_fused_attention
 
 
 class SwinParams(BaseModel):
@@ -76,7 +76,7 @@ class Swin(nn.Module):
         super().__init__()
         (gh, wh), (gw, ww) = (swin_grid(s, p.patch_size, p.window_size, p.stages) for s in img_size)
         self.fit = FitToPatches(img_size, p.patch_size, "pad", out_size=(gh * p.patch_size, gw * p.patch_size))
-        embed_dim = math.ceil(p.embed_dim / p.num_heads) * p.num_heads
+        embed_dim = heads_multiple(p.embed_dim, p.num_heads)
         self.swin = SwinTransformer(
             img_size=self.fit.out_size,
             patch_size=p.patch_size,

@@ -89,6 +89,30 @@ class FitToPatches(nn.Module):
         return x[..., top : top + self.out_size[0], left : left + self.out_size[1]]
 
 
+def heads_multiple(dim: int, heads: int) -> int:
+    """A width rounded up to a multiple of the number of heads (attention splits it evenly)."""
+    return math.ceil(dim / heads) * heads
+
+
+def timm_vit(p: BaseModel, *, img_size: tuple[int, int], in_chans: int, num_outputs: int, **extra) -> VisionTransformer:
+    """timm's VisionTransformer from the parameters ViT-like families share (patch_size, embed_dim, depth,
+    num_heads, mlp_ratio, drop_path, pool), with fused attention; ``extra`` goes to timm as is."""
+    return use_fused_attention(VisionTransformer(
+        img_size=img_size,
+        patch_size=p.patch_size,
+        in_chans=in_chans,
+        num_classes=num_outputs,
+        global_pool=p.pool,
+        class_token=p.pool == "token",
+        embed_dim=heads_multiple(p.embed_dim, p.num_heads),
+        depth=p.depth,
+        num_heads=p.num_heads,
+        mlp_ratio=p.mlp_ratio,
+        drop_path_rate=p.drop_path,
+        **extra,
+    ))
+
+
 def use_fused_attention(model: nn.Module) -> nn.Module:
     """Make every timm attention module of ``model`` call ``F.scaled_dot_product_attention``."""
     for m in model.modules():
@@ -170,22 +194,8 @@ def build_vit(p: VitParams, *, in_chans: int, img_size: tuple[int, int], num_out
               tasks: dict[str, int] | None = None) -> nn.Module:
     """Vision transformer (timm) with searchable patch size, depth, width, heads, pooling and attention type."""
     fit = FitToPatches(img_size, p.patch_size, p.patch_fit)
-    embed_dim = math.ceil(p.embed_dim / p.num_heads) * p.num_heads
-    vit = VisionTransformer(
-        img_size=fit.out_size,
-        patch_size=p.patch_size,
-        in_chans=in_chans,
-        num_classes=num_outputs,
-        global_pool=p.pool,
-        class_token=p.pool == "token",
-        embed_dim=embed_dim,
-        depth=p.depth,
-        num_heads=p.num_heads,
-        mlp_ratio=p.mlp_ratio,
-        drop_path_rate=p.drop_path,
-        attn_layer=ATTENTION[p.attention],
-    )
-    use_fused_attention(vit)
+    vit = timm_vit(p, img_size=fit.out_size, in_chans=in_chans, num_outputs=num_outputs,
+                   attn_layer=ATTENTION[p.attention])
     if p.attention == "window":
         for blk in vit.blocks:
             blk.attn.set_window(tuple(vit.patch_embed.grid_size), p.window_size, vit.num_prefix_tokens)
