@@ -1,4 +1,4 @@
-"""Command line: ``e2e-search run | validate | best``.
+"""Command line: ``e2e-search run | validate | best | report | ui | export | data``.
 
 Bad input (YAML, data files, flags) prints one line and exits with code 2.
 """
@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="e2e-search", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{run,validate,best,data}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{run,validate,best,report,ui,export,data}", parser_class=_Parser)
 
     r = sub.add_parser("run", help="run a search from a search-space YAML")
     r.add_argument("file", help="search-space YAML (see search_spaces/)")
@@ -56,6 +56,26 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--mode", choices=["min", "max"])
     b.add_argument("--top", type=int, default=5)
     b.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///e2e_runs/mlflow.db)")
+
+    rp = sub.add_parser("report", help="HTML leaderboard of a search (also logged to its MLflow search run)")
+    rp.add_argument("experiment")
+    rp.add_argument("--out", help="HTML file to write (default: e2e_runs/reports/EXPERIMENT.html)")
+    rp.add_argument("--search", metavar="RUN_ID", help="a search run of the experiment (default: the latest)")
+    rp.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///e2e_runs/mlflow.db)")
+
+    u = sub.add_parser("ui", help="the MLflow UI on the search store (binds to 127.0.0.1 unless --host says otherwise)")
+    u.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///e2e_runs/mlflow.db)")
+    u.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    u.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+
+    x = sub.add_parser("export", help="a trained trial as an ONNX model, checked against PyTorch in onnxruntime")
+    x.add_argument("source", metavar="SOURCE", help="RUN_ID | models:/NAME@ALIAS | PATH/checkpoint.pt")
+    x.add_argument("--format", default="onnx", help="output format: onnx (default)")
+    x.add_argument("--out", required=True, help="output file (written atomically; nothing is left on failure)")
+    x.add_argument("--tracking-uri", help="MLflow tracking URI for RUN_ID and models:/ (default: sqlite:///e2e_runs/mlflow.db)")
+    x.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's, 17 for torchscript, 18 for dynamo)")
+    x.add_argument("--exporter", default="auto", help="auto (default: torchscript, then dynamo) | torchscript | dynamo")
+    x.add_argument("--runs", type=int, default=50, help="timed runs at batch 1 for the CPU latency table (0: no timing)")
     return p
 
 
@@ -104,7 +124,8 @@ def _cmd_run(args) -> int:
     metric = cfg.metrics[0]
     print(f"best trial: run {out.best_run_id}  {metric}={b['value']:.4f} at epoch {b['epoch']}")
     _print_best(out.tracking_uri, out.experiment, metric, cfg.modes[0], 3)
-    print(f"\nopen the MLflow UI:  mlflow ui --backend-store-uri {out.tracking_uri} --host 127.0.0.1")
+    uri_arg = "" if cfg.tracking.uri is None else f" --tracking-uri {out.tracking_uri}"
+    print(f"\nreport:  e2e-search report {out.experiment}{uri_arg}\nMLflow UI:  e2e-search ui{uri_arg}")
     return 0
 
 
@@ -121,16 +142,51 @@ def _print_best(uri: str, experiment: str, metric: str | None, mode: str | None,
               f"{m[f'best_{metric}']:>12.5g}  {int(m.get('best_epoch', 0)):>5}  {params}")
 
 
-def _cmd_best(args) -> int:
+def _store(arg: str | None) -> str:
+    """The MLflow tracking URI of --tracking-uri (default: the work directory's SQLite store), which must exist."""
     from .search import DEFAULT_WORKDIR
     from .tracking import tracking_uri
 
-    if args.top <= 0:
-        raise UserError(f"--top must be > 0 (got {args.top})", key="--top")
-    uri = tracking_uri(args.tracking_uri, DEFAULT_WORKDIR)
+    uri = tracking_uri(arg, DEFAULT_WORKDIR)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise UserError(f"no MLflow store at {uri}; run a search first or give --tracking-uri", key="--tracking-uri")
-    _print_best(uri, args.experiment, args.metric, args.mode, args.top)
+    return uri
+
+
+def _cmd_best(args) -> int:
+    if args.top <= 0:
+        raise UserError(f"--top must be > 0 (got {args.top})", key="--top")
+    _print_best(_store(args.tracking_uri), args.experiment, args.metric, args.mode, args.top)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import write_report
+    from .search import DEFAULT_WORKDIR
+
+    out = Path(args.out) if args.out else DEFAULT_WORKDIR / "reports" / f"{args.experiment}.html"
+    write_report(_store(args.tracking_uri), args.experiment, out, args.search)
+    print(f"wrote {out} (also logged to the search run as report.html)")
+    return 0
+
+
+def _cmd_ui(args) -> int:
+    uri = _store(args.tracking_uri)
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be 1..65535 (got {args.port})", key="--port")
+    print(f"MLflow UI on http://{args.host}:{args.port} over {uri} (Ctrl-C stops it)", flush=True)
+    # One process, no gunicorn workers: starts in seconds.
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host,
+           "--port", str(args.port), "--workers", "1"]
+    os.execv(sys.executable, cmd)
+
+
+def _cmd_export(args) -> int:
+    from .export import export, summary
+
+    r = export(args.source, args.out, args.format, tracking_uri=args.tracking_uri, opset=args.opset,
+               exporter=args.exporter, runs=args.runs)
+    print(summary(r))
     return 0
 
 
@@ -154,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     try:
-        return {"run": _cmd_run, "validate": _cmd_validate, "best": _cmd_best, "data": _cmd_data}[args.cmd](args)
+        return {"run": _cmd_run, "validate": _cmd_validate, "best": _cmd_best, "report": _cmd_report,
+                "ui": _cmd_ui, "export": _cmd_export, "data": _cmd_data}[args.cmd](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

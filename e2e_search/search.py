@@ -253,6 +253,15 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False) -> Ou
                 client.log_metric(parent, f"best_{k}", v, step=rec["epoch"])
             client.set_tag(parent, "e2e.best_run_id", best_rid or "")
             client.set_tag(parent, "e2e.best_trial_id", tid)
+        if status == "FINISHED":
+            from .tracking import register_champions
+
+            finished = [(trials_cb.runs[tid], rec["metrics"]) for tid, rec in trials_cb.best.items()
+                        if trials_cb.status.get(tid) == "FINISHED" and tid in trials_cb.runs]
+            for name, rid in register_champions(client, cfg.tracking.experiment, cfg.task.type, finished,
+                                                search=run_name, metric=metric, mode=mode).items():
+                print(f"registered model '{name}' (alias champion) from run {rid}", flush=True)
+                client.set_tag(parent, f"e2e.champion.{name}", rid)
         n_failed = sum(1 for s in trials_cb.status.values() if s == "FAILED")
         client.set_tag(parent, "e2e.trials_failed", str(n_failed))
         client.set_terminated(parent, status=status)

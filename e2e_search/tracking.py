@@ -10,7 +10,12 @@ Every trial run carries:
   params        the trial's sampled and fixed parameters
   metrics       per epoch (step = epoch), ``best_<m>`` at the best epoch and ``final_<m>``
   tags          e2e.kind=trial, e2e.trial_id, e2e.family, e2e.status, e2e.error
-  artifacts     best_checkpoint/checkpoint.pt
+  artifacts     best_checkpoint/ (checkpoint.pt, predictions.npz), plots/*.png at the best epoch
+                (e2e_search/plots.py), config.yaml (family and parameters of the trial)
+
+At the end of a search the best finished trial is registered as an MLflow model
+(``<experiment>-classifier`` or ``-regressor``; a joint task gets both) with alias
+``champion`` (see :func:`register_champions`).
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ class MlflowTrials(Callback):
         self.best: dict[str, dict[str, Any]] = {}  # trial_id -> {"value", "epoch", "metrics", "checkpoint"}
         self.last: dict[str, dict[str, Any]] = {}
         self.status: dict[str, str] = {}
+        self.history: dict[str, dict[str, list[tuple[int, float]]]] = {}  # for the learning curves
 
     # ------------------------------------------------------------------ helpers
     def _run_for(self, trial) -> str:
@@ -92,6 +98,7 @@ class MlflowTrials(Callback):
         rid = run.info.run_id
         params = public_params(trial.config)
         self.client.log_batch(rid, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
+        self.client.log_dict(rid, {"family": params.get("family", self.family), "params": params}, "config.yaml")
         self.runs[tid] = rid
         return rid
 
@@ -119,18 +126,28 @@ class MlflowTrials(Callback):
         self.client.log_batch(rid, metrics=metrics, tags=tags)
         ckpt = (best or {}).get("checkpoint") or last.get("checkpoint_path")
         if ckpt:
-            self._upload_checkpoint(rid, ckpt)
+            self._upload_checkpoint(rid, ckpt, self.history.get(tid))
         self.client.set_terminated(rid, status="FINISHED" if status == "FINISHED" else "FAILED")
         self.status[tid] = status
 
-    def _upload_checkpoint(self, run_id: str, path: str) -> None:
+    def _upload_checkpoint(self, run_id: str, path: str, history: dict | None = None) -> None:
+        import tempfile
+
         from ray.train import Checkpoint
+
+        from .plots import PREDICTIONS_FILE, learning_curves, prediction_plots
 
         try:
             with Checkpoint(path).as_directory() as d:
                 self.client.log_artifacts(run_id, d, artifact_path="best_checkpoint")
-            self.client.set_tag(run_id, "e2e.checkpoint", path)
-        except Exception as e:  # a missing checkpoint must not take the search down
+                self.client.set_tag(run_id, "e2e.checkpoint", path)
+                with tempfile.TemporaryDirectory() as tmp:
+                    if history:
+                        learning_curves(history, self.metric, Path(tmp) / "learning_curves.png")
+                    if (Path(d) / PREDICTIONS_FILE).is_file():
+                        prediction_plots(Path(d) / PREDICTIONS_FILE, Path(tmp))
+                    self.client.log_artifacts(run_id, tmp, artifact_path="plots")
+        except Exception as e:  # a missing checkpoint or a failed plot must not take the search down
             self.client.set_tag(run_id, "e2e.checkpoint_error", f"{type(e).__name__}: {e}"[:5000])
 
     @staticmethod
@@ -151,6 +168,10 @@ class MlflowTrials(Callback):
             numeric = {k: v for k, v in numeric.items() if not math.isnan(v)}
         self.client.log_batch(rid, metrics=[Metric(k, v, now, epoch) for k, v in numeric.items()])
         self.last[trial.trial_id] = dict(result)
+        hist = self.history.setdefault(trial.trial_id, {})
+        for k in ("train_loss", "val_loss", "pretrain_loss", "val_pretrain_loss", self.metric):
+            if k in numeric:
+                hist.setdefault(k, []).append((epoch, numeric[k]))
         value = result.get(self.metric)
         cur = self.best.get(trial.trial_id)
         if isinstance(value, (int, float)) and is_better(float(value), cur and cur["value"], self.mode):
@@ -173,6 +194,38 @@ class MlflowTrials(Callback):
             if winner is None or is_better(rec["value"], winner[1]["value"], self.mode):
                 winner = (tid, rec)
         return winner
+
+
+def register_champions(client: MlflowClient, experiment: str, task: str, candidates: list[tuple[str, dict]],
+                       *, search: str, metric: str, mode: str) -> dict[str, str]:
+    """Register the best finished trial as ``<experiment>-classifier`` / ``-regressor`` with alias ``champion``.
+
+    ``candidates``: (run id, that run's best metrics) of the finished trials. The classifier is ranked
+    by the search metric; a joint task's regressor by ``val_mae``. Returns {model name: run id}.
+    """
+    kinds = {"classification": [("classifier", metric, mode)], "regression": [("regressor", metric, mode)],
+             "joint": [("classifier", metric, mode), ("regressor", "val_mae", "min")]}[task]
+    out = {}
+    for kind, key, order in kinds:
+        scored = [(m[key], rid) for rid, m in candidates if isinstance(m.get(key), float) and math.isfinite(m[key])]
+        if not scored:
+            continue
+        value, rid = (max if order == "max" else min)(scored)
+        name = f"{experiment}-{kind}"
+        try:
+            client.get_registered_model(name)
+        except Exception:
+            client.create_registered_model(name, description=f"best {kind} of e2e-search experiment '{experiment}'")
+        run = client.get_run(rid)
+        version = client.create_model_version(
+            name, source=f"{run.info.artifact_uri}/best_checkpoint", run_id=rid,
+            tags={"e2e.search": search, "e2e.family": run.data.tags.get("e2e.family", ""), "e2e.metric": key,
+                  "e2e.value": f"{value:.6g}"})
+        client.set_registered_model_alias(name, "champion", version.version)
+        for k, v in {"e2e.search": search, "e2e.family": run.data.tags.get("e2e.family", ""), "e2e.metric": key}.items():
+            client.set_model_version_tag(name, version.version, k, v)
+        out[name] = rid
+    return out
 
 
 def trial_error(trial) -> str:

@@ -48,7 +48,10 @@ def test_two_trials_two_workers_recorded_in_mlflow(tmp_path, monkeypatch, capsys
             assert key in run.data.metrics, key
         assert run.data.metrics["best_val_auc"] == max(m.value for m in history)
         files = [a.path for a in client.list_artifacts(rid, "best_checkpoint")]
-        assert files == ["best_checkpoint/checkpoint.pt"]
+        assert files == ["best_checkpoint/checkpoint.pt", "best_checkpoint/predictions.npz"]
+        plots = {a.path for a in client.list_artifacts(rid, "plots")}
+        assert plots == {"plots/learning_curves.png", "plots/roc.png", "plots/scores.png"}
+        assert "config.yaml" in {a.path for a in client.list_artifacts(rid)}
         local = client.download_artifacts(rid, "best_checkpoint/checkpoint.pt", str(tmp_path / rid))
         state = torch.load(local, weights_only=True)
         assert state["epoch"] == int(run.data.metrics["best_epoch"])
@@ -56,6 +59,8 @@ def test_two_trials_two_workers_recorded_in_mlflow(tmp_path, monkeypatch, capsys
 
     # `best` reads MLflow only and names the trial with the highest best_val_auc.
     expected = max(children, key=lambda r: r.data.metrics["best_val_auc"]).info.run_id
+    champion = client.get_model_version_by_alias("ddp-classifier", "champion")
+    assert champion.run_id == expected and champion.tags["e2e.family"] == "vit"
     assert main(["best", "ddp", "--tracking-uri", uri, "--top", "2"]) == 0
     out = capsys.readouterr().out
     rows = [ln for ln in out.splitlines() if re.match(r"\s+\d+\s+[0-9a-f]{32}", ln)]
@@ -93,6 +98,14 @@ def test_same_search_runs_on_other_formats_through_set(tmp_path, monkeypatch, ca
     regression = "task.type=regression" in fmt["sets"]
     for key in (["val_mae", "val_resolution", "best_val_mae"] if regression else ["val_auc", "val_acc"]):
         assert key in children[0].data.metrics, key
+    client = MlflowClient(tracking_uri=cfg["tracking"]["uri"])
+    plots = {a.path for a in client.list_artifacts(children[0].info.run_id, "plots")}
+    assert ({"plots/mass_pred_vs_true.png", "plots/mass_response.png"} if regression
+            else {"plots/roc.png", "plots/scores.png"}) <= plots
+    if regression:
+        assert any(k.startswith("val_bin/") and k.endswith("/resolution") for k in children[0].data.metrics)
+    kind = "regressor" if regression else "classifier"
+    assert client.get_model_version_by_alias(f"fmt-{kind}", "champion").run_id == children[0].info.run_id
     assert "search_space.yaml" in [a.path for a in MlflowClient(cfg["tracking"]["uri"]).list_artifacts(parents[0].info.run_id)]
 
 

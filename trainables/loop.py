@@ -30,6 +30,7 @@ from e2e_search.objects import ObjectDataset
 from trainables.batches import DeviceBatches
 from e2e_search.metrics import task_metrics
 from e2e_search.params import split_params, trial_family
+from e2e_search.plots import PREDICTIONS_FILE, save_predictions
 from e2e_search.registry import get_family
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -264,6 +265,10 @@ def worker_loop(config: dict[str, Any]) -> None:
                             "scheduler": sched.state_dict(), "epoch": epoch,
                             "family": family, "params": params, "data": model_data,
                             "metrics": metrics}, os.path.join(tmp, CHECKPOINT_FILE))
+                if not pretraining:  # for the trial's plots (e2e_search/plots.py)
+                    save_predictions(os.path.join(tmp, PREDICTIONS_FILE), out_all, y_all, task=data.task,
+                                     num_classes=data.num_classes, target_mean=data.target_mean,
+                                     target_std=data.target_std)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"epoch_{epoch:04d}")
         else:

@@ -1,0 +1,109 @@
+"""A 3-trial search read back through a real MLflow server (``e2e-search ui``) and its REST API;
+the HTML report of the same search."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from e2e_search.cli import main
+from tests.conftest import base_config, write_e2e, write_yaml
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(base: str, path: str, **query) -> dict:
+    url = f"{base}{path}?{urllib.parse.urlencode(query)}" if query else f"{base}{path}"
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _post(base: str, path: str, body: dict) -> dict:
+    req = urllib.request.Request(f"{base}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, ray_local):
+    tmp = tmp_path_factory.mktemp("served")
+    data = write_e2e(tmp / "jets.h5", n=48)
+    cfg = base_config(tmp, data, name="served", search={"num_samples": 3, "seed": 1})
+    yml = write_yaml(tmp / "s.yaml", cfg)
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        assert main(["run", str(yml)]) == 0
+    finally:
+        os.chdir(cwd)
+    return tmp, cfg["tracking"]["uri"]
+
+
+def test_search_through_the_mlflow_rest_api(searched):
+    tmp, uri = searched
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "e2e_search.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.time()
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, server.stdout.read()
+            assert time.time() - t0 < 120, "MLflow server did not come up"
+            time.sleep(0.5)
+        started = time.time() - t0
+        exp = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="served")["experiment"]
+        runs = _post(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+        tags = lambda r: {t["key"]: t["value"] for t in r["data"].get("tags", [])}  # noqa: E731
+        parents = [r for r in runs if tags(r).get("e2e.kind") == "search"]
+        children = [r for r in runs if tags(r).get("e2e.kind") == "trial"]
+        assert len(parents) == 1 and len(children) == 3
+        for c in children:
+            assert tags(c)["mlflow.parentRunId"] == parents[0]["info"]["run_id"]
+            metrics = {m["key"] for m in c["data"]["metrics"]}
+            assert {"val_auc", "best_val_auc", "val_rej50", "train_loss"} <= metrics
+            files = _get(base, "/api/2.0/mlflow/artifacts/list", run_id=c["info"]["run_id"], path="plots")["files"]
+            assert {"plots/roc.png", "plots/scores.png", "plots/learning_curves.png"} <= {f["path"] for f in files}
+        champion = _get(base, "/api/2.0/mlflow/registered-models/alias", name="served-classifier",
+                        alias="champion")["model_version"]
+        best = max(children, key=lambda r: {m["key"]: m["value"] for m in r["data"]["metrics"]}["best_val_auc"])
+        assert champion["run_id"] == best["info"]["run_id"]
+        print(f"MLflow server answered after {started:.1f}s")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_report_html(searched, capsys):
+    tmp, uri = searched
+    out = tmp / "report" / "served.html"
+    assert main(["report", "served", "--tracking-uri", uri, "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.count("<tr") == 1 + 3  # header + one row per trial
+    assert "FLOPs/example" in text and "data:image/png;base64," in text and "best trial per family" in text
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    parent = [r for r in client.search_runs([client.get_experiment_by_name("served").experiment_id])
+              if r.data.tags.get("e2e.kind") == "search"][0]
+    assert "report.html" in {a.path for a in client.list_artifacts(parent.info.run_id)}
