@@ -31,24 +31,23 @@ def _cost(client: MlflowClient, run_id: str) -> dict[str, float]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .export import example_inputs, load_checkpoint, model_from_checkpoint
+    from .export import load_trained, random_inputs
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = client.download_artifacts(run_id, "best_checkpoint/checkpoint.pt", tmp)
-            state = load_checkpoint(Path(path))
+            t = load_trained(Path(path), run_id)
     except Exception:
         return {}
-    model = model_from_checkpoint(state)
-    with torch.no_grad():
-        one = example_inputs(state, 1)
+    with torch.inference_mode():
+        one = [torch.from_numpy(a) for a in random_inputs(t, 1)]
         with FlopCounterMode(display=False) as fc:
-            model(*one)
-        batch = example_inputs(state, 64)
-        model(*batch)
+            t.model(*one)
+        batch = [torch.from_numpy(a) for a in random_inputs(t, 64)]
+        t.model(*batch)
         t0, n = time.perf_counter(), 0
         while time.perf_counter() - t0 < 0.5 or n < 2:
-            model(*batch)
+            t.model(*batch)
             n += 1
         rate = 64 * n / (time.perf_counter() - t0)
     return {"flops": float(fc.get_total_flops()), "throughput": rate}
@@ -195,7 +194,7 @@ ranked by <b>{html.escape(metric)}</b> ({mode}) at each trial's best epoch. {htm
 {''.join(body)}</table>
 <p>★ on the Pareto front. Red rows: trials that failed (hover for the error).</p>
 {figs}
-<p><small>generated {time.strftime('%Y-%m-%d %H:%M:%S')} by e2e-search from {html.escape(str(os.environ.get('USER', '')))}'s MLflow store</small></p>
+<p><small>generated {time.strftime('%Y-%m-%d %H:%M:%S')} by e2e-search report</small></p>
 </body></html>
 """
 

@@ -210,7 +210,8 @@ def register_champions(client: MlflowClient, experiment: str, task: str, candida
         scored = [(m[key], rid) for rid, m in candidates if isinstance(m.get(key), float) and math.isfinite(m[key])]
         if not scored:
             continue
-        value, rid = (max if order == "max" else min)(scored)
+        # The first of equal values: the same trial the search names best (MlflowTrials.best_trial).
+        value, rid = (max if order == "max" else min)(scored, key=lambda vr: vr[0])
         name = f"{experiment}-{kind}"
         try:
             client.get_registered_model(name)

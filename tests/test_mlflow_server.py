@@ -23,14 +23,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get(base: str, path: str, **query) -> dict:
-    url = f"{base}{path}?{urllib.parse.urlencode(query)}" if query else f"{base}{path}"
+def _get(base: str, route: str, **query) -> dict:
+    url = f"{base}{route}?{urllib.parse.urlencode(query)}" if query else f"{base}{route}"
     with urllib.request.urlopen(url, timeout=30) as r:
         return json.loads(r.read())
 
 
-def _post(base: str, path: str, body: dict) -> dict:
-    req = urllib.request.Request(f"{base}{path}", data=json.dumps(body).encode(),
+def _post(base: str, route: str, body: dict) -> dict:
+    req = urllib.request.Request(f"{base}{route}", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
@@ -40,7 +40,8 @@ def _post(base: str, path: str, body: dict) -> dict:
 def searched(tmp_path_factory, ray_local):
     tmp = tmp_path_factory.mktemp("served")
     data = write_e2e(tmp / "jets.h5", n=48)
-    cfg = base_config(tmp, data, name="served", search={"num_samples": 3, "seed": 1})
+    cfg = base_config(tmp, data, name="served", search={"num_samples": 3, "seed": 1},
+                      scheduler={"type": "none", "max_epochs": 1})
     yml = write_yaml(tmp / "s.yaml", cfg)
     import os
 
@@ -86,8 +87,10 @@ def test_search_through_the_mlflow_rest_api(searched):
             assert {"plots/roc.png", "plots/scores.png", "plots/learning_curves.png"} <= {f["path"] for f in files}
         champion = _get(base, "/api/2.0/mlflow/registered-models/alias", name="served-classifier",
                         alias="champion")["model_version"]
-        best = max(children, key=lambda r: {m["key"]: m["value"] for m in r["data"]["metrics"]}["best_val_auc"])
-        assert champion["run_id"] == best["info"]["run_id"]
+        assert champion["run_id"] == tags(parents[0])["e2e.best_run_id"]  # the trial the search names best
+        best_auc = lambda r: {m["key"]: m["value"] for m in r["data"]["metrics"]}["best_val_auc"]  # noqa: E731
+        champ = next(c for c in children if c["info"]["run_id"] == champion["run_id"])
+        assert best_auc(champ) == max(best_auc(c) for c in children)
         print(f"MLflow server answered after {started:.1f}s")
     finally:
         server.terminate()
@@ -100,7 +103,14 @@ def test_report_html(searched, capsys):
     assert main(["report", "served", "--tracking-uri", uri, "--out", str(out)]) == 0
     text = out.read_text()
     assert text.count("<tr") == 1 + 3  # header + one row per trial
-    assert "FLOPs/example" in text and "data:image/png;base64," in text and "best trial per family" in text
+    assert "FLOPs/example" in text and "data:image/png;base64," in text and "Best per family" in text
+    import re
+
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", text)[1:]
+    cells = [re.findall(r"<td>(.*?)</td>", r) for r in rows]
+    assert all(c[1] == "vit" and c[3] == "FINISHED" for c in cells)
+    flops = [c[-4] for c in cells]  # FLOPs/example, then throughput, epochs, run
+    assert all(f not in ("", "–") for f in flops), flops
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)

@@ -60,7 +60,9 @@ def test_two_trials_two_workers_recorded_in_mlflow(tmp_path, monkeypatch, capsys
     # `best` reads MLflow only and names the trial with the highest best_val_auc.
     expected = max(children, key=lambda r: r.data.metrics["best_val_auc"]).info.run_id
     champion = client.get_model_version_by_alias("ddp-classifier", "champion")
-    assert champion.run_id == expected and champion.tags["e2e.family"] == "vit"
+    assert champion.run_id == parent.data.tags["e2e.best_run_id"] and champion.tags["e2e.family"] == "vit"
+    assert client.get_run(champion.run_id).data.metrics["best_val_auc"] == max(
+        r.data.metrics["best_val_auc"] for r in children)
     assert main(["best", "ddp", "--tracking-uri", uri, "--top", "2"]) == 0
     out = capsys.readouterr().out
     rows = [ln for ln in out.splitlines() if re.match(r"\s+\d+\s+[0-9a-f]{32}", ln)]
