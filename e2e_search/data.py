@@ -82,7 +82,8 @@ class DataSetup:
                 "joint": f"{self.num_classes} classes + target '{self.target_key}'"}[self.task]
         return (
             f"{self.path}: {len(self.train)}/{len(self.val)}/{len(self.test)} train/val/test, "
-            f"{self.in_chans}x{self.img_size[0]}x{self.img_size[1]} images, {kind}"
+            + (f"events of {self.img_size[0]} objects x {self.img_size[1]} features, {kind}" if self.kind == "objects"
+               else f"{self.in_chans}x{self.img_size[0]}x{self.img_size[1]} images, {kind}")
             + (f", preprocessing: {self.preprocessing()}" if self.preprocessing() else "")
         )
 

@@ -224,3 +224,12 @@ def test_joint_task_reads_label_and_target(tmp_path):
         label, mass = f["y"][setup.train[1]], f["m0"][setup.train[1]]
     assert y[0] == label and y[1].item() == pytest.approx((mass - setup.target_mean) / setup.target_std, rel=1e-5)
     assert cfg.search.metric == "val_auc"
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    from e2e_search.report import pareto_front
+
+    # (val_auc max, val_loss min): (0.9, 0.3) is beaten by (0.95, 0.2); (0.97, 0.25) and (0.95, 0.2) trade off.
+    pts = [(0.9, 0.3), (0.95, 0.2), (0.97, 0.25), (0.8, 0.5)]
+    assert pareto_front(pts, ("max", "min")) == [1, 2]
+    assert pareto_front(pts, ("max", "max")) == [0, 2, 3]  # both up: (0.95, 0.2) is beaten by (0.97, 0.25)
