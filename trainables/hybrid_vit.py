@@ -15,17 +15,15 @@ import math
 from functools import partial
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from timm.layers import HybridEmbed
 from torch import nn
 
 from e2e_search.registry import register_family
-from trainables.vit import FitToPatches, timm_vit
+from trainables.vit import FitToPatches, TimmVitParams, timm_vit
 
 
-class HybridVitParams(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class HybridVitParams(TimmVitParams):
     stem_channels: int = Field(default=32, ge=4)
     """Width of every stem convolution."""
     stem_layers: int = Field(default=2, ge=1, le=6)
@@ -34,14 +32,6 @@ class HybridVitParams(BaseModel):
     """Total downsampling of the stem (its first log2(stem_stride) layers have stride 2)."""
     patch_size: int = Field(default=2, ge=1)
     """Patch side on the stem's feature map (image pixels per token side: stem_stride * patch_size)."""
-    depth: int = Field(default=4, ge=1)
-    embed_dim: int = Field(default=64, ge=8)
-    """Rounded up to a multiple of num_heads."""
-    num_heads: int = Field(default=4, ge=1)
-    mlp_ratio: float = Field(default=4.0, gt=0)
-    drop_path: float = Field(default=0.0, ge=0, lt=1)
-    pool: Literal["token", "avg", "map"] = "token"
-    """Output head: class token, mean over patches, or attention pooling."""
 
 
 def conv_stem(in_chans: int, width: int, layers: int, stride: int) -> nn.Sequential:

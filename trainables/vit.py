@@ -35,10 +35,11 @@ from torch import nn
 from e2e_search.registry import register_family
 
 
-class VitParams(BaseModel):
+class TimmVitParams(BaseModel):
+    """What timm's VisionTransformer takes from every ViT-like family (see :func:`timm_vit`)."""
+
     model_config = ConfigDict(extra="ignore")
 
-    patch_size: int = Field(default=5, ge=1)
     depth: int = Field(default=4, ge=1)
     embed_dim: int = Field(default=64, ge=8)
     """Rounded up to a multiple of num_heads (attention splits it evenly across heads)."""
@@ -47,6 +48,10 @@ class VitParams(BaseModel):
     drop_path: float = Field(default=0.0, ge=0, lt=1)
     pool: Literal["token", "avg", "map"] = "token"
     """Output head: class token, mean over patches, or attention pooling."""
+
+
+class VitParams(TimmVitParams):
+    patch_size: int = Field(default=5, ge=1)
     patch_fit: Literal["pad", "crop"] = "pad"
     attention: Literal["softmax", "linear", "window"] = "softmax"
     """Token mixer: fused softmax attention, kernelized linear attention (O(N)), or local window attention."""
