@@ -61,16 +61,21 @@ class DataSetup:
     target_key: str | None = None
     """Joint task: the regression target's key (label_key then holds the class label)."""
 
-    def preprocessing(self) -> str:
+    def transform_steps(self) -> list[str]:
+        """The deterministic per-image transforms, in order (e2e_search/transforms.py), before normalization."""
         steps = []
         if self.zero_suppress > 0:
-            steps.append(f"zero_suppress {self.zero_suppress:g}")
+            steps.append(f"zero_suppress |x| < {self.zero_suppress:g}")
         if self.clip is not None:
             steps.append(f"clip [{self.clip[0]:g}, {self.clip[1]:g}]")
         if self.log1p:
-            steps.append("log1p")
+            steps.append("log1p (negatives to 0 first)")
         if self.resize and self.src_size and tuple(self.src_size) != tuple(self.img_size):
             steps.append(f"{self.resize_mode} {self.src_size[0]}x{self.src_size[1]}->{self.img_size[0]}x{self.img_size[1]}")
+        return steps
+
+    def preprocessing(self) -> str:
+        steps = self.transform_steps()
         if self.flip_augment:
             steps.append("training flips")
         if self.cache != "none":

@@ -310,15 +310,7 @@ def output_layout(s) -> str:
 
 def inference_steps(s) -> list[str]:
     """The deterministic transforms a raw image needs before the model, in order (no training flips)."""
-    steps = []
-    if s.zero_suppress > 0:
-        steps.append(f"zero_suppress |x| < {s.zero_suppress:g}")
-    if s.clip is not None:
-        steps.append(f"clip [{s.clip[0]:g}, {s.clip[1]:g}]")
-    if s.log1p:
-        steps.append("log1p (negatives to 0 first)")
-    if s.resize and s.src_size and tuple(s.src_size) != tuple(s.img_size):
-        steps.append(f"{s.resize_mode} {s.src_size[0]}x{s.src_size[1]} -> {s.img_size[0]}x{s.img_size[1]}")
+    steps = s.transform_steps()
     if s.mean is not None and s.std is not None:
         steps.append("(x - e2e.mean[c]) / e2e.std[c] per " + ("feature" if s.kind == "objects" else "channel"))
     return steps

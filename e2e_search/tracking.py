@@ -223,8 +223,6 @@ def register_champions(client: MlflowClient, experiment: str, task: str, candida
             tags={"e2e.search": search, "e2e.family": run.data.tags.get("e2e.family", ""), "e2e.metric": key,
                   "e2e.value": f"{value:.6g}"})
         client.set_registered_model_alias(name, "champion", version.version)
-        for k, v in {"e2e.search": search, "e2e.family": run.data.tags.get("e2e.family", ""), "e2e.metric": key}.items():
-            client.set_model_version_tag(name, version.version, k, v)
         out[name] = rid
     return out
 
