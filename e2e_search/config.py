@@ -25,7 +25,8 @@ from .errors import UserError, did_you_mean
 
 # Metrics a trial reports; the mode of each is known so users rarely need `search.mode`.
 MAXIMIZED = {"val_auc", "val_acc", "val_rej30", "val_rej50", "val_rej70"}
-MINIMIZED = {"val_loss", "train_loss", "val_mae", "val_resolution", "val_abs_bias"}
+MINIMIZED = {"val_loss", "train_loss", "val_mae", "val_resolution", "val_abs_bias",
+             "num_params", "latency_ms"}  # the last two: costs for multi-objective (nsga2) searches
 DEFAULT_WORKDIR = Path("e2e_runs")
 
 

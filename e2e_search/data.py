@@ -436,6 +436,11 @@ class H5ImageDataset:
         label = torch.as_tensor(self._labels[i])
         return torch.from_numpy(np.array(x, dtype=np.float32)), label  # a copy: the cache stays intact
 
+    @property
+    def labels(self) -> np.ndarray:
+        """Encoded labels of the split, in order (see ``encode_labels``)."""
+        return self._labels
+
     def tensors(self):
         """The cached split as tensors: images (n, C, H, W) float32 and labels (targets standardized)."""
         import torch

@@ -4,10 +4,12 @@
 * classification: ``roc.png`` (background rejection vs signal efficiency, class 1 = signal) and
   ``scores.png`` (signal-probability distributions per true class);
 * regression: ``mass_pred_vs_true.png`` (2-D histogram), ``mass_response.png`` (mean response
-  pred/true and resolution (std of (pred - true)/true) per bin of the true value).
+  pred/true and resolution (std of (pred - true)/true) per bin of the true value);
+* transformer families: ``attention_rollout.png``, a few validation images (summed over
+  channels) and the attention rollout over them (``trainables/rollout.py``).
 
-Inputs are ``predictions.npz`` files the worker loop saves beside each checkpoint
-(validation outputs and encoded labels, see ``data.encode_labels``).
+Inputs are the ``predictions.npz`` (validation outputs and encoded labels, see
+``data.encode_labels``) and ``attention.npz`` files the worker loop saves beside each checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 from .metrics import softmax
 
 PREDICTIONS_FILE = "predictions.npz"
+ATTENTION_FILE = "attention.npz"
 
 
 def _plt():
@@ -114,3 +117,24 @@ def prediction_plots(pred_file: Path, folder: Path) -> list[Path]:
         return _regression(scale(out.reshape(len(out), -1)[:, 0]), scale(y.reshape(-1)), folder)
     return _classification(out[:, :k], y[:, 0].astype(np.int64), folder) + _regression(
         scale(out[:, k]), scale(y[:, 1]), folder)
+
+
+def attention_plot(attn_file: Path, path: Path) -> Path:
+    """Top row: each image (channels summed, log scale); bottom row: its attention rollout over the image."""
+    z = np.load(attn_file)
+    images, maps, titles = z["images"], z["maps"], [str(t) for t in z["titles"]]
+    plt = _plt()
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(2.6 * n, 5.4), squeeze=False)
+    for i in range(n):
+        img = np.log1p(np.abs(images[i]).sum(0))                            # (H, W)
+        axes[0, i].imshow(img, cmap="viridis", origin="lower")
+        axes[0, i].set_title(titles[i], fontsize=9)
+        axes[1, i].imshow(img, cmap="gray_r", origin="lower")
+        axes[1, i].imshow(maps[i], cmap="inferno", alpha=0.6, origin="lower", vmin=0, vmax=1)
+        for ax in axes[:, i]:
+            ax.set_xticks([]), ax.set_yticks([])
+    axes[0, 0].set_ylabel("image (log, channels summed)", fontsize=8)
+    axes[1, 0].set_ylabel("attention rollout", fontsize=8)
+    fig.tight_layout(), fig.savefig(path, dpi=90), plt.close(fig)
+    return path

@@ -34,7 +34,7 @@ class Family:
 
 
 _FAMILIES: dict[str, Family] = {}
-NOT_FAMILIES = {"loop", "batches"}  # modules of trainables/ that hold training functions, not families
+NOT_FAMILIES = {"loop", "batches", "rollout"}  # modules of trainables/ that hold training functions, not families
 _LOADED = False
 
 

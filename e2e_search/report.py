@@ -26,6 +26,10 @@ from .errors import UserError
 PHYSICS = ["val_auc", "val_rej30", "val_rej50", "val_rej70", "val_acc", "val_mae", "val_bias", "val_resolution"]
 
 
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _cost(client: MlflowClient, run_id: str) -> dict[str, float]:
     """FLOPs per example and CPU examples/s (batch 64) of a trial's best checkpoint; {} when it has none."""
     import torch
@@ -83,7 +87,7 @@ def _plots(rows: list[dict], metric: str, metrics: list[str], modes: list[str]) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [r for r in rows if isinstance(r.get(metric), float) and math.isfinite(r[metric])]
+    done = [r for r in rows if _finite(r.get(metric))]
     out = []
     if not done:
         return out
@@ -106,7 +110,7 @@ def _plots(rows: list[dict], metric: str, metrics: list[str], modes: list[str]) 
     out.append((f"{metric} vs parameters", _png(fig)))
     if len(metrics) >= 2:
         m2 = metrics[1]
-        pts = [r for r in done if isinstance(r.get(m2), float) and math.isfinite(r[m2])]
+        pts = [r for r in done if _finite(r.get(m2))]
         if pts:
             front = pareto_front([(r[metric], r[m2]) for r in pts], (modes[0], modes[1]))
             fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -114,6 +118,9 @@ def _plots(rows: list[dict], metric: str, metrics: list[str], modes: list[str]) 
             fr = sorted((pts[i] for i in front), key=lambda r: r[metric])
             ax.plot([r[metric] for r in fr], [r[m2] for r in fr], "o-", color="C3", label="Pareto front")
             ax.set_xlabel(metric), ax.set_ylabel(m2), ax.legend()
+            if m2 in ("num_params", "latency_ms", "flops"):
+                ax.set_yscale("log")
+            ax.set_title(f"{len(front)} of {len(pts)} trials on the Pareto front")
             fig.tight_layout()
             out.append(("Pareto front", _png(fig)))
             for i in front:
@@ -155,9 +162,11 @@ def build_report(uri: str, experiment: str, search_run: str | None = None, *, co
                "family": t.data.tags.get("e2e.family", "?"), "status": t.data.tags.get("e2e.status", "?"),
                "epochs": int(m.get("epochs_run", 0)), "num_params": int(m.get("num_params", 0)) or None,
                "error": t.data.tags.get("e2e.error", "")}
-        for k in set(PHYSICS) | set(metrics):
+        for k in set(PHYSICS) | set(metrics) | {"latency_ms"}:
             if f"best_{k}" in m:
                 row[k] = float(m[f"best_{k}"])
+            elif k in metrics and k in m and k not in row:  # a per-trial constant as an objective
+                row[k] = m[k]
         if costs and row["status"] == "FINISHED":
             row.update(_cost(client, t.info.run_id))
         rows.append(row)
@@ -179,9 +188,9 @@ def _fmt(v: Any) -> str:
 
 def _html(experiment: str, parent, rows: list[dict], metric: str, mode: str, plots) -> str:
     cols = ["family", "trial", "status", metric] + [k for k in PHYSICS if k != metric and any(k in r for r in rows)]
-    cols += ["num_params", "flops", "throughput", "epochs"]
+    cols += [c for c in ["num_params", "latency_ms", "flops", "throughput", "epochs"] if c not in cols]
     heads = {"num_params": "parameters", "flops": "FLOPs/example", "throughput": "CPU examples/s (batch 64)",
-             "epochs": "epochs used"}
+             "latency_ms": "latency ms (batch 1, trial's device)", "epochs": "epochs used"}
     body = []
     for i, r in enumerate(rows, 1):
         style = ' style="background:#fde"' if r["status"] != "FINISHED" else (' style="background:#efe"' if i == 1 else "")

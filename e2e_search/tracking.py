@@ -10,7 +10,7 @@ Every trial run carries:
   params        the trial's sampled and fixed parameters
   metrics       per epoch (step = epoch), ``best_<m>`` at the best epoch and ``final_<m>``
   tags          e2e.kind=trial, e2e.trial_id, e2e.family, e2e.status, e2e.error
-  artifacts     best_checkpoint/ (checkpoint.pt, predictions.npz), plots/*.png at the best epoch
+  artifacts     best_checkpoint/ (checkpoint.pt, predictions.npz, attention.npz), plots/*.png at the best epoch
                 (e2e_search/plots.py), config.yaml (family and parameters of the trial)
 
 At the end of a search the best finished trial is registered as an MLflow model
@@ -135,7 +135,7 @@ class MlflowTrials(Callback):
 
         from ray.train import Checkpoint
 
-        from .plots import PREDICTIONS_FILE, learning_curves, prediction_plots
+        from .plots import ATTENTION_FILE, PREDICTIONS_FILE, attention_plot, learning_curves, prediction_plots
 
         try:
             with Checkpoint(path).as_directory() as d:
@@ -146,6 +146,8 @@ class MlflowTrials(Callback):
                         learning_curves(history, self.metric, Path(tmp) / "learning_curves.png")
                     if (Path(d) / PREDICTIONS_FILE).is_file():
                         prediction_plots(Path(d) / PREDICTIONS_FILE, Path(tmp))
+                    if (Path(d) / ATTENTION_FILE).is_file():
+                        attention_plot(Path(d) / ATTENTION_FILE, Path(tmp) / "attention_rollout.png")
                     self.client.log_artifacts(run_id, tmp, artifact_path="plots")
         except Exception as e:  # a missing checkpoint or a failed plot must not take the search down
             self.client.set_tag(run_id, "e2e.checkpoint_error", f"{type(e).__name__}: {e}"[:5000])

@@ -30,8 +30,9 @@ from e2e_search.objects import ObjectDataset
 from trainables.batches import DeviceBatches
 from e2e_search.metrics import task_metrics
 from e2e_search.params import split_params, trial_family
-from e2e_search.plots import PREDICTIONS_FILE, save_predictions
+from e2e_search.plots import ATTENTION_FILE, PREDICTIONS_FILE, save_predictions
 from e2e_search.registry import get_family
+from trainables.rollout import pick_examples, save_attention
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -77,6 +78,11 @@ def load_pretrained(model: torch.nn.Module, path: str) -> int:
 def _forward(model: torch.nn.Module, x, **kw) -> torch.Tensor:
     """Images: model(x); object lists: model(objects, mask)."""
     return model(*x, **kw) if isinstance(x, (list, tuple)) else model(x, **kw)
+
+
+def _first(x):
+    """One dataset item -> a batch of 1 (images (C, H, W), or object lists [objects, mask])."""
+    return [t[None] for t in x] if isinstance(x, (list, tuple)) else x[None]
 
 
 def _to(x, device):
@@ -131,6 +137,46 @@ def checkpoint_score(metrics: dict[str, Any], metric: str, mode: str) -> float:
     return float(v) if mode == "max" else -float(v)
 
 
+@torch.no_grad()
+def inference_latency_ms(model: torch.nn.Module, example, runs: int = 20) -> float:
+    """Median wall time (ms) of one forward pass at batch 1 on the trial's device (eval mode)."""
+    was_training = model.training
+    model.eval()
+    sync = torch.cuda.synchronize if any(p.is_cuda for p in model.parameters()) else (lambda: None)
+    times = []
+    for i in range(runs + 2):  # two warm-up passes
+        t0 = time.perf_counter()
+        _forward(model, example)
+        sync()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    model.train(was_training)
+    return 1e3 * float(np.median(times))
+
+
+def _rollout_examples(val_ds, data: DataSetup, k: int = 4) -> tuple[torch.Tensor, list[str]] | None:
+    """A few validation images (the classes in turn) for the attention-rollout plots; None for object lists."""
+    if data.kind != "images" or len(val_ds) == 0:
+        return None
+    labels = np.asarray(val_ds.labels)
+    classes = None if data.task == "regression" else (labels if labels.ndim == 1 else labels[:, 0]).astype(int)
+    idx = pick_examples(None if classes is None else list(classes[:256]), len(val_ds), k)
+    if classes is not None:
+        titles = [f"class {classes[i]}" for i in idx]
+    else:
+        titles = [f"true {float(labels[i]) * data.target_std + data.target_mean:.4g}" for i in idx]
+    return torch.stack([val_ds[i][0] for i in idx]), titles
+
+
+def _save_attention(path: str, model: torch.nn.Module, shown, device) -> None:
+    """attention.npz beside the checkpoint (transformer families); a failure here never stops training."""
+    images, titles = shown
+    try:
+        save_attention(path, model, images.to(device), titles)
+    except Exception as e:  # noqa: BLE001 - the map is a diagnostic, the trial goes on
+        print(f"[e2e-search] attention rollout skipped: {type(e).__name__}: {e}", flush=True)
+
+
 def worker_loop(config: dict[str, Any]) -> None:
     """``config``: {"family", "params", "data" (DataSetup dict), "max_epochs", "metric", "mode", "metrics",
     "cpus_per_worker", "loader_workers"}.
@@ -168,6 +214,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         val_loader = DataLoader(val_ds, batch_size=max(tp.batch_size, 128), shuffle=False, num_workers=loader_workers)
 
     model = build_model(family, params, data)
+    shown = _rollout_examples(val_ds, data) if rank == 0 else None  # images for the attention maps
     if tp.pretrained:
         load_pretrained(model, tp.pretrained)
     n_params = sum(p.numel() for p in model.parameters())
@@ -202,6 +249,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         sched.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"]) + 1
 
+    latency_ms: float | None = None
     for epoch in range(start_epoch, max_epochs + 1):
         pretraining = epoch <= pretrain_epochs
         t0 = time.time()
@@ -254,6 +302,10 @@ def worker_loop(config: dict[str, Any]) -> None:
             out_all = _gather(np.concatenate(outs) if outs else np.zeros((0, 1), np.float32))
             y_all = _gather(np.concatenate(ys) if ys else np.zeros((0,), np.float32))
             metrics.update(task_metrics(data.task, data.num_classes, out_all, y_all, data.target_mean, data.target_std))
+            if latency_ms is None:  # a cost objective for multi-objective searches; measured once per trial
+                unwrapped = model.module if hasattr(model, "module") else model
+                latency_ms = inference_latency_ms(unwrapped, _to(_first(val_ds[0][0]), device))
+            metrics["latency_ms"] = latency_ms
         if not math.isfinite(val_loss):
             raise NonFiniteLoss(f"non-finite validation loss at epoch {epoch}")
         metrics["checkpoint_score"] = checkpoint_score(metrics, metric, mode)
@@ -269,6 +321,8 @@ def worker_loop(config: dict[str, Any]) -> None:
                     save_predictions(os.path.join(tmp, PREDICTIONS_FILE), out_all, y_all, task=data.task,
                                      num_classes=data.num_classes, target_mean=data.target_mean,
                                      target_std=data.target_std)
+                    if shown is not None:
+                        _save_attention(os.path.join(tmp, ATTENTION_FILE), unwrapped, shown, device)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"epoch_{epoch:04d}")
         else:
