@@ -38,6 +38,15 @@ class TrainParams(BaseModel):
     """A checkpoint.pt (of an earlier trial, e.g. a masked-autoencoder pretraining) whose weights with
     matching names and shapes initialize the model before training."""
     seed: int = 0
+    # Speed options (docs/search_space.md, "Training speed options"); the defaults keep CPU training as it was.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 autocast on a GPU, fp32 on the CPU; bf16: autocast to bfloat16 on any device; fp32: no autocast."""
+    compile: bool = False
+    """torch.compile the model for training and validation (costs compile time at the start of each trial)."""
+    grad_accum_steps: int = Field(default=1, ge=1)
+    """Optimizer step every this many batches of ``batch_size`` (effective batch = batch_size x this x workers)."""
+    channels_last: Literal["auto"] | bool = "auto"
+    """Images and conv weights in channels-last memory format. auto: on a GPU, for convolutional networks only."""
 
 
 def search_dims(cfg: SearchSpace) -> dict[str, Any]:

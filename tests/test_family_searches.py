@@ -49,6 +49,8 @@ def test_two_trial_search(tmp_path, monkeypatch, ray_local, family):
     for r in runs:
         assert [m.step for m in client.get_metric_history(r.info.run_id, "val_auc")] == [1, 2]
         assert {"val_rej30", "val_rej50", "val_rej70"} <= set(r.data.metrics)
+        plots = {a.path for a in client.list_artifacts(r.info.run_id, "plots")}
+        assert ("plots/attention_rollout.png" in plots) == (family == "vit")  # a CNN has no attention map
 
 
 @pytest.mark.parametrize("family", ["mae", "event_transformer"])

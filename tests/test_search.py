@@ -48,9 +48,11 @@ def test_two_trials_two_workers_recorded_in_mlflow(tmp_path, monkeypatch, capsys
             assert key in run.data.metrics, key
         assert run.data.metrics["best_val_auc"] == max(m.value for m in history)
         files = [a.path for a in client.list_artifacts(rid, "best_checkpoint")]
-        assert files == ["best_checkpoint/checkpoint.pt", "best_checkpoint/predictions.npz"]
+        assert files == ["best_checkpoint/attention.npz", "best_checkpoint/checkpoint.pt",
+                         "best_checkpoint/predictions.npz"]
         plots = {a.path for a in client.list_artifacts(rid, "plots")}
-        assert plots == {"plots/learning_curves.png", "plots/roc.png", "plots/scores.png"}
+        assert plots == {"plots/learning_curves.png", "plots/roc.png", "plots/scores.png",
+                         "plots/attention_rollout.png"}
         assert "config.yaml" in {a.path for a in client.list_artifacts(rid)}
         local = client.download_artifacts(rid, "best_checkpoint/checkpoint.pt", str(tmp_path / rid))
         state = torch.load(local, weights_only=True)
@@ -184,18 +186,27 @@ def test_trial_resumes_from_its_latest_checkpoint(tmp_path, ray_local):
     assert torch.load(store / "trial_x" / "epoch_0003" / CHECKPOINT_FILE, weights_only=True)["epoch"] == 3
 
 
-def test_nsga2_over_two_metrics(tmp_path, monkeypatch, capsys, ray_local):
+def test_nsga2_over_quality_and_cost(tmp_path, monkeypatch, capsys, ray_local):
+    """nsga2 over val_auc (max) and the parameter count (min, from the YAML's mode defaults); every trial
+    also reports its batch-1 latency; the report marks and plots the Pareto front."""
     monkeypatch.chdir(tmp_path)
     data = write_e2e(tmp_path / "jets.h5", n=40)
     cfg = base_config(tmp_path, data, name="pareto",
-                      search={"algorithm": "nsga2", "num_samples": 2, "metric": ["val_auc", "val_loss"]},
+                      search={"algorithm": "nsga2", "num_samples": 3, "metric": ["val_auc", "num_params"]},
                       scheduler={"type": "asha", "max_epochs": 2, "grace_period": 1})
+    cfg["params"]["embed_dim"] = {"type": "choice", "values": [8, 16, 32]}
     yml = write_yaml(tmp_path / "s.yaml", cfg)
     assert main(["run", str(yml)]) == 0
-    _, parents, children = _runs(cfg["tracking"]["uri"], "pareto")
+    client, parents, children = _runs(cfg["tracking"]["uri"], "pareto")
     assert parents[0].data.tags["e2e.metric"] == "val_auc"
-    assert len(children) == 2 and all(r.data.tags["e2e.status"] == "FINISHED" for r in children)
-    assert all("best_val_loss" in r.data.metrics for r in children)
+    assert len(children) == 3 and all(r.data.tags["e2e.status"] == "FINISHED" for r in children)
+    for r in children:
+        assert r.data.metrics["num_params"] > 0 and r.data.metrics["best_latency_ms"] > 0
+    from e2e_search.report import build_report
+
+    text, _ = build_report(cfg["tracking"]["uri"], "pareto", costs=False)
+    assert "<figcaption>Pareto front</figcaption>" in text
+    assert text.count(" ★") >= 1 and "latency ms" in text
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ needed to rebuild the model. A restarted trial resumes from the latest one.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -87,6 +88,53 @@ def _first(x):
 
 def _to(x, device):
     return [t.to(device) for t in x] if isinstance(x, (list, tuple)) else x.to(device)
+
+
+# --- training speed options (TrainParams.precision, compile, grad_accum_steps, channels_last) ---
+
+def autocast_dtype(precision: str, device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device``: auto = bf16 on a GPU, none (fp32) on the CPU."""
+    if precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def autocast(dtype: torch.dtype | None, device):
+    """A fresh autocast context (or a no-op one for fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def is_convnet(model: torch.nn.Module) -> bool:
+    """True when ``model`` has a convolution that is more than a patch embedding (kernel != stride)."""
+    return any(isinstance(m, torch.nn.Conv2d) and tuple(m.kernel_size) != tuple(m.stride) for m in model.modules())
+
+
+def use_channels_last(setting: str | bool, model: torch.nn.Module, device) -> bool:
+    """channels_last: auto = on a GPU for convolutional networks (cuDNN's NHWC kernels); ViTs gain nothing."""
+    if setting == "auto":
+        return torch.device(device).type == "cuda" and is_convnet(model)
+    return bool(setting)
+
+
+def _channels_last(x, on: bool):
+    """Image batches (4-D) in channels-last memory format when ``on``; anything else as is."""
+    if on and isinstance(x, torch.Tensor) and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def make_optimizer(params, lr: float, weight_decay: float, device) -> torch.optim.Optimizer:
+    """AdamW; the fused CUDA kernel on a GPU (one launch for all parameters), PyTorch's default on the CPU."""
+    kw = {"fused": True} if torch.device(device).type == "cuda" else {}
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kw)
+
+
+def accumulation_groups(n_batches: int, accum: int) -> list[int]:
+    """Sizes of the consecutive groups of batches that make one optimizer step each (the last may be smaller)."""
+    accum = max(1, int(accum))
+    return [min(accum, n_batches - i) for i in range(0, n_batches, accum)]
 
 
 def _regression_loss(name: str, data: DataSetup):
@@ -208,10 +256,12 @@ def worker_loop(config: dict[str, Any]) -> None:
         val_loader = DeviceBatches(*val_ds.tensors(), max(tp.batch_size, 128), device, shuffle=False)
     else:
         loader_workers = int(config.get("loader_workers", 0))
+        pin = torch.device(device).type == "cuda"  # page-locked batches: asynchronous host->GPU copies
         train_loader = DataLoader(train_ds, batch_size=tp.batch_size, shuffle=True, drop_last=drop_last,
-                                  num_workers=loader_workers, persistent_workers=loader_workers > 0)
+                                  num_workers=loader_workers, persistent_workers=loader_workers > 0, pin_memory=pin)
         train_loader = ray.train.torch.prepare_data_loader(train_loader)  # DistributedSampler + device
-        val_loader = DataLoader(val_ds, batch_size=max(tp.batch_size, 128), shuffle=False, num_workers=loader_workers)
+        val_loader = DataLoader(val_ds, batch_size=max(tp.batch_size, 128), shuffle=False, num_workers=loader_workers,
+                                pin_memory=pin)
 
     model = build_model(family, params, data)
     shown = _rollout_examples(val_ds, data) if rank == 0 else None  # images for the attention maps
@@ -220,11 +270,21 @@ def worker_loop(config: dict[str, Any]) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     # Pretraining heads / probed encoders leave parameters without gradients in one phase.
     two_phase = hasattr(fp, "pretrain_epochs") or getattr(fp, "finetune", "full") != "full"
+    nhwc = data.kind == "images" and use_channels_last(tp.channels_last, model, device)
+    if nhwc:
+        model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(
         model, parallel_strategy_kwargs={"find_unused_parameters": True} if two_phase else None)
-    opt = torch.optim.AdamW(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
+    # ``model`` (plain or DDP) stays the uncompiled module: checkpoints, attention maps and latency use it;
+    # ``step_model`` (compiled when asked, sharing its parameters) runs the training and validation passes.
+    step_model = torch.compile(model) if tp.compile else model
+    amp_dtype = autocast_dtype(tp.precision, device)
+    opt = make_optimizer(model.parameters(), tp.lr, tp.weight_decay, device)
     max_epochs = int(config["max_epochs"])
-    steps_per_epoch = max(1, len(train_loader))
+    groups = accumulation_groups(len(train_loader), tp.grad_accum_steps)  # batches per optimizer step
+    # A GPU runs ahead of Python: checking the loss for NaN/Inf every step would wait for it each time.
+    check_every = 1 if torch.device(device).type != "cuda" else 50
+    steps_per_epoch = max(1, len(groups))
     total = steps_per_epoch * max_epochs
     warm = steps_per_epoch * tp.warmup_epochs
 
@@ -257,40 +317,58 @@ def worker_loop(config: dict[str, Any]) -> None:
             if hasattr(epoch_aware, "set_epoch"):
                 epoch_aware.set_epoch(epoch)
         model.train()
-        loss_sum, n_seen = 0.0, 0
-        for x, y in train_loader:
-            if pretraining:
-                loss = _forward(model, x, pretrain=True)
-            else:
-                loss = loss_fn(_forward(model, x), y)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"non-finite {'pretraining' if pretraining else 'training'} loss ({loss.item()}) "
-                                    f"at epoch {epoch}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tp.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip)
-            opt.step()
-            sched.step()
-            loss_sum += loss.item() * len(y)
-            n_seen += len(y)
-        train_loss = _mean_across_ranks(loss_sum, n_seen, device)
+        # Summed on the device in float64 (no host sync per step; the same sums as Python floats on the CPU).
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        n_seen, group, in_group = 0, 0, 0
+        n_batches = len(train_loader)
+        opt.zero_grad(set_to_none=True)
+        for i, (x, y) in enumerate(train_loader):
+            x = _channels_last(x, nhwc)
+            size = groups[group] if group < len(groups) else 1
+            in_group += 1
+            last = in_group >= size
+            # DDP: all-reduce gradients only on the group's last backward pass.
+            no_sync = model.no_sync() if (not last and hasattr(model, "no_sync")) else contextlib.nullcontext()
+            with no_sync:
+                with autocast(amp_dtype, device):
+                    if pretraining:
+                        loss = _forward(step_model, x, pretrain=True)
+                    else:
+                        loss = loss_fn(_forward(step_model, x), y)
+                loss_sum += loss.detach().double() * len(y)
+                n_seen += len(y)
+                if (i + 1) % check_every == 0 or i + 1 == n_batches:
+                    if not torch.isfinite(loss_sum):
+                        raise NonFiniteLoss(f"non-finite {'pretraining' if pretraining else 'training'} loss "
+                                            f"({loss.item()}) at epoch {epoch}")
+                (loss / size if size > 1 else loss).backward()
+            if last:
+                if tp.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                group, in_group = group + 1, 0
+        train_loss = _mean_across_ranks(float(loss_sum), n_seen, device)
         train_time = time.time() - t0
 
         model.eval()
-        outs, ys, vloss, vn = [], [], 0.0, 0
-        with torch.no_grad():
+        outs, ys, vn = [], [], 0
+        vloss = torch.zeros((), dtype=torch.float64, device=device)
+        with torch.no_grad(), autocast(amp_dtype, device):
             for x, y in val_loader:
-                x, y = _to(x, device), y.to(device)
+                x, y = _channels_last(_to(x, device), nhwc), y.to(device)
                 if pretraining:
-                    vloss += _forward(model, x, pretrain=True).item() * len(y)
+                    vloss += _forward(step_model, x, pretrain=True).double() * len(y)
                 else:
-                    out = _forward(model, x)
-                    vloss += loss_fn(out, y).item() * len(y)
-                    outs.append(out.float().cpu().numpy())
-                    ys.append(y.cpu().numpy())
+                    out = _forward(step_model, x)
+                    vloss += loss_fn(out, y).double() * len(y)
+                    outs.append(out.float())
+                    ys.append(y)
                 vn += len(y)
-        val_loss = _mean_across_ranks(vloss, vn, device)
+        outs = [torch.cat(outs).cpu().numpy()] if outs else []  # one device->host copy per epoch
+        ys = [torch.cat(ys).cpu().numpy()] if ys else []
+        val_loss = _mean_across_ranks(float(vloss), vn, device)
         metrics: dict[str, Any] = {"epoch": epoch, "lr": sched.get_last_lr()[0], "epoch_time_s": time.time() - t0,
                                    "train_samples_per_s": len(train_ds) / max(train_time, 1e-9),
                                    "num_params": n_params}

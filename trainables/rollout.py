@@ -58,13 +58,13 @@ def _timm_probs(m: Attention, x: torch.Tensor, attn_mask: torch.Tensor | None) -
 
 
 def _talking_probs(m: TalkingHeadAttn, x: torch.Tensor) -> torch.Tensor:
-    """CaiT talking-heads attention (heads mixed before and after the softmax) -> (B, N, N)."""
+    """CaiT talking-heads attention -> (B, N, N): the softmax distributions (heads mixed by proj_l before
+    the softmax), averaged over heads. The post-softmax mix proj_w may carry signed weights, so it is
+    left out: what stays is a distribution over tokens per query."""
     B, N, C = x.shape
     qkv = m.qkv(x).reshape(B, N, 3, m.num_heads, C // m.num_heads).permute(2, 0, 3, 1, 4)
     a = (qkv[0] * m.scale) @ qkv[1].transpose(-2, -1)                      # (B, h, N, N)
-    a = m.proj_l(a.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).softmax(-1)
-    a = m.proj_w(a.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).mean(1).clamp_min(0)  # (B, N, N)
-    return a / a.sum(-1, keepdim=True).clamp_min(1e-12)
+    return m.proj_l(a.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).softmax(-1).mean(1)  # (B, N, N)
 
 
 def _class_probs(m: ClassAttn, x: torch.Tensor) -> torch.Tensor:
