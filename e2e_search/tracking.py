@@ -44,11 +44,15 @@ def tracking_uri(uri: str | None, workdir: Path) -> str:
     return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
 
 
+# The MLflow 3 UI opens an experiment on its GenAI (traces) view unless told it holds model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def get_experiment_id(client: MlflowClient, name: str, artifact_root: str | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_root)
+    return client.create_experiment(name, artifact_location=artifact_root, tags=EXPERIMENT_KIND)
 
 
 def is_better(value: float, best: float | None, mode: str) -> bool:

@@ -54,7 +54,9 @@ def searched(tmp_path_factory, ray_local):
     return tmp, cfg["tracking"]["uri"]
 
 
-def test_search_through_the_mlflow_rest_api(searched):
+@pytest.fixture(scope="module")
+def served(searched):
+    """``e2e-search ui`` over the search's store: (base URL, seconds until /health answered)."""
     tmp, uri = searched
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "e2e_search.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
@@ -72,29 +74,34 @@ def test_search_through_the_mlflow_rest_api(searched):
             assert server.poll() is None, server.stdout.read()
             assert time.time() - t0 < 120, "MLflow server did not come up"
             time.sleep(0.5)
-        started = time.time() - t0
-        exp = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="served")["experiment"]
-        runs = _post(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
-        tags = lambda r: {t["key"]: t["value"] for t in r["data"].get("tags", [])}  # noqa: E731
-        parents = [r for r in runs if tags(r).get("e2e.kind") == "search"]
-        children = [r for r in runs if tags(r).get("e2e.kind") == "trial"]
-        assert len(parents) == 1 and len(children) == 3
-        for c in children:
-            assert tags(c)["mlflow.parentRunId"] == parents[0]["info"]["run_id"]
-            metrics = {m["key"] for m in c["data"]["metrics"]}
-            assert {"val_auc", "best_val_auc", "val_rej50", "train_loss"} <= metrics
-            files = _get(base, "/api/2.0/mlflow/artifacts/list", run_id=c["info"]["run_id"], path="plots")["files"]
-            assert {"plots/roc.png", "plots/scores.png", "plots/learning_curves.png"} <= {f["path"] for f in files}
-        champion = _get(base, "/api/2.0/mlflow/registered-models/alias", name="served-classifier",
-                        alias="champion")["model_version"]
-        assert champion["run_id"] == tags(parents[0])["e2e.best_run_id"]  # the trial the search names best
-        best_auc = lambda r: {m["key"]: m["value"] for m in r["data"]["metrics"]}["best_val_auc"]  # noqa: E731
-        champ = next(c for c in children if c["info"]["run_id"] == champion["run_id"])
-        assert best_auc(champ) == max(best_auc(c) for c in children)
-        print(f"MLflow server answered after {started:.1f}s")
+        yield base, time.time() - t0
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_search_through_the_mlflow_rest_api(served):
+    base, started = served
+    exp = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="served")["experiment"]
+    runs = _post(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+    tags = lambda r: {t["key"]: t["value"] for t in r["data"].get("tags", [])}  # noqa: E731
+    parents = [r for r in runs if tags(r).get("e2e.kind") == "search"]
+    children = [r for r in runs if tags(r).get("e2e.kind") == "trial"]
+    assert len(parents) == 1 and len(children) == 3
+    for c in children:
+        assert tags(c)["mlflow.parentRunId"] == parents[0]["info"]["run_id"]
+        metrics = {m["key"] for m in c["data"]["metrics"]}
+        assert {"val_auc", "best_val_auc", "val_rej50", "train_loss"} <= metrics
+        files = _get(base, "/api/2.0/mlflow/artifacts/list", run_id=c["info"]["run_id"], path="plots")["files"]
+        assert {"plots/roc.png", "plots/scores.png", "plots/learning_curves.png",
+            "plots/attention_rollout.png"} <= {f["path"] for f in files}
+    champion = _get(base, "/api/2.0/mlflow/registered-models/alias", name="served-classifier",
+                    alias="champion")["model_version"]
+    assert champion["run_id"] == tags(parents[0])["e2e.best_run_id"]  # the trial the search names best
+    best_auc = lambda r: {m["key"]: m["value"] for m in r["data"]["metrics"]}["best_val_auc"]  # noqa: E731
+    champ = next(c for c in children if c["info"]["run_id"] == champion["run_id"])
+    assert best_auc(champ) == max(best_auc(c) for c in children)
+    print(f"MLflow server answered after {started:.1f}s")
 
 
 def test_report_html(searched, capsys):
@@ -117,3 +124,59 @@ def test_report_html(searched, capsys):
     parent = [r for r in client.search_runs([client.get_experiment_by_name("served").experiment_id])
               if r.data.tags.get("e2e.kind") == "search"][0]
     assert "report.html" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def test_mlflow_ui_in_a_browser(served, searched, tmp_path):
+    """Debian's chromium (driven by Selenium) opens the experiment's runs page of the MLflow UI, expands
+    the search's parent run and finds every trial run; the page is saved as a screenshot."""
+    import os
+    import shutil
+
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("no chromium/chromedriver: `bash tests/install_browser.sh` (run by .ci/run) installs them")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from mlflow.tracking import MlflowClient
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base, _ = served
+    _, uri = searched
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("served")
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("e2e.kind") == "search")
+    trials = [r for r in runs if r.data.tags.get("e2e.kind") == "trial"]
+    assert len(trials) == 3
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1600,1000"):
+        opts.add_argument(a)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    shot = tmp_path / "mlflow_ui_experiment.png"
+    try:
+        driver.get(f"{base}/#/experiments/{exp.experiment_id}/runs")
+        wait = WebDriverWait(driver, 60)
+        link = lambda rid: f"a[href$='/runs/{rid}']"  # noqa: E731
+        row = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, link(parent.info.run_id)))[0]
+        assert parent.data.tags["mlflow.runName"] in row.text
+        # trial runs are nested under the search's run: open the group with the expander of its name cell
+        cell = row.find_element(By.XPATH, "./ancestor::div[contains(@class,'ag-cell-wrapper')][1]")
+        cell.find_element(By.CSS_SELECTOR, "button").click()
+        found = wait.until(lambda d: [d.find_elements(By.CSS_SELECTOR, link(t.info.run_id)) for t in trials]
+                           if all(d.find_elements(By.CSS_SELECTOR, link(t.info.run_id)) for t in trials) else None)
+        names = sorted(f[0].text for f in found)
+        assert names == sorted(t.data.tags["mlflow.runName"] for t in trials)
+        driver.save_screenshot(str(shot))
+    finally:
+        driver.quit()
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    keep = os.environ.get("E2E_SCREENSHOT_DIR")  # CI keeps the screenshot where it collects artifacts
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+        shutil.copy(shot, keep)
+    print(f"screenshot: {shot}")

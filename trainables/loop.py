@@ -370,7 +370,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         ys = [torch.cat(ys).cpu().numpy()] if ys else []
         val_loss = _mean_across_ranks(float(vloss), vn, device)
         metrics: dict[str, Any] = {"epoch": epoch, "lr": sched.get_last_lr()[0], "epoch_time_s": time.time() - t0,
-                                   "train_samples_per_s": len(train_ds) / max(train_time, 1e-9),
+                                   "train_samples_per_s": n_seen * world / max(train_time, 1e-9),
                                    "num_params": n_params}
         if pretraining:  # no task metric yet: NaN for the search metrics (Tune needs the keys; ASHA skips NaN)
             metrics.update({"pretrain_loss": train_loss, "val_pretrain_loss": val_loss})
