@@ -131,10 +131,11 @@ def attention_plot(attn_file: Path, path: Path) -> Path:
         axes[0, i].imshow(img, cmap="viridis", origin="lower")
         axes[0, i].set_title(titles[i], fontsize=9)
         axes[1, i].imshow(img, cmap="gray_r", origin="lower")
-        axes[1, i].imshow(maps[i], cmap="inferno", alpha=0.6, origin="lower", vmin=0, vmax=1)
+        m = maps[i] - maps[i].min()  # the residual path keeps every token's share high: stretch the range
+        axes[1, i].imshow(m / max(float(m.max()), 1e-12), cmap="inferno", alpha=0.6, origin="lower", vmin=0, vmax=1)
         for ax in axes[:, i]:
             ax.set_xticks([]), ax.set_yticks([])
     axes[0, 0].set_ylabel("image (log, channels summed)", fontsize=8)
-    axes[1, 0].set_ylabel("attention rollout", fontsize=8)
+    axes[1, 0].set_ylabel("attention rollout (min to max)", fontsize=8)
     fig.tight_layout(), fig.savefig(path, dpi=90), plt.close(fig)
     return path
