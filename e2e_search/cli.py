@@ -1,4 +1,4 @@
-"""Command line: ``e2e-search run | validate | best | report | ui | export | data``.
+"""Command line: ``e2e-search run | resume | validate | best | report | ui | export | data``.
 
 Bad input (YAML, data files, flags) prints one line and exits with code 2.
 """
@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="e2e-search", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{run,validate,best,report,ui,export,data}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{run,resume,validate,best,report,ui,export,data}", parser_class=_Parser)
 
     r = sub.add_parser("run", help="run a search from a search-space YAML")
     r.add_argument("file", help="search-space YAML (see search_spaces/)")
@@ -30,6 +30,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--address", help="address of a running Ray cluster (default: start a local one)")
     r.add_argument("--dry-run", action="store_true", help="validate config and data, show the plan, run nothing")
     r.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the latest interrupted search of this YAML's experiment instead of starting one")
+
+    rs = sub.add_parser("resume", help="continue an interrupted search (driver killed, machine rebooted, Ctrl-C)")
+    rs.add_argument("experiment", help="experiment (search name) whose latest search to continue")
+    rs.add_argument("--search", metavar="RUN_ID", help="a search run of the experiment (default: the latest)")
+    rs.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///e2e_runs/mlflow.db)")
+    rs.add_argument("--address", help="address of a running Ray cluster (default: start a local one)")
+    rs.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
 
     v = sub.add_parser("validate", help="check a search-space YAML (and its data file) without running")
     v.add_argument("file")
@@ -112,9 +121,29 @@ def _cmd_run(args) -> int:
         print(dump(cfg), end="")
         print("dry run: nothing started")
         return 0
+    if args.resume:
+        from .search import DEFAULT_WORKDIR
+        from .tracking import tracking_uri
+
+        return _resume(tracking_uri(cfg.tracking.uri, DEFAULT_WORKDIR), cfg.tracking.experiment, None, args)
     p = _plan(args, cfg, address=args.address)
     print(describe(p), flush=True)
-    out = execute(p, address=args.address, verbose=args.verbose)
+    return _report_outcome(cfg, execute(p, address=args.address, verbose=args.verbose))
+
+
+def _cmd_resume(args) -> int:
+    return _resume(_store(args.tracking_uri), args.experiment, args.search, args)
+
+
+def _resume(uri: str, experiment: str, search: str | None, args) -> int:
+    from .search import describe, execute, resumable
+
+    p, r = resumable(uri, experiment, search, address=args.address)
+    print(describe(p), flush=True)
+    return _report_outcome(p.cfg, execute(p, address=args.address, verbose=args.verbose, resume=r))
+
+
+def _report_outcome(cfg, out) -> int:
     failed = sum(1 for s in out.trials.values() if s == "FAILED")
     print(f"\nsearch done: {len(out.trials)} trials, {out.stopped_early} stopped early by the scheduler, {failed} failed")
     if out.best is None:
@@ -210,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     try:
-        return {"run": _cmd_run, "validate": _cmd_validate, "best": _cmd_best, "report": _cmd_report,
+        return {"run": _cmd_run, "resume": _cmd_resume, "validate": _cmd_validate, "best": _cmd_best, "report": _cmd_report,
                 "ui": _cmd_ui, "export": _cmd_export, "data": _cmd_data}[args.cmd](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

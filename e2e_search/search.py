@@ -144,6 +144,46 @@ def _init_ray(address: str | None, verbose: bool) -> None:
 
 
 @dataclass
+class Resume:
+    """An interrupted search to continue: its MLflow parent run and Ray Tune experiment directory."""
+
+    parent_run_id: str
+    run_name: str
+    tune_path: str
+    times: int = 1
+    """How many times this search has been resumed, this time included."""
+
+
+def resumable(uri: str, experiment: str, search_run: str | None = None, *, address: str | None = None,
+              generate: bool = True) -> tuple[Plan, Resume]:
+    """The plan of an interrupted search, rebuilt from the resolved YAML its MLflow run holds."""
+    import tempfile
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from ray.tune import Tuner
+
+    from .config import validate
+    from .tracking import find_resumable
+
+    client = MlflowClient(tracking_uri=uri)
+    run = find_resumable(client, experiment, search_run)
+    rid, tags = run.info.run_id, run.data.tags
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(client.download_artifacts(rid, "search_space.yaml", tmp)).read_text()
+    cfg = validate(yaml.safe_load(text), source=f"search_space.yaml of search run {rid}")
+    cfg.tracking.uri = uri
+    tune_path = tags.get("e2e.tune_path", "")
+    if not tune_path or not Tuner.can_restore(tune_path):
+        raise UserError(f"Ray's state of search run {rid} is gone ({tune_path or 'no e2e.tune_path tag'}); "
+                        "it cannot be resumed: start a new search with e2e-search run", key="EXPERIMENT")
+    p = plan(cfg, address=address, generate=generate)
+    p.storage = Path(tune_path).parent
+    return p, Resume(rid, tags.get("mlflow.runName", Path(tune_path).name), tune_path,
+                     int(tags.get("e2e.resumed", "0")) + 1)
+
+
+@dataclass
 class Outcome:
     experiment: str
     parent_run_id: str
@@ -154,7 +194,10 @@ class Outcome:
     stopped_early: int = 0
 
 
-def execute(p: Plan, *, address: str | None = None, verbose: bool = False) -> Outcome:
+def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resume: Resume | None = None) -> Outcome:
+    """Run the search of ``p``, or continue the interrupted one ``resume`` names (``Tuner.restore``: finished
+    trials kept, running ones restarted from their latest checkpoint, the searcher's state restored; the
+    trials' MLflow runs are taken over, not duplicated)."""
     import ray
     from mlflow.tracking import MlflowClient
     from ray import tune
@@ -182,25 +225,33 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False) -> Ou
             f"(--set resources.cpus_per_worker=1)", key="resources.cpus_per_worker")
     p.workdir.mkdir(parents=True, exist_ok=True)
     p.storage.mkdir(parents=True, exist_ok=True)
-    run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
     client = MlflowClient(tracking_uri=p.tracking_uri)
     exp_id = get_experiment_id(client, cfg.tracking.experiment, p.artifact_root)
     metric, mode = cfg.metrics[0], cfg.modes[0]
-    parent = start_parent_run(
-        client, exp_id, name=run_name, resolved_yaml=dump(cfg),
-        tags={"e2e.family": cfg.family_label, "e2e.task": cfg.task.type, "e2e.metric": metric, "e2e.mode": mode,
-              "e2e.tune_path": str(p.storage / run_name)},
-        params={"family": cfg.family_label, "task": cfg.task.type, "algorithm": cfg.search.algorithm,
-                "num_samples": cfg.search.num_samples, "scheduler": cfg.scheduler.type,
-                "max_epochs": cfg.scheduler.max_epochs, "workers": cfg.resources.workers,
-                "data_path": cfg.data.path, "train_size": len(p.data.train), "val_size": len(p.data.val)},
-    )
+    if resume is None:
+        run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        parent = start_parent_run(
+            client, exp_id, name=run_name, resolved_yaml=dump(cfg),
+            tags={"e2e.family": cfg.family_label, "e2e.task": cfg.task.type, "e2e.metric": metric, "e2e.mode": mode,
+                  "e2e.tune_path": str(p.storage / run_name)},
+            params={"family": cfg.family_label, "task": cfg.task.type, "algorithm": cfg.search.algorithm,
+                    "num_samples": cfg.search.num_samples, "scheduler": cfg.scheduler.type,
+                    "max_epochs": cfg.scheduler.max_epochs, "workers": cfg.resources.workers,
+                    "data_path": cfg.data.path, "train_size": len(p.data.train), "val_size": len(p.data.val)},
+        )
+    else:
+        run_name, parent = resume.run_name, resume.parent_run_id
+        client.update_run(parent, status="RUNNING")
+        client.set_tag(parent, "e2e.resumed", str(resume.times))
     print(f"MLflow: experiment '{cfg.tracking.experiment}', search run {parent} ({p.tracking_uri})", flush=True)
 
     status = "FAILED"
     trials_cb = MlflowTrials(client, exp_id, parent, search_name=run_name, family=cfg.family_label, metric=metric,
                              mode=mode, max_epochs=cfg.scheduler.max_epochs)
+    if resume is not None:
+        seen = trials_cb.rehydrate(str(p.storage / run_name / "train"))
+        print(f"resuming search {run_name}: {seen['finished']} trials finished, {seen['failed']} failed, "
+              f"{seen['interrupted']} interrupted (they continue from their latest checkpoint)", flush=True)
     try:
         res = cfg.resources
         setup = {
@@ -226,19 +277,25 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False) -> Ou
         else:
             scheduler = FIFOScheduler()
         trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": DRIVER_CPU})
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=_searcher(cfg), scheduler=scheduler,
-                                        num_samples=cfg.search.num_samples, max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(
-                name=run_name, storage_path=str(p.storage), verbose=0,
-                callbacks=[trials_cb, Progress(metric=metric, mode=mode, num_samples=cfg.search.num_samples,
-                                                  max_epochs=cfg.scheduler.max_epochs)],
-                failure_config=tune.FailureConfig(max_failures=0),
-            ),
-        )
-        print(f"search started: {cfg.search.num_samples} trials, up to {concurrent} at a time", flush=True)
-        tuner.fit()
+        callbacks = [trials_cb, Progress(metric=metric, mode=mode, num_samples=cfg.search.num_samples,
+                                         max_epochs=cfg.scheduler.max_epochs)]
+        if resume is None:
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=_searcher(cfg), scheduler=scheduler,
+                                            num_samples=cfg.search.num_samples, max_concurrent_trials=concurrent),
+                run_config=tune.RunConfig(name=run_name, storage_path=str(p.storage), verbose=0, callbacks=callbacks,
+                                          failure_config=tune.FailureConfig(max_failures=0)),
+            )
+            print(f"search started: {cfg.search.num_samples} trials, up to {concurrent} at a time", flush=True)
+        else:
+            # Searcher, scheduler and trials come back from the experiment directory; errored trials stay failed.
+            tuner = tune.Tuner.restore(resume.tune_path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False)
+            # The callbacks pickled with the old Tuner hold the dead driver's state: use this process's.
+            tuner._local_tuner.get_run_config().callbacks = callbacks
+        grid = tuner.fit()
+        trials_cb.close_leftovers(grid)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

@@ -107,8 +107,11 @@ class MlflowTrials(Callback):
         return rid
 
     def _close(self, trial, status: str, error: str | None = None) -> None:
-        rid = self._run_for(trial)
-        tid = trial.trial_id
+        self._run_for(trial)
+        self._close_trial(trial.trial_id, status, error)
+
+    def _close_trial(self, tid: str, status: str, error: str | None = None) -> None:
+        rid = self.runs[tid]
         now = int(time.time() * 1000)
         metrics: list[Metric] = []
         best = self.best.get(tid)
@@ -128,7 +131,11 @@ class MlflowTrials(Callback):
         if last.get("num_params") is not None:
             metrics.append(Metric("num_params", float(last["num_params"]), now, 0))
         self.client.log_batch(rid, metrics=metrics, tags=tags)
-        ckpt = (best or {}).get("checkpoint") or last.get("checkpoint_path")
+        ckpt = (best or {}).get("checkpoint")
+        if ckpt and "://" not in ckpt and not Path(ckpt).is_dir():  # Ray no longer keeps it: the latest one
+            self.client.set_tag(rid, "e2e.checkpoint_note", f"best epoch's checkpoint {ckpt} is gone; uploaded the latest")
+            ckpt = None
+        ckpt = ckpt or last.get("checkpoint_path")
         if ckpt:
             self._upload_checkpoint(rid, ckpt, self.history.get(tid))
         self.client.set_terminated(rid, status="FINISHED" if status == "FINISHED" else "FAILED")
@@ -190,6 +197,72 @@ class MlflowTrials(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._close(trial, "FAILED", error=trial_error(trial))
 
+    # ------------------------------------------------------------------ resume
+    def rehydrate(self, train_storage: str) -> dict[str, int]:
+        """Take over the child runs of an interrupted search: run ids, statuses, and for trials that were
+        running their metric history (so the best epoch and learning curves span the interruption).
+        Returns {"finished": n, "failed": n, "interrupted": n}."""
+        counts = {"finished": 0, "failed": 0, "interrupted": 0}
+        runs = self.client.search_runs([self.experiment_id], max_results=5000,
+                                       filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent}'")
+        for r in runs:
+            tid = r.data.tags.get("e2e.trial_id")
+            if not tid:
+                continue
+            rid, m = r.info.run_id, r.data.metrics
+            self.runs[tid] = rid
+            st = r.data.tags.get("e2e.status")
+            if st in ("FINISHED", "FAILED"):
+                self.status[tid] = st
+                counts["finished" if st == "FINISHED" else "failed"] += 1
+                if f"best_{self.metric}" in m:
+                    self.best[tid] = {"value": m[f"best_{self.metric}"], "epoch": int(m.get("best_epoch", 0)),
+                                      "metrics": {k[5:]: v for k, v in m.items()
+                                                  if k.startswith("best_") and k != "best_epoch"}, "checkpoint": None}
+                self.last[tid] = {"epoch": int(m.get("epochs_run", 0))}
+                continue
+            counts["interrupted"] += 1
+            series = {k: sorted((x.step, x.value) for x in self.client.get_metric_history(rid, k)) for k in m}
+            self.history[tid] = {k: v for k, v in series.items()
+                                 if k in ("train_loss", "val_loss", "pretrain_loss", "val_pretrain_loss", self.metric)}
+            scored = [(v, e) for e, v in series.get(self.metric, []) if math.isfinite(v)]
+            if scored:
+                value, epoch = (max if self.mode == "max" else min)(scored, key=lambda ve: (ve[0], -ve[1]))
+                ckpt = Path(train_storage) / f"trial_{tid}" / f"epoch_{epoch:04d}"
+                self.best[tid] = {"value": value, "epoch": epoch, "checkpoint": str(ckpt) if ckpt.is_dir() else None,
+                                  "metrics": {k: v for k, pts in series.items() for e, v in pts if e == epoch}}
+            last_epoch = max((e for pts in series.values() for e, _ in pts), default=0)
+            self.last[tid] = {"epoch": last_epoch, **{k: pts[-1][1] for k, pts in series.items() if pts}}
+        return counts
+
+    def close_leftovers(self, results) -> int:
+        """After the search: close the runs still open. A trial Tune knows (``results``, a ResultGrid) gets its
+        status from there; a run whose trial Tune never recorded (the driver died before its state was saved,
+        and the trial ran again under a new id) is deleted, so every trial has exactly one run."""
+        results = list(results)
+
+        def result_of(tid: str):
+            for res in results:
+                if (res.metrics or {}).get("trial_id") == tid or (not res.metrics and tid in Path(res.path).name):
+                    return res
+            return None
+
+        n = 0
+        for tid, rid in list(self.runs.items()):
+            if tid in self.status:
+                continue
+            res = result_of(tid)
+            if res is None:
+                self.client.delete_run(rid)
+                del self.runs[tid]
+                continue
+            if res.metrics:
+                self.last.setdefault(tid, {}).update(res.metrics)
+            self._close_trial(tid, "FAILED" if res.error else "FINISHED",
+                              error=f"{type(res.error).__name__}: {res.error}" if res.error else None)
+            n += 1
+        return n
+
     # ------------------------------------------------------------------ summary
     def best_trial(self) -> tuple[str, dict[str, Any]] | None:
         """(trial_id, best record) of the best finished trial, by the search metric."""
@@ -248,6 +321,33 @@ def trial_error(trial) -> str:
     if named:
         return named[-1]
     return lines[-1] if lines else "trial failed (no error recorded)"
+
+
+def find_resumable(client: MlflowClient, experiment: str, search_run: str | None = None):
+    """The search run to resume: ``search_run``, or the latest search of ``experiment``; it must not have finished."""
+    from .errors import UserError, did_you_mean
+
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = [e.name for e in client.search_experiments()]
+        raise UserError(f"no experiment '{experiment}'{did_you_mean(experiment, names)}", key="EXPERIMENT")
+    if search_run:
+        try:
+            run = client.get_run(search_run)
+        except Exception:
+            raise UserError(f"no run {search_run} in experiment '{experiment}'", key="--search") from None
+        if run.data.tags.get("e2e.kind") != "search":
+            raise UserError(f"run {search_run} is not an e2e-search search run (a trial?)", key="--search")
+    else:
+        found = client.search_runs([exp.experiment_id], filter_string="tags.`e2e.kind` = 'search'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+        if not found:
+            raise UserError(f"experiment '{experiment}' holds no e2e-search run", key="EXPERIMENT")
+        run = found[0]
+    if run.info.status == "FINISHED":
+        raise UserError(f"search {run.data.tags.get(MLFLOW_RUN_NAME, run.info.run_id)} of '{experiment}' finished; "
+                        "nothing to resume (start a new search with e2e-search run)", key="EXPERIMENT")
+    return run
 
 
 def start_parent_run(client: MlflowClient, experiment_id: str, *, name: str, resolved_yaml: str,

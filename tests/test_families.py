@@ -132,3 +132,7 @@ def test_checkpoint_score_orders_epochs_for_either_mode():
     pretraining = checkpoint_score({"pretrain_loss": 0.1}, "val_mae", "min")
     assert pretraining < checkpoint_score({"val_mae": 1e9}, "val_mae", "min")
     assert checkpoint_score({"val_auc": math.nan}, "val_auc", "max") == pretraining
+    # ties: the earlier epoch wins (the best epoch MLflow records is the first reaching the best value)
+    assert (checkpoint_score({"val_auc": 1.0, "epoch": 1}, "val_auc", "max")
+            > checkpoint_score({"val_auc": 1.0, "epoch": 3}, "val_auc", "max")
+            > checkpoint_score({"val_auc": 0.99, "epoch": 1}, "val_auc", "max"))

@@ -178,11 +178,13 @@ def _mean_across_ranks(total: float, count: int, device) -> float:
 
 
 def checkpoint_score(metrics: dict[str, Any], metric: str, mode: str) -> float:
-    """Higher is better; pretraining epochs (no task metric yet) and NaN rank below every real epoch."""
+    """Higher is better; pretraining epochs (no task metric yet) and NaN rank below every real epoch.
+    Of equal values the earlier epoch scores higher (1e-9 per epoch), as the trial's best epoch in MLflow is
+    the first one reaching the best value: Ray then keeps that epoch's checkpoint."""
     v = metrics.get(metric)
     if not isinstance(v, (int, float)) or not math.isfinite(v):
         return -1e30
-    return float(v) if mode == "max" else -float(v)
+    return (float(v) if mode == "max" else -float(v)) - 1e-9 * int(metrics.get("epoch", 0))
 
 
 @torch.no_grad()

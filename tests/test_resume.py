@@ -1,0 +1,112 @@
+"""Interrupted searches: the driver SIGKILLed mid-search, then ``e2e-search resume`` (real Ray, Optuna, MLflow)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from e2e_search.cli import main
+from tests.conftest import base_config, write_e2e, write_yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def trial_runs(client: MlflowClient, experiment: str) -> tuple[list, list]:
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return ([r for r in runs if r.data.tags.get("e2e.kind") == "search"],
+            [r for r in runs if r.data.tags.get("e2e.kind") == "trial"])
+
+
+def start_search(yml: Path, cwd: Path, address: str, log: Path, *extra: str) -> subprocess.Popen:
+    """``e2e-search run`` as its own process (the driver), joined to the test's Ray."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    return subprocess.Popen([sys.executable, "-m", "e2e_search.cli", "run", str(yml), "--address", address, *extra],
+                            cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_for(cond, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        got = cond()
+        if got:
+            return got
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the search ended before the kill point:\n{log.read_text()[-3000:] if log else ''}")
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout}s:\n{log.read_text()[-3000:] if log else ''}")
+
+
+def test_sigkill_driver_then_resume(tmp_path, ray_local):
+    """Kill -9 the driver once one trial has finished and another is mid-way; ``resume`` ends the search with
+    exactly num_samples trials, each finished once, one MLflow run per trial and none left RUNNING."""
+    data = write_e2e(tmp_path / "jets.h5", n=48)
+    cfg = base_config(tmp_path, data, name="killed", search={"num_samples": 4, "seed": 3, "max_concurrent": 1},
+                      scheduler={"type": "none", "max_epochs": 3})
+    yml = write_yaml(tmp_path / "s.yaml", cfg)
+    uri = cfg["tracking"]["uri"]
+    address = ray_local.get_runtime_context().gcs_address
+    log = tmp_path / "driver.log"
+    driver = start_search(yml, tmp_path, address, log)
+    client = MlflowClient(tracking_uri=uri)
+
+    def mid_search():
+        try:
+            _, trials = trial_runs(client, "killed")
+        except Exception:  # the store or experiment is not there yet
+            return None
+        done = [r for r in trials if r.data.tags.get("e2e.status") == "FINISHED"]
+        running = [r for r in trials if r.data.tags.get("e2e.status") == "RUNNING" and "val_auc" in r.data.metrics]
+        return (done, running) if done and running else None
+
+    done, running = wait_for(mid_search, 600, driver, log)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    interrupted = running[0].data.tags["e2e.trial_id"]
+    time.sleep(3)  # Ray notices the dead driver and frees its trials' workers
+
+    assert main(["resume", "killed", "--tracking-uri", uri, "--address", address]) == 0
+    parents, trials = trial_runs(client, "killed")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["e2e.resumed"] == "1"
+    assert len(trials) == 4, [r.data.tags.get("e2e.trial_id") for r in trials]
+    assert len({r.data.tags["e2e.trial_id"] for r in trials}) == 4
+    assert all(r.info.status == "FINISHED" and r.data.tags["e2e.status"] == "FINISHED" for r in trials)
+    for r in trials:  # every trial ran its 3 epochs once: MLflow steps are absolute epochs
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_auc")]
+        assert set(steps) == {1, 2, 3}, (r.data.tags["e2e.trial_id"], steps)
+        assert r.data.metrics["epochs_run"] == 3
+        assert "best_checkpoint/checkpoint.pt" in {a.path for a in client.list_artifacts(r.info.run_id,
+                                                                                        "best_checkpoint")}
+    # The finished trial kept its run; the interrupted one continued in its own run (no duplicate).
+    by_tid = {r.data.tags["e2e.trial_id"]: r for r in trials}
+    assert by_tid[done[0].data.tags["e2e.trial_id"]].info.run_id == done[0].info.run_id
+    assert by_tid[interrupted].info.run_id == running[0].info.run_id
+    assert parent.data.tags["e2e.best_run_id"] in {r.info.run_id for r in trials}
+
+
+def test_resume_refuses_a_finished_search(tmp_path, capsys, ray_local):
+    data = write_e2e(tmp_path / "jets.h5", n=32)
+    cfg = base_config(tmp_path, data, name="whole", search={"num_samples": 1},
+                      scheduler={"type": "none", "max_epochs": 1})
+    yml = write_yaml(tmp_path / "s.yaml", cfg)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert main(["run", str(yml)]) == 0
+        capsys.readouterr()
+        assert main(["resume", "whole", "--tracking-uri", cfg["tracking"]["uri"]]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "finished; nothing to resume" in err[0]
+        assert main(["resume", "nope", "--tracking-uri", cfg["tracking"]["uri"]]) == 2
+        assert "no experiment 'nope'" in capsys.readouterr().err
+    finally:
+        os.chdir(cwd)
