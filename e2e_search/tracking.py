@@ -317,7 +317,7 @@ def trial_error(trial) -> str:
         if text:
             break
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    named = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b.*:", ln)]
+    named = [ln for ln in lines if re.match(r"^([A-Za-z_]\w*\.)*[A-Z]\w*: \S", ln)]  # "pkg.mod.SomeError: why"
     if named:
         return named[-1]
     return lines[-1] if lines else "trial failed (no error recorded)"

@@ -371,6 +371,8 @@ def worker_loop(config: dict[str, Any]) -> None:
         outs = [torch.cat(outs).cpu().numpy()] if outs else []  # one device->host copy per epoch
         ys = [torch.cat(ys).cpu().numpy()] if ys else []
         val_loss = _mean_across_ranks(float(vloss), vn, device)
+        if not math.isfinite(val_loss):  # before any metric: a NaN model stops here, with this reason
+            raise NonFiniteLoss(f"non-finite validation loss ({val_loss}) at epoch {epoch}")
         metrics: dict[str, Any] = {"epoch": epoch, "lr": sched.get_last_lr()[0], "epoch_time_s": time.time() - t0,
                                    "train_samples_per_s": n_seen * world / max(train_time, 1e-9),
                                    "num_params": n_params}
@@ -386,8 +388,6 @@ def worker_loop(config: dict[str, Any]) -> None:
                 unwrapped = model.module if hasattr(model, "module") else model
                 latency_ms = inference_latency_ms(unwrapped, _to(_first(val_ds[0][0]), device))
             metrics["latency_ms"] = latency_ms
-        if not math.isfinite(val_loss):
-            raise NonFiniteLoss(f"non-finite validation loss at epoch {epoch}")
         metrics["checkpoint_score"] = checkpoint_score(metrics, metric, mode)
 
         if rank == 0:

@@ -1,0 +1,94 @@
+"""Faults inside a search: trials that raise or go NaN fail alone with their reason in MLflow; a Ray Train
+worker killed mid-trial is replaced and the trial resumes from its checkpoint (real Ray, MLflow)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+import signal
+import threading
+import time
+
+from mlflow.tracking import MlflowClient
+
+from e2e_search.cli import main
+from tests.conftest import base_config, write_e2e, write_yaml
+from tests.test_resume import trial_runs
+
+
+def test_raising_and_nan_trials_fail_alone(tmp_path, monkeypatch, ray_local):
+    """lr 1e30 turns the loss NaN at the second step; lr 1e38 overflows inside AdamW (an exception)."""
+    monkeypatch.chdir(tmp_path)
+    data = write_e2e(tmp_path / "jets.h5", n=40)
+    cfg = base_config(tmp_path, data, name="faults", search={"num_samples": 3},
+                      scheduler={"type": "none", "max_epochs": 2})
+    cfg["params"]["lr"] = {"type": "grid", "values": [1e-3, 1e30, 1e38]}
+    cfg["params"]["embed_dim"] = 16
+    assert main(["run", str(write_yaml(tmp_path / "s.yaml", cfg))]) == 0
+    client = MlflowClient(tracking_uri=cfg["tracking"]["uri"])
+    parents, trials = trial_runs(client, "faults")
+    by_lr = {float(r.data.params["lr"]): r for r in trials}
+    assert set(by_lr) == {1e-3, 1e30, 1e38}
+    ok, nan, boom = by_lr[1e-3], by_lr[1e30], by_lr[1e38]
+    assert ok.info.status == "FINISHED" and ok.data.metrics["epochs_run"] == 2
+    assert nan.info.status == "FAILED" and nan.data.tags["e2e.status"] == "FAILED"
+    assert "NonFiniteLoss: non-finite" in nan.data.tags["e2e.error"]
+    assert "epochs_run" not in nan.data.metrics or nan.data.metrics["epochs_run"] == 0  # stopped in epoch 1
+    assert boom.info.status == "FAILED" and "overflow" in boom.data.tags["e2e.error"]
+    assert parents[0].info.status == "FINISHED" and parents[0].data.tags["e2e.trials_failed"] == "2"
+    assert parents[0].data.tags["e2e.best_run_id"] == ok.info.run_id
+
+
+def _train_workers() -> list[int]:
+    """Pids of this machine's Ray Train worker processes (their title is ``ray::RayTrainWorker...``)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if b"RayTrainWorker" in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_killed_worker_is_replaced_and_the_trial_resumes(tmp_path, monkeypatch, ray_local):
+    """SIGKILL the trial's Train worker after its first checkpoint: with resources.max_failures 1 the worker
+    group restarts, loads the latest checkpoint and the trial finishes with every epoch once."""
+    monkeypatch.chdir(tmp_path)
+    data = write_e2e(tmp_path / "jets.h5", n=40)
+    cfg = base_config(tmp_path, data, name="killworker", search={"num_samples": 1},
+                      scheduler={"type": "none", "max_epochs": 4}, resources={"max_failures": 1})
+    uri = cfg["tracking"]["uri"]
+    killed: list[int] = []
+
+    def killer():
+        client = MlflowClient(tracking_uri=uri)
+        t0 = time.time()
+        while time.time() - t0 < 300:
+            try:
+                _, trials = trial_runs(client, "killworker")
+                hist = client.get_metric_history(trials[0].info.run_id, "val_auc") if trials else []
+            except Exception:
+                hist = []
+            if hist:  # epoch 1 reported, its checkpoint saved
+                for pid in _train_workers():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                return
+            time.sleep(0.2)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    assert main(["run", str(write_yaml(tmp_path / "s.yaml", cfg))]) == 0
+    t.join(timeout=10)
+    assert killed, "no Ray Train worker was found to kill"
+    client = MlflowClient(tracking_uri=uri)
+    _, trials = trial_runs(client, "killworker")
+    assert len(trials) == 1
+    run = trials[0]
+    assert run.info.status == "FINISHED" and run.data.tags["e2e.status"] == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_auc")]
+    assert set(steps) == {1, 2, 3, 4}, steps
+    assert len(steps) <= 5  # resumed from a checkpoint: at most the interrupted epoch ran twice
+    assert run.data.metrics["epochs_run"] == 4
