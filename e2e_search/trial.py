@@ -38,6 +38,7 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
             "mode": setup["mode"],
             "cpus_per_worker": res["cpus_per_worker"],
             "loader_workers": setup["loader_workers"],
+            "nonfinite_flag": f"{setup['train_storage']}/trial_{trial_id}/nonfinite.txt",
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=res["workers"], use_gpu=use_gpu, resources_per_worker=per_worker),

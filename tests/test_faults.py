@@ -17,11 +17,12 @@ from tests.test_resume import trial_runs
 
 
 def test_raising_and_nan_trials_fail_alone(tmp_path, monkeypatch, ray_local):
-    """lr 1e30 turns the loss NaN at the second step; lr 1e38 overflows inside AdamW (an exception)."""
+    """lr 1e30 turns the loss NaN at the second step; lr 1e38 overflows inside AdamW (an exception). With one
+    retry allowed, the exception is retried from the checkpoint (and fails again); the NaN trial is not re-run."""
     monkeypatch.chdir(tmp_path)
     data = write_e2e(tmp_path / "jets.h5", n=40)
     cfg = base_config(tmp_path, data, name="faults", search={"num_samples": 3},
-                      scheduler={"type": "none", "max_epochs": 2})
+                      scheduler={"type": "none", "max_epochs": 2}, resources={"max_failures": 1})
     cfg["params"]["lr"] = {"type": "grid", "values": [1e-3, 1e30, 1e38]}
     cfg["params"]["embed_dim"] = 16
     assert main(["run", str(write_yaml(tmp_path / "s.yaml", cfg))]) == 0
@@ -32,7 +33,8 @@ def test_raising_and_nan_trials_fail_alone(tmp_path, monkeypatch, ray_local):
     ok, nan, boom = by_lr[1e-3], by_lr[1e30], by_lr[1e38]
     assert ok.info.status == "FINISHED" and ok.data.metrics["epochs_run"] == 2
     assert nan.info.status == "FAILED" and nan.data.tags["e2e.status"] == "FAILED"
-    assert "NonFiniteLoss: non-finite" in nan.data.tags["e2e.error"]
+    # retried once (max_failures 1): the retry found the NaN record and stopped at once
+    assert "NonFiniteLoss: non-finite" in nan.data.tags["e2e.error"] and "(not retried)" in nan.data.tags["e2e.error"]
     assert "epochs_run" not in nan.data.metrics or nan.data.metrics["epochs_run"] == 0  # stopped in epoch 1
     assert boom.info.status == "FAILED" and "overflow" in boom.data.tags["e2e.error"]
     assert parents[0].info.status == "FINISHED" and parents[0].data.tags["e2e.trials_failed"] == "2"

@@ -93,20 +93,15 @@ def test_sigkill_driver_then_resume(tmp_path, ray_local):
     assert parent.data.tags["e2e.best_run_id"] in {r.info.run_id for r in trials}
 
 
-def test_resume_refuses_a_finished_search(tmp_path, capsys, ray_local):
+def test_resume_refuses_a_finished_search(tmp_path, monkeypatch, capsys, ray_local):
+    monkeypatch.chdir(tmp_path)
     data = write_e2e(tmp_path / "jets.h5", n=32)
     cfg = base_config(tmp_path, data, name="whole", search={"num_samples": 1},
                       scheduler={"type": "none", "max_epochs": 1})
-    yml = write_yaml(tmp_path / "s.yaml", cfg)
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        assert main(["run", str(yml)]) == 0
-        capsys.readouterr()
-        assert main(["resume", "whole", "--tracking-uri", cfg["tracking"]["uri"]]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "finished; nothing to resume" in err[0]
-        assert main(["resume", "nope", "--tracking-uri", cfg["tracking"]["uri"]]) == 2
-        assert "no experiment 'nope'" in capsys.readouterr().err
-    finally:
-        os.chdir(cwd)
+    assert main(["run", str(write_yaml(tmp_path / "s.yaml", cfg))]) == 0
+    capsys.readouterr()
+    assert main(["resume", "whole", "--tracking-uri", cfg["tracking"]["uri"]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "finished; nothing to resume" in err[0]
+    assert main(["resume", "nope", "--tracking-uri", cfg["tracking"]["uri"]]) == 2
+    assert "no experiment 'nope'" in capsys.readouterr().err

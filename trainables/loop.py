@@ -229,11 +229,30 @@ def _save_attention(path: str, model: torch.nn.Module, shown, device) -> None:
 
 def worker_loop(config: dict[str, Any]) -> None:
     """``config``: {"family", "params", "data" (DataSetup dict), "max_epochs", "metric", "mode", "metrics",
-    "cpus_per_worker", "loader_workers"}.
+    "cpus_per_worker", "loader_workers", "nonfinite_flag"}.
 
     Families with ``pretrain_epochs`` first train that many epochs on their self-supervised loss
     (``model(x, pretrain=True)``), then on the task; epochs count across both phases.
+
+    A NaN/Inf loss ends the trial for good: the reason goes to ``nonfinite_flag`` (a file beside the
+    trial's checkpoints), and a retry (``resources.max_failures``) that finds it stops at once instead of
+    computing the same numbers again from the last checkpoint.
     """
+    flag = config.get("nonfinite_flag")
+    if flag and os.path.exists(flag):
+        with open(flag) as f:
+            raise NonFiniteLoss(f"{f.read().strip()} (not retried)")
+    try:
+        _train(config)
+    except NonFiniteLoss as e:
+        if flag:
+            os.makedirs(os.path.dirname(flag), exist_ok=True)
+            with open(flag, "w") as f:
+                f.write(str(e))
+        raise
+
+
+def _train(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
