@@ -20,6 +20,7 @@ At the end of a search the best finished trial is registered as an MLflow model
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -223,6 +224,7 @@ class MlflowTrials(Callback):
                 continue
             counts["interrupted"] += 1
             series = {k: sorted((x.step, x.value) for x in self.client.get_metric_history(rid, k)) for k in m}
+            self._backfill(rid, Path(train_storage) / f"trial_{tid}", series)
             self.history[tid] = {k: v for k, v in series.items()
                                  if k in ("train_loss", "val_loss", "pretrain_loss", "val_pretrain_loss", self.metric)}
             scored = [(v, e) for e, v in series.get(self.metric, []) if math.isfinite(v)]
@@ -234,6 +236,24 @@ class MlflowTrials(Callback):
             last_epoch = max((e for pts in series.values() for e, _ in pts), default=0)
             self.last[tid] = {"epoch": last_epoch, **{k: pts[-1][1] for k, pts in series.items() if pts}}
         return counts
+
+    def _backfill(self, rid: str, trial_dir: Path, series: dict[str, list[tuple[int, float]]]) -> None:
+        """Log the epochs a killed driver reported to Ray (their checkpoints hold metrics.json) but not to MLflow."""
+        logged = {e for pts in series.values() for e, _ in pts}
+        now = int(time.time() * 1000)
+        for f in sorted(trial_dir.glob("epoch_*/metrics.json")):
+            try:
+                reported = json.loads(f.read_text())
+                epoch = int(reported["epoch"])
+            except (OSError, ValueError, KeyError):
+                continue
+            if epoch in logged:
+                continue
+            numeric = {k: v for k, v in self._numeric(reported).items() if math.isfinite(v)}
+            self.client.log_batch(rid, metrics=[Metric(k, v, now, epoch) for k, v in numeric.items()])
+            for k, v in numeric.items():
+                series.setdefault(k, []).append((epoch, v))
+                series[k].sort()
 
     def close_leftovers(self, results) -> int:
         """After the search: close the runs still open. A trial Tune knows (``results``, a ResultGrid) gets its

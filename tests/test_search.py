@@ -49,7 +49,7 @@ def test_two_trials_two_workers_recorded_in_mlflow(tmp_path, monkeypatch, capsys
         assert run.data.metrics["best_val_auc"] == max(m.value for m in history)
         files = [a.path for a in client.list_artifacts(rid, "best_checkpoint")]
         assert files == ["best_checkpoint/attention.npz", "best_checkpoint/checkpoint.pt",
-                         "best_checkpoint/predictions.npz"]
+                         "best_checkpoint/metrics.json", "best_checkpoint/predictions.npz"]
         plots = {a.path for a in client.list_artifacts(rid, "plots")}
         assert plots == {"plots/learning_curves.png", "plots/roc.png", "plots/scores.png",
                          "plots/attention_rollout.png"}

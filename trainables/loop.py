@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
 import os
 import tempfile
@@ -36,6 +37,9 @@ from e2e_search.registry import get_family
 from trainables.rollout import pick_examples, save_attention
 
 CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.json"
+"""The epoch's reported metrics beside its checkpoint: a resumed search logs the epochs the killed driver
+had not yet passed to MLflow (e2e_search/tracking.py)."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -416,6 +420,8 @@ def _train(config: dict[str, Any]) -> None:
                             "scheduler": sched.state_dict(), "epoch": epoch,
                             "family": family, "params": params, "data": model_data,
                             "metrics": metrics}, os.path.join(tmp, CHECKPOINT_FILE))
+                with open(os.path.join(tmp, METRICS_FILE), "w") as f:  # read back by a resumed search
+                    json.dump(metrics, f)
                 if not pretraining:  # for the trial's plots (e2e_search/plots.py)
                     save_predictions(os.path.join(tmp, PREDICTIONS_FILE), out_all, y_all, task=data.task,
                                      num_classes=data.num_classes, target_mean=data.target_mean,
