@@ -79,7 +79,7 @@ def write_jets(path: str | Path, n: int, *, size: int = 125, channels: int = 3, 
 
 
 def data_setup(path: str | Path, *, cache: str = "none", val_fraction: float = 0.05, loader_workers: int = 0,
-               batch_size: int = 256, family: str = "vit", params: dict | None = None):
+               batch_size: int = 256, family: str = "vit", params: dict | None = None, limit: int | None = None):
     """(SearchSpace, DataSetup) for a classification search on ``path`` (the checks ``e2e-search run`` does)."""
     from e2e_search.config import validate
     from e2e_search.data import inspect
@@ -87,7 +87,7 @@ def data_setup(path: str | Path, *, cache: str = "none", val_fraction: float = 0
     raw = {
         "name": "bench", "family": family, "task": {"type": "classification", "num_classes": 2},
         "data": {"path": str(path), "val_fraction": val_fraction, "test_fraction": 0.0, "cache": cache,
-                 "loader_workers": loader_workers},
+                 "loader_workers": loader_workers, "limit": limit},
         "params": {"batch_size": batch_size, **(params or {})},
         "search": {"num_samples": 1}, "scheduler": {"type": "none", "max_epochs": 1},
     }

@@ -50,8 +50,9 @@ LAYOUTS = {
 }
 
 
-def loader_rate(ds, readers: int, batch: int, device, max_batches: int) -> float:
-    """img/s of the second epoch of a shuffled DataLoader over ``ds`` (batches moved to ``device``)."""
+def loader_rate(ds, readers: int, batch: int, device, max_batches: int, max_seconds: float = 5.0) -> float:
+    """img/s of the second epoch of a shuffled DataLoader over ``ds`` (batches moved to ``device``), each
+    epoch cut after ``max_batches`` batches or ``max_seconds`` (slow layouts)."""
     dl = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=readers, persistent_workers=readers > 0,
                     pin_memory=torch.device(device).type == "cuda", drop_last=True)
     rate = 0.0
@@ -60,7 +61,7 @@ def loader_rate(ds, readers: int, batch: int, device, max_batches: int) -> float
         for i, (x, _) in enumerate(dl):
             x = x.to(device, non_blocking=True)
             n += len(x)
-            if i + 1 >= max_batches:
+            if i + 1 >= max_batches or time.perf_counter() - t0 > max_seconds:
                 break
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
@@ -75,6 +76,7 @@ def main() -> int:
     ap.add_argument("--readers", default="0,1,2,4,8,16")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--max-batches", type=int, default=64, help="batches timed per loader epoch")
+    ap.add_argument("--max-seconds", type=float, default=5.0, help="time limit of one loader epoch")
     ap.add_argument("--layouts", default=",".join(str(i) for i in range(len(LAYOUTS))),
                     help="indices into the layout list (0 = what `e2e-search data generate` writes)")
     ap.add_argument("--consume", default="ViT-S/5=2591,ViT-S/25=43596")
@@ -108,13 +110,13 @@ def main() -> int:
                 from e2e_search.data import H5ImageDataset
 
                 ds = H5ImageDataset(setup, setup.train, train=True)
-                show(name, f"readers={k}", loader_rate(ds, k, args.batch, device, args.max_batches),
+                show(name, f"readers={k}", loader_rate(ds, k, args.batch, device, args.max_batches, args.max_seconds),
                      {"kib_per_jet": size, "readers": k})
             setup.cache = "memory"
             t0 = time.perf_counter()
             ds = H5ImageDataset(setup, setup.train, train=True)
             show(name, "fill", len(setup.train) / (time.perf_counter() - t0), {"kib_per_jet": size})
-            if li == 0:
+            if cached is None:  # the first layout's cache serves the cached-path figures
                 cached = ds
             else:
                 del ds

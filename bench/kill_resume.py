@@ -1,9 +1,10 @@
 """Kill the search driver at random points and resume: how many searches end clean.
 
 Each round starts a fresh search (``e2e-search run``, its own local Ray, as a user would), sends the driver
-SIGKILL at a random moment, then runs ``e2e-search resume`` to the end and checks the MLflow record:
-exactly ``num_samples`` trials, each FINISHED once with every epoch logged, none left RUNNING, the search
-run FINISHED.
+and its Ray SIGKILL at a random moment, then runs ``e2e-search run --resume`` to the end (it continues the
+interrupted search, or starts it anew when the kill came before Ray had saved anything) and checks the
+MLflow record: the latest search run FINISHED with exactly ``num_samples`` trials, each FINISHED once with
+every epoch logged, no run left RUNNING.
 
     .venv/bin/python bench/kill_resume.py --rounds 10 [--seed 0] [--max-kill-s 70]
 
@@ -27,7 +28,7 @@ import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-NUM_SAMPLES, EPOCHS = 4, 3
+NUM_SAMPLES, EPOCHS = 3, 2
 
 
 def write_data(path: Path, n: int = 64, size: int = 16) -> None:
@@ -71,8 +72,14 @@ def state(uri: str, name: str) -> tuple[str, list]:
     if exp is None:
         return "none", []
     runs = c.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("e2e.kind") == "search"]
-    return (parents[0].info.status if parents else "none"), [r for r in runs if r.data.tags.get("e2e.kind") == "trial"]
+    parents = sorted((r for r in runs if r.data.tags.get("e2e.kind") == "search"), key=lambda r: r.info.start_time)
+    if not parents:
+        return "none", []
+    stale = [p for p in parents[:-1] if p.info.status == "RUNNING"]
+    latest = parents[-1]
+    trials = [r for r in runs if r.data.tags.get("e2e.kind") == "trial"
+              and r.data.tags.get("mlflow.parentRunId") == latest.info.run_id]
+    return ("RUNNING (an older search)" if stale else latest.info.status), trials
 
 
 def clean(uri: str, name: str) -> tuple[bool, str]:
@@ -82,6 +89,10 @@ def clean(uri: str, name: str) -> tuple[bool, str]:
     status, trials = state(uri, name)
     tids = [r.data.tags.get("e2e.trial_id") for r in trials]
     problems = []
+    exp = c.get_experiment_by_name(name)
+    left = [r for r in c.search_runs([exp.experiment_id], max_results=1000) if r.info.status == "RUNNING"] if exp else []
+    if left:
+        problems.append(f"{len(left)} runs left RUNNING")
     if status != "FINISHED":
         problems.append(f"search run {status}")
     if len(trials) != NUM_SAMPLES or len(set(tids)) != len(tids):
@@ -114,7 +125,7 @@ def one_round(i: int, work: Path, data: Path, kill_at: float) -> bool:
     resumed = "-"
     if not finished_before:
         time.sleep(2)
-        rc = cli("resume", name, "--tracking-uri", uri, cwd=work, log=log).wait()
+        rc = cli("run", str(yml), "--resume", cwd=work, log=log).wait()
         resumed = f"rc {rc}"
     ok, why = clean(uri, name)
     print(f"round {i + 1:2d}: killed at {kill_at:5.1f}s ({at_kill['FINISHED']} trials finished, "
@@ -138,7 +149,7 @@ def main() -> int:
     rng = random.Random(a.seed)
     kills = [rng.uniform(a.min_kill_s, a.max_kill_s) for _ in range(a.rounds)]
     print(f"{a.rounds} rounds of a {NUM_SAMPLES}-trial, {EPOCHS}-epoch search (2 trials at a time), driver SIGKILLed "
-          f"at a uniform random time in [{a.min_kill_s:g}, {a.max_kill_s:g}] s, then e2e-search resume; in {work}")
+          f"at a uniform random time in [{a.min_kill_s:g}, {a.max_kill_s:g}] s, then e2e-search run --resume; in {work}")
     n_clean = sum(one_round(i, work, data, k) for i, k in enumerate(kills))
     print(f"\n{n_clean} of {a.rounds} rounds ended clean")
     if not a.workdir:

@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="validate config and data, show the plan, run nothing")
     r.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
     r.add_argument("--resume", action="store_true",
-                   help="continue the latest interrupted search of this YAML's experiment instead of starting one")
+                   help="continue the latest interrupted search of this YAML's experiment; start one if there is none")
 
     rs = sub.add_parser("resume", help="continue an interrupted search (driver killed, machine rebooted, Ctrl-C)")
     rs.add_argument("experiment", help="experiment (search name) whose latest search to continue")
@@ -121,11 +121,15 @@ def _cmd_run(args) -> int:
         print(dump(cfg), end="")
         print("dry run: nothing started")
         return 0
-    if args.resume:
+    if args.resume:  # continue the latest unfinished search, or start one when there is none
+        from .errors import NothingToResume
         from .search import DEFAULT_WORKDIR
         from .tracking import tracking_uri
 
-        return _resume(tracking_uri(cfg.tracking.uri, DEFAULT_WORKDIR), cfg.tracking.experiment, None, args)
+        try:
+            return _resume(tracking_uri(cfg.tracking.uri, DEFAULT_WORKDIR), cfg.tracking.experiment, None, args)
+        except NothingToResume as e:
+            print(f"nothing to resume ({e.message}): starting a new search", file=sys.stderr, flush=True)
     p = _plan(args, cfg, address=args.address)
     print(describe(p), flush=True)
     return _report_outcome(cfg, execute(p, address=args.address, verbose=args.verbose))

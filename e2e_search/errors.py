@@ -31,6 +31,10 @@ class UserError(Exception):
         return self
 
 
+class NothingToResume(UserError):
+    """No unfinished search to continue (``run --resume`` then starts a new one)."""
+
+
 def did_you_mean(word: str, options: Iterable[str]) -> str:
     """' (did you mean 'x'?)' or a list of valid options when nothing is close."""
     options = sorted(set(options))

@@ -16,7 +16,7 @@ from typing import Any
 
 from .config import DEFAULT_WORKDIR, SearchSpace, dump
 from .data import DataSetup, inspect
-from .errors import UserError
+from .errors import NothingToResume, UserError
 from .formats import materialize
 from .params import grid_points
 
@@ -174,9 +174,10 @@ def resumable(uri: str, experiment: str, search_run: str | None = None, *, addre
     cfg = validate(yaml.safe_load(text), source=f"search_space.yaml of search run {rid}")
     cfg.tracking.uri = uri
     tune_path = tags.get("e2e.tune_path", "")
-    if not tune_path or not Tuner.can_restore(tune_path):
-        raise UserError(f"Ray's state of search run {rid} is gone ({tune_path or 'no e2e.tune_path tag'}); "
-                        "it cannot be resumed: start a new search with e2e-search run", key="EXPERIMENT")
+    if not tune_path or not Tuner.can_restore(tune_path):  # killed before Ray saved anything: it never can be
+        client.set_terminated(rid, status="KILLED")
+        raise NothingToResume(f"search run {rid} stopped before Ray saved its state ({tune_path or 'no path'}); "
+                              "marked KILLED: start a new search with e2e-search run", key="EXPERIMENT")
     p = plan(cfg, address=address, generate=generate)
     p.storage = Path(tune_path).parent
     return p, Resume(rid, tags.get("mlflow.runName", Path(tune_path).name), tune_path,

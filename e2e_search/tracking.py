@@ -345,12 +345,12 @@ def trial_error(trial) -> str:
 
 def find_resumable(client: MlflowClient, experiment: str, search_run: str | None = None):
     """The search run to resume: ``search_run``, or the latest search of ``experiment``; it must not have finished."""
-    from .errors import UserError, did_you_mean
+    from .errors import NothingToResume, UserError, did_you_mean
 
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = [e.name for e in client.search_experiments()]
-        raise UserError(f"no experiment '{experiment}'{did_you_mean(experiment, names)}", key="EXPERIMENT")
+        raise NothingToResume(f"no experiment '{experiment}'{did_you_mean(experiment, names)}", key="EXPERIMENT")
     if search_run:
         try:
             run = client.get_run(search_run)
@@ -362,11 +362,12 @@ def find_resumable(client: MlflowClient, experiment: str, search_run: str | None
         found = client.search_runs([exp.experiment_id], filter_string="tags.`e2e.kind` = 'search'",
                                    order_by=["attributes.start_time DESC"], max_results=1)
         if not found:
-            raise UserError(f"experiment '{experiment}' holds no e2e-search run", key="EXPERIMENT")
+            raise NothingToResume(f"experiment '{experiment}' holds no e2e-search run", key="EXPERIMENT")
         run = found[0]
-    if run.info.status == "FINISHED":
-        raise UserError(f"search {run.data.tags.get(MLFLOW_RUN_NAME, run.info.run_id)} of '{experiment}' finished; "
-                        "nothing to resume (start a new search with e2e-search run)", key="EXPERIMENT")
+    if run.info.status in ("FINISHED", "KILLED"):
+        raise NothingToResume(f"search {run.data.tags.get(MLFLOW_RUN_NAME, run.info.run_id)} of '{experiment}' "
+                              f"{'finished' if run.info.status == 'FINISHED' else 'was killed before Ray saved it'}; "
+                              "nothing to resume (start a new search with e2e-search run)", key="EXPERIMENT")
     return run
 
 

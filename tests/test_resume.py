@@ -45,11 +45,11 @@ def wait_for(cond, timeout: float, proc: subprocess.Popen | None = None, log: Pa
 
 
 def test_sigkill_driver_then_resume(tmp_path, ray_local):
-    """Kill -9 the driver once one trial has finished and another is mid-way; ``resume`` ends the search with
+    """Kill -9 the driver once one trial has finished and another is mid-way (epoch 1 of 2); ``resume`` ends the search with
     exactly num_samples trials, each finished once, one MLflow run per trial and none left RUNNING."""
     data = write_e2e(tmp_path / "jets.h5", n=48)
-    cfg = base_config(tmp_path, data, name="killed", search={"num_samples": 4, "seed": 3, "max_concurrent": 1},
-                      scheduler={"type": "none", "max_epochs": 3})
+    cfg = base_config(tmp_path, data, name="killed", search={"num_samples": 3, "seed": 3, "max_concurrent": 1},
+                      scheduler={"type": "none", "max_epochs": 2})
     yml = write_yaml(tmp_path / "s.yaml", cfg)
     uri = cfg["tracking"]["uri"]
     address = ray_local.get_runtime_context().gcs_address
@@ -77,13 +77,13 @@ def test_sigkill_driver_then_resume(tmp_path, ray_local):
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.tags["e2e.resumed"] == "1"
-    assert len(trials) == 4, [r.data.tags.get("e2e.trial_id") for r in trials]
-    assert len({r.data.tags["e2e.trial_id"] for r in trials}) == 4
+    assert len(trials) == 3, [r.data.tags.get("e2e.trial_id") for r in trials]
+    assert len({r.data.tags["e2e.trial_id"] for r in trials}) == 3
     assert all(r.info.status == "FINISHED" and r.data.tags["e2e.status"] == "FINISHED" for r in trials)
-    for r in trials:  # every trial ran its 3 epochs once: MLflow steps are absolute epochs
+    for r in trials:  # every trial ran its 2 epochs once: MLflow steps are absolute epochs
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_auc")]
-        assert set(steps) == {1, 2, 3}, (r.data.tags["e2e.trial_id"], steps)
-        assert r.data.metrics["epochs_run"] == 3
+        assert set(steps) == {1, 2}, (r.data.tags["e2e.trial_id"], steps)
+        assert r.data.metrics["epochs_run"] == 2
         assert "best_checkpoint/checkpoint.pt" in {a.path for a in client.list_artifacts(r.info.run_id,
                                                                                         "best_checkpoint")}
     # The finished trial kept its run; the interrupted one continued in its own run (no duplicate).
@@ -105,3 +105,15 @@ def test_resume_refuses_a_finished_search(tmp_path, monkeypatch, capsys, ray_loc
     assert len(err) == 1 and "finished; nothing to resume" in err[0]
     assert main(["resume", "nope", "--tracking-uri", cfg["tracking"]["uri"]]) == 2
     assert "no experiment 'nope'" in capsys.readouterr().err
+
+
+def test_run_resume_starts_a_search_when_there_is_none(tmp_path, monkeypatch, capsys, ray_local):
+    """``run --resume`` continues the latest unfinished search, or (as here, nothing recorded yet) starts one."""
+    monkeypatch.chdir(tmp_path)
+    data = write_e2e(tmp_path / "jets.h5", n=32)
+    cfg = base_config(tmp_path, data, name="fresh", search={"num_samples": 1},
+                      scheduler={"type": "none", "max_epochs": 1})
+    assert main(["run", str(write_yaml(tmp_path / "s.yaml", cfg)), "--resume"]) == 0
+    assert "nothing to resume (no experiment 'fresh'" in capsys.readouterr().err
+    parents, trials = trial_runs(MlflowClient(tracking_uri=cfg["tracking"]["uri"]), "fresh")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(trials) == 1
