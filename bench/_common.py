@@ -6,8 +6,10 @@ Not a benchmark itself; ``bench/throughput.py``, ``bench/bare_vit.py`` and ``ben
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -168,3 +170,9 @@ def timed(label: str):
     t0 = time.perf_counter()
     yield
     print(f"  [{label}: {time.perf_counter() - t0:.1f} s]", flush=True)
+
+
+def write_result(out: str | None, rows: list) -> None:
+    """The rows as JSON, with the machine and the command line, when ``--out`` was given."""
+    if out:
+        Path(out).write_text(json.dumps({"machine": machine(), "argv": sys.argv, "rows": rows}, indent=1))

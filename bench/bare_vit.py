@@ -13,7 +13,6 @@ compile speed-up, and the bf16 model TFLOP/s (6 x params x tokens per image, plu
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
-from _common import VIT, bare_loop, fmt, machine, release  # noqa: E402
+from _common import VIT, bare_loop, fmt, machine, release, write_result  # noqa: E402
 
 # The figures (H100, img/s): (batch, eager, compiled).
 REFERENCE = {"vit_ti5": (256, 3563, 5548), "vit_s5": (256, 1930, 2591), "vit_s25": (1024, 31423, 43596),
@@ -81,8 +80,7 @@ def main() -> int:
         cs = r.get("compiled", {}).get("first_step_s", float("nan"))
         print(f"{r['model']:8} {r['batch']:5} {fmt(e):>8} {fmt(ref[1]):>7} {e / ref[1]:5.2f} {fmt(c):>9} "
               f"{fmt(ref[2]):>7} {c / ref[2]:5.2f} {c / e:12.2f} {cs:9.1f}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"machine": machine(), "argv": sys.argv, "rows": rows}, indent=1))
+    write_result(args.out, rows)
     return 0
 
 

@@ -22,7 +22,6 @@ compiled) and ViT-S/25 (43,596 img/s compiled), or ``--consume NAME=IMG_S,...``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from _common import data_setup, fmt, machine, write_jets  # noqa: E402
+from _common import data_setup, fmt, machine, write_jets, write_result  # noqa: E402
 
 LAYOUTS = {
     # name: write_jets keywords
@@ -139,8 +138,7 @@ def main() -> int:
                     rate = n / (time.perf_counter() - t0)
                 show(f"on-{device} cache (DeviceBatches)", f"device b={bs}", rate)
     print(f"\n{machine()}; {args.n} jets of 3x125x125, batch {args.batch}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"machine": machine(), "argv": sys.argv, "rows": rows}, indent=1))
+    write_result(args.out, rows)
     return 0
 
 

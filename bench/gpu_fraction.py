@@ -10,7 +10,6 @@ of the whole batch of trials, how many ran at once, and the summed training imag
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import VIT, data_setup, fmt, machine, vit_params, write_jets  # noqa: E402
+from _common import VIT, data_setup, fmt, machine, vit_params, write_jets, write_result  # noqa: E402
 
 
 def main() -> int:
@@ -82,8 +81,7 @@ def main() -> int:
     for r in rows:
         summed = sum(x for x in r["trial_img_s"] if x == x) * min(1.0, r["at_once"] / args.trials)
         print(f"{r['fraction']:15g} {r['wall_s']:7.0f} {base / r['wall_s']:8.2f} {fmt(summed):>23}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"machine": machine(), "argv": sys.argv, "rows": rows}, indent=1))
+    write_result(args.out, rows)
     return 0
 
 

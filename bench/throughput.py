@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _common import VIT, bare_loop, data_setup, fmt, machine, release, vit_params, write_jets  # noqa: E402
+from _common import VIT, bare_loop, data_setup, fmt, machine, release, vit_params, write_jets, write_result  # noqa: E402
 
 
 class _Collect:
@@ -177,8 +177,7 @@ def main() -> int:
     for r in rows:
         print(f"{r['model']:10} {str(r['compile']):8} {r['cache']:7} {fmt(r['bare']['img_s']):>11} "
               f"{fmt(r['trainable']['img_s']):>16} {r['ratio']:6.3f}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"machine": machine(), "argv": sys.argv, "rows": rows}, indent=1))
+    write_result(args.out, rows)
     return 0
 
 
