@@ -42,7 +42,7 @@ def _smoke(tmp_path: Path, family: str, extra: list[str] = (), name: str | None 
     return client, runs
 
 
-@pytest.mark.parametrize("family", ["vit", "resnet15"])
+@pytest.mark.parametrize("family", ["vit", pytest.param("resnet15", marks=pytest.mark.slow)])
 def test_two_trial_search(tmp_path, monkeypatch, ray_local, family):
     monkeypatch.chdir(tmp_path)
     client, runs = _smoke(tmp_path, family)
@@ -53,7 +53,7 @@ def test_two_trial_search(tmp_path, monkeypatch, ray_local, family):
         assert ("plots/attention_rollout.png" in plots) == (family == "vit")  # a CNN has no attention map
 
 
-@pytest.mark.parametrize("family", ["mae", "event_transformer"])
+@pytest.mark.parametrize("family", [pytest.param("mae", marks=pytest.mark.slow), "event_transformer"])
 def test_two_trial_search_with_pretraining(tmp_path, monkeypatch, ray_local, family):
     """Epoch 1 pretrains (self-supervised loss, no task metric), epoch 2 trains on the task; the kept
     checkpoint is the task epoch, and a new search can start from it (``params.pretrained``)."""
@@ -75,6 +75,7 @@ def test_two_trial_search_with_pretraining(tmp_path, monkeypatch, ray_local, fam
            name=f"from_pretrained_{family}")
 
 
+@pytest.mark.slow  # ~75 s on 2 cores
 def test_compare_families_searches_over_families(tmp_path, monkeypatch, ray_local):
     monkeypatch.chdir(tmp_path)
     data = write_e2e(tmp_path / "jets.h5", n=48, size=16)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import base_config, write_e2e, write_yaml
@@ -15,6 +16,7 @@ from tests.test_resume import trial_runs
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.slow  # ~2 min on 2 cores: run with -m slow
 def test_search_on_a_two_node_cluster(tmp_path):
     """4 trials, 2 at a time, one Train worker each: the head fits one worker, the second node one, so
     trials run on both nodes; results and checkpoints land in the one storage path both nodes share."""
