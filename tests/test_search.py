@@ -161,6 +161,8 @@ def test_trial_resumes_from_its_latest_checkpoint(tmp_path, ray_local):
     digest = hashlib.sha256(ckpt1.read_bytes()).hexdigest()
     second = fit(3)
     assert first.metrics["epoch"] == 1 and second.metrics["epoch"] == 3
+    third = fit(3)  # restarted after its last epoch: nothing trains, the final result is reported again
+    assert third.metrics["epoch"] == 3 and third.metrics["val_auc"] == second.metrics["val_auc"]
     assert hashlib.sha256(ckpt1.read_bytes()).hexdigest() == digest  # epoch 1 was not trained again
     assert torch.load(store / "trial_x" / "epoch_0003" / CHECKPOINT_FILE, weights_only=True)["epoch"] == 3
 

@@ -333,6 +333,9 @@ def _train(config: dict[str, Any]) -> None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"]) + 1
+        if start_epoch > max_epochs:  # restarted after its last epoch (the driver died before recording the end):
+            ray.train.report(dict(state["metrics"]))  # Tune still needs the trial's final result
+            return
 
     latency_ms: float | None = None
     for epoch in range(start_epoch, max_epochs + 1):
