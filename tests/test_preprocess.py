@@ -221,3 +221,56 @@ def test_memory_cache_too_big_for_the_machine(tmp_path, monkeypatch):
             build()
         assert e.value.key == "data.cache" and "data.cache: none" in e.value.message
     _setup(tmp_path, path)  # cache: none does not need the memory
+
+
+def _shuffled_file(tmp_path, n: int = 300):
+    """``n`` 16x16x3 jets stored gzip + shuffle, one row per HDF5 chunk (what `data generate` writes)."""
+    path = _file(tmp_path, "shuffled.h5", n=n, size=16)
+    with h5py.File(path, "r+") as f:
+        X = f["X_jets"][...]
+        del f["X_jets"]
+        f.create_dataset("X_jets", data=X, chunks=(1, *X.shape[1:]), compression="gzip", shuffle=True)
+    return path
+
+
+def _count_parallel_fills(monkeypatch) -> list[int]:
+    import e2e_search.data as data
+
+    calls: list[int] = []
+    real = data.read_images_parallel
+    monkeypatch.setattr(data, "read_images_parallel", lambda *a: calls.append(a[3]) or real(*a))
+    return calls
+
+
+def test_parallel_fill_gives_the_serial_cache_bit_for_bit(tmp_path, monkeypatch):
+    calls = _count_parallel_fills(monkeypatch)
+    s = _setup(tmp_path, _shuffled_file(tmp_path), cache="memory", log1p=True, resize=[8, 8], resize_mode="avgpool")
+    idx = np.random.default_rng(0).permutation(s.train).tolist()
+    idx.insert(7, idx[100])  # a repeat
+    for split in (s.train, idx):  # sorted (no re-ordering) and shuffled with a repeat (the inverse)
+        serial, parallel = H5ImageDataset(s, split), H5ImageDataset(s, split, fill_workers=2)
+        x0, y0 = serial.tensors()
+        x1, y1 = parallel.tensors()
+        assert x1.shape == (len(split), 3, 8, 8) and x1.dtype == torch.float32
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    assert calls == [64, 64]  # blocks of 64 rows: 225 training rows in 4 blocks, by 2 worker processes
+    H5ImageDataset(s, s.val, fill_workers=2)  # 75 rows: fewer than 2 blocks, read serially
+    assert len(calls) == 2
+
+
+def test_parallel_fill_raises_the_serial_error_on_a_corrupt_chunk(tmp_path, monkeypatch):
+    calls = _count_parallel_fills(monkeypatch)
+    path = _shuffled_file(tmp_path)
+    s = _setup(tmp_path, path, cache="memory")
+    with h5py.File(path, "r") as f:
+        info = f["X_jets"].id.get_chunk_info_by_coord((s.train[-1], 0, 0, 0))
+    with open(path, "r+b") as fh:  # garbage in the last training row's compressed chunk
+        fh.seek(info.byte_offset)
+        fh.write(b"\xff" * info.size)
+    errors = []
+    for workers in (0, 2):
+        with pytest.raises(Exception) as e:
+            H5ImageDataset(s, s.train, fill_workers=workers)
+        errors.append((type(e.value), str(e.value)))
+    assert errors[0] == errors[1], errors  # OSError: Can't synchronously read data (filter returned failure ...)
+    assert calls == [64]
