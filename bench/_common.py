@@ -97,6 +97,20 @@ def data_setup(path: str | Path, *, cache: str = "none", val_fraction: float = 0
     return cfg, inspect(cfg)
 
 
+def local_tracking(tmp: str | Path) -> dict[str, str]:
+    """The ``tracking`` block of a bench search: MLflow in SQLite, Ray results and artifacts, all under ``tmp``."""
+    return {"uri": f"sqlite:///{tmp}/mlflow.db", "storage": f"{tmp}/ray_results", "artifacts": f"{tmp}/mlartifacts"}
+
+
+def start_ray() -> float:
+    """A local Ray as ``e2e-search run`` starts it; the seconds it took."""
+    from e2e_search.search import _init_ray
+
+    t0 = time.perf_counter()
+    _init_ray(None, verbose=False)
+    return time.perf_counter() - t0
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

@@ -232,13 +232,20 @@ def read_images_parallel(setup: DataSetup, indices, workers: int, block: int) ->
                                          multiprocessing_context=ctx)
     out: np.ndarray | None = None
     failed = -1
-    for start, imgs in loader:  # imgs: tensor (n, C, h, w) in shared memory, or None
-        if imgs is None:
-            failed = start
-            break
-        if out is None:
-            out = np.empty((len(uniq), *imgs.shape[1:]), np.float32)
-        out[start : start + len(imgs)] = imgs.numpy()
+    try:
+        for start, imgs in loader:  # imgs: tensor (n, C, h, w) in shared memory, or None
+            if imgs is None:
+                failed = start
+                break
+            if out is None:
+                out = np.empty((len(uniq), *imgs.shape[1:]), np.float32)
+            out[start : start + len(imgs)] = imgs.numpy()
+    except RuntimeError as e:  # the workers themselves failed (a full /dev/shm, a killed process): read here
+        print(f"parallel cache fill failed ({str(e).splitlines()[0]}); reading {len(idx)} images serially",
+              file=sys.stderr, flush=True)
+        del loader
+        with h5py.File(setup.path, "r") as f:
+            return read_images(f[setup.image_key], idx, setup)
     del loader  # the loop's iterator is gone: its workers are stopped
     if failed >= 0:
         with h5py.File(setup.path, "r") as f:

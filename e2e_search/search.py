@@ -320,6 +320,7 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
                                                 search=run_name, metric=metric, mode=mode).items():
                 print(f"registered model '{name}' (alias champion) from run {rid}", flush=True)
                 client.set_tag(parent, f"e2e.champion.{name}", rid)
+        client.log_metric(parent, "tracking_s", trials_cb.busy_s)  # driver time in MLflow logging
         n_failed = sum(1 for s in trials_cb.status.values() if s == "FAILED")
         client.set_tag(parent, "e2e.trials_failed", str(n_failed))
         client.set_terminated(parent, status=status)

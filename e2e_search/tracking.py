@@ -20,6 +20,7 @@ At the end of a search the best finished trial is registered as an MLflow model
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -62,6 +63,20 @@ def is_better(value: float, best: float | None, mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
 
+def _timed(hook):
+    """Adds the hook's wall time to ``self.busy_s``: the driver time MLflow logging costs the search."""
+
+    @functools.wraps(hook)
+    def wrapper(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return hook(self, *args, **kwargs)
+        finally:
+            self.busy_s += time.perf_counter() - t0
+
+    return wrapper
+
+
 class MlflowTrials(Callback):
     """Tune callback: one nested MLflow run per trial, keyed on the trial id (reused on resume)."""
 
@@ -80,6 +95,7 @@ class MlflowTrials(Callback):
         self.last: dict[str, dict[str, Any]] = {}
         self.status: dict[str, str] = {}
         self.history: dict[str, dict[str, list[tuple[int, float]]]] = {}  # for the learning curves
+        self.busy_s = 0.0  # driver time spent in the hooks below
 
     # ------------------------------------------------------------------ helpers
     def _run_for(self, trial) -> str:
@@ -170,9 +186,11 @@ class MlflowTrials(Callback):
                 if k not in _SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     # ------------------------------------------------------------------ Tune hooks
+    @_timed
     def on_trial_start(self, iteration, trials, trial, **info):
         self._run_for(trial)
 
+    @_timed
     def on_trial_result(self, iteration, trials, trial, result, **info):
         rid = self._run_for(trial)
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
@@ -192,9 +210,11 @@ class MlflowTrials(Callback):
             self.best[trial.trial_id] = {"value": float(value), "epoch": epoch, "metrics": numeric,
                                          "checkpoint": result.get("checkpoint_path")}
 
+    @_timed
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._close(trial, "FINISHED")
 
+    @_timed
     def on_trial_error(self, iteration, trials, trial, **info):
         self._close(trial, "FAILED", error=trial_error(trial))
 

@@ -8,6 +8,7 @@ checkpoint. Metrics reach Tune through ``TuneReportCallback`` (rank 0's), with
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ray import tune
@@ -39,6 +40,7 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
             "cpus_per_worker": res["cpus_per_worker"],
             "loader_workers": setup["loader_workers"],
             "nonfinite_flag": f"{setup['train_storage']}/trial_{trial_id}/nonfinite.txt",
+            "launched_at": time.time(),  # the worker's startup_s counts from here
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=res["workers"], use_gpu=use_gpu, resources_per_worker=per_worker),

@@ -37,6 +37,7 @@ def test_two_trials_two_workers_recorded_in_mlflow(tmp_path, monkeypatch, capsys
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     assert "search_space.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    assert parent.data.metrics["tracking_s"] > 0  # driver time in MLflow logging
     for run in children:
         rid = run.info.run_id
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -47,6 +48,12 @@ def test_two_trials_two_workers_recorded_in_mlflow(tmp_path, monkeypatch, capsys
         for key in ("best_val_auc", "final_val_auc", "best_epoch", "epochs_run", "val_loss", "train_loss"):
             assert key in run.data.metrics, key
         assert run.data.metrics["best_val_auc"] == max(m.value for m in history)
+        # Where the trial's time went: worker start and set-up once, checkpoint writing each epoch and
+        # the previous epoch's report from epoch 2.
+        timing = {k: client.get_metric_history(rid, k) for k in ("startup_s", "setup_s", "save_s", "report_s")}
+        assert [m.step for m in timing["startup_s"]] == [1] and [m.step for m in timing["setup_s"]] == [1]
+        assert sorted(m.step for m in timing["save_s"]) == [1, 2] and [m.step for m in timing["report_s"]] == [2]
+        assert all(0 < m.value < 120 for ms in timing.values() for m in ms)
         files = [a.path for a in client.list_artifacts(rid, "best_checkpoint")]
         assert files == ["best_checkpoint/attention.npz", "best_checkpoint/checkpoint.pt",
                          "best_checkpoint/metrics.json", "best_checkpoint/predictions.npz"]

@@ -34,7 +34,6 @@ from e2e_search.metrics import task_metrics
 from e2e_search.params import split_params, trial_family
 from e2e_search.plots import ATTENTION_FILE, PREDICTIONS_FILE, save_predictions
 from e2e_search.registry import get_family
-from trainables.rollout import pick_examples, save_attention
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"
@@ -212,6 +211,8 @@ def _rollout_examples(val_ds, data: DataSetup, k: int = 4) -> tuple[torch.Tensor
     """A few validation images (the classes in turn) for the attention-rollout plots; None for object lists."""
     if data.kind != "images" or len(val_ds) == 0:
         return None
+    from trainables.rollout import pick_examples  # timm: imported by the workers only, not every Ray process
+
     labels = np.asarray(val_ds.labels)
     classes = None if data.task == "regression" else (labels if labels.ndim == 1 else labels[:, 0]).astype(int)
     idx = pick_examples(None if classes is None else list(classes[:256]), len(val_ds), k)
@@ -224,6 +225,8 @@ def _rollout_examples(val_ds, data: DataSetup, k: int = 4) -> tuple[torch.Tensor
 
 def _save_attention(path: str, model: torch.nn.Module, shown, device) -> None:
     """attention.npz beside the checkpoint (transformer families); a failure here never stops training."""
+    from trainables.rollout import save_attention
+
     images, titles = shown
     try:
         save_attention(path, model, images.to(device), titles)
@@ -257,6 +260,11 @@ def worker_loop(config: dict[str, Any]) -> None:
 
 
 def _train(config: dict[str, Any]) -> None:
+    entered = time.time()
+    # Where a trial's time goes, reported with the first epoch this worker group trains (bench/orchestration.py):
+    # startup_s: the trial function's start -> this worker running (placement, worker processes, process group);
+    # setup_s: -> the first step (data opened and cached, model built, checkpoint restored).
+    startup = {"startup_s": entered - config["launched_at"]} if config.get("launched_at") else {}
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
@@ -270,12 +278,18 @@ def _train(config: dict[str, Any]) -> None:
     np.random.seed(tp.seed + rank)
 
     dataset_cls = ObjectDataset if data.kind == "objects" else H5ImageDataset
-    train_ds = dataset_cls(data, data.train, train=True)
+    # The one-off read of a cached split, by as many processes as this worker has CPUs (or loader workers).
+    fill = ({"fill_workers": max(int(config.get("cpus_per_worker", 1)), int(config.get("loader_workers", 0)))}
+            if dataset_cls is H5ImageDataset and data.cache in ("memory", "device") else {})
+    train_ds = dataset_cls(data, data.train, train=True, **fill)
     # Validation: each rank scores its own stride of the split, predictions are gathered.
-    val_ds = dataset_cls(data, data.val[rank::world])
+    val_ds = dataset_cls(data, data.val[rank::world], **fill)
     drop_last = len(train_ds) > tp.batch_size * world
     device = ray.train.torch.get_device()
-    if data.cache == "device" and data.kind == "images":  # tensors on the device, no DataLoader
+    # Cached images: batches cut from tensors on the device, no DataLoader. On the CPU a memory cache is
+    # already on the device; on a GPU it stays in host memory and a DataLoader (pinned, loader_workers) feeds it.
+    on_device = data.cache == "device" or (data.cache == "memory" and torch.device(device).type == "cpu")
+    if on_device and data.kind == "images":
         train_loader = DeviceBatches(*train_ds.tensors(), tp.batch_size, device, shuffle=True, rank=rank, world=world,
                                      flip=data.flip_augment, seed=tp.seed, drop_last=drop_last)
         val_loader = DeviceBatches(*val_ds.tensors(), max(tp.batch_size, 128), device, shuffle=False)
@@ -338,6 +352,8 @@ def _train(config: dict[str, Any]) -> None:
             return
 
     latency_ms: float | None = None
+    startup["setup_s"] = time.time() - entered
+    report_s: float | None = None  # the previous epoch's ray.train.report (persisting its checkpoint)
     for epoch in range(start_epoch, max_epochs + 1):
         pretraining = epoch <= pretrain_epochs
         t0 = time.time()
@@ -415,9 +431,14 @@ def _train(config: dict[str, Any]) -> None:
                 latency_ms = inference_latency_ms(unwrapped, _to(_first(val_ds[0][0]), device))
             metrics["latency_ms"] = latency_ms
         metrics["checkpoint_score"] = checkpoint_score(metrics, metric, mode)
+        if epoch == start_epoch:
+            metrics.update(startup)
+        if report_s is not None:
+            metrics["report_s"] = report_s
 
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
+                saving = time.time()
                 unwrapped = model.module if hasattr(model, "module") else model
                 torch.save({"model": unwrapped.state_dict(), "optimizer": opt.state_dict(),
                             "scheduler": sched.state_dict(), "epoch": epoch,
@@ -431,7 +452,11 @@ def _train(config: dict[str, Any]) -> None:
                                      target_std=data.target_std)
                     if shown is not None:
                         _save_attention(os.path.join(tmp, ATTENTION_FILE), unwrapped, shown, device)
+                metrics["save_s"] = time.time() - saving  # written to a local folder; report_s persists it
+                reporting = time.time()
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"epoch_{epoch:04d}")
         else:
+            reporting = time.time()
             ray.train.report(metrics)
+        report_s = time.time() - reporting

@@ -1,0 +1,149 @@
+"""Per-trial orchestration overhead: where a trial's time goes besides training, and how it grows with trials.
+
+    .venv/bin/python bench/orchestration.py --trials 2,4,8,16 --epochs 2
+
+Runs real searches (``e2e_search.search.execute``: Ray Tune, a ``TorchTrainer`` per trial, MLflow in SQLite)
+of a tiny ViT on a small generated toy dataset, so that training is short and the overhead shows. For each
+search size it prints, per trial (means):
+
+- ``start``: the trial function's start -> its worker running (``startup_s``: Ray Train's placement group,
+  worker process, torch process group);
+- ``setup``: the worker's data read and cache, model build (``setup_s``);
+- ``train+val``: the epochs themselves (sum of ``epoch_time_s``);
+- ``report``: per-epoch metrics, checkpoint written and persisted, the result relayed to Tune
+  (Tune's ``time_total_s`` less the three above);
+- ``outside``: the rest of the trial's MLflow run (from Tune's trial start to its run closed): the trial
+  actor's start, the TorchTrainer's shutdown, the closing upload of the checkpoint and plots;
+- ``mlflow``: driver time in the MLflow callback (``tracking_s`` of the search run / trials);
+
+and for the search: its wall time, the share of ``wall x concurrent trials`` spent training
+(``train share``), and the overhead per trial relative to the smallest search (``growth``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import mean
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import local_tracking, machine, start_ray, write_result  # noqa: E402
+
+
+def search_config(data: str, tmp: str, n_trials: int, epochs: int, concurrent: int) -> dict:
+    return {
+        "name": f"orchestration_{n_trials}", "family": "vit", "task": {"type": "classification", "num_classes": 2},
+        "data": {"path": data, "val_fraction": 0.25, "test_fraction": 0.0, "cache": "device"},
+        "params": {"lr": 1e-3, "batch_size": 64, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2,
+                   "mlp_ratio": 2.0, "seed": {"type": "randint", "low": 0, "high": 1000}},
+        "search": {"algorithm": "random", "num_samples": n_trials, "max_concurrent": concurrent, "metric": "val_auc"},
+        "scheduler": {"type": "none", "max_epochs": epochs},
+        "resources": {"workers": 1, "cpus_per_worker": 1},
+        "tracking": local_tracking(tmp),
+    }
+
+
+def tune_results(storage: Path) -> dict[str, list[dict]]:
+    """trial id -> its Tune results (``result.json`` of each trial directory)."""
+    out: dict[str, list[dict]] = {}
+    for f in storage.glob("*/result.json"):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if rows:
+            out[rows[0]["trial_id"]] = rows
+    return out
+
+
+def measure(data: str, tmp: str, n_trials: int, epochs: int, concurrent: int) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    from e2e_search.config import validate
+    from e2e_search.search import execute, plan
+
+    cfg = validate(search_config(data, tmp, n_trials, epochs, concurrent), source="bench")
+    p = plan(cfg)
+    t0 = time.time()
+    out = execute(p)
+    wall = time.time() - t0
+    client = MlflowClient(out.tracking_uri)
+    parent = client.get_run(out.parent_run_id)
+    tune_dir = Path(parent.data.tags["e2e.tune_path"])
+    results = tune_results(tune_dir)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'")
+    rows = []
+    for run in children:
+        tid = run.data.tags["e2e.trial_id"]
+        res = results.get(tid, [])
+        if not res or run.info.end_time is None:
+            continue
+        first = res[0]
+        train = sum(r["epoch_time_s"] for r in res)
+        start, setup = first.get("startup_s", 0.0), first.get("setup_s", 0.0)
+        total = res[-1]["time_total_s"]
+        rows.append({"start": start, "setup": setup, "train": train, "report": total - start - setup - train,
+                     "outside": (run.info.end_time - run.info.start_time) / 1000 - total,
+                     "save": mean(r.get("save_s", 0.0) for r in res),
+                     "persist": mean(r["report_s"] for r in res if "report_s" in r) if len(res) > 1 else float("nan")})
+    tracking = parent.data.metrics.get("tracking_s", float("nan"))
+    per = {k: mean(r[k] for r in rows) for k in rows[0]} if rows else {}
+    per["mlflow"] = tracking / max(1, len(rows))
+    train_total = sum(r["train"] for r in rows)
+    return {"trials": n_trials, "finished": len(rows), "wall_s": wall, "train_share": train_total / (wall * concurrent),
+            "overhead_per_trial_s": (wall * concurrent - train_total) / max(1, len(rows)), "per_trial": per}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", default="2,4,8,16", help="search sizes, run one after the other on one Ray")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--n", type=int, default=800, help="toy jets (32x32x3) in the file")
+    ap.add_argument("--concurrent", type=int, default=2)
+    ap.add_argument("--out", help="write the rows as JSON here")
+    args = ap.parse_args()
+    import ray
+
+    from e2e_search.search import _quiet_libraries
+    from e2e_search.toy import generate_toy_jets
+
+    print(machine(), flush=True)
+    tmp = tempfile.mkdtemp(prefix="e2e_orch_")
+    data = os.path.join(tmp, "toy.h5")
+    generate_toy_jets(data, n=args.n, image_size=32, channels=3, seed=0)
+    _quiet_libraries(False)
+    ray_start = start_ray()
+    rows = []
+    try:
+        for n in (int(x) for x in args.trials.split(",")):
+            rows.append(measure(data, tmp, n, args.epochs, args.concurrent))
+            r = rows[-1]
+            print(f"  {n} trials: {r['wall_s']:.0f} s, {r['finished']} finished, train share {r['train_share']:.2f}",
+                  flush=True)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    base = rows[0]["overhead_per_trial_s"]
+    print(f"\n{machine()}\nray.init {ray_start:.1f} s (once); {args.epochs} epochs of a 1-layer ViT on "
+          f"{args.n} toy jets per trial, {args.concurrent} trials at once, 1 CPU each")
+    cols = ["start", "setup", "train", "report", "outside", "mlflow"]
+    print(f"{'trials':>6} {'wall s':>7} {'train share':>11} {'overhead/trial s':>16} {'growth':>6} | per trial s: "
+          + " ".join(f"{c:>7}" for c in ["start", "setup", "trn+val", "report", "outside", "mlflow"])
+          + f" | per epoch s: {'save':>5} {'persist':>7}")
+    for r in rows:
+        pt = r["per_trial"]
+        print(f"{r['trials']:>6} {r['wall_s']:7.1f} {r['train_share']:11.2f} {r['overhead_per_trial_s']:16.1f} "
+              f"{r['overhead_per_trial_s'] / base:6.2f} |              " + " ".join(f"{pt[c]:7.2f}" for c in cols)
+              + f" |              {pt['save']:5.2f} {pt['persist']:7.2f}")
+    write_result(args.out, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Search efficiency: ASHA + TPE vs random search without early stopping, in trial-epochs to a target val AUC.
+
+    .venv/bin/python bench/search_efficiency.py --seeds 0,1,2 --trials 16 --random-trials 32 --epochs 9
+
+Both searches run the same ViT search space (learning rate over four decades, depth, width, patch size,
+pooling) on one fixed generated dataset (4,000 Pythia top vs QCD jets, as
+``search_spaces/vit_pareto.yaml`` generates them, averaged down to 25x25), through ``e2e_search.search.execute`` as ``e2e-search run`` does:
+
+- **ASHA + TPE**: ``search.algorithm: tpe``, ``scheduler: asha`` (grace 1 epoch, reduction factor 3), one
+  search per seed in ``--seeds``;
+- **random**: ``search.algorithm: random``, ``scheduler: none``: every trial trains all ``--epochs``.
+
+A trial-epoch is one epoch of one trial. The cost of a search to reach the target is the number of
+trial-epochs reported (in the order MLflow logged them, all trials counted) up to the first val AUC at or
+above ``--target``. The default target is what the best 10% of the random
+trials reach (``--target-quantile 0.9``): finding a top-10% model. Random trials are independent draws, so
+the random figure is an expectation: over 2,000
+random orders of the random trials (one at a time, each trained to the end), the trial-epochs up to the first
+one that reaches the target. It prints both, and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from statistics import mean, median
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import local_tracking, machine, start_ray, write_result  # noqa: E402
+
+SPACE = {
+    "lr": {"type": "loguniform", "low": 1.0e-5, "high": 1.0e-1},
+    "batch_size": 64,
+    "weight_decay": 0.05,
+    "patch_size": {"type": "choice", "values": [5, 25]},
+    "depth": {"type": "randint", "low": 1, "high": 5},
+    "embed_dim": {"type": "choice", "values": [16, 32, 64]},
+    "num_heads": 2,
+    "mlp_ratio": 2.0,
+    "pool": {"type": "choice", "values": ["token", "avg"]},
+}
+DATA = "e2e_runs/data/top_vs_qcd_4k.h5"
+GENERATE = {"recipe": "top_vs_qcd", "n": 4000, "workers": 2, "seed": 1}  # what search_spaces/vit_pareto.yaml uses
+
+
+def search_config(data: str, tmp: str, name: str, *, algorithm: str, scheduler: str, trials: int, epochs: int,
+                  seed: int, concurrent: int) -> dict:
+    sched = {"type": scheduler, "max_epochs": epochs}
+    if scheduler == "asha":
+        sched.update(grace_period=1, reduction_factor=3)
+    return {
+        "name": name, "family": "vit", "task": {"type": "classification", "num_classes": 2},
+        # 125x125 jets averaged down to 25x25 (5x5 blocks): quick on a CPU, still far from trivial to tag.
+        "data": {"path": data, "val_fraction": 0.25, "test_fraction": 0.0, "cache": "device", "log1p": True,
+                 "resize": [25, 25], "resize_mode": "avgpool", "generate": GENERATE},
+        "params": SPACE,
+        "search": {"algorithm": algorithm, "num_samples": trials, "max_concurrent": concurrent, "metric": "val_auc",
+                   "seed": seed},
+        "scheduler": sched,
+        "resources": {"workers": 1, "cpus_per_worker": 1},
+        "tracking": local_tracking(tmp),
+    }
+
+
+def curves(uri: str, parent_run_id: str) -> list[list[tuple[int, int, float]]]:
+    """Each trial's val AUC as [(logged at ms, epoch, value)], from MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return [sorted((m.timestamp, m.step, m.value) for m in client.get_metric_history(r.info.run_id, "val_auc"))
+            for r in runs]
+
+
+def cost_in_order(trials: list[list[tuple[int, int, float]]], target: float) -> int | None:
+    """Trial-epochs logged up to the first value >= target (in logging order), or None if never reached."""
+    events = sorted(e for t in trials for e in t)
+    for i, (_, _, v) in enumerate(events, 1):
+        if v >= target:
+            return i
+    return None
+
+
+def expected_random_cost(trials: list[list[tuple[int, int, float]]], target: float, orders: int = 2000,
+                         seed: int = 0) -> tuple[float, float]:
+    """Mean trial-epochs to reach ``target`` over random orders of independent trials run one at a time, and the
+    share of orders that reached it at all."""
+    rng = random.Random(seed)
+    costs, reached = [], 0
+    for _ in range(orders):
+        order = trials[:]
+        rng.shuffle(order)
+        spent = 0
+        for t in order:
+            hit = next((ep for _, ep, v in sorted(t, key=lambda e: e[1]) if v >= target), None)
+            if hit is not None:
+                costs.append(spent + hit)
+                reached += 1
+                break
+            spent += len(t)
+    return (mean(costs) if costs else float("nan")), reached / orders
+
+
+Curves = list[list[tuple[int, int, float]]]  # per trial: [(logged at ms, epoch, val AUC)]
+
+
+def run_searches(args) -> tuple[dict[str, Curves], Curves]:
+    """The ASHA + TPE searches (one per seed) and the random search, on one generated dataset and one Ray."""
+    import ray
+
+    from e2e_search.config import validate
+    from e2e_search.search import _quiet_libraries, execute, plan
+
+    tmp = tempfile.mkdtemp(prefix="e2e_eff_")
+    data = args.data
+    _quiet_libraries(False)
+    start_ray()
+
+    def run(name: str, **kw) -> Curves:
+        cfg = validate(search_config(data, tmp, name, epochs=args.epochs, concurrent=args.concurrent, **kw),
+                       source="bench")
+        out = execute(plan(cfg))
+        return curves(out.tracking_uri, out.parent_run_id)
+
+    try:
+        asha = {s: run(f"asha_tpe_{s}", algorithm="tpe", scheduler="asha", trials=args.trials, seed=int(s))
+                for s in args.seeds.split(",")}
+        rnd = run("random", algorithm="random", scheduler="none", trials=args.random_trials, seed=100)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return asha, rnd
+
+
+def summarize(asha: dict[str, Curves], rnd: Curves, target: float | None, quantile: float) -> list[dict]:
+    if target is None:
+        bests = sorted(max(v for _, _, v in t) for t in rnd if t)
+        target = float(np.quantile(bests, quantile))
+        print(f"target val AUC {target:.4f}: the {quantile:g} quantile of the random trials' best")
+    rows = []
+    print(f"{'search':>16} {'trials':>6} {'trial-epochs run':>16} {'best val AUC':>12} {'trial-epochs to target':>22}")
+    for s, tr in asha.items():
+        c = cost_in_order(tr, target)
+        best = max((v for t in tr for _, _, v in t), default=float("nan"))
+        rows.append({"search": f"asha_tpe seed {s}", "trials": len(tr), "trial_epochs": sum(map(len, tr)),
+                     "best": best, "to_target": c, "target": target})
+        print(f"{'ASHA+TPE s' + str(s):>16} {len(tr):6d} {sum(map(len, tr)):16d} {best:12.4f} "
+              f"{c if c is not None else 'not reached':>22}")
+    exp, share = expected_random_cost(rnd, target)
+    best = max((v for t in rnd for _, _, v in t), default=float("nan"))
+    hits = sum(1 for t in rnd if any(v >= target for _, _, v in t))
+    in_order = cost_in_order(rnd, target)
+    rows.append({"search": "random", "trials": len(rnd), "trial_epochs": sum(map(len, rnd)), "best": best,
+                 "expected_to_target": exp, "orders_reaching": share, "trials_reaching": hits,
+                 "in_logged_order": in_order, "target": target})
+    print(f"{'random':>16} {len(rnd):6d} {sum(map(len, rnd)):16d} {best:12.4f} {exp:22.1f}  (expected; "
+          f"{hits}/{len(rnd)} trials reach it; {in_order} in the order it ran)")
+    costs = [r["to_target"] for r in rows if r.get("to_target") is not None]
+    if costs and exp == exp:
+        print(f"\nASHA+TPE / random trial-epochs to target: median {median(costs) / exp:.2f}, "
+              f"mean {mean(costs) / exp:.2f} ({len(costs)}/{len(asha)} ASHA+TPE searches reached it)")
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", default="0,1,2", help="one ASHA + TPE search per seed")
+    ap.add_argument("--trials", type=int, default=16, help="trials per ASHA + TPE search")
+    ap.add_argument("--random-trials", type=int, default=32, help="trials of the random search (all epochs)")
+    ap.add_argument("--epochs", type=int, default=9)
+    ap.add_argument("--target", type=float, help="target val AUC (default: see --target-quantile)")
+    ap.add_argument("--target-quantile", type=float, default=0.9,
+                    help="without --target: the val AUC that this share of the random trials stay below "
+                         "(0.9: what the best 10%% of random configurations reach in --epochs)")
+    ap.add_argument("--data", default=DATA, help="the fixed dataset: Pythia top vs QCD jets, generated with "
+                                                 f"{GENERATE} if the file is missing")
+    ap.add_argument("--concurrent", type=int, default=2)
+    ap.add_argument("--curves", help="a JSON file of the trials' val AUC curves: read if it exists (no search "
+                                     "runs: other targets for the same searches), else written after the searches")
+    ap.add_argument("--out", help="write the figures as JSON here")
+    args = ap.parse_args()
+    print(machine(), flush=True)
+    if args.curves and os.path.exists(args.curves):
+        saved = json.loads(Path(args.curves).read_text())
+        asha, rnd = saved["asha_tpe"], saved["random"]
+    else:
+        asha, rnd = run_searches(args)
+        if args.curves:
+            Path(args.curves).write_text(json.dumps({"argv": sys.argv, "asha_tpe": asha, "random": rnd}))
+    print(f"\n{machine()}\nViT space of {len(SPACE)} keys, {args.epochs} epochs max, data {args.data}, "
+          f"{args.concurrent} trials at once")
+    write_result(args.out, summarize(asha, rnd, args.target, args.target_quantile))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
