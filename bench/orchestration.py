@@ -1,6 +1,7 @@
 """Per-trial orchestration overhead: where a trial's time goes besides training, and how it grows with trials.
 
     .venv/bin/python bench/orchestration.py --trials 2,4,8,16 --epochs 2
+    .venv/bin/python bench/orchestration.py --trials 2,8 --poll 2,0.5    # how often Ray Train collects reports
 
 Runs real searches (``e2e_search.search.execute``: Ray Tune, a ``TorchTrainer`` per trial, MLflow in SQLite)
 of a tiny ViT on a small generated toy dataset, so that training is short and the overhead shows. For each
@@ -106,6 +107,9 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--n", type=int, default=800, help="toy jets (32x32x3) in the file")
     ap.add_argument("--concurrent", type=int, default=2)
+    ap.add_argument("--poll", default="0.5", help="values of RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (s) to compare, "
+                                                  "each on a fresh local Ray (0.5: what e2e-search sets; 2: Ray's "
+                                                  "default)")
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args()
     import ray
@@ -118,28 +122,36 @@ def main() -> int:
     data = os.path.join(tmp, "toy.h5")
     generate_toy_jets(data, n=args.n, image_size=32, channels=3, seed=0)
     _quiet_libraries(False)
-    ray_start = start_ray()
     rows = []
     try:
-        for n in (int(x) for x in args.trials.split(",")):
-            rows.append(measure(data, tmp, n, args.epochs, args.concurrent))
-            r = rows[-1]
-            print(f"  {n} trials: {r['wall_s']:.0f} s, {r['finished']} finished, train share {r['train_share']:.2f}",
-                  flush=True)
+        for poll in args.poll.split(","):
+            # Ray Train's controller collects the workers' reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
+            # (2 s by default); a fresh local Ray per value, its processes inherit the variable.
+            os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = poll
+            ray_start = start_ray()
+            for n in (int(x) for x in args.trials.split(",")):
+                rows.append({"poll_s": float(poll), "ray_init_s": ray_start,
+                             **measure(data, tmp, n, args.epochs, args.concurrent)})
+                r = rows[-1]
+                print(f"  poll {poll} s, {n} trials: {r['wall_s']:.0f} s, {r['finished']} finished, "
+                      f"train share {r['train_share']:.2f}", flush=True)
+            ray.shutdown()
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
-    base = rows[0]["overhead_per_trial_s"]
-    print(f"\n{machine()}\nray.init {ray_start:.1f} s (once); {args.epochs} epochs of a 1-layer ViT on "
+    base = {}
+    for r in rows:  # growth: against the smallest search on the same Ray
+        base.setdefault(r["poll_s"], r["overhead_per_trial_s"])
+    print(f"\n{machine()}\nray.init {rows[0]['ray_init_s']:.1f} s; {args.epochs} epochs of a 1-layer ViT on "
           f"{args.n} toy jets per trial, {args.concurrent} trials at once, 1 CPU each")
     cols = ["start", "setup", "train", "report", "outside", "mlflow"]
-    print(f"{'trials':>6} {'wall s':>7} {'train share':>11} {'overhead/trial s':>16} {'growth':>6} | per trial s: "
+    print(f"{'poll s':>6} {'trials':>6} {'wall s':>7} {'train share':>11} {'overhead/trial s':>16} {'growth':>6} | per trial s: "
           + " ".join(f"{c:>7}" for c in ["start", "setup", "trn+val", "report", "outside", "mlflow"])
           + f" | per epoch s: {'save':>5} {'persist':>7}")
     for r in rows:
         pt = r["per_trial"]
-        print(f"{r['trials']:>6} {r['wall_s']:7.1f} {r['train_share']:11.2f} {r['overhead_per_trial_s']:16.1f} "
-              f"{r['overhead_per_trial_s'] / base:6.2f} |              " + " ".join(f"{pt[c]:7.2f}" for c in cols)
+        print(f"{r['poll_s']:6g} {r['trials']:>6} {r['wall_s']:7.1f} {r['train_share']:11.2f} {r['overhead_per_trial_s']:16.1f} "
+              f"{r['overhead_per_trial_s'] / base[r['poll_s']]:6.2f} |              " + " ".join(f"{pt[c]:7.2f}" for c in cols)
               + f" |              {pt['save']:5.2f} {pt['persist']:7.2f}")
     write_result(args.out, rows)
     return 0

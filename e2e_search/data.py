@@ -231,7 +231,7 @@ def read_images_parallel(setup: DataSetup, indices, workers: int, block: int) ->
     loader = torch.utils.data.DataLoader(_FillBlocks(setup, uniq, block), batch_size=None, num_workers=workers,
                                          multiprocessing_context=ctx)
     out: np.ndarray | None = None
-    failed = -1
+    failed, broken = -1, False
     try:
         for start, imgs in loader:  # imgs: tensor (n, C, h, w) in shared memory, or None
             if imgs is None:
@@ -243,10 +243,11 @@ def read_images_parallel(setup: DataSetup, indices, workers: int, block: int) ->
     except RuntimeError as e:  # the workers themselves failed (a full /dev/shm, a killed process): read here
         print(f"parallel cache fill failed ({str(e).splitlines()[0]}); reading {len(idx)} images serially",
               file=sys.stderr, flush=True)
-        del loader
+        broken = True
+    del loader  # the loop's iterator is gone: its workers are stopped
+    if broken:
         with h5py.File(setup.path, "r") as f:
             return read_images(f[setup.image_key], idx, setup)
-    del loader  # the loop's iterator is gone: its workers are stopped
     if failed >= 0:
         with h5py.File(setup.path, "r") as f:
             X = f[setup.image_key]

@@ -278,12 +278,11 @@ def _train(config: dict[str, Any]) -> None:
     np.random.seed(tp.seed + rank)
 
     dataset_cls = ObjectDataset if data.kind == "objects" else H5ImageDataset
-    # The one-off read of a cached split, by as many processes as this worker has CPUs (or loader workers).
-    fill = ({"fill_workers": max(int(config.get("cpus_per_worker", 1)), int(config.get("loader_workers", 0)))}
-            if dataset_cls is H5ImageDataset and data.cache in ("memory", "device") else {})
-    train_ds = dataset_cls(data, data.train, train=True, **fill)
+    # The cache fill stays serial: reading in 2 processes (H5ImageDataset(fill_workers=2)) was 0.85x as fast
+    # on 2 cores (bench/data_loading.py --fill-workers 0,2); not yet measured on a many-core machine.
+    train_ds = dataset_cls(data, data.train, train=True)
     # Validation: each rank scores its own stride of the split, predictions are gathered.
-    val_ds = dataset_cls(data, data.val[rank::world], **fill)
+    val_ds = dataset_cls(data, data.val[rank::world])
     drop_last = len(train_ds) > tp.batch_size * world
     device = ray.train.torch.get_device()
     # Cached images: batches cut from tensors on the device, no DataLoader. On the CPU a memory cache is
