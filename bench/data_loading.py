@@ -2,7 +2,6 @@
 
     .venv/bin/python bench/data_loading.py                              # defaults: 8192 jets, readers 0..16
     .venv/bin/python bench/data_loading.py --n 1024 --readers 0,1,2     # 2 CPU cores
-    .venv/bin/python bench/data_loading.py --layouts 0 --readers 0 --fill-workers 0,4,8,16   # the cache fill
 
 One run writes the same ``--n`` sparse 3x125x125 jets (float32, ~1.5% of pixels non-zero) in several HDF5
 layouts (compression x chunking x dtype), then measures with the trainable's own classes
@@ -11,9 +10,8 @@ layouts (compression x chunking x dtype), then measures with the trainable's own
 * ``readers=K``: ``data.cache: none``, a shuffled ``DataLoader`` of batch 256 with K worker processes
   (``data.loader_workers``; 0 = in the training process), one item read and preprocessed at a time
   (persistent workers: the first epoch warms up, the second is timed);
-* ``fill w=K``: ``data.cache: memory|device``: the whole split read once in sorted chunks (what a trial does
-  at its start), by K processes (``H5ImageDataset(fill_workers=K)``; a trial uses its cpus_per_worker;
-  0 = serial, in the calling process), with the speed-up over the serial fill;
+* ``fill``: ``data.cache: memory|device``: the whole split read once in sorted chunks (what a trial does
+  at its start);
 * ``memory``: batches from the in-memory cache through the DataLoader (readers 0), moved to the GPU when there is one;
 * ``device``: batches cut on the device from the cached tensors (``data.cache: device``).
 
@@ -80,22 +78,20 @@ def main() -> int:
     ap.add_argument("--max-seconds", type=float, default=5.0, help="time limit of one loader epoch")
     ap.add_argument("--layouts", default=",".join(str(i) for i in range(len(LAYOUTS))),
                     help="indices into the layout list (0 = what `e2e-search data generate` writes)")
-    ap.add_argument("--fill-workers", default="0", help="processes of the cache fill, each timed (0 = serial, always)")
     ap.add_argument("--consume", default="ViT-S/5=2591,ViT-S/25=43596")
     ap.add_argument("--out")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cores = os.cpu_count() or 1
     readers = [r for r in (int(v) for v in args.readers.split(",")) if r <= cores]
-    fills = sorted({0, *(int(v) for v in args.fill_workers.split(","))})
     consume = {k: float(v) for k, v in (p.split("=") for p in args.consume.split(","))}
     print(machine(), flush=True)
     names = list(LAYOUTS)
     rows = []
 
-    def show(layout: str, what: str, rate: float, extra: dict | None = None, note: str = "") -> None:
+    def show(layout: str, what: str, rate: float, extra: dict | None = None) -> None:
         vs = "  ".join(f"{rate / c:6.2f}x {k}" for k, c in consume.items())
-        print(f"{layout:38} {what:14} {fmt(rate):>10} img/s   {vs}{note}", flush=True)
+        print(f"{layout:38} {what:14} {fmt(rate):>10} img/s   {vs}", flush=True)
         rows.append({"layout": layout, "what": what, "img_s": rate, **(extra or {})})
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,18 +111,13 @@ def main() -> int:
                 ds = H5ImageDataset(setup, setup.train, train=True)
                 show(name, f"readers={k}", loader_rate(ds, k, args.batch, device, args.max_batches, args.max_seconds),
                      {"kib_per_jet": size, "readers": k})
-                del ds  # no HDF5 file open here when the fill workers fork
             setup.cache = "memory"
-            serial = 0.0
-            for k in fills:
-                t0 = time.perf_counter()
-                ds = H5ImageDataset(setup, setup.train, train=True, fill_workers=k)
-                rate = len(setup.train) / (time.perf_counter() - t0)
-                serial = serial or rate
-                show(name, f"fill w={k}", rate, {"kib_per_jet": size, "fill_workers": k, "vs_serial": rate / serial},
-                     f"   {rate / serial:5.2f}x serial fill")
-                if cached is None:  # the first layout's serial cache serves the cached-path figures
-                    cached = ds
+            t0 = time.perf_counter()
+            ds = H5ImageDataset(setup, setup.train, train=True)
+            show(name, "fill", len(setup.train) / (time.perf_counter() - t0), {"kib_per_jet": size})
+            if cached is None:  # the first layout's cache serves the cached-path figures
+                cached = ds
+            else:
                 del ds
         if cached is not None:
             from trainables.batches import DeviceBatches

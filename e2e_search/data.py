@@ -10,7 +10,6 @@ Layout of an E2E file (keys configurable in the YAML ``data`` section)::
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -177,83 +176,6 @@ def read_images(X: h5py.Dataset, indices, setup: DataSetup, *, normalize: bool =
         if check_key:
             _check_finite(raw, check_key)
         out[a : a + len(part)] = preprocess(raw, setup, normalize=normalize, select=False)
-    return out if len(uniq) == len(idx) and np.array_equal(uniq, idx) else out[inverse]
-
-
-def fill_block(n: int, workers: int) -> int:
-    """Rows per block of a parallel read of ``n`` unique rows by ``workers`` processes, or 0 to read serially
-    (``workers`` <= 1, or fewer than 2 blocks): READ_CHUNK or n / (4 workers), whichever is smaller, at least 64."""
-    if workers <= 1:
-        return 0
-    block = max(64, min(READ_CHUNK, -(-n // (4 * workers))))
-    return block if n >= 2 * block else 0
-
-
-class _FillBlocks:
-    """Map-style dataset of a parallel cache fill: item b is (start, images float32 (n, C, h, w) of
-    ``rows[start : start + block]``), or (start, None) where the read failed. Each worker process opens the
-    file itself, once (an h5py handle does not survive fork)."""
-
-    def __init__(self, setup: DataSetup, rows: np.ndarray, block: int):
-        self.s, self.rows, self.block = setup, rows, block
-        self._file: h5py.File | None = None
-        self._pid = -1
-
-    def __len__(self) -> int:
-        return -(-len(self.rows) // self.block)
-
-    def __getitem__(self, b: int) -> tuple[int, np.ndarray | None]:
-        start = b * self.block
-        try:
-            if self._file is None or self._pid != os.getpid():
-                self._file = h5py.File(self.s.path, "r")
-                self._pid = os.getpid()
-            return start, read_images(self._file[self.s.image_key], self.rows[start : start + self.block], self.s)
-        except Exception:  # the parent re-reads this block itself and raises the serial path's error
-            return start, None
-
-
-def read_images_parallel(setup: DataSetup, indices, workers: int, block: int) -> np.ndarray:
-    """:func:`read_images` of ``indices`` of ``setup.image_key`` by ``workers`` processes: float32 (n, C, h, w),
-    in the order given, the same array as the serial read. Blocks of ``block`` sorted unique rows go through a
-    DataLoader; a block a worker failed to read is read again here, so a corrupt file raises what the serial
-    path raises. Call it with no HDF5 file open in this process."""
-    import torch.utils.data
-
-    idx = np.asarray(indices, dtype=np.int64)
-    uniq, inverse = np.unique(idx, return_inverse=True)
-    # fork, stated (Python 3.14 defaults to forkserver): the workers inherit the imported torch/h5py and the
-    # setup for free, where spawn/forkserver re-import torch (seconds per worker) and pickle the setup. It is
-    # what the `cache: none` DataLoader workers already do inside a Ray worker, and safe for the same reasons:
-    # no HDF5 file is open across the fork, and the children touch neither CUDA nor Ray. Elsewhere (macOS,
-    # Windows) the platform's default; _FillBlocks pickles.
-    ctx = "fork" if sys.platform.startswith("linux") else None
-    loader = torch.utils.data.DataLoader(_FillBlocks(setup, uniq, block), batch_size=None, num_workers=workers,
-                                         multiprocessing_context=ctx)
-    out: np.ndarray | None = None
-    failed, broken = -1, False
-    try:
-        for start, imgs in loader:  # imgs: tensor (n, C, h, w) in shared memory, or None
-            if imgs is None:
-                failed = start
-                break
-            if out is None:
-                out = np.empty((len(uniq), *imgs.shape[1:]), np.float32)
-            out[start : start + len(imgs)] = imgs.numpy()
-    except RuntimeError as e:  # the workers themselves failed (a full /dev/shm, a killed process): read here
-        print(f"parallel cache fill failed ({str(e).splitlines()[0]}); reading {len(idx)} images serially",
-              file=sys.stderr, flush=True)
-        broken = True
-    del loader  # the loop's iterator is gone: its workers are stopped
-    if broken:
-        with h5py.File(setup.path, "r") as f:
-            return read_images(f[setup.image_key], idx, setup)
-    if failed >= 0:
-        with h5py.File(setup.path, "r") as f:
-            X = f[setup.image_key]
-            read_images(X, uniq[failed : failed + block], setup)  # raises the error of the serial path
-            return read_images(X, idx, setup)  # the worker's failure did not repeat: read serially
-    assert out is not None  # fill_block gives at least 2 blocks
     return out if len(uniq) == len(idx) and np.array_equal(uniq, idx) else out[inverse]
 
 
@@ -458,14 +380,11 @@ class H5ImageDataset:
     ``cache: none``: the file is opened lazily, once per process (DataLoader
     workers and Ray workers each get their own handle; h5py handles do not
     survive fork) and each item is read on its own. ``cache: memory``: the
-    whole split is read here, once, in sorted chunks, into one array; by
-    ``fill_workers`` processes in parallel when that is above 1
-    (:func:`read_images_parallel`; the same array, bit for bit).
+    whole split is read here, once, in sorted chunks, into one array.
     Items: (image float32 (C, H, W), label int64 | normalized target float32).
     """
 
-    def __init__(self, setup: DataSetup | dict, indices: list[int], *, train: bool = False, seed: int | None = None,
-                 fill_workers: int = 0):
+    def __init__(self, setup: DataSetup | dict, indices: list[int], *, train: bool = False, seed: int | None = None):
         self.s = setup if isinstance(setup, DataSetup) else DataSetup(**setup)
         self.indices = np.asarray(indices, dtype=np.int64)
         self.train = train
@@ -479,14 +398,9 @@ class H5ImageDataset:
         with h5py.File(self.s.path, "r") as f:
             targets = np.asarray(f[self.s.target_key][...])[self.indices] if self.s.target_key else None
             self._labels = encode_labels(self.s, np.asarray(f[self.s.label_key][...])[self.indices], targets)
-            block = 0
             if self.s.cache in ("memory", "device"):
                 check_cache_fits(len(self.indices), self.s)
-                block = fill_block(len(np.unique(self.indices)), fill_workers)
-                if not block:
-                    self._images = read_images(f[self.s.image_key], self.indices, self.s)
-        if block:  # after the with: no HDF5 file is open in this process when the fill workers fork
-            self._images = read_images_parallel(self.s, self.indices, fill_workers, block)
+                self._images = read_images(f[self.s.image_key], self.indices, self.s)
 
     def _open(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():

@@ -278,8 +278,6 @@ def _train(config: dict[str, Any]) -> None:
     np.random.seed(tp.seed + rank)
 
     dataset_cls = ObjectDataset if data.kind == "objects" else H5ImageDataset
-    # The cache fill stays serial: reading in 2 processes (H5ImageDataset(fill_workers=2)) was 0.85x as fast
-    # on 2 cores (bench/data_loading.py --fill-workers 0,2); not yet measured on a many-core machine.
     train_ds = dataset_cls(data, data.train, train=True)
     # Validation: each rank scores its own stride of the split, predictions are gathered.
     val_ds = dataset_cls(data, data.val[rank::world])
