@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     rs = sub.add_parser("resume", help="continue an interrupted search (driver killed, machine rebooted, Ctrl-C)")
     rs.add_argument("experiment", help="experiment (search name) whose latest search to continue")
     rs.add_argument("--search", metavar="RUN_ID", help="a search run of the experiment (default: the latest)")
-    rs.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///e2e_runs/mlflow.db)")
+    rs.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///e2e_runs/mlflow.db)")
     rs.add_argument("--address", help="address of a running Ray cluster (default: start a local one)")
     rs.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
 
@@ -64,16 +64,17 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--metric", help="rank by this metric (default: the search metric)")
     b.add_argument("--mode", choices=["min", "max"])
     b.add_argument("--top", type=int, default=5)
-    b.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///e2e_runs/mlflow.db)")
+    b.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///e2e_runs/mlflow.db)")
 
     rp = sub.add_parser("report", help="HTML leaderboard of a search (also logged to its MLflow search run)")
     rp.add_argument("experiment")
     rp.add_argument("--out", help="HTML file to write (default: e2e_runs/reports/EXPERIMENT.html)")
     rp.add_argument("--search", metavar="RUN_ID", help="a search run of the experiment (default: the latest)")
-    rp.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///e2e_runs/mlflow.db)")
+    rp.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///e2e_runs/mlflow.db)")
 
     u = sub.add_parser("ui", help="the MLflow UI on the search store (binds to 127.0.0.1 unless --host says otherwise)")
-    u.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///e2e_runs/mlflow.db)")
+    u.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///e2e_runs/mlflow.db)")
+    u.add_argument("--experiment", help="experiment whose runs table to link (default: that of the latest search)")
     u.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     u.add_argument("--port", type=int, default=5000, help="port (default 5000)")
 
@@ -81,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("source", metavar="SOURCE", help="RUN_ID | models:/NAME@ALIAS | PATH/checkpoint.pt")
     x.add_argument("--format", default="onnx", help="output format: onnx (default)")
     x.add_argument("--out", required=True, help="output file (written atomically; nothing is left on failure)")
-    x.add_argument("--tracking-uri", help="MLflow tracking URI for RUN_ID and models:/ (default: sqlite:///e2e_runs/mlflow.db)")
+    x.add_argument("--tracking-uri", help="MLflow tracking URI for RUN_ID and models:/ (default: $MLFLOW_TRACKING_URI, else sqlite:///e2e_runs/mlflow.db; the registry: $MLFLOW_REGISTRY_URI, else the tracking URI)")
     x.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's: 17 for torchscript, 20 for dynamo in torch 2.14)")
     x.add_argument("--exporter", default="auto", help="auto (default: torchscript, then dynamo) | torchscript | dynamo")
     x.add_argument("--runs", type=int, default=50, help="timed runs at batch 1 for the CPU latency table (0: no timing)")
@@ -124,10 +125,14 @@ def _cmd_run(args) -> int:
     if args.resume:  # continue the latest unfinished search, or start one when there is none
         from .errors import NothingToResume
         from .search import DEFAULT_WORKDIR
-        from .tracking import tracking_uri
+        from .tracking import store_uri
 
         try:
-            return _resume(tracking_uri(cfg.tracking.uri, DEFAULT_WORKDIR), cfg.tracking.experiment, None, args)
+            try:
+                uri = store_uri(cfg.tracking.uri, DEFAULT_WORKDIR, flag="tracking.uri")
+            except UserError as e:  # no store yet (reading never creates one)
+                raise NothingToResume(e.message, key=e.key) from None
+            return _resume(uri, cfg.tracking.experiment, None, args)
         except NothingToResume as e:
             print(f"nothing to resume ({e.message}): starting a new search", file=sys.stderr, flush=True)
     p = _plan(args, cfg, address=args.address)
@@ -150,6 +155,11 @@ def _resume(uri: str, experiment: str, search: str | None, args) -> int:
 def _report_outcome(cfg, out) -> int:
     failed = sum(1 for s in out.trials.values() if s == "FAILED")
     print(f"\nsearch done: {len(out.trials)} trials, {out.stopped_early} stopped early by the scheduler, {failed} failed")
+    if out.error:
+        print(f"error: recording the end of the search in MLflow failed ({out.error}); its run {out.parent_run_id} is "
+              f"closed FAILED with tag e2e.error: fix the store ({out.tracking_uri}) and run "
+              f"e2e-search resume {out.experiment} to record it again", file=sys.stderr)
+        return 1
     if out.best is None:
         print("no trial finished: see the errors above and in MLflow (tag e2e.error)", file=sys.stderr)
         return 1
@@ -176,14 +186,12 @@ def _print_best(uri: str, experiment: str, metric: str | None, mode: str | None,
 
 
 def _store(arg: str | None) -> str:
-    """The MLflow tracking URI of --tracking-uri (default: the work directory's SQLite store), which must exist."""
+    """The MLflow tracking URI: --tracking-uri, else MLFLOW_TRACKING_URI, else the work directory's SQLite store;
+    a SQLite store must exist (reading never creates one)."""
     from .search import DEFAULT_WORKDIR
-    from .tracking import tracking_uri
+    from .tracking import store_uri
 
-    uri = tracking_uri(arg, DEFAULT_WORKDIR)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"no MLflow store at {uri}; run a search first or give --tracking-uri", key="--tracking-uri")
-    return uri
+    return store_uri(arg, DEFAULT_WORKDIR)
 
 
 def _cmd_best(args) -> int:
@@ -194,23 +202,50 @@ def _cmd_best(args) -> int:
 
 
 def _cmd_report(args) -> int:
+    from .names import file_name
     from .report import write_report
     from .search import DEFAULT_WORKDIR
 
-    out = Path(args.out) if args.out else DEFAULT_WORKDIR / "reports" / f"{args.experiment}.html"
+    out = Path(args.out) if args.out else DEFAULT_WORKDIR / "reports" / f"{file_name(args.experiment)}.html"
     write_report(_store(args.tracking_uri), args.experiment, out, args.search)
     print(f"wrote {out} (also logged to the search run as report.html)")
     return 0
 
 
+def _latest_search_experiment(uri: str, experiment: str | None) -> str | None:
+    """The id of ``experiment`` (default: the experiment of the latest e2e-search search in the store)."""
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import experiment_of
+
+    client = MlflowClient(tracking_uri=uri)
+    if experiment:
+        return experiment_of(client, experiment, key="--experiment").experiment_id
+    ids = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(ids, filter_string="tags.`e2e.kind` = 'search'",
+                               order_by=["attributes.start_time DESC"], max_results=1) if ids else []
+    return found[0].info.experiment_id if found else None
+
+
 def _cmd_ui(args) -> int:
+    from .tracking import registry_uri
+
     uri = _store(args.tracking_uri)
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be 1..65535 (got {args.port})", key="--port")
-    print(f"MLflow UI on http://{args.host}:{args.port} over {uri} (Ctrl-C stops it)", flush=True)
-    # One process, no gunicorn workers: starts in seconds.
+    exp_id = _latest_search_experiment(uri, args.experiment)
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    base = f"http://{'[' + host + ']' if ':' in host else host}:{args.port}"
+    print(f"MLflow UI on {base} over {uri} (Ctrl-C stops it)", flush=True)
+    if exp_id is not None:  # MLflow 3's UI opens an experiment on its GenAI overview: link the runs table
+        print(f"runs of the latest search: {base}/#/experiments/{exp_id}/runs", flush=True)
+    # Only what the UI needs: MLflow's launcher and one uvicorn worker, no job runner (its huey consumers
+    # serve GenAI jobs: 8 more processes and ~2 GB).
+    os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port), "--workers", "1"]
+    if registry_uri(uri) != uri:
+        cmd += ["--registry-store-uri", registry_uri(uri)]
     os.execv(sys.executable, cmd)
 
 

@@ -98,13 +98,11 @@ class ExportResult:
 
 # --------------------------------------------------------------------------- source -> checkpoint.pt
 def _store_uri(tracking_uri: str | None) -> str:
+    """--tracking-uri > MLFLOW_TRACKING_URI > the work directory's store, which must exist (never created)."""
     from .config import DEFAULT_WORKDIR
-    from .tracking import tracking_uri as default_uri
+    from .tracking import store_uri
 
-    uri = default_uri(tracking_uri, DEFAULT_WORKDIR)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"no MLflow store at {uri}; run a search first or give --tracking-uri", key="--tracking-uri")
-    return uri
+    return store_uri(tracking_uri, DEFAULT_WORKDIR)
 
 
 def _first_line(e: BaseException) -> str:
@@ -143,7 +141,11 @@ def _download_model_checkpoint(client, uri: str, ref: str, dst: str) -> tuple[st
             raise UserError(f"'{ref}' names no version; give models:/NAME@ALIAS (e.g. @champion) or models:/NAME/VERSION",
                             key="SOURCE")
     except MlflowException as e:
-        raise UserError(f"no registered model version '{ref}' in {uri} ({_first_line(e)})", key="SOURCE") from None
+        from .tracking import registry_uri
+
+        raise UserError(f"no registered model version '{ref}' in {registry_uri(uri)} ({_first_line(e)}); give a model a "
+                        "search registered (models:/<experiment>-classifier@champion), or set --tracking-uri / "
+                        "MLFLOW_TRACKING_URI (and MLFLOW_REGISTRY_URI) to its store", key="SOURCE") from None
     desc = f"{ref} (version {mv.version}, run {mv.run_id})"
     if mv.run_id:
         return _download_run_checkpoint(client, uri, mv.run_id, dst), desc
@@ -164,7 +166,7 @@ def fetch_checkpoint(source: str, tracking_uri: str | None, tmpdir: str) -> tupl
         from mlflow.tracking import MlflowClient
 
         uri = _store_uri(tracking_uri)
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client = MlflowClient(tracking_uri=uri)  # the registry: MLFLOW_REGISTRY_URI, else the tracking store
         path, desc = _download_model_checkpoint(client, uri, source, tmpdir)
         return Path(path), desc
     p = Path(source)

@@ -5,12 +5,14 @@ two classes (class 1 = signal), background rejection 1/FPR at 30/50/70% signal
 efficiency (``val_rej30`` ...). Regression, on the relative residual
 r = (pred - true) / true: ``val_mae`` (target units), ``val_bias`` = mean r,
 ``val_resolution`` = std r, overall and per bin of the true value
-(``val_bin/<lo>-<hi>/mae`` ...).
+(``val_bin/<lo>-<hi>/mae`` ..., names MLflow accepts for any range: ``val_bin/1000-4.692e4/mae``).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from .names import bin_key, edge_labels
 
 # sklearn is imported where used: every Ray process that unpickles the worker loop imports this module.
 
@@ -73,10 +75,12 @@ def regression_metrics(pred: np.ndarray, true: np.ndarray, bins: int = MASS_BINS
     if bins > 1 and true.size and true.max() > true.min():
         edges = np.linspace(true.min(), true.max(), bins + 1)
         which = np.clip(np.searchsorted(edges, true, side="right") - 1, 0, bins - 1)
+        labels = edge_labels(edges)  # valid MLflow names for any range and sign: 4.692e4, -1e-5, ...
         for b in range(bins):
             sel = which == b
             if sel.any():
-                out.update(_residual_metrics(pred[sel], true[sel], f"val_bin/{edges[b]:.4g}-{edges[b + 1]:.4g}/"))
+                binned = _residual_metrics(pred[sel], true[sel], "")
+                out.update({bin_key("val_bin/", labels[b], labels[b + 1], k): v for k, v in binned.items()})
     return out
 
 

@@ -130,18 +130,19 @@ def _plots(rows: list[dict], metric: str, metrics: list[str], modes: list[str]) 
 
 def build_report(uri: str, experiment: str, search_run: str | None = None, *, costs: bool = True) -> tuple[str, str]:
     """(HTML text, parent run id) for the latest search of ``experiment`` (or ``search_run``)."""
+    from .tracking import experiment_of, search_run_of
+
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise UserError(f"no experiment '{experiment}' in {uri}", key="EXPERIMENT")
+    exp = experiment_of(client, experiment)
     if search_run is None:
         searches = client.search_runs([exp.experiment_id], filter_string="tags.`e2e.kind` = 'search'",
                                       order_by=["attributes.start_time DESC"], max_results=1)
         if not searches:
-            raise UserError(f"experiment '{experiment}' holds no e2e-search run", key="EXPERIMENT")
+            raise UserError(f"experiment '{experiment}' holds no e2e-search run; give the experiment of a search "
+                            "(e2e-search run FILE records one)", key="EXPERIMENT")
         parent = searches[0]
-    else:
-        parent = client.get_run(search_run)
+    else:  # a trial's run (or another experiment's) would get an empty leaderboard uploaded into it
+        parent = search_run_of(client, exp, search_run)
     metric, mode = parent.data.tags.get("e2e.metric", "val_loss"), parent.data.tags.get("e2e.mode", "min")
     try:
         import yaml

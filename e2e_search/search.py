@@ -52,6 +52,7 @@ def plan(cfg: SearchSpace, *, address: str | None = None, generate: bool = True)
             "set resources.gpus_per_worker: 0 (--set resources.gpus_per_worker=0) or use --address of a GPU cluster",
             key="resources.gpus_per_worker",
         )
+    check_tracking(cfg, workdir)
     needs_gen = cfg.data.generate is not None and not Path(cfg.data.path).exists()
     if needs_gen and generate:
         generate_data(cfg.data.path, cfg.data.generate, address=address)
@@ -63,6 +64,16 @@ def plan(cfg: SearchSpace, *, address: str | None = None, generate: bool = True)
     return Plan(cfg=cfg, data=data, workdir=workdir, storage=storage.resolve(),
                 tracking_uri=tracking_uri(cfg.tracking.uri, workdir), artifact_root=artifacts.resolve().as_uri(),
                 needs_generation=needs_gen)
+
+
+def check_tracking(cfg: SearchSpace, workdir: Path) -> None:
+    """The MLflow store (``tracking.uri`` > ``MLFLOW_TRACKING_URI`` > the work directory's) is usable and every
+    name the search derives is one MLflow and the file system accept; reads only (see tracking.check_store)."""
+    from .tracking import check_names, check_store, resolve_uri
+
+    check_names(cfg.name, cfg.tracking.experiment, cfg.task.type)
+    uri, key = resolve_uri(cfg.tracking.uri, workdir, flag="tracking.uri")
+    check_store(uri, key, cfg.tracking.experiment)
 
 
 def generate_data(path: str, g, *, address: str | None = None) -> None:
@@ -197,6 +208,8 @@ class Outcome:
     best: dict[str, Any] | None
     trials: dict[str, str]
     stopped_early: int = 0
+    error: str | None = None
+    """Why recording the end of the search in MLflow failed (the parent run is then closed FAILED)."""
 
 
 def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resume: Resume | None = None) -> Outcome:
@@ -234,7 +247,7 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
     exp_id = get_experiment_id(client, cfg.tracking.experiment, p.artifact_root)
     metric, mode = cfg.metrics[0], cfg.modes[0]
     if resume is None:
-        run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # RUN_STAMP in tracking.check_names
         parent = start_parent_run(
             client, exp_id, name=run_name, resolved_yaml=dump(cfg),
             tags={"e2e.family": cfg.family_label, "e2e.task": cfg.task.type, "e2e.metric": metric, "e2e.mode": mode,
@@ -253,11 +266,12 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
     status = "FAILED"
     trials_cb = MlflowTrials(client, exp_id, parent, search_name=run_name, family=cfg.family_label, metric=metric,
                              mode=mode, max_epochs=cfg.scheduler.max_epochs)
-    if resume is not None:
-        seen = trials_cb.rehydrate(str(p.storage / run_name / "train"))
-        print(f"resuming search {run_name}: {seen['finished']} trials finished, {seen['failed']} failed, "
-              f"{seen['interrupted']} interrupted (they continue from their latest checkpoint)", flush=True)
+    end: dict[str, Any] = {}
     try:
+        if resume is not None:
+            seen = trials_cb.rehydrate(str(p.storage / run_name / "train"))
+            print(f"resuming search {run_name}: {seen['finished']} trials finished, {seen['failed']} failed, "
+                  f"{seen['interrupted']} interrupted (they continue from their latest checkpoint)", flush=True)
         res = cfg.resources
         setup = {
             "family": cfg.family if isinstance(cfg.family, str) else None,  # else each trial's sampled one
@@ -290,7 +304,7 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
                 tune_config=tune.TuneConfig(search_alg=_searcher(cfg), scheduler=scheduler,
                                             num_samples=cfg.search.num_samples, max_concurrent_trials=concurrent),
                 run_config=tune.RunConfig(name=run_name, storage_path=str(p.storage), verbose=0, callbacks=callbacks,
-                                          failure_config=tune.FailureConfig(max_failures=0)),
+                                          stop=trials_cb.stopper(), failure_config=tune.FailureConfig(max_failures=0)),
             )
             print(f"search started: {cfg.search.num_samples} trials, up to {concurrent} at a time", flush=True)
         else:
@@ -299,36 +313,67 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
                                        resume_errored=False)
             # The callbacks pickled with the old Tuner hold the dead driver's state: use this process's.
             tuner._local_tuner.get_run_config().callbacks = callbacks
+            tuner._local_tuner.get_run_config().stop = trials_cb.stopper()
         grid = tuner.fit()
         trials_cb.close_leftovers(grid)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except BaseException as e:
+        end["error"] = f"{type(e).__name__}: {e}"
+        raise
     finally:
-        winner = trials_cb.best_trial()
-        best_rid = None
+        end.update(_finish(client, parent, trials_cb, cfg, run_name, status, end.get("error")))
+    winner = end["winner"]
+    early = sum(1 for tid, s in trials_cb.status.items()
+                if s == "FINISHED" and int(trials_cb.last.get(tid, {}).get("epoch", 0)) < cfg.scheduler.max_epochs)
+    return Outcome(cfg.tracking.experiment, parent, p.tracking_uri, end["best_rid"], winner[1] if winner else None,
+                   dict(trials_cb.status), early, error=end.get("end_error"))
+
+
+def _finish(client, parent: str, trials_cb, cfg: SearchSpace, run_name: str, status: str,
+            error: str | None) -> dict[str, Any]:
+    """Record the end of a search on its parent run: best trial, champions, counts; the run is always closed
+    (FAILED, with tag ``e2e.error``, when any of this fails: it never stays RUNNING).
+    Returns {"winner", "best_rid", "end_error"}."""
+    from mlflow.entities import RunTag
+
+    from .names import mlflow_key, tag_value
+    from .tracking import register_champions
+
+    metric, mode = cfg.metrics[0], cfg.modes[0]
+    winner = trials_cb.best_trial()
+    best_rid = trials_cb.runs.get(winner[0]) if winner else None
+    end_error = None
+    try:
         if winner:
             tid, rec = winner
-            best_rid = trials_cb.runs.get(tid)
             for k, v in rec["metrics"].items():
-                client.log_metric(parent, f"best_{k}", v, step=rec["epoch"])
+                client.log_metric(parent, mlflow_key(f"best_{k}"), v, step=rec["epoch"])
             client.set_tag(parent, "e2e.best_run_id", best_rid or "")
             client.set_tag(parent, "e2e.best_trial_id", tid)
         if status == "FINISHED":
-            from .tracking import register_champions
-
             finished = [(trials_cb.runs[tid], rec["metrics"]) for tid, rec in trials_cb.best.items()
                         if trials_cb.status.get(tid) == "FINISHED" and tid in trials_cb.runs]
             for name, rid in register_champions(client, cfg.tracking.experiment, cfg.task.type, finished,
                                                 search=run_name, metric=metric, mode=mode).items():
                 print(f"registered model '{name}' (alias champion) from run {rid}", flush=True)
-                client.set_tag(parent, f"e2e.champion.{name}", rid)
+                client.set_tag(parent, mlflow_key(f"e2e.champion.{name}"), rid)
         client.log_metric(parent, "tracking_s", trials_cb.busy_s)  # driver time in MLflow logging
         n_failed = sum(1 for s in trials_cb.status.values() if s == "FAILED")
         client.set_tag(parent, "e2e.trials_failed", str(n_failed))
-        client.set_terminated(parent, status=status)
-    early = sum(1 for tid, s in trials_cb.status.items()
-                if s == "FINISHED" and int(trials_cb.last.get(tid, {}).get("epoch", 0)) < cfg.scheduler.max_epochs)
-    return Outcome(cfg.tracking.experiment, parent, p.tracking_uri, best_rid, winner[1] if winner else None,
-                   dict(trials_cb.status), early)
+    except Exception as e:  # noqa: BLE001 - the trials are recorded; the parent run must still be closed
+        end_error = " ".join(f"{type(e).__name__}: {e}".split())[:2000]
+        status = "FAILED"
+    finally:
+        if error or end_error:
+            try:
+                client.log_batch(parent, tags=[RunTag("e2e.error", tag_value(end_error or error))])
+            except Exception:  # noqa: BLE001
+                pass
+        try:
+            client.set_terminated(parent, status=status)
+        except Exception as e:  # noqa: BLE001 - the store itself is gone
+            end_error = end_error or " ".join(f"{type(e).__name__}: {e}".split())[:2000]
+    return {"winner": winner, "best_rid": best_rid, "end_error": end_error}
