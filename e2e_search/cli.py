@@ -94,9 +94,17 @@ def _plan(args, cfg, **kwargs):
     from .search import plan
 
     try:
-        return plan(cfg, **kwargs)
+        p = plan(cfg, **kwargs)
     except UserError as e:
         raise e.with_source(source_of(args.file, set_keys(args.sets), e.key)) from None
+    _print_notes(cfg)
+    return p
+
+
+def _print_notes(cfg) -> None:
+    """What validation accepted but the user should know (once, after everything is checked)."""
+    for note in cfg.notes:
+        print(note, file=sys.stderr, flush=True)
 
 
 def _cmd_validate(args) -> int:
@@ -143,6 +151,7 @@ def _resume(uri: str, experiment: str, search: str | None, args) -> int:
     from .search import describe, execute, resumable
 
     p, r = resumable(uri, experiment, search, address=args.address)
+    _print_notes(p.cfg)
     print(describe(p), flush=True)
     return _report_outcome(p.cfg, execute(p, address=args.address, verbose=args.verbose, resume=r))
 
@@ -188,7 +197,7 @@ def _store(arg: str | None) -> str:
 
 def _cmd_best(args) -> int:
     if args.top <= 0:
-        raise UserError(f"--top must be > 0 (got {args.top})", key="--top")
+        raise UserError(f"--top must be > 0 (got {args.top}); use --top 1 or more (default 5)", key="--top")
     _print_best(_store(args.tracking_uri), args.experiment, args.metric, args.mode, args.top)
     return 0
 
@@ -206,7 +215,7 @@ def _cmd_report(args) -> int:
 def _cmd_ui(args) -> int:
     uri = _store(args.tracking_uri)
     if not 0 < args.port < 65536:
-        raise UserError(f"--port must be 1..65535 (got {args.port})", key="--port")
+        raise UserError(f"--port must be 1..65535 (got {args.port}); use a free port, e.g. --port 5000", key="--port")
     print(f"MLflow UI on http://{args.host}:{args.port} over {uri} (Ctrl-C stops it)", flush=True)
     # One process, no gunicorn workers: starts in seconds.
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host,
@@ -229,7 +238,8 @@ def _cmd_data(args) -> int:
     try:
         lo, hi = (float(v) for v in args.mass_range.split(","))
     except ValueError:
-        raise UserError(f"expected LOW,HIGH in GeV (got '{args.mass_range}')", key="--mass-range") from None
+        raise UserError(f"expected LOW,HIGH in GeV (got '{args.mass_range}'); use e.g. --mass-range 50,200",
+                        key="--mass-range") from None
     spec = GenSpec(process=args.process, n=args.n, out=args.out, seed=args.seed, workers=args.workers,
                    channels=[c.strip() for c in args.channels.split(",") if c.strip()], image_size=args.image_size,
                    mass_range=(lo, hi), decay=args.decay, per_mass=args.per_mass)
