@@ -95,9 +95,17 @@ def _plan(args, cfg, **kwargs):
     from .search import plan
 
     try:
-        return plan(cfg, **kwargs)
+        p = plan(cfg, **kwargs)
     except UserError as e:
         raise e.with_source(source_of(args.file, set_keys(args.sets), e.key)) from None
+    _print_notes(cfg)
+    return p
+
+
+def _print_notes(cfg) -> None:
+    """What validation accepted but the user should know (once, after everything is checked)."""
+    for note in cfg.notes:
+        print(note, file=sys.stderr, flush=True)
 
 
 def _cmd_validate(args) -> int:
@@ -148,6 +156,7 @@ def _resume(uri: str, experiment: str, search: str | None, args) -> int:
     from .search import describe, execute, resumable
 
     p, r = resumable(uri, experiment, search, address=args.address)
+    _print_notes(p.cfg)
     print(describe(p), flush=True)
     return _report_outcome(p.cfg, execute(p, address=args.address, verbose=args.verbose, resume=r))
 
@@ -196,7 +205,7 @@ def _store(arg: str | None) -> str:
 
 def _cmd_best(args) -> int:
     if args.top <= 0:
-        raise UserError(f"--top must be > 0 (got {args.top})", key="--top")
+        raise UserError(f"--top must be > 0 (got {args.top}); use --top 1 or more (default 5)", key="--top")
     _print_best(_store(args.tracking_uri), args.experiment, args.metric, args.mode, args.top)
     return 0
 
@@ -232,7 +241,7 @@ def _cmd_ui(args) -> int:
 
     uri = _store(args.tracking_uri)
     if not 0 < args.port < 65536:
-        raise UserError(f"--port must be 1..65535 (got {args.port})", key="--port")
+        raise UserError(f"--port must be 1..65535 (got {args.port}); use a free port, e.g. --port 5000", key="--port")
     exp_id = _latest_search_experiment(uri, args.experiment)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
     base = f"http://{'[' + host + ']' if ':' in host else host}:{args.port}"
@@ -264,7 +273,8 @@ def _cmd_data(args) -> int:
     try:
         lo, hi = (float(v) for v in args.mass_range.split(","))
     except ValueError:
-        raise UserError(f"expected LOW,HIGH in GeV (got '{args.mass_range}')", key="--mass-range") from None
+        raise UserError(f"expected LOW,HIGH in GeV (got '{args.mass_range}'); use e.g. --mass-range 50,200",
+                        key="--mass-range") from None
     spec = GenSpec(process=args.process, n=args.n, out=args.out, seed=args.seed, workers=args.workers,
                    channels=[c.strip() for c in args.channels.split(",") if c.strip()], image_size=args.image_size,
                    mass_range=(lo, hi), decay=args.decay, per_mass=args.per_mass)

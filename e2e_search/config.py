@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    PrivateAttr,
     model_validator,
 )
 
@@ -65,7 +66,8 @@ class _Range(_Strict):
     @model_validator(mode="after")
     def _ordered(self):
         if self.low >= self.high:
-            raise ValueError(f"low ({self.low:g}) must be smaller than high ({self.high:g})")
+            raise ValueError(f"low ({self.low:g}) must be smaller than high ({self.high:g}); set low below high "
+                             "(for a single value write the value itself, without type)")
         return self
 
 
@@ -106,10 +108,12 @@ def _as_dim(v: Any) -> Any:
     if isinstance(v, dict):
         if "type" not in v:
             raise ValueError(
-                "a search dimension needs 'type' (one of " + ", ".join(DIM_TYPES[1:]) + ")"
+                "a search dimension needs 'type'; add type: one of " + ", ".join(DIM_TYPES[1:])
+                + " (or write a fixed value without braces)"
             )
         if v["type"] not in DIM_TYPES:
-            raise ValueError(f"unknown type '{v['type']}'{did_you_mean(str(v['type']), DIM_TYPES)}")
+            raise ValueError(f"unknown type '{v['type']}'{did_you_mean(str(v['type']), DIM_TYPES)}; "
+                             f"set type to one of {', '.join(DIM_TYPES)}")
         return v
     return {"type": "fixed", "value": v}
 
@@ -181,13 +185,14 @@ class GenerateConfig(_Strict):
             self.image_size = 32 if self.recipe == "toy_jets" else 125
         if self.recipe == "toy_jets":
             if not isinstance(self.channels, int) or self.channels < 1:
-                raise ValueError("toy_jets takes channels as a number >= 1")
+                raise ValueError("toy_jets takes channels as a number >= 1; set data.generate.channels: 3 (for example)")
         elif isinstance(self.channels, int):
             self.channels = ["ECAL", "HCAL", "Tracks"][: self.channels] if self.channels <= 3 else self.channels
             if isinstance(self.channels, int):
-                raise ValueError("Pythia recipes take channels as names: ECAL, HCAL, Tracks")
+                raise ValueError("Pythia recipes take channels as names (ECAL, HCAL, Tracks), at most 3 as a number; "
+                                 "set data.generate.channels: [ECAL, HCAL, Tracks] or a number up to 3")
         if self.recipe != "toy_jets" and self.seed < 1:
-            raise ValueError("Pythia seeds run from 1 to 900000000")
+            raise ValueError(f"Pythia seeds run from 1 to 900000000 (got {self.seed}); set data.generate.seed: 1 or more")
         return self
 
 
@@ -238,24 +243,26 @@ class DataConfig(_Strict):
     @classmethod
     def _clip_pair(cls, v: list[float] | None) -> list[float] | None:
         if v is not None and (len(v) != 2 or not v[0] < v[1]):
-            raise ValueError(f"clip needs [low, high] with low < high (got {v})")
+            raise ValueError(f"clip needs [low, high] with low < high (got {v}); set data.clip: [low, high], e.g. [0, 1000]")
         return v
 
     @field_validator("resize")
     @classmethod
     def _resize_pair(cls, v: list[int] | None) -> list[int] | None:
         if v is not None and (len(v) != 2 or any(n <= 0 for n in v)):
-            raise ValueError(f"resize needs [H, W], two positive integers (got {v})")
+            raise ValueError(f"resize needs [H, W], two positive integers (got {v}); set data.resize: [H, W], "
+                             "e.g. [64, 64], or remove it")
         return v
 
     @model_validator(mode="after")
     def _fractions(self):
         if self.val_fraction + self.test_fraction >= 0.9:
-            raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
+            raise ValueError(f"val_fraction + test_fraction ({self.val_fraction:g} + {self.test_fraction:g}) must "
+                             "leave at least 10% for training; lower data.val_fraction or data.test_fraction")
         if (self.mean is None) != (self.std is None):
-            raise ValueError("give both mean and std, or neither")
+            raise ValueError("give both mean and std, or neither; set data.mean and data.std together or remove both")
         if self.std is not None and any(s <= 0 for s in self.std):
-            raise ValueError("std values must be > 0")
+            raise ValueError(f"std values must be > 0 (got {self.std}); set every data.std value above 0")
         return self
 
 
@@ -277,7 +284,9 @@ class SchedulerConfig(_Strict):
     @model_validator(mode="after")
     def _grace(self):
         if self.grace_period > self.max_epochs:
-            raise ValueError(f"grace_period ({self.grace_period}) exceeds max_epochs ({self.max_epochs})")
+            raise ValueError(f"grace_period ({self.grace_period}) exceeds max_epochs ({self.max_epochs}); set "
+                             f"scheduler.grace_period to at most {self.max_epochs} (--set scheduler.grace_period="
+                             f"{self.max_epochs}) or raise scheduler.max_epochs")
         return self
 
 
@@ -319,6 +328,7 @@ class SearchSpace(_Strict):
     scheduler: SchedulerConfig = SchedulerConfig()
     resources: ResourcesConfig = ResourcesConfig()
     tracking: TrackingConfig = TrackingConfig()
+    _notes: list[str] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _defaults(self):
@@ -327,7 +337,8 @@ class SearchSpace(_Strict):
             s.metric = "val_auc" if self.task.classifies else "val_mae"
         metrics = [s.metric] if isinstance(s.metric, str) else list(s.metric)
         if len(metrics) > 1 and s.algorithm != "nsga2":
-            raise ValueError("several metrics need search.algorithm: nsga2")
+            raise ValueError("several metrics need search.algorithm: nsga2; set search.algorithm: nsga2 or give one "
+                             "search.metric")
         if s.mode is None:
             modes = []
             for m in metrics:
@@ -336,16 +347,23 @@ class SearchSpace(_Strict):
                 elif m in MINIMIZED or m.startswith("val_") or m.endswith("loss"):
                     modes.append("min")
                 else:
-                    raise ValueError(f"cannot tell whether to maximize '{m}': set search.mode")
+                    raise ValueError(f"cannot tell whether to maximize or minimize '{m}'; set search.mode: max or min")
             s.mode = modes[0] if isinstance(s.metric, str) else modes
         modes = [s.mode] if isinstance(s.mode, str) else list(s.mode)
         if len(modes) != len(metrics):
-            raise ValueError("search.mode needs one entry per search.metric")
+            raise ValueError(f"search.mode needs one entry per search.metric ({len(metrics)} metrics, {len(modes)} "
+                             f"modes); set search.mode to a list of {len(metrics)} (max or min each)")
         if self.tracking.experiment is None:
             self.tracking.experiment = self.name
         return self
 
     # Convenience accessors ------------------------------------------------
+    @property
+    def notes(self) -> list[str]:
+        """What validation noticed but accepted (e.g. a conditional parameter that can no longer be active),
+        one line each, for the CLI to print once the whole setup is checked."""
+        return list(self._notes)
+
     @property
     def families(self) -> list[str]:
         return [self.family] if isinstance(self.family, str) else list(self.family.values)
@@ -373,19 +391,76 @@ class SearchSpace(_Strict):
 
 
 # --------------------------------------------------------------------------- loading
+class DuplicateKey(Exception):
+    """A mapping names the same key twice (plain ``yaml.safe_load`` keeps the last one silently)."""
+
+    def __init__(self, path: str, first: Any, second: Any):
+        self.path = path
+        self.columns = f"columns {first.column + 1} and {second.column + 1}"
+        if first.line == second.line:
+            self.where = f"on line {first.line + 1} ({self.columns})"
+            self.fix = f"remove one of them from line {first.line + 1}"
+        else:
+            self.where = f"on lines {first.line + 1} and {second.line + 1}"
+            self.fix = f"keep one: delete line {first.line + 1} or line {second.line + 1}"
+        super().__init__(f"{path}: {self.where}")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` semantics (the same safe constructors), but a key given twice in one mapping is
+    an error naming the key's path and both lines. Keys pulled in by a merge (``<<: *anchor``) may still be
+    overridden, as YAML intends."""
+
+    def construct_document(self, node):
+        self._paths: dict[int, tuple] = {}
+        stack = [(node, ())]
+        while stack:  # the dotted path of every mapping, for the message
+            n, path = stack.pop()
+            if id(n) in self._paths:
+                continue
+            self._paths[id(n)] = path
+            if isinstance(n, yaml.MappingNode):
+                stack += [(v, path + (k.value if isinstance(k, yaml.ScalarNode) else "?",)) for k, v in n.value]
+            elif isinstance(n, yaml.SequenceNode):
+                stack += [(v, path + (i,)) for i, v in enumerate(n.value)]
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                if key in seen:
+                    path = getattr(self, "_paths", {}).get(id(node), ())
+                    raise DuplicateKey(".".join(str(p) for p in path + (key,)), seen[key], key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (:class:`DuplicateKey`)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError("file not found; give the path of a search-space YAML", source=str(path))
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = parse_yaml(p.read_text())
+    except DuplicateKey as e:
+        raise UserError(f"this key is given twice, {e.where} (YAML would silently keep the last); {e.fix}",
+                        source=str(path), key=e.path) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise UserError(f"YAML syntax error: {problem}; fix the YAML there", source=str(path), key=where) from None
     if not isinstance(raw, dict):
-        raise UserError("expected a mapping of keys (name, family, task, data, ...) at the top", source=str(path))
+        raise UserError("expected a mapping of keys (name, family, task, data, ...) at the top; write the YAML as "
+                        "'key: value' lines (see search_spaces/quickstart.yaml)", source=str(path))
     return raw
 
 
@@ -395,13 +470,18 @@ def apply_overrides(raw: dict, sets: list[str], source: str | None = None) -> li
     paths = []
     for item in sets:
         if "=" not in item:
-            raise UserError(f"expected key.sub=value, got '{item}'", source=src)
+            raise UserError(f"expected key.sub=value, got '{item}'; write it as --set key.sub=value "
+                            "(e.g. --set data.path=jets.h5)", source=src)
         key, _, text = item.partition("=")
         key = key.strip()
         if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", key):
-            raise UserError(f"'{key}' is not a dotted key path like data.path (got '{item}')", source=src)
+            raise UserError(f"'{key}' is not a dotted key path like data.path (got '{item}'); write it as "
+                            "--set section.key=value (e.g. --set data.path=jets.h5)", source=src)
         try:
-            value = yaml.safe_load(text)
+            value = parse_yaml(text)
+        except DuplicateKey as e:
+            raise UserError(f"the value gives '{e.path}' twice ({e.columns}); give each key once in --set {key}=...",
+                            source=src, key=key) from None
         except yaml.YAMLError:
             value = text
         node = raw
@@ -414,7 +494,9 @@ def apply_overrides(raw: dict, sets: list[str], source: str | None = None) -> li
                 if parts[0] == "params" and i == 1:  # params.lr.low on a fixed lr: start a dimension
                     nxt = node[part] = {}
                 else:
-                    raise UserError(f"'{'.'.join(parts[: i + 1])}' is a value, not a section", source=src, key=key)
+                    above = ".".join(parts[: i + 1])
+                    raise UserError(f"'{above}' is a value, not a section; set it as a whole (--set {above}=...)",
+                                    source=src, key=key)
             node = nxt
         node[parts[-1]] = value
         paths.append(key)
@@ -460,11 +542,54 @@ def _explain(err: dict) -> tuple[str, str]:
         return key, f"unknown key '{loc[-1]}'{did_you_mean(str(loc[-1]), options)}; remove or rename it"
     if kind == "missing":
         return key, "required key is missing; add it"
-    msg = err["msg"]
-    msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
-    if kind not in ("value_error", "assertion_error") and "input" in err and not isinstance(err["input"], dict):
+    return key, error_text(err, key)
+
+
+_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<"),
+           "less_than_equal": ("le", "<=")}
+
+
+def fix_for(err: dict, key: str) -> str:
+    """What to write instead, for one of pydantic's own errors (``err`` from ``ValidationError.errors()``)."""
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind in _BOUNDS:
+        name, op = _BOUNDS[kind]
+        return f"set {key} to a number {op} {ctx.get(name)}"
+    if kind == "literal_error":
+        return f"set {key} to one of {ctx.get('expected')}"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"set {key} to a whole number"
+    if kind in ("float_parsing", "float_type"):
+        return f"set {key} to a number"
+    if kind in ("bool_parsing", "bool_type"):
+        return f"set {key} to true or false"
+    if kind == "string_type":
+        return f"set {key} to a text value (quote it)"
+    if kind in ("list_type", "tuple_type"):
+        return f"write {key} as a list, e.g. [a, b]"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return f"write {key} as a section of 'key: value' lines"
+    if kind == "too_short":
+        return f"give {key} at least {ctx.get('min_length')} value(s)"
+    if kind == "too_long":
+        return f"give {key} at most {ctx.get('max_length')} value(s)"
+    if kind == "string_pattern_mismatch":
+        return f"set {key} to letters, digits, '_', '.' and '-', starting with a letter or digit"
+    if kind == "union_tag_invalid":
+        return f"set {key}.{ctx.get('discriminator', 'type').strip(chr(39))} to one of {ctx.get('expected_tags')}"
+    return f"set {key} to a valid value"
+
+
+def error_text(err: dict, key: str) -> str:
+    """A pydantic error as one line: the reason, the value given and (for pydantic's own checks) the fix.
+
+    Our validators' ``ValueError`` messages already end with their fix."""
+    msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if err["type"] in ("value_error", "assertion_error"):
+        return msg
+    if "input" in err and not isinstance(err["input"], dict):
         msg = f"{msg} (got {err['input']!r})"
-    return key, msg
+    return f"{msg}; {fix_for(err, key)}"
 
 
 def source_of(source: str, set_paths: list[str] | None, key: str | None) -> str:
@@ -490,9 +615,10 @@ def validate(raw: dict, *, source: str, set_paths: list[str] | None = None) -> S
     from .params import check_params  # needs the family registry
 
     try:
-        check_params(cfg)
+        notes = check_params(cfg)
     except UserError as e:
         raise e.with_source(source_of(source, set_paths, e.key)) from None
+    cfg._notes = [f"{source_of(source, set_paths, key)}: note: {text}" for key, text in notes]
     return cfg
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import ChoiceDim, FixedDim, GridDim, LogUniformDim, QUniformDim, RandIntDim, SearchSpace, UniformDim, dim_values
+from .config import error_text
 from .errors import UserError, did_you_mean
 from .registry import family_names, get_family
 
@@ -70,15 +71,13 @@ def _schemas(cfg: SearchSpace) -> dict[str, list[tuple[type[BaseModel], Any, str
 
 
 def _check_value(model: type[BaseModel], name: str, value: Any) -> str | None:
-    """None when ``value`` is valid for field ``name`` of ``model``, else the reason."""
+    """None when ``value`` is valid for field ``name`` of ``model``, else the reason and the fix."""
     defaults = {k: f.default for k, f in model.model_fields.items() if not f.is_required()}
     try:
         model.model_validate({**defaults, name: value})
     except ValidationError as e:
-        for err in e.errors():
-            if err["loc"] and err["loc"][0] == name:
-                return err["msg"].removeprefix("Value error, ")
-        return e.errors()[0]["msg"]
+        err = next((x for x in e.errors() if x["loc"] and x["loc"][0] == name), e.errors()[0])
+        return error_text(err, f"params.{name}")
     return None
 
 
@@ -97,52 +96,110 @@ def _check_families(cfg: SearchSpace) -> None:
         first = next(iter(seen.items()), None)
         if first and get_family(first[0]).inputs != inputs:
             raise UserError(f"'{name}' takes {inputs} but '{first[0]}' takes {first[1]}: one search compares "
-                            "families of one input kind (the data file holds one)", key=f"family.values.{i}")
+                            f"families of one input kind (the data file holds one); remove '{name}' or "
+                            f"'{first[0]}' from family.values", key=f"family.values.{i}")
         seen[name] = inputs
 
 
-def check_params(cfg: SearchSpace) -> None:
+def _listed(wanted: Any) -> list[Any]:
+    return list(wanted) if isinstance(wanted, list) else [wanted]
+
+
+def _families_of(dim: Any) -> set[str] | None:
+    """The families a ``when: {family: ...}`` condition gives a parameter to (None: no such condition)."""
+    when = dim.when or {}
+    return set(_listed(when["family"])) if "family" in when else None
+
+
+def _check_conditions(name: str, dim: Any, dims: dict[str, Any], fields: dict[str, list]) -> None:
+    """A condition must name a parameter of the search, and values that parameter's schema accepts (a value
+    it cannot take at all is a typo). A valid value it merely no longer takes (a --set narrowed it) is not an
+    error: the parameter is then inactive (:func:`never_active`)."""
+    for other, wanted in (dim.when or {}).items():
+        ckey = f"params.{name}.when.{other}"
+        if other not in dims:
+            raise UserError(f"condition on '{other}', which is not in params{did_you_mean(other, dims)}; add "
+                            f"params.{other} or fix the name in the condition", key=ckey)
+        odim = dims[other]
+        if not isinstance(odim, ChoiceDim | GridDim | FixedDim):
+            raise UserError(f"conditions must name a choice, grid or fixed parameter; '{other}' is {odim.type}: "
+                            f"make params.{other} a choice or remove the condition", key=ckey)
+        for w in _listed(wanted):
+            if other == "family":
+                possible = w in family_names()  # a YAML may name families a --set has taken out of the list
+            else:
+                owners = fields.get(other, [])
+                possible = not owners or any(_check_value(m, other, w) is None for m, _, _ in owners)
+            if not possible:
+                values = family_names() if other == "family" else dim_values(odim)
+                hint = did_you_mean(str(w), [str(v) for v in values]) if isinstance(w, str) else ""
+                raise UserError(f"'{other}' never takes the value {w!r}{hint} (its values: {values}); fix the "
+                                f"value in the condition", key=ckey)
+
+
+def never_active(cfg: SearchSpace) -> dict[str, tuple[str, str]]:
+    """Conditional parameters whose condition can no longer hold (a ``--set`` narrowed the parameter it names,
+    e.g. ``attention=softmax`` under ``window_size: {when: {attention: window}}``), each with the reason. They
+    are never drawn: the family default applies. name -> (the condition's parameter, why)."""
+    dims = search_dims(cfg)
+    out: dict[str, tuple[str, str]] = {}
+    for name in _condition_order(dims):  # conditions first
+        for other, wanted in (dims[name].when or {}).items():
+            if other in out:
+                out[name] = (other, f"its condition '{other}' is itself ignored")
+                break
+            values = dim_values(dims[other])
+            if not any(w in values for w in _listed(wanted)):
+                shown = wanted if not isinstance(wanted, list) or len(wanted) > 1 else wanted[0]
+                out[name] = (other, f"its condition {other}: {shown} never holds ('{other}' takes {values})")
+                break
+    return out
+
+
+def check_params(cfg: SearchSpace) -> list[tuple[str, str]]:
+    """Check ``params`` against the families and training schema; returns notes (inactive parameters) as
+    (the key that caused it, text)."""
     _check_families(cfg)
     fields = _schemas(cfg)
     dims = search_dims(cfg)
-    fam_text = f"family '{cfg.family}'" if isinstance(cfg.family, str) else f"any of the families {cfg.families}"
+    multi = not isinstance(cfg.family, str)
+    fam_text = f"family '{cfg.family}'" if not multi else f"any of the families {cfg.families}"
     for name, dim in cfg.params.items():
         key = f"params.{name}"
         if name == "family":
             raise UserError("'family' is searched through the top-level family key "
                             "(family: {type: choice, values: [...]}); remove it from params", key=key)
-        if name not in fields and not isinstance(cfg.family, str) and any(
+        if name not in fields and multi and any(
                 name in get_family(f).params.model_fields for f in family_names()):
             continue  # a parameter of a family a --set took out of the list: never drawn
         if name not in fields:
-            raise UserError(f"'{name}' is not a parameter of {fam_text} or of training{did_you_mean(name, fields)}",
-                            key=key)
-        for model, field, _ in fields[name]:
+            raise UserError(f"'{name}' is not a parameter of {fam_text} or of training{did_you_mean(name, fields)}; "
+                            "remove it or fix its name (docs/search_space.md lists each family's parameters)", key=key)
+        given_to = _families_of(dim)
+        for model, field, fam in fields[name]:
+            if fam is not None and given_to is not None and fam not in given_to:
+                continue  # when: {family: ...} keeps it from this family's trials
             for v in dim_values(dim):
                 if isinstance(dim, RandIntDim | UniformDim | LogUniformDim | QUniformDim) and field.annotation is int:
                     v = int(v) if float(v).is_integer() else v
                 reason = _check_value(model, name, v)
                 if reason:
-                    raise UserError(f"{reason} (got {v!r}); fix the value", key=key)
-        for other, wanted in (dim.when or {}).items():
-            ckey = f"{key}.when.{other}"
-            if other not in dims:
-                raise UserError(f"condition on '{other}', which is not in params{did_you_mean(other, dims)}", key=ckey)
-            odim = dims[other]
-            if not isinstance(odim, ChoiceDim | GridDim | FixedDim):
-                raise UserError(f"conditions must name a choice, grid or fixed parameter; '{other}' is {odim.type}", key=ckey)
-            allowed = dim_values(odim)
-            if other == "family" and not isinstance(cfg.family, str):
-                allowed = family_names()  # a YAML may name families a --set has taken out of the list
-            for w in wanted if isinstance(wanted, list) else [wanted]:
-                if w not in allowed:
-                    raise UserError(f"'{other}' never takes the value {w!r} (its values: {allowed})", key=ckey)
+                    if "(got " not in reason:
+                        reason = f"{reason} (got {v!r})"
+                    if fam is not None and multi:  # each family has its own schema of this name
+                        fits = [o for m, _, o in fields[name] if o not in (None, fam) and _check_value(m, name, v) is None]
+                        reason = f"family '{fam}' does not take {v!r}: {reason}" + (
+                            f", or give params.{name} only to the families it fits ({', '.join(fits)}) with "
+                            f"when: {{family: [...]}}" if fits else "")
+                    raise UserError(reason, key=key)
+        _check_conditions(name, dim, dims, fields)
     loss = cfg.params.get("loss")
     fits = {"classification": {"auto", "cross_entropy"}, "regression": {"auto", "mse", "huber", "relative"},
             "joint": {"auto", "mse", "huber", "relative"}}[cfg.task.type]
     for v in dim_values(loss) if loss is not None else []:
         if v not in fits:
-            raise UserError(f"loss '{v}' does not fit a {cfg.task.type} task; use one of {sorted(fits)}", key="params.loss")
+            raise UserError(f"loss '{v}' does not fit a {cfg.task.type} task; set params.loss to one of {sorted(fits)}",
+                            key="params.loss")
     pretrained = cfg.params.get("pretrained")
     for v in dim_values(pretrained) if pretrained is not None else []:
         if v is not None and not Path(v).is_file():
@@ -169,6 +226,8 @@ def check_params(cfg: SearchSpace) -> None:
             f"{combos} grid combinations but num_samples is {cfg.search.num_samples}; raise num_samples to at least {combos}",
             key="search.num_samples",
         )
+    return [(f"params.{other}", f"params.{n} is ignored: {why}; it keeps its default (remove its 'when' or widen "
+             f"params.{other} to use it)") for n, (other, why) in never_active(cfg).items()]
 
 
 def _condition_order(params: dict[str, Any]) -> list[str]:
@@ -180,7 +239,8 @@ def _condition_order(params: dict[str, Any]) -> list[str]:
         if state.get(n) == 2:
             return
         if state.get(n) == 1:
-            raise UserError(f"conditions form a cycle: {' -> '.join(chain + [n])}", key=f"params.{n}.when")
+            raise UserError(f"conditions form a cycle: {' -> '.join(chain + [n])}; remove one of these conditions",
+                            key=f"params.{n}.when")
         state[n] = 1
         for dep in (params[n].when or {}):
             visit(dep, chain + [n])
@@ -194,7 +254,8 @@ def _condition_order(params: dict[str, Any]) -> list[str]:
 
 def grid_points(cfg: SearchSpace) -> list[dict[str, Any]]:
     """Every combination of the ``grid`` dimensions (queued before the sampler's picks)."""
-    grids = {n: d.values for n, d in search_dims(cfg).items() if isinstance(d, GridDim)}
+    ignored = never_active(cfg)
+    grids = {n: d.values for n, d in search_dims(cfg).items() if isinstance(d, GridDim) and n not in ignored}
     if not grids:
         return []
     names = list(grids)

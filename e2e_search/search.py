@@ -19,6 +19,7 @@ from .data import DataSetup, inspect
 from .errors import NothingToResume, UserError
 from .formats import materialize
 from .params import grid_points
+from .shapes import check_shapes
 
 # A trial's own process only builds the TorchTrainer and waits: give it a sliver of a CPU.
 DRIVER_CPU = 0.01
@@ -59,6 +60,7 @@ def plan(cfg: SearchSpace, *, address: str | None = None, generate: bool = True)
     # Parquet/ROOT: converted once to an HDF5 cache (not in a dry run: then None, and nothing is written).
     source = None if (needs_gen and not generate) else materialize(cfg, generate=generate)
     data = inspect(source) if source is not None else None
+    check_shapes(cfg, data)  # every family's model fits the data's shape for every parameter value (recipe's shape if not yet written)
     storage = Path(cfg.tracking.storage) if cfg.tracking.storage else workdir / "ray_results"
     artifacts = Path(cfg.tracking.artifacts) if cfg.tracking.artifacts else workdir / "mlartifacts"
     return Plan(cfg=cfg, data=data, workdir=workdir, storage=storage.resolve(),

@@ -36,7 +36,7 @@ class CaitParams(BaseModel):
     """Initial LayerScale of every residual branch (CaiT uses 0.1 up to depth 18, smaller when deeper)."""
 
 
-@register_family("cait", params=CaitParams)
+@register_family("cait", params=CaitParams, shape_params=("patch_size",))
 def build_cait(p: CaitParams, *, in_chans: int, img_size: tuple[int, int], num_outputs: int,
                tasks: dict[str, int] | None = None) -> nn.Module:
     """CaiT (timm): patch self-attention followed by class-attention layers, with LayerScale."""

@@ -44,7 +44,7 @@ def conv_stem(in_chans: int, width: int, layers: int, stride: int) -> nn.Sequent
     return nn.Sequential(*mods)
 
 
-@register_family("hybrid_vit", params=HybridVitParams)
+@register_family("hybrid_vit", params=HybridVitParams, shape_params=("patch_size", "stem_stride"))
 def build_hybrid_vit(p: HybridVitParams, *, in_chans: int, img_size: tuple[int, int], num_outputs: int,
                      tasks: dict[str, int] | None = None) -> nn.Module:
     """Hybrid ViT: convolutional stem + timm VisionTransformer on its feature map."""

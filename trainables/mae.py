@@ -90,6 +90,19 @@ class MaeParams(BaseModel):
     """Self-supervised epochs run by the worker loop before fine-tuning."""
 
 
+def check_visible(p: MaeParams, grid: tuple[int, int]) -> None:
+    """Pretraining must leave the encoder at least one visible patch of an image whose patches are all
+    non-empty: ceil(mask_ratio * L) < L for the L patches of the grid (ValueError naming the fix otherwise)."""
+    n = grid[0] * grid[1]
+    hidden = math.ceil(p.mask_ratio * n - 1e-9)
+    if p.pretrain_epochs > 0 and hidden >= n:
+        fix = (f"lower mask_ratio below {(n - 1) / n:.3g} or choose a smaller patch_size" if n > 1 else
+               "choose a patch_size smaller than the image (or pretrain_epochs: 0)")
+        what = f"all {n} patches of the {grid[0]}x{grid[1]} patch grid" if n > 1 else "the image's only patch"
+        raise ValueError(f"mask_ratio {p.mask_ratio:g} hides {what} (patch_size {p.patch_size}): pretraining needs "
+                         f"at least one visible patch; {fix}")
+
+
 class Masking(NamedTuple):
     ids_keep: torch.Tensor     # (B, L-K) indices of the patches the encoder sees
     ids_restore: torch.Tensor  # (B, L) position of each patch in the shuffled order
@@ -225,6 +238,7 @@ class MaskedAutoencoder(nn.Module):
         self.p = p.patch_size
         self.fit = FitToPatches(img_size, p.patch_size, "pad")
         self.grid = (self.fit.out_size[0] // p.patch_size, self.fit.out_size[1] // p.patch_size)
+        check_visible(p, self.grid)
         patch_dim = p.patch_size ** 2 * in_chans
         dim = heads_multiple(p.embed_dim, p.num_heads)
         dec_dim = heads_multiple(p.decoder_dim, p.decoder_heads)
@@ -305,7 +319,7 @@ class MaskedAutoencoder(nn.Module):
         return self.head(self.head_norm(f))                                    # (B, outputs)
 
 
-@register_family("mae", params=MaeParams)
+@register_family("mae", params=MaeParams, shape_params=("patch_size", "mask_ratio", "pretrain_epochs"))
 def build_mae(p: MaeParams, *, in_chans: int, img_size: tuple[int, int], num_outputs: int,
               tasks: dict[str, int] | None = None) -> nn.Module:
     """Masked autoencoder (ViT) pretrained on the images, then fine-tuned or linearly probed."""

@@ -96,7 +96,7 @@ class Swin(nn.Module):
         return self.swin(self.fit(x))  # (B, C, H, W) -> (B, C, H', W') -> (B, outputs)
 
 
-@register_family("swin", params=SwinParams)
+@register_family("swin", params=SwinParams, shape_params=("patch_size", "stages", "window_size"))
 def build_swin(p: SwinParams, *, in_chans: int, img_size: tuple[int, int], num_outputs: int,
                tasks: dict[str, int] | None = None) -> nn.Module:
     """Swin transformer (timm): hierarchical shifted-window attention with searchable stages and windows."""

@@ -63,7 +63,8 @@ def fitted_size(size: int, patch: int, how: str) -> int:
     if how == "pad":
         return math.ceil(size / patch) * patch
     if size < patch:
-        raise ValueError(f"patch_size {patch} is larger than the image ({size} pixels): use patch_fit: pad")
+        raise ValueError(f"patch_size {patch} is larger than the image ({size} pixels) and patch_fit: crop cannot "
+                         f"fit it; choose a patch_size of at most {size} or patch_fit: pad")
     return (size // patch) * patch
 
 
@@ -79,7 +80,8 @@ class FitToPatches(nn.Module):
         self.out_size = tuple(out_size or (fitted_size(s, patch, how) for s in img_size))
         wrong_way = [o < s if how == "pad" else o > s for o, s in zip(self.out_size, img_size)]
         if any(wrong_way):
-            raise ValueError(f"cannot {how} {tuple(img_size)} to {self.out_size}")
+            raise ValueError(f"cannot {how} images of {tuple(img_size)} pixels to {self.out_size}; choose a patch "
+                             "size that fits the image")
         h, w = img_size
         dh, dw = self.out_size[0] - h, self.out_size[1] - w
         if how == "pad":  # F.pad order: (left, right, top, bottom)
@@ -144,7 +146,8 @@ class LinearAttention(Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                              # (B, h, N, d)
         q, k = self.q_norm(q), self.k_norm(k)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        # (the meta device, on which e2e_search/shapes.py builds models, has no autocast: use the CPU's there)
+        with torch.autocast(device_type="cpu" if x.device.type == "meta" else x.device.type, enabled=False):
             q, k, v = F.elu(q.float()) + 1, F.elu(k.float()) + 1, v.float()
             kv = torch.einsum("bhnd,bhne->bhde", k, v)                       # (B, h, d, d)
             den = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=2)) + self.eps  # (B, h, N)
@@ -194,7 +197,7 @@ class WindowAttention(Attention):
 ATTENTION: dict[str, type[Attention]] = {"softmax": Attention, "linear": LinearAttention, "window": WindowAttention}
 
 
-@register_family("vit", params=VitParams)
+@register_family("vit", params=VitParams, shape_params=("patch_size", "patch_fit"))
 def build_vit(p: VitParams, *, in_chans: int, img_size: tuple[int, int], num_outputs: int,
               tasks: dict[str, int] | None = None) -> nn.Module:
     """Vision transformer (timm) with searchable patch size, depth, width, heads, pooling and attention type."""
