@@ -83,7 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--format", default="onnx", help="output format: onnx (default)")
     x.add_argument("--out", required=True, help="output file (written atomically; nothing is left on failure)")
     x.add_argument("--tracking-uri", help="MLflow tracking URI for RUN_ID and models:/ (default: $MLFLOW_TRACKING_URI, else sqlite:///e2e_runs/mlflow.db; the registry: $MLFLOW_REGISTRY_URI, else the tracking URI)")
-    x.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's: 17 for torchscript, 20 for dynamo in torch 2.14)")
+    x.add_argument("--opset", type=int, help="ONNX opset to write, exactly (7 up to the newest onnx knows); refused, "
+                   "naming the operator and the lowest opset that works, when the model needs a newer one "
+                   "(default: the exporter's: 17 for torchscript, 20 for dynamo in torch 2.14)")
     x.add_argument("--exporter", default="auto", help="auto (default: torchscript, then dynamo) | torchscript | dynamo")
     x.add_argument("--runs", type=int, default=50, help="timed runs at batch 1 for the CPU latency table (0: no timing)")
     return p

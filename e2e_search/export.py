@@ -23,7 +23,10 @@ with a dynamic batch axis:
 
 Exporter: the TorchScript exporter first (it handles every family, swin included),
 the dynamo exporter (``torch.export`` + onnxscript) when the first one fails; ``--exporter``
-picks one. The file is accepted only when onnxruntime (CPUExecutionProvider) reproduces
+picks one. ``--opset N`` is written exactly or refused: the file's default-domain opset is
+checked after export (the dynamo exporter builds opset 18 and down-converts, falling back to
+18 silently when it cannot), and a refusal names the operator that needs a newer opset and
+the lowest opset that works (found by exporting again at the opsets the failures point to). The file is accepted only when onnxruntime (CPUExecutionProvider) reproduces
 PyTorch within ``PARITY_TOL`` on ``PARITY_EVENTS`` realistic random events (and on batch 1);
 otherwise nothing is written. The file is written to a temporary name in the output's
 folder and renamed at the end.
@@ -65,8 +68,94 @@ _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+OPSET_MIN = 7
+"""Lowest ONNX opset accepted for ``--opset`` (the TorchScript exporter's own minimum)."""
+OPSET_PROBES = 5
+"""At most this many extra exports per exporter when looking for the lowest opset that works."""
+
+
 class ParityError(ValueError):
     """onnxruntime does not reproduce PyTorch within PARITY_TOL."""
+
+
+class OpsetError(ValueError):
+    """The requested opset cannot be written: ``operator`` needs opset ``since`` or newer (None: not said)."""
+
+    def __init__(self, message: str, operator: str | None = None, since: int | None = None, *, too_new: bool = False):
+        super().__init__(message)
+        self.operator = operator
+        self.since = since
+        self.too_new = too_new  # the exporter does not know an opset that new: a newer one cannot help
+
+
+def opset_max() -> int:
+    """The newest opset the installed onnx knows (both exporters and onnxruntime are checked after export)."""
+    import onnx.defs
+
+    return int(onnx.defs.onnx_opset_version())
+
+
+def _first_opset(op: str) -> int | None:
+    """The opset in which ONNX operator ``op`` (default domain) first exists."""
+    import onnx.defs
+
+    versions = [s.since_version for s in onnx.defs.get_all_schemas_with_history() if s.name == op and s.domain == ""]
+    return min(versions) if versions else None
+
+
+# What the exporters and onnx's version converter say when an operator needs a newer opset,
+# -> (operator, first opset that has it or None).
+_OPSET_MESSAGES: list[tuple[re.Pattern, Callable[[re.Match], tuple[str, int | None]]]] = [
+    (re.compile(r"operator '([\w:.]+)' to ONNX opset version \d+ is not supported\. "
+                r"Support for this operator was added in version (\d+)"), lambda m: (m[1], int(m[2]))),
+    (re.compile(r"ONNX export of (\w+) in opset \d+\..*?Please try opset version (\d+)", re.S),
+     lambda m: (m[1], int(m[2]))),
+    (re.compile(r"ONNX export failed on (\w+), which is not implemented for opset \d+"),
+     lambda m: (f"aten::{m[1]}", None)),
+    (re.compile(r"No Previous Version of (\w+) exists"), lambda m: (m[1], _first_opset(m[1]))),
+    (re.compile(r"No Adapter From Version \$(\d+) for (\w+)"), lambda m: (m[2], int(m[1]))),
+    (re.compile(r"for operator (\w+)"), lambda m: (m[1], None)),
+    (re.compile(r"of operator \((\w+)\)"), lambda m: (m[1], None)),
+]
+
+
+def _opset_cause(e: BaseException) -> tuple[str, int | None] | None:
+    """(operator, first opset that has it) when an exporter's or converter's error says which operator failed."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = _ANSI.sub("", str(e))
+        for pattern, parse in _OPSET_MESSAGES:
+            m = pattern.search(text)
+            if m:
+                return parse(m)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _default_opset(proto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _to_opset(proto, opset: int):
+    """``proto`` at exactly ``opset`` (onnx's version converter when the exporter wrote another), else OpsetError."""
+    import onnx.version_converter
+
+    used = _default_opset(proto)
+    if used == opset:
+        return proto
+    try:
+        converted = onnx.version_converter.convert_version(proto, opset)
+        onnx.checker.check_model(converted)
+    except Exception as e:  # noqa: BLE001 - the converter asserts in C++ with the operator in the text
+        cause = _opset_cause(e)
+        op, since = cause if cause else (None, None)
+        detail = (f"operator {op} needs opset {since}" if op and since else f"operator {op}" if op
+                  else _first_line(e)[:200])
+        raise OpsetError(f"it writes opset {used} and onnx cannot convert that to {opset} ({detail})", op, since) from None
+    if _default_opset(converted) != opset:
+        raise OpsetError(f"it writes opset {used} and onnx's converter gave {_default_opset(converted)}, not {opset}")
+    return converted
 
 
 @dataclass
@@ -438,7 +527,9 @@ def _attempt(t: Trained, exporter: str, tmp: Path, opset: int | None, threads: i
 
     example = tuple(torch.from_numpy(a) for a in random_inputs(t, EXAMPLE_BATCH, seed=1))
     proto = _quiet(EXPORT_FUNCS[exporter], t, example, tmp, opset)
-    used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset or 0)
+    if opset is not None:  # the dynamo exporter falls back to its own opset (18) when it cannot down-convert
+        proto = _quiet(_to_opset, proto, opset)
+    used = _default_opset(proto)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(tmp))
     sess = _session(tmp, threads)
@@ -459,7 +550,53 @@ def _attempt(t: Trained, exporter: str, tmp: Path, opset: int | None, threads: i
     proto.producer_name = "e2e-search"
     proto.doc_string = f"e2e-search {t.family} ({t.setup.task}); inputs, outputs and preprocessing in metadata e2e.*"
     onnx.save(proto, str(tmp))
+    if opset is not None and used != opset:  # never write another opset than the one asked for
+        raise OpsetError(f"it wrote opset {used}, not {opset}")
     return _session(tmp, threads), used, diff
+
+
+def _opset_failure(e: BaseException, opset: int | None) -> OpsetError | None:
+    """An exporter's failure at a requested opset, as an OpsetError when it is about the opset."""
+    if opset is None or isinstance(e, ParityError):
+        return None
+    if isinstance(e, OpsetError):
+        return e
+    text = _ANSI.sub("", str(e))
+    if re.search(r"Unsupported onnx_opset_version", text):  # newer than the exporter knows: no newer one helps
+        return OpsetError(f"it does not write opset {opset} (newer than it knows)", too_new=True)
+    cause = _opset_cause(e)
+    if cause is None:
+        return None
+    op, since = cause
+    if since is None and opset >= 17:  # an operator failing at a recent opset is not about the opset
+        return None
+    return OpsetError(f"operator {op} needs a newer opset" if since is None else f"operator {op} needs opset {since}",
+                      op, since)
+
+
+def _lowest_opset(t: Trained, order: list[str], opset: int, hints: dict[str, int | None], tmp: Path,
+                  threads: int) -> tuple[str, int] | None:
+    """The lowest opset above ``opset`` that an exporter of ``order`` writes and onnxruntime reproduces."""
+    best: tuple[str, int] | None = None
+    for name in order:
+        if name not in hints:  # this exporter failed for another reason than the opset
+            continue
+        cand = max(opset + 1, hints[name] or opset + 1)
+        for _ in range(OPSET_PROBES):
+            if cand > opset_max() or (best is not None and cand >= best[1]):
+                break
+            try:
+                _attempt(t, name, tmp, cand, threads)
+            except Exception as e:  # noqa: BLE001 - try the opset the failure points to, else the next one
+                why = e if isinstance(e, OpsetError) else _opset_failure(e, cand)
+                cand = max(cand + 1, (why.since if why is not None else None) or cand + 1)
+                continue
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+            best = (name, cand)
+            break
+    return best
 
 
 # --------------------------------------------------------------------------- timing
@@ -504,8 +641,6 @@ def export(source: str, out: str, fmt: str = "onnx", *, tracking_uri: str | None
         raise UserError(f"unknown format '{fmt}'{did_you_mean(fmt, FORMATS)}", key="--format")
     if exporter not in EXPORTERS:
         raise UserError(f"unknown exporter '{exporter}'{did_you_mean(exporter, EXPORTERS)}", key="--exporter")
-    if opset is not None and opset < 7:
-        raise UserError(f"--opset must be >= 7 (got {opset})", key="--opset")
     if runs < 0:
         raise UserError(f"--runs must be >= 0 (got {runs})", key="--runs")
     dest = Path(out)
@@ -519,6 +654,9 @@ def export(source: str, out: str, fmt: str = "onnx", *, tracking_uri: str | None
     if lacking:
         raise UserError(f"ONNX export needs {' and '.join(lacking)}; pip install onnx onnxruntime onnxscript",
                         key="--format")
+    if opset is not None and not OPSET_MIN <= opset <= opset_max():
+        raise UserError(f"{opset} is not an ONNX opset this installation can write; use --opset {OPSET_MIN}.."
+                        f"{opset_max()}, or leave --opset out for the exporter's default", key="--opset")
     import torch
 
     with tempfile.TemporaryDirectory(prefix="e2e-export-") as dl:
@@ -527,6 +665,8 @@ def export(source: str, out: str, fmt: str = "onnx", *, tracking_uri: str | None
     tmp = dest.parent / f".{dest.name}.{os.getpid()}.tmp"
     order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
     reasons: list[str] = []
+    opset_hints: dict[str, int | None] = {}  # exporter -> the opset its failure points to (None: not said)
+    too_new = False  # an exporter does not know the requested opset
     try:
         for name in order:
             try:
@@ -535,13 +675,27 @@ def export(source: str, out: str, fmt: str = "onnx", *, tracking_uri: str | None
                 reasons.append(f"{name} exporter: {e}")
                 continue
             except Exception as e:  # noqa: BLE001 - any exporter/runtime failure is a refusal
-                reasons.append(f"{name} exporter: {_reason(e)}")
+                why = _opset_failure(e, opset)
+                if why is not None:
+                    too_new |= why.too_new
+                    if not why.too_new:
+                        opset_hints[name] = why.since
+                reasons.append(f"{name} exporter: {why if why is not None else _reason(e)}")
                 continue
             timing = benchmark(t, sess, runs) if runs > 0 else None
             del sess
             os.replace(tmp, dest)
             return ExportResult(out=dest, exporter=name, opset=used, max_abs_diff=diff, size_bytes=dest.stat().st_size,
                                 timing=timing, threads=threads, trained=t)
+        if opset is not None and opset_hints:
+            lowest = _lowest_opset(t, order, opset, opset_hints, tmp, threads)
+            fix = (f"the lowest opset that works is {lowest[1]} ({lowest[0]} exporter): use --opset {lowest[1]} or higher"
+                   if lowest else "use a higher --opset")
+            raise UserError(f"cannot write opset {opset} for family '{t.family}' ({t.source}): {'; '.join(reasons)}; "
+                            f"{fix}, or leave --opset out for the exporter's default", key="--opset")
+        if too_new:
+            raise UserError(f"cannot write opset {opset} for family '{t.family}' ({t.source}): {'; '.join(reasons)}; "
+                            "use a lower --opset or --exporter dynamo", key="--opset")
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -245,3 +245,57 @@ def test_parity_failure_is_a_refusal(tmp_path, capsys):
     out = tmp_path / "m.onnx"
     code, _, stderr = run_export(capsys, ckpt, out, "--exporter", "torchscript")
     _one_line_error(code, stderr, out, "cannot export family 'resnet15'", "differs from PyTorch", "limit 0.0001")
+
+
+# --------------------------------------------------------------------------- --opset (issue 13, case 7)
+def _file_opset(path: Path) -> int:
+    return next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import
+                if o.domain in ("", "ai.onnx"))
+
+
+@pytest.mark.parametrize("case, exporter, opset", [
+    ("vit", "torchscript", 14),  # the lowest the TorchScript exporter writes for scaled_dot_product_attention
+    ("vit", "dynamo", 17),  # the dynamo exporter builds 18 and down-converts (LayerNormalization exists from 17)
+    ("resnet15", "auto", 9),
+    ("deepsets", "dynamo", 21),  # above the dynamo exporter's own 18
+])
+def test_opset_is_written_exactly(tmp_path, capsys, case, exporter, opset):
+    family, params, data = CASES[case]
+    ckpt, model = make_checkpoint(tmp_path / "trial", family, params, data)
+    out = tmp_path / "m.onnx"
+    code, stdout, stderr = run_export(capsys, ckpt, out, "--exporter", exporter, "--opset", str(opset), "--runs", "0")
+    assert code == 0, stderr
+    assert _file_opset(out) == opset
+    assert f"opset {opset})" in stdout
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["e2e.opset"] == str(opset)
+    check_onnx(out, model, data, family)
+
+
+def test_opset_too_old_names_the_operator_and_the_lowest_that_works(tmp_path, capsys):
+    """`--opset 13` on a ViT wrote opset 18 (the TorchScript exporter refused 13, the dynamo exporter ignored it)."""
+    ckpt, _ = make_checkpoint(tmp_path / "trial", "vit", VIT, IMAGE)
+    out = tmp_path / "m.onnx"
+    code, _, stderr = run_export(capsys, ckpt, out, "--opset", "13")
+    _one_line_error(code, stderr, out, "--opset", "cannot write opset 13 for family 'vit'",
+                    "operator aten::scaled_dot_product_attention needs opset 14",
+                    "LayerNormalization needs opset 17", "the lowest opset that works is 14 (torchscript exporter)",
+                    "use --opset 14 or higher")
+
+
+def test_opset_dynamo_only_refusal(tmp_path, capsys):
+    """The dynamo exporter cannot convert LayerNormalization below 17: refused with 17, its lowest."""
+    family, params, data = CASES["deepsets"]
+    ckpt, _ = make_checkpoint(tmp_path / "trial", family, params, data)
+    out = tmp_path / "m.onnx"
+    code, _, stderr = run_export(capsys, ckpt, out, "--exporter", "dynamo", "--opset", "16")
+    _one_line_error(code, stderr, out, "--opset", "dynamo exporter", "LayerNormalization needs opset 17",
+                    "the lowest opset that works is 17 (dynamo exporter)")
+
+
+def test_opset_newer_than_the_torchscript_exporter_knows(tmp_path, capsys):
+    family, params, data = CASES["resnet15"]
+    ckpt, _ = make_checkpoint(tmp_path / "trial", family, params, data)
+    out = tmp_path / "m.onnx"
+    code, _, stderr = run_export(capsys, ckpt, out, "--exporter", "torchscript", "--opset", "24")
+    _one_line_error(code, stderr, out, "--opset", "does not write opset 24", "use a lower --opset or --exporter dynamo")
