@@ -132,20 +132,23 @@ def _cmd_run(args) -> int:
         print(dump(cfg), end="")
         print("dry run: nothing started")
         return 0
+    nothing = None
     if args.resume:  # continue the latest unfinished search, or start one when there is none
         from .errors import NothingToResume
         from .search import DEFAULT_WORKDIR
-        from .tracking import store_uri
+        from .tracking import resolve_uri, sqlite_path
 
+        uri = resolve_uri(cfg.tracking.uri, DEFAULT_WORKDIR)[0]
         try:
-            try:
-                uri = store_uri(cfg.tracking.uri, DEFAULT_WORKDIR, flag="tracking.uri")
-            except UserError as e:  # no store yet (reading never creates one)
-                raise NothingToResume(e.message, key=e.key) from None
+            db = sqlite_path(uri)
+            if db is not None and not db.is_file():  # reading never creates a store
+                raise NothingToResume(f"no experiment '{cfg.tracking.experiment}' (no MLflow store at {uri} yet)")
             return _resume(uri, cfg.tracking.experiment, None, args)
         except NothingToResume as e:
-            print(f"nothing to resume ({e.message}): starting a new search", file=sys.stderr, flush=True)
-    p = _plan(args, cfg, address=args.address)
+            nothing = e.message
+    p = _plan(args, cfg, address=args.address)  # a refused search says only why
+    if nothing:
+        print(f"nothing to resume ({nothing}): starting a new search", file=sys.stderr, flush=True)
     print(describe(p), flush=True)
     return _report_outcome(cfg, execute(p, address=args.address, verbose=args.verbose))
 

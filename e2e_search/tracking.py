@@ -574,7 +574,8 @@ def find_resumable(client: MlflowClient, experiment: str, search_run: str | None
 def start_parent_run(client: MlflowClient, experiment_id: str, *, name: str, resolved_yaml: str,
                      tags: dict[str, str], params: dict[str, Any]) -> str:
     run = client.create_run(experiment_id, run_name=name,
-                            tags={"e2e.kind": "search", MLFLOW_RUN_NAME: name, **tags})
+                            tags={"e2e.kind": "search", MLFLOW_RUN_NAME: name,
+                                  **{mlflow_key(k): tag_value(v) for k, v in tags.items()}})
     rid = run.info.run_id
     try:
         client.log_text(rid, resolved_yaml, "search_space.yaml")

@@ -396,3 +396,202 @@ def test_console_script_bad_input(ws):
     assert proc.stdout == ""
     assert not (ws / "e2e_runs").exists()
     assert files_under(ws) == before
+
+
+# --- issue 13: tracking store and names
+# MLflow's conventions (MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI), the store's state (deleted experiment, old
+# schema, not a store, unreachable) and the names a search derives (registered models, runs, folders): one line,
+# exit 2, nothing written, checked before Ray starts (validate and --dry-run too).
+@pytest.fixture(scope="module")
+def store13(tmp_path_factory):
+    """A real MLflow store: experiment 'searched' (a finished search run and its trial), 'other' (a search run)
+    and 'bad-input' (deleted, as in the MLflow UI). Tests copy the file into their working directory."""
+    from mlflow.tracking import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    d = tmp_path_factory.mktemp("store13")
+    client = MlflowClient(tracking_uri=f"sqlite:///{d / 'mlflow.db'}")
+    art = (d / "artifacts").as_uri()
+    exp = client.create_experiment("searched", artifact_location=art)
+    parent = client.create_run(exp, tags={"e2e.kind": "search", "e2e.metric": "val_auc", "e2e.mode": "max"}).info.run_id
+    trial = client.create_run(exp, tags={"e2e.kind": "trial", MLFLOW_PARENT_RUN_ID: parent, "e2e.trial_id": "t1",
+                                         "e2e.status": "FINISHED"}).info.run_id
+    client.log_metric(trial, "best_val_auc", 0.9, step=1)
+    client.set_terminated(trial, "FINISHED")
+    client.set_terminated(parent, "FINISHED")
+    other = client.create_experiment("other", artifact_location=art)
+    foreign = client.create_run(other, tags={"e2e.kind": "search"}).info.run_id
+    client.delete_experiment(client.create_experiment("bad-input", artifact_location=art))
+    return {"db": d / "mlflow.db", "parent": parent, "trial": trial, "foreign": foreign}
+
+
+def _store_in(ws: Path, store13, name: str = "mlflow.db") -> str:
+    shutil.copy(store13["db"], ws / name)
+    return f"sqlite:///{ws / name}"
+
+
+def _with_uri(cfg: dict, uri: str) -> dict:
+    cfg["tracking"] = {"uri": uri}
+    return cfg
+
+
+@pytest.mark.parametrize("argv", [["best", "searched"], ["report", "searched"], ["resume", "searched"], ["ui"],
+                                  ["export", "models:/searched-classifier@champion", "--out", "m.onnx"],
+                                  ["run", YAML, "--resume"]])
+def test_mlflow_tracking_uri_env_is_honoured(ws, capsys, monkeypatch, argv):
+    """Case 6: every command reads MLFLOW_TRACKING_URI (here a store that does not exist) instead of
+    e2e_runs/mlflow.db, says so in one line, and creates neither the store nor e2e_runs/."""
+    write_yaml(base_cfg())
+    missing = ws / "elsewhere" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{missing}")
+    if argv[0] == "run":  # nothing to resume there: a new search starts, and it must be refused in plan
+        Path("elsewhere").write_text("a file where the store's folder would go")
+        line = bad_run(ws, capsys, argv, "MLFLOW_TRACKING_URI", "cannot create the MLflow store")
+    else:
+        line = bad_run(ws, capsys, argv, "MLFLOW_TRACKING_URI", str(missing))
+    assert "e2e_runs" not in line
+
+
+def test_env_store_is_used_and_flags_win(ws, capsys, monkeypatch, store13):
+    """Precedence: --tracking-uri (or the YAML's tracking.uri) > MLFLOW_TRACKING_URI > sqlite:///e2e_runs/mlflow.db."""
+    uri = _store_in(ws, store13)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    rc, out, err = cli(["best", "searched"], capsys)
+    assert rc == 0 and store13["trial"] in out, err
+    rc, out, err = cli(["resume", "searched"], capsys)  # found in the env's store: finished, nothing to resume
+    assert_one_line(rc, out, err, "finished; nothing to resume")
+    bad_run(ws, capsys, ["best", "searched", "--tracking-uri", f"sqlite:///{ws / 'no.db'}"], "--tracking-uri",
+            "no.db")
+    path = write_yaml(base_cfg())  # experiment 'bad-input', deleted in the env's store: refused from there
+    bad_run(ws, capsys, ["validate", path], "'bad-input' was deleted", uri)
+    cfg = _with_uri(base_cfg(), f"sqlite:///{ws / 'yaml.db'}")
+    cfg["name"] = "fresh"
+    path = write_yaml(cfg)
+    rc, out, err = cli(["validate", path], capsys)
+    assert rc == 0 and f"tracking: sqlite:///{ws / 'yaml.db'} (experiment 'fresh')" in out, err
+    del cfg["tracking"]
+    rc, out, err = cli(["validate", write_yaml(cfg)], capsys)
+    assert rc == 0 and f"tracking: {uri} (experiment 'fresh')" in out, err
+    assert not (ws / "yaml.db").exists() and not (ws / "e2e_runs").exists()
+
+
+def test_export_of_a_missing_model_reads_the_env_store_and_writes_nothing(ws, capsys, monkeypatch, store13):
+    uri = _store_in(ws, store13)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    line = bad_run(ws, capsys, ["export", "models:/nope-classifier@champion", "--out", "m.onnx"], "SOURCE",
+                   "models:/nope-classifier@champion", uri)
+    assert "e2e_runs" not in line
+    reg = _store_in(ws, store13, "registry.db")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", reg)  # the registry may live elsewhere: named in the line
+    bad_run(ws, capsys, ["export", "models:/nope-classifier@champion", "--out", "m.onnx"], reg)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{ws / 'noreg.db'}")
+    bad_run(ws, capsys, ["export", "models:/nope-classifier@champion", "--out", "m.onnx"], "MLFLOW_REGISTRY_URI",
+            "noreg.db")
+
+
+@pytest.mark.parametrize("cmd", ["run", "validate", "dry-run"])
+def test_deleted_experiment_is_refused_before_ray(ws, capsys, store13, cmd):
+    """Case 13: an experiment deleted in the MLflow UI and reused by name ended the run with an MLflow
+    traceback; now one line names `mlflow experiments restore` and tracking.experiment."""
+    uri = _store_in(ws, store13)
+    path = write_yaml(_with_uri(base_cfg(), uri))
+    argv = ["run", path, "--dry-run"] if cmd == "dry-run" else [cmd, path]
+    before = (ws / "mlflow.db").read_bytes()
+    bad_run(ws, capsys, argv, path, "tracking.experiment", "'bad-input' was deleted",
+                   "mlflow experiments restore --experiment-id", "another name")
+    assert (ws / "mlflow.db").read_bytes() == before
+
+
+@pytest.mark.parametrize("argv", [["best", "bad-input"], ["report", "bad-input"], ["resume", "bad-input"]])
+def test_deleted_experiment_read_commands_say_so(ws, capsys, store13, argv):
+    uri = _store_in(ws, store13)
+    bad_run(ws, capsys, argv + ["--tracking-uri", uri], "EXPERIMENT", "'bad-input' was deleted",
+            "mlflow experiments restore")
+
+
+@pytest.mark.parametrize("task, experiment, named", [
+    ("classification", "tt/W+jets", "'tt/W+jets-classifier'"),
+    ("regression", "mass:MeV", "'mass:MeV-regressor'"),
+    ("joint", "..", "'..-classifier'"),
+    ("classification", "e" * 300, "MLflow keeps 256"),
+    ("classification", " ", "is empty"),
+])
+def test_names_derived_from_the_experiment(ws, capsys, task, experiment, named):
+    """Case 13: `tracking.experiment: 'tt/W+jets'` trained every trial, then failed to register
+    'tt/W+jets-classifier' and left the parent run RUNNING; now refused before Ray with the fix."""
+    cfg = base_cfg()
+    cfg["task"] = {"type": task, "num_classes": 2} if task != "regression" else {"type": task, "target": "m0"}
+    cfg["tracking"] = {"experiment": experiment}
+    for cmd in ("run", "validate"):
+        line = run_broken(ws, capsys, cfg, "tracking.experiment", named, cmd=cmd)
+        assert "set tracking.experiment" in line
+
+
+def test_search_name_too_long_for_run_and_folder_names(ws, capsys):
+    cfg = base_cfg()
+    cfg["name"] = "n" * 240
+    run_broken(ws, capsys, cfg, ": name:", "set name to at most")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("state", ["old_schema", "not_mlflow", "not_sqlite", "unreachable_server", "under_a_file",
+                                   "a_folder"])
+def test_store_state_is_checked_before_ray(ws, capsys, store13, state):
+    """Case 13: the store is reachable, its schema current and it is an MLflow store; read-only checks."""
+    import sqlite3
+    import time
+
+    db = ws / "mlflow.db"
+    if state == "old_schema":
+        _store_in(ws, store13)
+        with sqlite3.connect(db) as con:
+            con.execute("UPDATE alembic_version SET version_num = '451aebb31d03'")  # MLflow 1.x's schema
+        uri, named = f"sqlite:///{db}", ("mlflow db upgrade", "451aebb31d03")
+    elif state == "not_mlflow":
+        with sqlite3.connect(db) as con:
+            con.execute("CREATE TABLE jets (pt REAL)")
+        uri, named = f"sqlite:///{db}", ("without MLflow's tables",)
+    elif state == "not_sqlite":
+        db.write_text("not a database\n" * 100)
+        uri, named = f"sqlite:///{db}", ("cannot read the MLflow store",)
+    elif state == "unreachable_server":
+        uri, named = f"http://127.0.0.1:{_free_port()}", ("cannot reach the MLflow server",)
+    elif state == "under_a_file":
+        uri, named = f"sqlite:///{ws / H5 / 'mlflow.db'}", ("cannot create the MLflow store", "not a writable folder")
+    else:
+        (ws / "store").mkdir()
+        uri, named = f"sqlite:///{ws / 'store'}", ("is a folder",)
+    before = db.read_bytes() if db.exists() else None
+    t0 = time.time()
+    run_broken(ws, capsys, _with_uri(base_cfg(), uri), "tracking.uri", *named, "set tracking.uri")
+    assert time.time() - t0 < 30
+    assert (db.read_bytes() if db.exists() else None) == before
+
+
+@pytest.mark.parametrize("which", ["trial", "foreign", "unknown"])
+@pytest.mark.parametrize("cmd", ["report", "resume"])
+def test_search_flag_with_a_run_that_is_not_this_experiments_search(ws, capsys, store13, which, cmd):
+    """Case 15: `report --search <trial run id>` wrote an empty leaderboard and uploaded it into the trial's
+    artifacts. A trial's run, another experiment's search or an unknown id: one line, nothing written."""
+    from mlflow.tracking import MlflowClient
+
+    uri = _store_in(ws, store13)
+    run_id = {"trial": store13["trial"], "foreign": store13["foreign"], "unknown": "0" * 32}[which]
+    words = {"trial": f"its search run is {store13['parent']}", "foreign": "belongs to another experiment",
+             "unknown": "no run"}[which]
+    line = bad_run(ws, capsys, [cmd, "searched", "--search", run_id, "--tracking-uri", uri], "--search", words)
+    assert "leave out --search" in line
+    client = MlflowClient(tracking_uri=uri)
+    assert client.list_artifacts(store13["trial"]) == []
+
+
+def test_registry_store_from_the_environment_is_checked_too(ws, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{ws / H5 / 'registry.db'}")
+    run_broken(ws, capsys, base_cfg(), "MLFLOW_REGISTRY_URI", "cannot create the MLflow store", "registry.db")

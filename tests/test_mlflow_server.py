@@ -56,11 +56,12 @@ def searched(tmp_path_factory, ray_local):
 
 @pytest.fixture(scope="module")
 def served(searched):
-    """``e2e-search ui`` over the search's store: (base URL, seconds until /health answered)."""
+    """``e2e-search ui`` over the search's store: (base URL, seconds until /health answered, the process, its log)."""
     tmp, uri = searched
     port = _free_port()
+    log = tmp / "ui.log"
     server = subprocess.Popen([sys.executable, "-m", "e2e_search.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         t0 = time.time()
@@ -71,17 +72,37 @@ def served(searched):
                         break
             except OSError:
                 pass
-            assert server.poll() is None, server.stdout.read()
+            assert server.poll() is None, log.read_text()
             assert time.time() - t0 < 120, "MLflow server did not come up"
             time.sleep(0.5)
-        yield base, time.time() - t0
+        yield base, time.time() - t0, server, log
     finally:
         server.terminate()
         server.wait(timeout=30)
 
 
+def test_ui_starts_only_what_it_needs_and_links_the_runs_table(served, searched):
+    """Issue 13 case 9: `ui` started 10 processes (MLflow's job runner and 8 huey consumers, ~1.7-2.4 GB) and the
+    experiment opened on MLflow 3's GenAI overview. Now: MLflow's launcher and one uvicorn worker, and the first
+    lines name the runs table of the latest search."""
+    import psutil
+    from mlflow.tracking import MlflowClient
+
+    base, _, server, log = served
+    _, uri = searched
+    procs = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
+    cmds = [" ".join(p.cmdline()) for p in procs]
+    assert len(procs) == 2, cmds
+    assert "mlflow server" in cmds[0] and "uvicorn" in cmds[1] and not any("huey" in c or "job" in c for c in cmds)
+    assert sum(p.memory_info().rss for p in procs) < 1.2 * 2**30
+    exp = MlflowClient(tracking_uri=uri).get_experiment_by_name("served")
+    lines = log.read_text().splitlines()
+    assert lines[0] == f"MLflow UI on {base} over {uri} (Ctrl-C stops it)"
+    assert lines[1] == f"runs of the latest search: {base}/#/experiments/{exp.experiment_id}/runs"
+
+
 def test_search_through_the_mlflow_rest_api(served):
-    base, started = served
+    base, started, *_ = served
     exp = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="served")["experiment"]
     runs = _post(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
     tags = lambda r: {t["key"]: t["value"] for t in r["data"].get("tags", [])}  # noqa: E731
@@ -143,7 +164,7 @@ def test_mlflow_ui_in_a_browser(served, searched, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    base, _ = served
+    base, *_ = served
     _, uri = searched
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("served")

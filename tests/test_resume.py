@@ -117,3 +117,46 @@ def test_run_resume_starts_a_search_when_there_is_none(tmp_path, monkeypatch, ca
     assert "nothing to resume (no experiment 'fresh'" in capsys.readouterr().err
     parents, trials = trial_runs(MlflowClient(tracking_uri=cfg["tracking"]["uri"]), "fresh")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(trials) == 1
+
+
+@pytest.mark.slow  # ~2 min; tests/test_tracking.py::test_a_trial_restarted_after_its_last_epoch_logs_each_epoch_once
+def test_driver_killed_after_a_trials_last_epoch_then_resumed_logs_each_epoch_once(tmp_path, capsys, ray_local):
+    """Issue 13 case 8: the driver SIGKILLed between a trial's last epoch report and its end; the resumed
+    trial (restored from that epoch's checkpoint) reports the epoch again. Each metric has one row per step.
+    (Covered without Ray, in seconds, by tests/test_tracking.py's restarted-trial test.)"""
+    data = write_e2e(tmp_path / "jets.h5", n=32)
+    cfg = base_config(tmp_path, data, name="lastepoch", search={"num_samples": 1},
+                      scheduler={"type": "none", "max_epochs": 1})
+    yml = write_yaml(tmp_path / "s.yaml", cfg)
+    uri = cfg["tracking"]["uri"]
+    address = ray_local.get_runtime_context().gcs_address
+    log = tmp_path / "driver.log"
+    driver = start_search(yml, tmp_path, address, log)
+    client = MlflowClient(tracking_uri=uri)
+
+    def last_epoch_logged():
+        try:
+            _, trials = trial_runs(client, "lastepoch")
+        except Exception:  # the store or experiment is not there yet
+            return None
+        return trials if trials and "val_auc" in trials[0].data.metrics else None
+
+    t0 = time.time()
+    while not last_epoch_logged():
+        assert driver.poll() is None, f"the search ended before the kill point:\n{log.read_text()[-3000:]}"
+        assert time.time() - t0 < 600, log.read_text()[-3000:]
+        time.sleep(0.1)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    time.sleep(3)  # Ray notices the dead driver and frees its trials' workers
+
+    capsys.readouterr()
+    assert main(["resume", "lastepoch", "--tracking-uri", uri, "--address", address]) == 0
+    print(capsys.readouterr().out)  # shows whether Tune re-ran the trial (it does when killed before its save)
+    parents, trials = trial_runs(client, "lastepoch")
+    assert [r.info.status for r in parents + trials] == ["FINISHED", "FINISHED"]
+    rid = trials[0].info.run_id
+    for key in trials[0].data.metrics:
+        steps = [m.step for m in client.get_metric_history(rid, key)]
+        assert len(steps) == len(set(steps)), (key, steps)
+    assert [m.step for m in client.get_metric_history(rid, "val_auc")] == [1]

@@ -86,11 +86,9 @@ def test_two_trials_two_workers_recorded_in_mlflow(tmp_path, monkeypatch, capsys
         dict(image_key="X_jets", size=20, channels=4, layout="channels_first",
              sets=["data.layout=channels_first", "data.channels=[3,0]"]),
         dict(image_key="X_jets", size=16, channels=3, layout="channels_last",
-             sets=["task.type=regression", "task.target=m0"]),
-        dict(image_key="X_jets", size=16, channels=3, layout="channels_last",
              sets=["data.cache=device", "data.flip_augment=true"]),
-    ],
-    ids=["e2e_125x125x3", "photon_32x32x2", "channels_first_subset", "mass_regression", "device_cache"],
+    ],  # mass regression through --set: test_regression_target_in_mev_is_recorded_under_valid_names
+    ids=["e2e_125x125x3", "photon_32x32x2", "channels_first_subset", "device_cache"],
 )
 def test_same_search_runs_on_other_formats_through_set(tmp_path, monkeypatch, capsys, ray_local, fmt):
     monkeypatch.chdir(tmp_path)
@@ -211,3 +209,40 @@ def test_quickstart_as_shipped(tmp_path, monkeypatch, capsys, ray_local):
     assert m and int(m.group(1)) >= 4 and int(m.group(2)) >= 1
     assert "best trial: run" in out
     assert (tmp_path / "e2e_runs" / "data" / "toy_jets_32.h5").is_file()
+
+
+def test_regression_target_in_mev_is_recorded_under_valid_names(tmp_path, monkeypatch, capsys, ray_local):
+    """Issue 13 case 1: a target from 1e3 to 2.1e5 (MeV) made per-bin names like `val_bin/1000-4.692e+04/mae`,
+    which MLflow refuses: the search died with a traceback (exit 1) and left the trial's run RUNNING. Now: exit 0,
+    the per-bin metrics are in MLflow under valid names, and no run is left RUNNING."""
+    import h5py
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    r = np.random.default_rng(0)
+    n = 40
+    with h5py.File(tmp_path / "mev.h5", "w") as f:
+        f["X_jets"] = r.exponential(0.1, (n, 8, 8, 3)).astype(np.float32)
+        f["y"] = np.arange(n) % 2
+        f["m0"] = r.uniform(1e3, 2.1e5, n)
+    cfg = base_config(tmp_path, tmp_path / "mev.h5", name="mev",
+                      params={"patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2, "batch_size": 8},
+                      search={"num_samples": 1}, scheduler={"type": "none", "max_epochs": 1})
+    cfg["data"]["val_fraction"] = 0.5
+    sets = ["task.type=regression", "task.target=m0", "search.metric=val_mae"]  # as the issue's command
+    assert main(["run", str(write_yaml(tmp_path / "s.yaml", cfg))] + [a for s in sets for a in ("--set", s)]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "MLflow tracking failed" not in err
+    client, parents, children = _runs(cfg["tracking"]["uri"], "mev")
+    assert [r.info.status for r in parents + children] == ["FINISHED", "FINISHED"]
+    assert children[0].data.tags["e2e.status"] == "FINISHED"
+    binned = sorted(k for k in children[0].data.metrics if k.startswith("val_bin/"))
+    assert len(binned) >= 6 and all(k.count("/") == 2 for k in binned), binned
+    num = r"\d+(\.\d+)?(e-?\d+)?"
+    assert all(re.fullmatch(rf"val_bin/{num}-{num}/(mae|bias|resolution)", k) for k in binned), binned
+    assert any("e4/" in k or "e5/" in k for k in binned), binned  # exponents, written without '+'
+    assert any(k.startswith("best_val_bin/") for k in children[0].data.metrics)
+    assert {"val_mae", "val_resolution", "best_val_mae"} <= set(children[0].data.metrics)
+    rid = children[0].info.run_id
+    assert {"plots/mass_pred_vs_true.png", "plots/mass_response.png"} <= {a.path for a in client.list_artifacts(rid, "plots")}
+    assert client.get_model_version_by_alias("mev-regressor", "champion").run_id == rid

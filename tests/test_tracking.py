@@ -194,3 +194,26 @@ def test_store_refuses_what_the_sanitizer_prevents(tmp_path):
         client.log_batch(rid, metrics=[Metric("val_bin/1000-4.692e+04/mae", 1.0, 0, 1)])
     client.log_batch(rid, metrics=[Metric(mlflow_key("val_bin/1000-4.692e+04/mae"), 1.0, 0, 1)],
                      params=[Param(mlflow_key("a+b"), "1")], tags=[RunTag(mlflow_key("c=d"), "2")])
+
+
+def test_a_failure_at_the_end_of_a_search_closes_its_run_failed(tmp_path):
+    """Case 13: registering `tt/W+jets-classifier` failed after every trial had trained and left the search's
+    run RUNNING. (plan() now refuses that name; here the end of the search is run on it directly.) The run is
+    closed FAILED with the reason, and the caller gets the reason instead of a traceback."""
+    from e2e_search.config import validate
+    from e2e_search.search import _finish
+    from tests.conftest import base_config
+
+    cfg = validate(base_config(tmp_path, tmp_path / "jets.h5", tracking={"experiment": "tt/W+jets"}), source="t")
+    client, cb = _callback(tmp_path, name="tt/W+jets")
+    cb.metric, cb.mode = "val_auc", "max"
+    t = _trial()
+    cb.on_trial_start(iteration=0, trials=[t], trial=t)
+    cb.on_trial_result(iteration=1, trials=[t], trial=t, result=_result(t, 1, val_auc=0.8))
+    cb.on_trial_complete(iteration=2, trials=[t], trial=t)
+    end = _finish(client, cb.parent, cb, cfg, "tt-search", "FINISHED", None)
+    parent = client.get_run(cb.parent)
+    assert parent.info.status == "FAILED"
+    assert "Names cannot contain '/'" in end["end_error"] and parent.data.tags["e2e.error"] == end["end_error"]
+    assert end["best_rid"] == cb.runs[t.trial_id] and parent.data.tags["e2e.best_run_id"] == end["best_rid"]
+    assert client.get_run(cb.runs[t.trial_id]).info.status == "FINISHED"  # the trial's record stands
