@@ -24,6 +24,12 @@ from e2e_search.tracking import MlflowTrials
 PORTABLE = re.compile(r"^[/\w.\- ]*$")  # MLflow's rule on Windows (no ':'): valid on every platform
 
 
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    """One real SQLite store for the module (creating one costs seconds); each test makes its own experiment."""
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}")
+
+
 def assert_valid_key(name: str) -> None:
     assert PORTABLE.match(name), name
     assert len(name) <= KEY_MAX, (len(name), name)
@@ -37,10 +43,9 @@ RANGES = [(1e3, 2.1e5), (-2.1e5, -1e3), (-1.0, 1.0), (-5e-5, 3e6), (1e-5, 2e-5),
           (1000.0001, 1000.0002), (-1e300, 1e300), (1e-300, 2e-300), (50.0, 200.0), (-0.5, 0.0), (7.0, 7.0 + 1e-9)]
 
 
-def test_per_bin_metric_names_are_valid_and_distinct_for_any_range(tmp_path):
+def test_per_bin_metric_names_are_valid_and_distinct_for_any_range(client):
     """Case 1 of issue 13: `val_bin/1000-4.692e+04/mae` killed a search. Every range and sign gives valid,
     distinct names, and MLflow (a real store) takes them."""
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
     exp = client.create_experiment("bins")
     for lo, hi in RANGES:
         true = np.linspace(lo, hi, 40)
@@ -83,12 +88,12 @@ def test_valid_names_are_unchanged_and_cleaned_ones_stay_distinct():
 
 
 # --------------------------------------------------------------------------- the callback, without Ray
-def _callback(tmp_path, name="cb", artifacts=None):
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+def _callback(client, tmp_path, name=None, artifacts=None):
+    name = name or tmp_path.name
     exp = client.create_experiment(name, artifact_location=(artifacts or tmp_path / "art").as_uri())
     parent = client.create_run(exp, tags={"e2e.kind": "search"}).info.run_id
     cb = MlflowTrials(client, exp, parent, search_name=name, family="vit", metric="val_mae", mode="min", max_epochs=2)
-    return client, cb
+    return cb
 
 
 def _trial(**config) -> Trial:
@@ -99,10 +104,10 @@ def _result(trial, epoch, **metrics):
     return {"epoch": epoch, "trial_id": trial.trial_id, "val_mae": 1.0 / epoch, "val_loss": 2.0 / epoch, **metrics}
 
 
-def test_names_from_data_reach_mlflow_cleaned(tmp_path):
+def test_names_from_data_reach_mlflow_cleaned(client, tmp_path):
     """Metric, param and tag names and values built from data (a target in MeV, a parameter name with
     odd characters, a 7000-character value) are all logged, cleaned, and the run ends FINISHED."""
-    client, cb = _callback(tmp_path)
+    cb = _callback(client, tmp_path)
     t = _trial(**{"w+x": "v" * 7000})
     cb.on_trial_start(iteration=0, trials=[t], trial=t)
     cb.on_trial_result(iteration=1, trials=[t], trial=t,
@@ -116,12 +121,12 @@ def test_names_from_data_reach_mlflow_cleaned(tmp_path):
     assert cb.status == {t.trial_id: "FINISHED"} and not cb.broken
 
 
-def test_a_trial_whose_record_fails_is_closed_failed_and_the_search_goes_on(tmp_path, capsys):
+def test_a_trial_whose_record_fails_is_closed_failed_and_the_search_goes_on(client, tmp_path, capsys):
     """Any store error in one trial's hooks (here: its artifact folder cannot be created, then its run is deleted
     in the UI mid-search) closes that trial's run FAILED with e2e.error, asks Tune to stop it, and raises
     nothing; the next trial is recorded normally."""
     art = tmp_path / "art"
-    client, cb = _callback(tmp_path, artifacts=art)
+    cb = _callback(client, tmp_path, artifacts=art)
     art.write_text("a file where the artifact folder should be")  # the trial's config.yaml cannot be written
     bad, good, gone = _trial(), _trial(), _trial()
     cb.on_trial_start(iteration=0, trials=[bad], trial=bad)  # no exception
@@ -149,10 +154,10 @@ def test_a_trial_whose_record_fails_is_closed_failed_and_the_search_goes_on(tmp_
     assert cb.best_trial()[0] == good.trial_id
 
 
-def test_a_trial_restarted_after_its_last_epoch_logs_each_epoch_once(tmp_path):
+def test_a_trial_restarted_after_its_last_epoch_logs_each_epoch_once(client, tmp_path):
     """Issue 13 case 8, the callback's half: the driver was killed after the trial's last epoch reached MLflow;
     on resume the trial (restored from its epoch-2 checkpoint) reports epoch 2 again, then ends."""
-    client, cb = _callback(tmp_path)
+    cb = _callback(client, tmp_path)
     t = _trial()
     cb.on_trial_start(iteration=0, trials=[t], trial=t)
     for ep in (1, 2):
@@ -164,8 +169,8 @@ def test_a_trial_restarted_after_its_last_epoch_logs_each_epoch_once(tmp_path):
         (trial_dir / f"epoch_{ep:04d}" / "metrics.json").write_text(json.dumps(_result(t, ep)))
 
     # the new driver: a fresh callback takes the run over, then Tune re-runs the trial
-    resumed = MlflowTrials(client, cb.experiment_id, cb.parent, search_name="cb", family="vit", metric="val_mae",
-                           mode="min", max_epochs=2)
+    resumed = MlflowTrials(client, cb.experiment_id, cb.parent, search_name=cb.search_name, family="vit",
+                           metric="val_mae", mode="min", max_epochs=2)
     assert resumed.rehydrate(str(tmp_path / "train")) == {"finished": 0, "failed": 0, "interrupted": 1}
     resumed.on_trial_start(iteration=0, trials=[t], trial=t)
     resumed.on_trial_result(iteration=1, trials=[t], trial=t, result=_result(t, 2))
@@ -177,8 +182,8 @@ def test_a_trial_restarted_after_its_last_epoch_logs_each_epoch_once(tmp_path):
     assert resumed.history[t.trial_id]["val_mae"] == [(1, 1.0), (2, 0.5)]
 
     # killed again after the close but before Tune saved it: the finished run is left alone
-    again = MlflowTrials(client, cb.experiment_id, cb.parent, search_name="cb", family="vit", metric="val_mae",
-                         mode="min", max_epochs=2)
+    again = MlflowTrials(client, cb.experiment_id, cb.parent, search_name=cb.search_name, family="vit",
+                         metric="val_mae", mode="min", max_epochs=2)
     assert again.rehydrate(str(tmp_path / "train"))["finished"] == 1
     again.on_trial_result(iteration=1, trials=[t], trial=t, result=_result(t, 2))
     again.on_trial_complete(iteration=2, trials=[t], trial=t)
@@ -186,9 +191,8 @@ def test_a_trial_restarted_after_its_last_epoch_logs_each_epoch_once(tmp_path):
     assert [m.step for m in client.get_metric_history(rid, "best_val_mae")] == [2]
 
 
-def test_store_refuses_what_the_sanitizer_prevents(tmp_path):
+def test_store_refuses_what_the_sanitizer_prevents(client):
     """The failure the sanitizer prevents is real: MLflow refuses the raw per-bin name."""
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
     rid = client.create_run(client.create_experiment("raw")).info.run_id
     with pytest.raises(MlflowException, match="Invalid value"):
         client.log_batch(rid, metrics=[Metric("val_bin/1000-4.692e+04/mae", 1.0, 0, 1)])
@@ -196,7 +200,7 @@ def test_store_refuses_what_the_sanitizer_prevents(tmp_path):
                      params=[Param(mlflow_key("a+b"), "1")], tags=[RunTag(mlflow_key("c=d"), "2")])
 
 
-def test_a_failure_at_the_end_of_a_search_closes_its_run_failed(tmp_path):
+def test_a_failure_at_the_end_of_a_search_closes_its_run_failed(client, tmp_path):
     """Case 13: registering `tt/W+jets-classifier` failed after every trial had trained and left the search's
     run RUNNING. (plan() now refuses that name; here the end of the search is run on it directly.) The run is
     closed FAILED with the reason, and the caller gets the reason instead of a traceback."""
@@ -205,7 +209,7 @@ def test_a_failure_at_the_end_of_a_search_closes_its_run_failed(tmp_path):
     from tests.conftest import base_config
 
     cfg = validate(base_config(tmp_path, tmp_path / "jets.h5", tracking={"experiment": "tt/W+jets"}), source="t")
-    client, cb = _callback(tmp_path, name="tt/W+jets")
+    cb = _callback(client, tmp_path, name="tt/W+jets")
     cb.metric, cb.mode = "val_auc", "max"
     t = _trial()
     cb.on_trial_start(iteration=0, trials=[t], trial=t)
