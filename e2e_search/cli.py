@@ -231,7 +231,8 @@ def _cmd_data(args) -> int:
     try:
         lo, hi = (float(v) for v in args.mass_range.split(","))
     except ValueError:
-        raise UserError(f"expected LOW,HIGH in GeV (got '{args.mass_range}')", key="--mass-range") from None
+        raise UserError(f"expected LOW,HIGH in GeV (got '{args.mass_range}'); use --mass-range 50,200",
+                        key="--mass-range") from None
     spec = GenSpec(process=args.process, n=args.n, out=args.out, seed=args.seed, workers=args.workers,
                    channels=[c.strip() for c in args.channels.split(",") if c.strip()], image_size=args.image_size,
                    mass_range=(lo, hi), decay=args.decay, per_mass=args.per_mass)
