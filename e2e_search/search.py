@@ -55,6 +55,8 @@ def plan(cfg: SearchSpace, *, address: str | None = None, generate: bool = True)
         )
     check_tracking(cfg, workdir)
     needs_gen = cfg.data.generate is not None and not Path(cfg.data.path).exists()
+    if needs_gen and not generate:  # validate / --dry-run: the recipe's values, memory and disk
+        check_generation(cfg.data.path, cfg.data.generate, address=address)
     if needs_gen and generate:
         generate_data(cfg.data.path, cfg.data.generate, address=address)
     # Parquet/ROOT: converted once to an HDF5 cache (not in a dry run: then None, and nothing is written).
@@ -78,8 +80,29 @@ def check_tracking(cfg: SearchSpace, workdir: Path) -> None:
     check_store(uri, key, cfg.tracking.experiment)
 
 
+def _gen_spec(path: str, g):
+    from .physics.generate import GenSpec
+
+    return GenSpec(process=g.recipe, n=g.n, out=path, seed=g.seed, workers=g.workers, channels=list(g.channels),
+                   image_size=g.image_size, mass_range=tuple(g.mass_range), decay=g.decay, per_mass=g.per_mass)
+
+
+def check_generation(path: str, g, *, address: str | None = None) -> None:
+    """The ``data.generate`` recipe's values and the memory and disk its file needs, before anything runs
+    (errors name ``data.generate.<key>``)."""
+    if g.recipe == "toy_jets":
+        from .toy import check_toy
+
+        check_toy(Path(path), n=g.n, image_size=g.image_size, channels=g.channels, seed=g.seed)
+        return
+    from .physics.generate import YAML_KEYS, check_spec
+
+    check_spec(_gen_spec(path, g), keys=YAML_KEYS, local=address is None)
+
+
 def generate_data(path: str, g, *, address: str | None = None) -> None:
     """Write ``path`` from the YAML's ``data.generate`` recipe (atomically; cached for later runs)."""
+    check_generation(path, g, address=address)
     print(f"data file {path} not found: generating it with recipe '{g.recipe}' (cached for later runs)",
           file=sys.stderr)
     if g.recipe == "toy_jets":
@@ -87,12 +110,10 @@ def generate_data(path: str, g, *, address: str | None = None) -> None:
 
         generate_toy_jets(path, n=g.n, image_size=g.image_size, channels=g.channels, seed=g.seed)
         return
-    from .physics.generate import GenSpec, generate
+    from .physics.generate import YAML_KEYS, generate
 
     _init_ray(address, verbose=False)  # the search reuses this Ray
-    generate(GenSpec(process=g.recipe, n=g.n, out=path, seed=g.seed, workers=g.workers, channels=list(g.channels),
-                     image_size=g.image_size, mass_range=tuple(g.mass_range), decay=g.decay, per_mass=g.per_mass),
-             address=address)
+    generate(_gen_spec(path, g), address=address, keys=YAML_KEYS)
 
 
 def describe(p: Plan) -> str:

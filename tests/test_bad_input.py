@@ -595,3 +595,80 @@ def test_search_flag_with_a_run_that_is_not_this_experiments_search(ws, capsys, 
 def test_registry_store_from_the_environment_is_checked_too(ws, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{ws / H5 / 'registry.db'}")
     run_broken(ws, capsys, base_cfg(), "MLFLOW_REGISTRY_URI", "cannot create the MLflow store", "registry.db")
+
+
+# --- issue 13: export and data generate flags
+def _checkpoint(ws: Path) -> Path:
+    from tests.test_export import CASES, make_checkpoint
+
+    family, params, data = CASES["resnet15"]
+    return make_checkpoint(ws / "trial", family, params, data)[0]
+
+
+@pytest.mark.parametrize("opset", ["6", "0", "-1", "max+1", "1000"])
+def test_export_opset_out_of_range(ws, capsys, opset):
+    """--opset outside 7..the newest opset onnx knows: refused before anything is loaded or exported."""
+    from e2e_search.export import opset_max
+
+    ckpt = _checkpoint(ws)
+    value = str(opset_max() + 1) if opset == "max+1" else opset
+    line = bad_run(ws, capsys, ["export", str(ckpt), "--out", "m.onnx", "--opset", value], "--opset",
+                   f"use --opset 7..{opset_max()}")
+    assert f"{value} is not an ONNX opset" in line
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--image-size", "100000"], ("--image-size", "111.8 GiB", "use --image-size 8..360")),  # the issue's case
+    (["--image-size", "4"], ("--image-size", "8..360")),
+    (["--n", "1"], ("--n", "both classes", "use --n 2")),
+    (["--n", "-3"], ("--n", "must be > 0")),
+    (["--workers", "0"], ("--workers", "must be > 0", "use --workers 1")),
+    (["--seed", "0"], ("--seed", "1..900000000")),
+    (["--seed", "900000001"], ("--seed", "1..900000000")),
+    (["--channels", ","], ("--channels", "use --channels ECAL,HCAL,Tracks")),
+    (["--channels", "ECAL,ECAL"], ("--channels", "distinct")),
+    (["--mass-range", "50"], ("--mass-range", "use --mass-range 50,200")),
+    (["--mass-range", "100,50"], ("--mass-range", "0 < LOW < HIGH")),
+    (["--mass-range", "inf,50"], ("--mass-range", "0 < LOW < HIGH")),
+    (["--mass-range=-5,50"], ("--mass-range", "0 < LOW < HIGH")),
+    (["--per-mass", "0"], ("--per-mass", "use --per-mass 200")),
+    (["--decay", "tt"], ("--decay",)),
+    (["--n", str(10**12)], ("--n", "of disk", "is free in", "use a smaller --n")),  # petabytes: on any machine
+    (["--n", "20000", "--workers", "10000"], ("--workers", "of memory", "is available", "or fewer")),
+])
+def test_data_generate_flags(ws, capsys, args, named):
+    """Every flag's range, and the memory and disk the output needs, before Ray starts or anything is simulated."""
+    scalar = any(a.startswith(("--per-mass", "--mass-range")) for a in args)
+    argv = ["data", "generate", "boosted_scalar" if scalar else "top_vs_qcd",
+            "--n", "4", "--image-size", "16", "--out", "gen.h5", *args]
+    bad_run(ws, capsys, argv, *named)
+
+
+def test_data_generate_unknown_process_and_output_suffix(ws, capsys):
+    bad_run(ws, capsys, ["data", "generate", "top_vs_qdc", "--n", "4", "--out", "gen.h5"], "PROCESS", "top_vs_qcd")
+    bad_run(ws, capsys, ["data", "generate", "top_vs_qcd", "--n", "4", "--out", "gen.txt"], "--out", "use --out gen.h5")
+
+
+@pytest.mark.parametrize("generate, key, words", [
+    ({"recipe": "top_vs_qcd", "n": 4, "image_size": 100000}, "data.generate.image_size",
+     ("set data.generate.image_size: 8..360",)),
+    ({"recipe": "top_vs_qcd", "n": 1}, "data.generate.n", ("set data.generate.n: 2",)),
+    ({"recipe": "boosted_scalar", "n": 4, "mass_range": [200.0, 100.0]}, "data.generate.mass_range",
+     ("set data.generate.mass_range: [50, 200]",)),
+    ({"recipe": "boosted_scalar", "n": 4, "mass_range": [50.0]}, "data.generate.mass_range", ()),
+    ({"recipe": "top_vs_qcd", "n": 10**12}, "data.generate.n", ("of disk", "set a smaller data.generate.n")),
+    ({"recipe": "top_vs_qcd", "n": 20000, "workers": 10000}, "data.generate.workers",
+     ("of memory", "set data.generate.workers:")),
+    ({"recipe": "toy_jets", "n": 4, "image_size": 100000}, "data.generate.image_size",
+     ("of memory", "set a smaller data.generate.image_size")),
+    ({"recipe": "toy_jets", "n": 10**12}, "data.generate.n", ("of disk",)),
+    ({"recipe": "toy_jets", "n": 1}, "data.generate.n", ("set data.generate.n: 2000",)),
+])
+@pytest.mark.parametrize("cmd", ["validate", "run"])
+def test_data_generate_recipe_in_yaml(ws, capsys, generate, key, words, cmd):
+    """A YAML's data.generate recipe gets the same checks as `data generate`, named by its YAML key, in `validate`
+    and `--dry-run` as in `run` (before Ray starts and before anything is simulated)."""
+    cfg = base_cfg()
+    cfg["data"]["path"] = "gen.h5"
+    cfg["data"]["generate"] = generate
+    run_broken(ws, capsys, cfg, key, *words, cmd=cmd)

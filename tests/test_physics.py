@@ -89,6 +89,54 @@ def test_generate_bad_input(tmp_path, monkeypatch, capsys, args, key):
     assert list(tmp_path.iterdir()) == []
 
 
+# --------------------------------------------------------------------------- issue 13, case 16
+@pytest.mark.parametrize("process", ["top_vs_qcd", "quark_vs_gluon", "event_objects"])
+def test_every_worker_count_keeps_the_classes_balanced(process):
+    """Each class's count is spread over the tasks: any --n and --workers give half of each class (label 1 takes
+    an odd one), no task gets more than one extra example of a class, and only tasks with work are started."""
+    from e2e_search.physics.generate import work_plan
+    from e2e_search.physics.processes import split_counts
+
+    for n in range(2, 41):
+        for workers in range(1, 13):
+            plan = work_plan(GenSpec(process=process, n=n, out="x.h5", workers=workers))
+            assert [sum(c[0] for c in plan), sum(c[1] for c in plan)] == [n // 2, n - n // 2]
+            assert len(plan) == min(n, workers) and all(sum(c) > 0 for c in plan)
+            for label in (0, 1):
+                assert max(c[label] for c in plan) - min(c[label] for c in plan) <= 1
+    assert split_counts([2, 2], 8)[:4] == [[1, 0], [1, 0], [0, 1], [0, 1]]  # the issue's --n 4 --workers 8
+    assert work_plan(GenSpec(process="boosted_scalar", n=5, out="x.h5", workers=2)) == [[3], [2]]
+
+
+def test_four_jets_on_eight_workers_are_two_top_and_two_qcd(tmp_path, monkeypatch, capsys, ray_local):
+    """`data generate top_vs_qcd --n 4 --workers 8` wrote four top jets and no QCD jet."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "generate", "top_vs_qcd", "--n", "4", "--workers", "8", "--image-size", "16",
+                 "--out", "n4.h5"]) == 0
+    assert "keep 4 of the 8 workers busy" in capsys.readouterr().err
+    with h5py.File(tmp_path / "n4.h5") as f:
+        assert np.bincount(f["y"][:], minlength=2).tolist() == [2, 2]
+        assert f["X_jets"].shape == (4, 16, 16, 3) and f.attrs["workers"] == 4
+    out = tmp_path / "qg.h5"  # one Pythia sample kept per label: 3 + 3 over 4 tasks (2+2+1+1 before: 2 quarks)
+    generate(GenSpec(process="quark_vs_gluon", n=6, out=str(out), workers=4, image_size=16), progress=False)
+    with h5py.File(out) as f:
+        assert np.bincount(f["y"][:], minlength=2).tolist() == [3, 3]
+
+
+def test_disk_estimate_covers_what_generation_writes(tmp_path):
+    """The disk checked before generating covers the task's shard plus the merged copy of it."""
+    from dataclasses import asdict
+
+    from e2e_search.physics.generate import needs, run_task
+
+    s = GenSpec(process="top_vs_qcd", n=8, out=str(tmp_path / "x.h5"), image_size=64)
+    tasks, memory, disk = needs(s)
+    shard = tmp_path / "shard.h5"
+    run_task(asdict(s), 0, [4, 4], str(shard))  # in this process, no Ray
+    assert tasks == 1 and disk >= 2 * shard.stat().st_size
+    assert memory >= 4 * 64 * 64 * 64 * 3 * 4  # a batch's images, several times
+
+
 def test_generate_unwritable_output(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -24,9 +24,10 @@ WJETS = ["WeakBosonAndParton:qqbar2Wg = on", "WeakBosonAndParton:qg2Wq = on", "P
          "24:onMode = off", "24:onIfAny = 11 13"]
 
 
-def event_samples(n: int) -> list[Sample]:
-    return [Sample("ttbar", COMMON + TTBAR, n - n // 2, None, {"y": 1}),
-            Sample("wjets", COMMON + WJETS, n // 2, None, {"y": 0})]
+def event_samples(counts: list[int]) -> list[Sample]:
+    """``counts``: events of label 0 (W+jets) and 1 (top pairs)."""
+    return [Sample("ttbar", COMMON + TTBAR, counts[1], None, {"y": 1}),
+            Sample("wjets", COMMON + WJETS, counts[0], None, {"y": 0})]
 
 
 def _is_b_hadron(aid):

@@ -160,16 +160,41 @@ def select_scalar(batch: Batch) -> dict[str, np.ndarray]:
             "parton": np.full(len(batch), 36)}
 
 
-def samples(process: str, n: int, *, rng: np.random.Generator, mass_range: tuple[float, float] = (50.0, 250.0),
-            decay: str = "bb", per_mass: int = 200) -> list[Sample]:
-    """The samples of ``process`` that make up ``n`` examples (class-balanced)."""
+CLASSIFICATION = ("top_vs_qcd", "quark_vs_gluon", "event_objects")
+"""Processes whose examples are labelled 0/1, half each; ``boosted_scalar`` is a regression sample."""
+
+
+def class_counts(process: str, n: int) -> list[int]:
+    """Examples per label (0, 1) that make ``n`` class-balanced (label 1 takes an odd one); ``[n]`` for regression."""
+    return [n // 2, n - n // 2] if process in CLASSIFICATION else [n]
+
+
+def split_counts(counts: list[int], workers: int) -> list[list[int]]:
+    """Each class's count spread over ``workers`` as evenly as possible: every worker's share keeps the classes'
+    proportions, and the remainders of different classes go to different workers (so ``--n 4 --workers 8`` gives
+    two workers one top jet each and two others one QCD jet each, not four top jets)."""
+    out = [[0] * len(counts) for _ in range(workers)]
+    offset = 0
+    for c, k in enumerate(counts):
+        for i in range(workers):
+            out[i][c] = k // workers + (1 if (i - offset) % workers < k % workers else 0)
+        offset = (offset + k % workers) % workers
+    return out
+
+
+def samples(process: str, counts: list[int], *, rng: np.random.Generator,
+            mass_range: tuple[float, float] = (50.0, 250.0), decay: str = "bb", per_mass: int = 200) -> list[Sample]:
+    """The samples of ``process`` that make up ``counts`` examples (per label, see ``class_counts``)."""
     if process == "top_vs_qcd":
-        return [Sample("top", COMMON + HARD + TOP, n - n // 2, select_top),
-                Sample("qcd", COMMON + HARD + QCD, n // 2, select_qcd)]
-    if process == "quark_vs_gluon":
-        return [Sample("quark_gluon", COMMON + HARD + QCD, n, select_quark_gluon, {"balance": 2})]
+        return [Sample("top", COMMON + HARD + TOP, counts[1], select_top),
+                Sample("qcd", COMMON + HARD + QCD, counts[0], select_qcd)]
+    if process == "quark_vs_gluon":  # one Pythia sample, kept up to each label's count
+        return [Sample("quark_gluon", COMMON + HARD + QCD, sum(counts), select_quark_gluon,
+                       {"balance": {0: counts[0], 1: counts[1]}})]
     if process == "boosted_scalar":
-        out, left = [], n
+        if per_mass <= 0:
+            raise ValueError(f"per_mass must be > 0 (got {per_mass})")
+        out, left = [], sum(counts)
         while left > 0:
             m = float(rng.uniform(*mass_range))
             k = min(per_mass, left)
@@ -179,5 +204,5 @@ def samples(process: str, n: int, *, rng: np.random.Generator, mass_range: tuple
     if process == "event_objects":
         from .events import event_samples
 
-        return event_samples(n)
+        return event_samples(counts)
     raise ValueError(f"unknown process '{process}'")
