@@ -174,11 +174,23 @@ def _report_outcome(cfg, out) -> int:
               f"closed FAILED with tag e2e.error: fix the store ({out.tracking_uri}) and run "
               f"e2e-search resume {out.experiment} to record it again", file=sys.stderr)
         return 1
-    if out.best is None:
-        print("no trial finished: see the errors above and in MLflow (tag e2e.error)", file=sys.stderr)
+    metric = cfg.metrics[0]
+    if out.best is None:  # say what happened: point at errors only when there are some
+        unscored = len(out.trials) - failed
+        if not out.trials:
+            why = "no trial ran"
+        elif not failed:
+            why = (f"no trial reported a finite {metric}: all {unscored} ended with {metric} NaN or missing in every "
+                   "epoch (e.g. a split without every class, or a loss that diverged); see the trials' metrics in "
+                   "MLflow (e2e-search ui)")
+        elif unscored:
+            why = (f"no trial reported a finite {metric}: {failed} failed (see the errors above and in MLflow, tag "
+                   f"e2e.error) and {unscored} ended with {metric} NaN or missing")
+        else:
+            why = "no trial finished: see the errors above and in MLflow (tag e2e.error)"
+        print(why, file=sys.stderr)
         return 1
     b = out.best
-    metric = cfg.metrics[0]
     print(f"best trial: run {out.best_run_id}  {metric}={b['value']:.4f} at epoch {b['epoch']}")
     _print_best(out.tracking_uri, out.experiment, metric, cfg.modes[0], 3)
     uri_arg = "" if cfg.tracking.uri is None else f" --tracking-uri {out.tracking_uri}"

@@ -625,8 +625,25 @@ def validate(raw: dict, *, source: str, set_paths: list[str] | None = None) -> S
 def load(path: str | Path, sets: list[str] | None = None) -> SearchSpace:
     """Read, override and validate a search-space YAML (writes nothing)."""
     raw = read_yaml(path)
+    own = raw.get("data", {}).get("path") if isinstance(raw.get("data"), dict) else None
     set_paths = apply_overrides(raw, list(sets or []), source=str(path))
+    _generate_only_own_path(raw, own, set_paths)
     return validate(raw, source=str(path), set_paths=set_paths)
+
+
+def _generate_only_own_path(raw: dict, own_path: Any, set_paths: list[str]) -> None:
+    """A ``data.generate`` recipe writes only the ``data.path`` its YAML names.
+
+    When ``--set data.path=...`` points elsewhere, the recipe is dropped (a mistyped path of one's own file is
+    then "file not found", never a freshly simulated file) unless ``--set`` gave the recipe too
+    (``data.generate...`` or the whole ``data`` section).
+    """
+    data = raw.get("data")
+    if not isinstance(data, dict) or "generate" not in data or data.get("path") == own_path:
+        return
+    if any(p in ("data", "data.generate") or p.startswith("data.generate.") for p in set_paths):
+        return
+    del data["generate"]
 
 
 def dump(cfg: SearchSpace) -> str:

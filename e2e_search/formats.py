@@ -29,11 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from .config import DEFAULT_WORKDIR, DataConfig, SearchSpace
-from .data import check_labels, label_source
+from .data import check_labels, label_source, split_checked, target_source
 from .errors import UserError
 
 EXTENSIONS = {".h5": "hdf5", ".hdf5": "hdf5", ".hdf": "hdf5", ".parquet": "parquet", ".pq": "parquet",
               ".root": "root", ".csv": "csv"}
+COMPRESSED = {".gz", ".gzip", ".bz2", ".xz", ".zip"}
+"""Compression suffixes a CSV may carry (HIGGS.csv.gz); the CSV reader tells the compression from the bytes."""
 CACHE_VERSION = 1
 """Bumped when the cache layout changes: older caches are then rebuilt."""
 CHUNK_BYTES = 32 * 2**20
@@ -54,9 +56,17 @@ def resolve_format(d: DataConfig) -> str:
     """``data.format``, with ``auto`` told from the extension of ``data.path``."""
     if d.format != "auto":
         return d.format
-    suffix = Path(d.path).suffix.lower()
+    suffixes = [x.lower() for x in Path(d.path).suffixes]
+    suffix = suffixes[-1] if suffixes else ""
     if suffix in EXTENSIONS:
         return EXTENSIONS[suffix]
+    if suffix in COMPRESSED and len(suffixes) > 1:
+        inner = EXTENSIONS.get(suffixes[-2])
+        if inner == "csv":  # HIGGS.csv.gz as distributed: read through the decompressor
+            return inner
+        if inner:
+            raise UserError(f"'{d.path}' is a compressed {inner} file; decompress it first and set data.path to the "
+                            f"{suffixes[-2]} file ({inner} files are compressed inside)", key="data.path")
     raise UserError(
         f"cannot tell the format of '{d.path}' from its extension '{suffix or '(none)'}' "
         f"(known: {', '.join(EXTENSIONS)}); set data.format to hdf5, parquet, root or csv",
@@ -171,7 +181,13 @@ class _Parquet(_Source):
         if col.null_count:
             raise UserError(f"column '{key}' of {self.path} has {col.null_count} null values; fill or drop those rows",
                             key=which)
-        return col.to_numpy()
+        v = col.to_numpy()
+        if v.dtype == object and len(v) and all(isinstance(r, np.ndarray) for r in v[:1000]):
+            try:  # list<number> per row, e.g. one-hot labels: (n, C) when every row has the same length
+                v = np.stack(v)
+            except ValueError:
+                pass  # different lengths: data.class_indices names them
+        return v
 
     def batches(self, image_key, scalars, rows, limit=None):
         start = 0
@@ -320,19 +336,23 @@ def _open(path: Path, fmt: str, d: DataConfig) -> _Source:
 
 
 # --------------------------------------------------------------------------- checks
-def _check_source(cfg: SearchSpace, src: _Source) -> tuple[list[str], str]:
-    """Keys, rank, number of rows and labels of a source, before anything is written. Returns (scalars, label)."""
+def _check_source(cfg: SearchSpace, src: _Source) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Keys, rank, number of rows, labels and the split of a source, before anything is written.
+
+    Returns (the scalar columns copied as they are, {label or target key: its checked, converted values}): the
+    cache holds class indices (int64) and targets (float64) whatever the source stored (bool, whole floats,
+    one-hot lists, ...; see :func:`e2e_search.data.class_indices`).
+    """
     d = cfg.data
     has = _listing(src.names)
     if d.image_key not in src.names:
         raise UserError(f"no {src.what} '{d.image_key}' in {src.path} (it has: {has}); set data.image_key to one of those",
                         key="data.image_key")
     label, which = label_source(cfg)
-    if label not in src.names:
-        raise UserError(f"no {src.what} '{label}' in {src.path} (it has: {has}); set {which} to one of those", key=which)
-    if label not in src.scalars:
-        raise UserError(f"{src.what} '{label}' of {src.path} must hold one number per sample; set {which} to one of: "
-                        f"{_listing(src.scalars) if src.scalars else 'none found'}", key=which)
+    keys = [(label, which)] + ([target_source(cfg)] if cfg.task.type == "joint" else [])
+    for key, w in keys:
+        if key not in src.names:
+            raise UserError(f"no {src.what} '{key}' in {src.path} (it has: {has}); set {w} to one of those", key=w)
     if src.n == 0:
         raise UserError(f"{src.path} has no rows (0 samples); give a file with at least {MIN_SAMPLES} samples",
                         key="data.path")
@@ -340,14 +360,18 @@ def _check_source(cfg: SearchSpace, src: _Source) -> tuple[list[str], str]:
     if rank != 3:
         raise UserError(f"{src.what} '{d.image_key}' of {src.path} holds {typename}, rank {rank} per sample: each sample "
                         "must be an image of rank 3 (C, H, W or H, W, C); set data.image_key to the image", key="data.image_key")
-    src.check_lengths([(d.image_key, "data.image_key"), (label, which)])
+    src.check_lengths([(d.image_key, "data.image_key"), *keys])
     if src.n < MIN_SAMPLES:
         raise UserError(f"'{d.image_key}' has only {src.n} samples; need at least {MIN_SAMPLES}", key="data.image_key")
-    y = src.read_column(label, which)
-    if len(y) != src.n:
-        raise UserError(f"'{d.image_key}' has {src.n} samples but '{label}' has {len(y)}; they must match", key=which)
-    check_labels(cfg, y, label, which, src.path)
-    return src.scalars, label
+    values = {}
+    for i, (key, w) in enumerate(keys):
+        v = src.read_column(key, w)
+        if len(v) != src.n:
+            raise UserError(f"'{d.image_key}' has {src.n} samples but '{key}' has {len(v)}; they must match", key=w)
+        values[key] = check_labels(cfg, v, key, w, src.path, target=None if i == 0 else True)
+    y, t = values[label], (values[keys[1][0]] if len(keys) > 1 else None)
+    split_checked(cfg, src.n, y, t)
+    return [k for k in src.scalars if k not in values], values
 
 
 def _to_hwc(images: np.ndarray, layout: str, key: str, path: Path, start: int, expect: tuple | None) -> np.ndarray:
@@ -395,7 +419,9 @@ def cache_path(ident: dict) -> Path:
     return cache_dir() / f"{Path(ident['source_path']).stem}-{digest}.h5"
 
 
-def _cache_ok(cache: Path, ident: dict) -> bool:
+def _cache_ok(cache: Path, ident: dict, need: tuple[str, ...] = ()) -> bool:
+    """A complete cache of this very source and options, holding the datasets ``need`` too (a cache converted for
+    another task may lack a label that is not a plain number column, e.g. one-hot lists)."""
     import h5py
 
     if not cache.is_file():
@@ -404,7 +430,7 @@ def _cache_ok(cache: Path, ident: dict) -> bool:
         with h5py.File(cache, "r") as f:
             a = f.attrs
             same = all(k == "source_mtime" or _plain(a.get(k)) == v for k, v in ident.items())
-            return bool(same and a.get("complete", False) and ident["image_key"] in f)
+            return bool(same and a.get("complete", False) and all(k in f for k in (ident["image_key"], *need)))
     except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt
         return False
 
@@ -426,8 +452,8 @@ def _cached_cfg(cfg: SearchSpace, cache: Path) -> SearchSpace:
     return out
 
 
-def _convert(src: _Source, cfg: SearchSpace, layout: str, scalars: list[str], label: str, cache: Path,
-             ident: dict, first_hwc: tuple, rows: int) -> None:
+def _convert(src: _Source, cfg: SearchSpace, layout: str, scalars: list[str], labels: dict[str, np.ndarray],
+             cache: Path, ident: dict, first_hwc: tuple, rows: int) -> None:
     """Stream ``src`` into ``cache`` (tmp file + rename); on any error nothing is left."""
     import h5py
 
@@ -451,6 +477,8 @@ def _convert(src: _Source, cfg: SearchSpace, layout: str, scalars: list[str], la
         with h5py.File(tmp, "w") as f:
             X = f.create_dataset(key, (src.n, H, W, C), np.float32, chunks=(1, H, W, C), compression="gzip",
                                  compression_opts=4, shuffle=True)
+            for name, v in labels.items():  # checked and converted by _check_source
+                f.create_dataset(name, data=v)
             dsets: dict[str, h5py.Dataset] = {}
             dropped: set[str] = set()
             start = 0
@@ -463,9 +491,6 @@ def _convert(src: _Source, cfg: SearchSpace, layout: str, scalars: list[str], la
                     X[start : start + k] = _to_hwc(images, layout, key, src.path, start, (H, W, C))
                     for name, v in cols.items():
                         if v is None:  # nulls in a column the search does not use: left out of the cache
-                            if name == label:
-                                raise UserError(f"'{name}' in {src.path} has null values; fill or drop those rows",
-                                                key=label_source(cfg)[1])
                             dropped.add(name)
                             continue
                         if name not in dsets:
@@ -538,13 +563,14 @@ def materialize(cfg: SearchSpace, *, generate: bool = True) -> SearchSpace | Non
     layout = source_layout(d)
     ident = _identity(path, fmt, d, layout)
     cache = cache_path(ident)
-    if _cache_ok(cache, ident):
+    need = (label_source(cfg)[0],) + ((target_source(cfg)[0],) if cfg.task.type == "joint" else ())
+    if _cache_ok(cache, ident, need):
         return _cached_cfg(cfg, cache)
 
     src = _open(path, fmt, d)
     try:
         try:
-            scalars, label = _check_source(cfg, src)
+            scalars, labels = _check_source(cfg, src)
             rows = max(1, min(65536, CHUNK_BYTES // src.row_bytes(d.image_key)))
             first = next(src.batches(d.image_key, [], min(rows, src.n), limit=min(rows, src.n)))[0]
         except UserError:
@@ -556,7 +582,7 @@ def materialize(cfg: SearchSpace, *, generate: bool = True) -> SearchSpace | Non
         _check_shape(cfg, hwc, layout, "layout" in d.model_fields_set, src)
         if not generate:
             return None
-        _convert(src, cfg, layout, scalars, label, cache, ident, hwc, rows)
+        _convert(src, cfg, layout, scalars, labels, cache, ident, hwc, rows)
     finally:
         src.close()
     return _cached_cfg(cfg, cache)

@@ -672,3 +672,260 @@ def test_data_generate_recipe_in_yaml(ws, capsys, generate, key, words, cmd):
     cfg["data"]["path"] = "gen.h5"
     cfg["data"]["generate"] = generate
     run_broken(ws, capsys, cfg, key, *words, cmd=cmd)
+
+
+# --- issue 13: labels, splits, readers, generation
+# Labels of every dtype a file can hold either work (tests/test_formats.py, tests/test_search.py) or give one line
+# naming data.label_key, the dtype and the fix; a split without every class, a CSV's label column, a compressed
+# CSV and a data.path override of a YAML with a generate recipe are caught before Ray starts, nothing written.
+def _labels_h5(ws: Path, y, n: int = 40, name: str = H5, **datasets) -> str:
+    rng = np.random.default_rng(0)
+    with h5py.File(ws / name, "w") as f:
+        f["X_jets"] = rng.normal(size=(n, 16, 16, 3)).astype(np.float32)
+        if isinstance(y, tuple):  # (values, h5py dtype)
+            f.create_dataset("y", data=y[0], dtype=y[1])
+        else:
+            f["y"] = y
+        f["m0"] = datasets.pop("m0", rng.uniform(50, 200, n))
+        for k, v in datasets.items():
+            f[k] = v
+    return name
+
+
+N13 = 40
+_ALT = np.arange(N13) % 2
+
+
+@pytest.mark.parametrize("labels, key, words", [
+    (np.linspace(0, 1, N13).astype(np.float32), "data.label_key",
+     ["float32", "non-integer", "0.025641", "row 1", "store the class index", "task.type: regression"]),
+    (np.where(np.arange(N13) == 7, np.nan, _ALT), "data.label_key", ["float64", "NaN", "row 7", "drop those samples"]),
+    (np.array([b"top", b"qcd"] * (N13 // 2)), "data.label_key",
+     ["fixed-length strings", "b'top'", "store the class index of each sample as an integer"]),
+    ((["top", "qcd"] * (N13 // 2), h5py.string_dtype()), "data.label_key",
+     ["variable-length strings", "store the class index"]),
+    (np.tile([[0.3, 0.7]], (N13, 1)), "data.label_key",
+     ["float64", "(40, 2)", "not one-hot", "[0.3, 0.7]", "store one class index per sample"]),
+    (np.eye(3)[np.arange(N13) % 3], "task.num_classes", ["one-hot with 3 classes", "set task.num_classes: 3"]),
+    (np.where(_ALT == 1, 1, -1), "data.label_key", ["int64", "negative", "-1..1", "relabel them"]),
+    (np.ones((N13, 2, 2), np.int64), "data.label_key",
+     ["int64", "(40, 2, 2)", "one class index per sample", "set data.label_key"]),
+    ((np.arange(N13) % 2).astype(np.complex64), "data.label_key", ["complex64", "class indices", "store the"]),
+    (np.zeros(N13, [("cls", "i8"), ("w", "f4")]), "data.label_key", ["compound records (cls, w)", "set data.label_key"]),
+    (np.arange(N13) % 3, "task.num_classes", ["0..2", "set task.num_classes: 3"]),
+], ids=["fractional", "nan", "bytes", "vlen-str", "soft", "onehot-3-of-2", "plus-minus-1", "rank-3", "complex",
+        "compound", "range"])
+@pytest.mark.parametrize("cmd", ["validate", "run"])
+def test_label_dtypes_refused(ws, capsys, labels, key, words, cmd):
+    _labels_h5(ws, labels)
+    run_broken(ws, capsys, base_cfg(), key, "'y'", *words, cmd=cmd)  # words: the dtype and the fix
+
+
+def test_scalar_label_dataset(ws, capsys):
+    _labels_h5(ws, np.int64(1))
+    run_broken(ws, capsys, base_cfg(), "data.label_key", "shape ()", "one class index per sample")
+
+
+def test_regression_target_not_numbers(ws, capsys):
+    _labels_h5(ws, _ALT, m0=np.array([b"light", b"heavy"] * (N13 // 2)))
+    cfg = base_cfg()
+    cfg["task"] = {"type": "regression", "target": "m0"}
+    run_broken(ws, capsys, cfg, "task.target", "'m0'", "fixed-length strings", "numeric")
+
+
+def _rare(n: int, count: int) -> np.ndarray:
+    y = np.zeros(n, np.int64)
+    y[np.arange(count) * 7 % n] = 1
+    return y
+
+
+@pytest.mark.parametrize("cmd", ["validate", "run"])
+def test_split_without_every_class(ws, capsys, cmd):
+    """Class 1 has 2 of 200 samples: no stratified split puts one in train, val and test."""
+    _labels_h5(ws, _rare(200, 2), n=200)
+    line = run_broken(ws, capsys, base_cfg(), "data.test_fraction", "class 1", "train [138, 1]", "val [40, 1]",
+                      "test [20, 0]", "data.val_fraction=0.2", "data.seed=0", "data.test_fraction: 0", cmd=cmd)
+    assert "val_auc" in line
+
+
+def test_split_without_every_class_no_test(ws, capsys):
+    """One sample of class 1 and no test split: the validation split lacks it."""
+    _labels_h5(ws, _rare(200, 1), n=200)
+    cfg = base_cfg()
+    cfg["data"]["test_fraction"] = 0.0
+    run_broken(ws, capsys, cfg, "data.val_fraction", "class 1", "train [159, 1]", "val [40, 0]", "add samples")
+
+
+def test_class_missing_from_the_file(ws, capsys):
+    _labels_h5(ws, _ALT)
+    cfg = base_cfg()
+    cfg["task"]["num_classes"] = 3
+    run_broken(ws, capsys, cfg, "task.num_classes", "class 2 has no sample", "[20, 20, 0]", "set task.num_classes")
+
+
+def test_class_missing_under_data_limit(ws, capsys):
+    n, limit = 200, 20
+    drawn = np.random.default_rng(0).permutation(n)[:limit]
+    y = np.zeros(n, np.int64)
+    y[np.setdiff1d(np.arange(n), drawn)[:5]] = 1  # 5 of class 1, none among the 20 drawn
+    _labels_h5(ws, y, n=n)
+    cfg = base_cfg()
+    cfg["data"]["limit"] = limit
+    run_broken(ws, capsys, cfg, "data.limit", "class 1", "the file has 5", "raise or remove data.limit")
+
+
+def test_regression_target_constant(ws, capsys):
+    _labels_h5(ws, _ALT, m0=np.full(N13, 125.0))
+    cfg = base_cfg()
+    cfg["task"] = {"type": "regression", "target": "m0"}
+    run_broken(ws, capsys, cfg, "task.target", "single value (125)", "varies")
+
+
+def test_regression_target_constant_in_a_split(ws, capsys):
+    m0 = np.full(200, 125.0)
+    m0[np.random.default_rng(0).permutation(200)[60:100]] = 90.0  # test (first 20) and val (next 40): only 125
+    _labels_h5(ws, _rare(200, 50), n=200, m0=m0)
+    cfg = base_cfg()
+    cfg["task"] = {"type": "regression", "target": "m0"}
+    run_broken(ws, capsys, cfg, "data.val_fraction", "val split holds 40 sample(s) with 1 distinct value of 'm0'",
+               "train 2, val 1, test 1", "data.seed=0", "raise data.val_fraction")
+
+
+# A data path override never generates data.
+def _shipped(name: str) -> str:
+    return str(Path(__file__).resolve().parents[1] / "search_spaces" / name)
+
+
+@pytest.mark.parametrize("yaml_name", ["quickstart.yaml", "vit_e2e_classification.yaml", "deepsets_event.yaml"])
+@pytest.mark.parametrize("cmd", [["validate"], ["run"], ["run", "--dry-run"]])
+def test_path_override_never_generates(ws, capsys, yaml_name, cmd):
+    """The shipped YAMLs carry a data.generate recipe; a mistyped --set data.path must not be simulated into."""
+    line = bad_run(ws, capsys, [cmd[0], _shipped(yaml_name), *cmd[1:], "--set", "data.path=typo/my_jets.h5"],
+                   yaml_name, "--set data.path", "data.path", "typo/my_jets.h5", "not found", "fix the path")
+    assert not (ws / "typo").exists(), line
+
+
+def test_generate_recipe_still_writes_its_own_path(ws, capsys):
+    """The YAML's own path (also when --set repeats it) and a recipe given with --set keep generating."""
+    from e2e_search.config import load
+
+    own = load(_shipped("quickstart.yaml"))
+    assert own.data.generate is not None
+    again = load(_shipped("quickstart.yaml"), [f"data.path={own.data.path}"])
+    assert again.data.generate == own.data.generate
+    assert load(_shipped("quickstart.yaml"), ["data.path=mine.h5"]).data.generate is None
+    explicit = load(_shipped("quickstart.yaml"), ["data.path=mine.h5", "data.generate.n=50"])
+    assert explicit.data.generate.n == 50 and explicit.data.generate.recipe == "toy_jets"
+    rc, out, err = cli(["run", _shipped("quickstart.yaml"), "--dry-run", "--set", "data.path=mine.h5",
+                        "--set", "data.generate.n=50"], capsys)
+    assert rc == 0, err
+    assert "data: mine.h5 will be generated (50 samples)" in out
+    assert not (ws / "mine.h5").exists() and not (ws / "e2e_runs").exists()
+
+
+# HIGGS-style CSV: the label column, compression, parse failures.
+def _csv_cfg(path: str) -> dict:
+    cfg = base_cfg()
+    cfg["family"] = "deepsets"
+    cfg["data"] = {"path": path, "image_key": "X_objects", "val_fraction": 0.2, "test_fraction": 0.1}
+    cfg["params"] = {"hidden": 16, "depth": 1, "batch_size": 8}
+    return cfg
+
+
+def _higgs_rows(n: int = 60, label_last: bool = False) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    y, feats = (np.arange(n) % 2).astype(float), rng.normal(0, 1, (n, 28))
+    return np.column_stack([feats, y] if label_last else [y, feats])
+
+
+def _csv_text(rows: np.ndarray) -> str:
+    return "".join(",".join(f"{v:.18e}" for v in row) + "\n" for row in rows)
+
+
+@pytest.mark.parametrize("cmd", ["validate", "run"])
+def test_csv_label_in_last_column(ws, capsys, cmd):
+    Path("last.csv").write_text(_csv_text(_higgs_rows(label_last=True)))
+    line = run_broken(ws, capsys, _csv_cfg("last.csv"), "data.label_key", "column 1 of last.csv", "non-integer",
+                      "the last column looks like the class labels", "header", cmd=cmd)
+    assert "task.num_classes" not in line
+
+
+@pytest.mark.parametrize("cmd", ["validate", "run"])
+def test_csv_label_out_of_range(ws, capsys, cmd):
+    rows = _higgs_rows()
+    rows[5, 0] = 2.0
+    Path("three.csv").write_text(_csv_text(rows))
+    run_broken(ws, capsys, _csv_cfg("three.csv"), "task.num_classes", "0..2", "task.num_classes: 3", cmd=cmd)
+
+
+def _gz(name: str, text: str) -> str:
+    import gzip
+
+    with gzip.open(name, "wt") as f:
+        f.write(text)
+    return name
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: _put("t.csv.gz", Path(_gz("full.csv.gz", _csv_text(_higgs_rows()))).read_bytes()[:400]),
+     ["data.path", "truncated"]),
+    (lambda: _zip("two.csv.zip", 2), ["data.path", "zip archive of 2 files", "extract"]),
+    (lambda: _put("z.csv.zst", b"\x28\xb5\x2f\xfd" + b"\0" * 64), ["data.path", "zstd"]),
+    (lambda: _gz("jets.h5.gz", "x"), ["data.path", "compressed hdf5", "decompress it first"]),
+    (lambda: _put("words.csv", "a,b\nc,d\n"), ["data.path", "2 columns"]),
+    (lambda: _put("ragged.csv", _csv_text(_higgs_rows()) + "1,2,3\n"),
+     ["data.path", "data row 61", "line 61"]),
+    (lambda: _put("text.csv", _csv_text(_higgs_rows()).replace("e+00,", "e+00,x", 1)),
+     ["data.path", "data row 1", "non-numeric"]),
+], ids=["truncated-gz", "zip-of-two", "zstd", "h5-gz", "no-numbers", "short-row", "text-cell"])
+def test_bad_csv_files(ws, capsys, make, words):
+    name = make()
+    fmt = {"format": "csv"} if name.endswith(".zst") else {}
+    cfg = _csv_cfg(name)
+    cfg["data"].update(fmt)
+    run_broken(ws, capsys, cfg, *words)
+
+
+def _put(name: str, data: str | bytes) -> str:
+    (Path(name).write_bytes if isinstance(data, bytes) else Path(name).write_text)(data)
+    return name
+
+
+def _zip(name: str, files: int) -> str:
+    import zipfile
+
+    with zipfile.ZipFile(name, "w") as z:
+        for i in range(files):
+            z.writestr(f"part{i}.csv", _csv_text(_higgs_rows()))
+    return name
+
+
+# Parquet and ROOT labels that are not class indices: refused before any cache is written.
+def _pq_labels(ws: Path, y) -> str:
+    from tests.test_formats import write_parquet
+
+    rng = np.random.default_rng(0)
+    return str(write_parquet(ws / "jets.parquet", rng.normal(size=(N13, 3, 8, 8)).astype(np.float32), {"y": y}).name)
+
+
+def _root_labels(ws: Path, y) -> str:
+    from tests.test_formats import write_root
+
+    rng = np.random.default_rng(0)
+    return str(write_root(ws / "jets.root", rng.normal(size=(N13, 3, 8, 8)).astype(np.float32), {"y": y}).name)
+
+
+@pytest.mark.parametrize("make, key, words", [
+    (lambda ws: _pq_labels(ws, ["top", "qcd"] * (N13 // 2)), "data.label_key",
+     ["variable-length strings", "'top'", "store the class index"]),
+    (lambda ws: _pq_labels(ws, [[0, 1], [1]] * (N13 // 2)), "data.label_key",
+     ["variable-length array per sample", "store the class index"]),
+    (lambda ws: _pq_labels(ws, [[0.2, 0.8]] * N13), "data.label_key", ["not one-hot", "[0.2, 0.8]"]),
+    (lambda ws: _root_labels(ws, np.linspace(0, 1, N13)), "data.label_key", ["float64", "non-integer", "store the"]),
+    (lambda ws: _root_labels(ws, np.where(_ALT == 1, 1, -1).astype(np.int32)), "data.label_key",
+     ["int32", "negative", "relabel them"]),
+], ids=["parquet-strings", "parquet-ragged-lists", "parquet-soft", "root-fractional", "root-plus-minus-1"])
+@pytest.mark.parametrize("cmd", ["validate", "run"])
+def test_parquet_root_label_types_refused(ws, capsys, make, key, words, cmd):
+    path = make(ws)
+    run_broken(ws, capsys, base_cfg(), key, "'y'", *words, cmd=cmd, sets=(f"data.path={path}",))

@@ -55,7 +55,8 @@ def write_root(path: Path, X: np.ndarray, cols: dict, *, image_key: str = "X_jet
                extra_trees: tuple[str, ...] = ()) -> Path:
     with uproot.recreate(path) as f:
         f.mktree(tree, {image_key: (X.dtype, X.shape[1:]) if X.ndim > 1 else X.dtype,
-                        **{k: np.asarray(v).dtype for k, v in cols.items()}})
+                        **{k: (np.asarray(v).dtype, np.asarray(v).shape[1:]) if np.asarray(v).ndim > 1
+                           else np.asarray(v).dtype for k, v in cols.items()}})
         half = len(X) // 2  # two baskets
         for a, b in ((0, half), (half, len(X))):
             if b > a:
@@ -374,3 +375,37 @@ def test_bad_input_one_line_and_no_cache(ws, capsys, monkeypatch, cmd, case, mak
         assert name in lines[0], f"{name!r} not in: {lines[0]}"
     assert not (ws / "e2e_runs").exists()  # no cache, no tmp file, not even the folder
     assert sorted(os.listdir(ws)) == before
+
+
+# --- issue 13: labels of every type Parquet and ROOT hold become class indices in the cache
+@pytest.mark.parametrize("fmt", ["hdf5", "parquet", "root"])
+@pytest.mark.parametrize("kind", ["bool", "float", "onehot", "column"])
+def test_label_types_become_class_indices(tmp_path, monkeypatch, fmt, kind):
+    """bool, whole floats (1.0), one-hot rows and (n, 1) columns are what physicists store; the cache holds int64."""
+    from e2e_search.data import H5ImageDataset
+
+    monkeypatch.chdir(tmp_path)
+    _, arrays = reference(tmp_path)
+    y = arrays["y"]
+    lab = {"bool": y.astype(bool), "float": y.astype(np.float32), "onehot": np.eye(2, dtype=np.int8)[y],
+           "column": y[:, None].astype(np.int32)}[kind]
+    cols = {"y": lab.tolist() if fmt == "parquet" and lab.ndim > 1 else lab, "m0": arrays["m0"]}
+    X = chw(arrays["X_jets"])
+    if fmt == "hdf5":  # read in place: converted when read (inspect, and each worker's dataset)
+        data = write_e2e(tmp_path / "jets.h5", n=N)
+        with h5py.File(data, "a") as f:
+            del f["y"]
+            f["y"] = lab
+        cached = validate(base_config(tmp_path, data), source="t")
+        assert materialize(cached) is cached
+    else:
+        data = (write_parquet(tmp_path / "jets.parquet", X, cols) if fmt == "parquet"
+                else write_root(tmp_path / "jets.root", X, cols))
+        cfg = validate(base_config(tmp_path, data), source="t")
+        assert materialize(cfg, generate=False) is None  # checked without writing
+        cached = materialize(cfg)
+        with h5py.File(cached.data.path) as f:
+            assert f["y"].dtype == np.int64 and (f["y"][...] == y).all()
+    setup = inspect(cached)
+    ds = H5ImageDataset(setup, setup.val)
+    assert ds.labels.dtype == np.int64 and (ds.labels == y[setup.val]).all()

@@ -107,3 +107,78 @@ def test_deepsets_search_on_csv_and_generated_objects(tmp_path, monkeypatch, ray
         runs = client.search_runs([client.get_experiment_by_name(exp).experiment_id],
                                   filter_string="tags.`e2e.kind` = 'trial'")
         assert len(runs) == 1 and runs[0].info.status == "FINISHED" and "best_val_auc" in runs[0].data.metrics
+
+
+# --- issue 13: CSV files as they are distributed (compression, byte-order marks, CRLF, header or not)
+def _csv_bytes(rows: np.ndarray, *, header: list[str] | None = None, sep: str = ",", eol: str = "\n",
+               fmt: str = "{:.18e}") -> str:
+    lines = ([sep.join(header)] if header else []) + [sep.join(fmt.format(v) for v in row) for row in rows]
+    return eol.join(lines) + eol
+
+
+def _compress(path, text: str, compression: str | None, encoding: str = "utf-8"):
+    import bz2
+    import gzip
+    import lzma
+    import zipfile
+
+    data = text.encode(encoding)
+    if compression == "zip":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("HIGGS.csv", data)
+        return path
+    path.write_bytes({None: lambda b: b, "gzip": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[compression](data))
+    return path
+
+
+STYLES = {  # name: (header, label column, separator, line end, encoding)
+    "higgs": (False, 0, ",", "\n", "utf-8"),               # HIGGS.csv.gz: no header, label first as 1.000e+00
+    "header-crlf-bom": (True, 0, ",", "\r\n", "utf-8-sig"),  # Excel's "CSV UTF-8"
+    "header-label-last": (True, -1, ",", "\n", "utf-8"),     # the header names the label column (data.label_key)
+    "utf16-header": (True, 0, ",", "\r\n", "utf-16"),         # Excel's "Unicode text" with commas
+    "tab-no-header": (False, 0, "\t", "\n", "utf-8"),
+}
+
+
+@pytest.mark.parametrize("compression, suffix", [(None, ".csv"), ("gzip", ".csv.gz"), ("bz2", ".csv.bz2"),
+                                                 ("xz", ".csv.xz"), ("zip", ".csv.zip"), ("gzip", ".csv")],
+                         ids=["plain", "gz", "bz2", "xz", "zip", "gz-named-csv"])
+@pytest.mark.parametrize("style", list(STYLES))
+def test_csv_as_distributed_keeps_every_row(tmp_path, monkeypatch, compression, suffix, style):
+    """Every data row becomes a sample (none lost to a header guess, no header read as data); the label is
+    the first column, or the one a header names data.label_key; nothing is written before the checks pass."""
+    header, col, sep, eol, enc = STYLES[style]
+    monkeypatch.chdir(tmp_path)
+    n = 50
+    rng = np.random.default_rng(1)
+    y = (np.arange(n) % 2).astype(float)
+    feats = rng.normal(0, 1, (n, 28))
+    rows = np.column_stack([feats, y] if col == -1 else [y, feats])
+    names = None
+    if header:
+        names = [f"f{i}" for i in range(28)]
+        names = names + ["y"] if col == -1 else ["label"] + names
+    path = _compress(tmp_path / f"HIGGS{suffix}", _csv_bytes(rows, header=names, sep=sep, eol=eol), compression, enc)
+    cfg = validate(_cfg(tmp_path, path), source="t")
+    assert materialize(cfg, generate=False) is None  # validate / --dry-run: checked, nothing written
+    assert not (tmp_path / "e2e_runs").exists()
+    cached = materialize(cfg)
+    with h5py.File(cached.data.path) as f:
+        assert f["y"].dtype == np.int64 and (f["y"][...] == y).all()
+        assert f["X_features"].shape == (n, 28)
+        assert np.allclose(f["X_features"][...], feats, atol=1e-6)
+        assert np.allclose(f["X_objects"][...], higgs_objects(feats), atol=1e-5)
+    setup = inspect(cached)
+    assert len(setup.train) + len(setup.val) + len(setup.test) == n
+
+
+def test_csv_header_rule(tmp_path):
+    """A first line with no number is a header; one with any number is data (bad cells are refused, not skipped)."""
+    from e2e_search.objects import _sniff_csv
+
+    for text, header in [("label,a,b\n1,2,3\n", True), ("1,2,3\n0,1,2\n", False), (",a,b\n0,1,2\n", True),
+                         ("1.0e+00,nan,-inf\n", False), ("y,1,2\n0,1,2\n", False), ('"y","a"\n1,2\n', True),
+                         ("\ufeffy;a;b\r\n1;2;3\r\n", True), ("1 2 3\n", False)]:
+        p = tmp_path / "t.csv"
+        p.write_text(text, encoding="utf-8")
+        assert _sniff_csv(p)[2] is header, text

@@ -82,11 +82,12 @@ def test_two_trials_two_workers_recorded_in_mlflow(tmp_path, monkeypatch, capsys
     "fmt",
     [
         dict(image_key="X_jets", size=125, channels=3, layout="channels_last", sets=[]),
-        dict(image_key="X", size=32, channels=2, layout="channels_last", sets=["data.image_key=X"]),
+        # labels as physicists store them (issue 13): float 0.0/1.0 (the electron/photon release), one-hot, bool
+        dict(image_key="X", size=32, channels=2, layout="channels_last", sets=["data.image_key=X"], labels="float"),
         dict(image_key="X_jets", size=20, channels=4, layout="channels_first",
-             sets=["data.layout=channels_first", "data.channels=[3,0]"]),
+             sets=["data.layout=channels_first", "data.channels=[3,0]"], labels="onehot"),
         dict(image_key="X_jets", size=16, channels=3, layout="channels_last",
-             sets=["data.cache=device", "data.flip_augment=true"]),
+             sets=["data.cache=device", "data.flip_augment=true"], labels="bool"),
     ],  # mass regression through --set: test_regression_target_in_mev_is_recorded_under_valid_names
     ids=["e2e_125x125x3", "photon_32x32x2", "channels_first_subset", "device_cache"],
 )
@@ -94,6 +95,15 @@ def test_same_search_runs_on_other_formats_through_set(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     data = write_e2e(tmp_path / "in.h5", n=40, size=fmt["size"], channels=fmt["channels"], layout=fmt["layout"],
                      image_key=fmt["image_key"])
+    if fmt.get("labels"):
+        import h5py
+        import numpy as np
+
+        with h5py.File(data, "a") as f:
+            y = f["y"][...]
+            del f["y"]
+            f["y"] = {"float": y.astype(np.float32), "onehot": np.eye(2, dtype=np.float32)[y],
+                      "bool": y.astype(bool)}[fmt["labels"]]
     # One YAML for every format; patch 10 does not divide 125/32: padded explicitly.
     cfg = base_config(tmp_path, tmp_path / "elsewhere.h5", name="fmt",
                       params={"patch_size": 10, "depth": 1, "embed_dim": 16, "num_heads": 2, "batch_size": 8},
@@ -107,6 +117,7 @@ def test_same_search_runs_on_other_formats_through_set(tmp_path, monkeypatch, ca
     regression = "task.type=regression" in fmt["sets"]
     for key in (["val_mae", "val_resolution", "best_val_mae"] if regression else ["val_auc", "val_acc"]):
         assert key in children[0].data.metrics, key
+        assert children[0].data.metrics[key] == children[0].data.metrics[key], key  # not NaN
     client = MlflowClient(tracking_uri=cfg["tracking"]["uri"])
     plots = {a.path for a in client.list_artifacts(children[0].info.run_id, "plots")}
     assert ({"plots/mass_pred_vs_true.png", "plots/mass_response.png"} if regression
@@ -246,3 +257,26 @@ def test_regression_target_in_mev_is_recorded_under_valid_names(tmp_path, monkey
     rid = children[0].info.run_id
     assert {"plots/mass_pred_vs_true.png", "plots/mass_response.png"} <= {a.path for a in client.list_artifacts(rid, "plots")}
     assert client.get_model_version_by_alias("mev-regressor", "champion").run_id == rid
+
+
+@pytest.mark.parametrize("trials, says, not_says", [
+    ({"a": "FINISHED", "b": "FINISHED"}, ["no trial reported a finite val_auc", "all 2 ended with val_auc NaN"],
+     ["errors above", "e2e.error"]),
+    ({"a": "FAILED", "b": "FINISHED"}, ["1 failed (see the errors above", "1 ended with val_auc NaN or missing"], []),
+    ({"a": "FAILED"}, ["no trial finished: see the errors above and in MLflow (tag e2e.error)"], []),
+    ({}, ["no trial ran"], ["errors above"]),
+], ids=["all-nan", "failed-and-nan", "all-failed", "none"])
+def test_outcome_without_a_best_trial_says_what_happened(tmp_path, capsys, trials, says, not_says):
+    """Issue 13: the final line points at errors only when a trial failed (no Ray: the outcome as execute returns it)."""
+    from e2e_search.cli import _report_outcome
+    from e2e_search.config import validate
+    from e2e_search.search import Outcome
+
+    cfg = validate(base_config(tmp_path, tmp_path / "x.h5"), source="t")
+    rc = _report_outcome(cfg, Outcome("t", "0" * 32, "sqlite:///x.db", None, None, trials))
+    err = capsys.readouterr().err
+    assert rc == 1 and len(err.strip().splitlines()) == 1
+    for text in says:
+        assert text in err, err
+    for text in not_says:
+        assert text not in err, err

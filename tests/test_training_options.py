@@ -212,5 +212,7 @@ def test_worker_loop_accumulating_two_half_batches_matches_full_batches(tmp_path
         assert metrics["epoch"] == 2 and metrics["train_samples_per_s"] > 0
         finals[accum] = state
     assert finals[1]["scheduler"]["last_epoch"] == finals[2]["scheduler"]["last_epoch"] == 8  # optimizer steps
+    # atol 5e-5: Adam divides by sqrt(v), so a float32 rounding difference in a near-zero gradient moves that
+    # weight by up to ~1e-5 after 8 steps at lr 3e-3 (1.3e-5 seen on one bias with the stratified split).
     for k, v in finals[1]["model"].items():
-        torch.testing.assert_close(finals[2]["model"][k], v, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(finals[2]["model"][k], v, rtol=1e-4, atol=5e-5)

@@ -71,6 +71,32 @@ def test_split_is_deterministic_and_disjoint():
     assert (len(val), len(test)) == (150, 100)
 
 
+def test_split_is_stratified_by_class():
+    """Issue 13: 200 jets, 30 of class 1, all of them in the training rows of the unstratified default split:
+    the stratified split puts class 1 in train, val and test in the fractions asked, deterministic in the seed."""
+    train0, _, _ = split_indices(200, 0.2, 0.1, seed=0)
+    y = np.zeros(200, np.int64)
+    y[train0[:30]] = 1
+    a = split_indices(200, 0.2, 0.1, seed=0, labels=y)
+    assert a == split_indices(200, 0.2, 0.1, seed=0, labels=y) != split_indices(200, 0.2, 0.1, seed=1, labels=y)
+    train, val, test = a
+    assert (len(train), len(val), len(test)) == (140, 40, 20)  # the same sizes as unstratified
+    assert [int(y[s].sum()) for s in a] == [21, 6, 3]
+    assert sorted(train + val + test) == list(range(200))
+    # A rare class lands in every split from 3 samples (2 without a test split); below that, training first.
+    for count, test_fraction, expect in [(3, 0.1, [1, 1, 1]), (2, 0.0, [1, 1, 0]), (2, 0.1, [1, 1, 0]),
+                                         (1, 0.1, [1, 0, 0])]:
+        y = np.zeros(200, np.int64)
+        y[np.arange(count) * 11] = 1
+        parts = split_indices(200, 0.2, test_fraction, seed=5, labels=y)
+        assert [int(y[s].sum()) for s in parts] == expect, (count, test_fraction)
+    # data.limit draws the same subset as before; the split within it is stratified
+    y = np.arange(1000) % 4
+    train, val, test = split_indices(1000, 0.15, 0.1, seed=3, limit=100, labels=y)
+    assert set(train + val + test) == set(np.random.default_rng(3).permutation(1000)[:100].tolist())
+    assert all(set(y[s]) == {0, 1, 2, 3} for s in (train, val, test))
+
+
 def test_layouts_and_channel_order_read_the_same_pixels(tmp_path):
     last = write_e2e(tmp_path / "last.h5", n=20, size=12, channels=4, layout="channels_last")
     first = write_e2e(tmp_path / "first.h5", n=20, size=12, channels=4, layout="channels_first")
