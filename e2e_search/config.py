@@ -187,10 +187,10 @@ class GenerateConfig(_Strict):
             if not isinstance(self.channels, int) or self.channels < 1:
                 raise ValueError("toy_jets takes channels as a number >= 1; set data.generate.channels: 3 (for example)")
         elif isinstance(self.channels, int):
-            self.channels = ["ECAL", "HCAL", "Tracks"][: self.channels] if self.channels <= 3 else self.channels
-            if isinstance(self.channels, int):
+            if not 1 <= self.channels <= 3:  # (assigning it back would re-run this validator: validate_assignment)
                 raise ValueError("Pythia recipes take channels as names (ECAL, HCAL, Tracks), at most 3 as a number; "
                                  "set data.generate.channels: [ECAL, HCAL, Tracks] or a number up to 3")
+            self.channels = ["ECAL", "HCAL", "Tracks"][: self.channels]
         if self.recipe != "toy_jets" and self.seed < 1:
             raise ValueError(f"Pythia seeds run from 1 to 900000000 (got {self.seed}); set data.generate.seed: 1 or more")
         return self
@@ -533,6 +533,9 @@ def _explain(err: dict) -> tuple[str, str]:
     loc = tuple(err["loc"])
     key = _dotted(loc)
     kind = err["type"]
+    if not key:  # a check across sections (SearchSpace's own validator): the section its message names first
+        named = re.search(r"\b(" + "|".join(SearchSpace.model_fields) + r")\.[a-z_]+", err.get("msg", ""))
+        key = named.group(1) if named else ""
     if kind == "extra_forbidden":
         model = _model_at(loc)
         if loc and loc[0] == "params" and len(loc) >= 3:

@@ -90,7 +90,8 @@ def _check_families(cfg: SearchSpace) -> None:
         try:
             inputs = get_family(name).inputs
         except UserError as e:
-            raise UserError(e.message, key=f"family.values.{i}") from None
+            raise UserError(e.message.replace("set family to", f"set family.values.{i} to"),
+                            key=f"family.values.{i}") from None
         if name in seen:
             raise UserError(f"family '{name}' is listed twice; list each once", key=f"family.values.{i}")
         first = next(iter(seen.items()), None)
@@ -217,13 +218,15 @@ def check_params(cfg: SearchSpace) -> list[tuple[str, str]]:
     for v in dim_values(pre):
         if int(v) >= cfg.scheduler.max_epochs:
             raise UserError(f"pretrain_epochs {v} leaves no epoch to train on the task (scheduler.max_epochs is "
-                            f"{cfg.scheduler.max_epochs}); lower it or raise scheduler.max_epochs",
+                            f"{cfg.scheduler.max_epochs}); lower params.pretrain_epochs below "
+                            f"{cfg.scheduler.max_epochs} or raise scheduler.max_epochs",
                             key="params.pretrain_epochs")
     _condition_order(dims)
     combos = len(grid_points(cfg))
     if combos > cfg.search.num_samples:
         raise UserError(
-            f"{combos} grid combinations but num_samples is {cfg.search.num_samples}; raise num_samples to at least {combos}",
+            f"{combos} grid combinations but num_samples is {cfg.search.num_samples}; raise search.num_samples to at "
+            f"least {combos} (--set search.num_samples={combos}) or turn a grid into a choice",
             key="search.num_samples",
         )
     return [(f"params.{other}", f"params.{n} is ignored: {why}; it keeps its default (remove its 'when' or widen "
