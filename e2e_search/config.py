@@ -498,6 +498,9 @@ def apply_overrides(raw: dict, sets: list[str], source: str | None = None) -> li
                     raise UserError(f"'{above}' is a value, not a section; set it as a whole (--set {above}=...)",
                                     source=src, key=key)
             node = nxt
+        old = node.get(parts[-1])
+        if key == "family" and isinstance(value, str) and isinstance(old, dict) and old.get("type") in ("choice", "grid"):
+            value = {"type": old["type"], "values": [value]}  # narrowing a family search: still one, of one family
         node[parts[-1]] = value
         paths.append(key)
     return paths

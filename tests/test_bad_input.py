@@ -636,3 +636,22 @@ def test_merge_keys_may_still_be_overridden(ws, capsys):
 
     cfg = load(YAML)
     assert cfg.params["weight_decay"].low == 1.0e-3 and cfg.params["weight_decay"].high == 1.0e-2
+
+
+def test_narrowing_a_family_search_to_one_family(ws, capsys):
+    cfg = base_cfg()
+    cfg["family"] = {"type": "grid", "values": ["vit", "resnet15"]}
+    cfg["params"] = {"batch_size": 8, "patch_size": {"type": "choice", "values": [4, 8], "when": {"family": "vit"}},
+                     "width": {"type": "choice", "values": [8, 16]},                          # resnet15's own
+                     "lr": {"type": "choice", "values": [0.01, 0.1], "when": {"family": "resnet15"}}}
+    path = write_yaml(cfg)
+    rc, out, err = cli(["validate", path, "--set", "family=vit"], capsys)
+    assert rc == 0, err
+    notes = err.splitlines()
+    assert len(notes) == 2 and all("(--set family): note: params." in n for n in notes), err
+    assert "params.width is ignored: it is a parameter of resnet15" in notes[0]
+    assert "params.lr is ignored: its condition family: resnet15 never holds" in notes[1]
+    from e2e_search.config import load
+
+    narrowed = load(path, ["family=vit"])
+    assert narrowed.family.values == ["vit"] and narrowed.family.type == "grid"
