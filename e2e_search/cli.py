@@ -238,7 +238,7 @@ def _cmd_data(args) -> int:
     try:
         lo, hi = (float(v) for v in args.mass_range.split(","))
     except ValueError:
-        raise UserError(f"expected LOW,HIGH in GeV (got '{args.mass_range}'); use e.g. --mass-range 50,200",
+        raise UserError(f"expected LOW,HIGH in GeV (got '{args.mass_range}'); use --mass-range 50,200",
                         key="--mass-range") from None
     spec = GenSpec(process=args.process, n=args.n, out=args.out, seed=args.seed, workers=args.workers,
                    channels=[c.strip() for c in args.channels.split(",") if c.strip()], image_size=args.image_size,

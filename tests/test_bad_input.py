@@ -531,7 +531,7 @@ def test_messages_name_the_key_and_the_fix(ws, capsys, sets, key, fix):
     (["best", "exp", "--top", "0", "--tracking-uri", "sqlite:///store.db"], "--top", "use --top 1 or more"),
     (["ui", "--port", "70000", "--tracking-uri", "sqlite:///store.db"], "--port", "use a free port, e.g. --port 5000"),
     (["data", "generate", "boosted_scalar", "--n", "4", "--out", "x.h5", "--mass-range", "50"], "--mass-range",
-     "use e.g. --mass-range 50,200"),
+     "use --mass-range 50,200"),
 ])
 def test_cli_flag_messages_name_the_fix(ws, capsys, argv, flag, fix):
     Path("store.db").write_bytes(b"")  # an existing (empty) store file: the flag is checked next
