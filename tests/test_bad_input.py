@@ -655,3 +655,49 @@ def test_narrowing_a_family_search_to_one_family(ws, capsys):
 
     narrowed = load(path, ["family=vit"])
     assert narrowed.family.values == ["vit"] and narrowed.family.type == "grid"
+
+
+def _bad_values(field) -> list:
+    """Values a field's own constraints refuse (bounds, Literal choices, type)."""
+    import typing
+
+    out = []
+    for m in field.metadata:
+        for name, delta in (("gt", 0), ("ge", -1), ("lt", 0), ("le", 1)):
+            bound = getattr(m, name, None)
+            if bound is not None:
+                out.append(bound + delta)
+    args = [a for a in typing.get_args(field.annotation) if typing.get_origin(a) is typing.Literal] or \
+        ([field.annotation] if typing.get_origin(field.annotation) is typing.Literal else [])
+    if args:
+        out.append("no-such-choice")
+    return out
+
+
+def _walk_fields():
+    """(dotted key, bad value) for every constrained key of the YAML sections (pydantic's own checks)."""
+    from e2e_search.config import DataConfig, GenerateConfig, ResourcesConfig, SchedulerConfig, SearchConfig
+
+    for section, model in (("search", SearchConfig), ("scheduler", SchedulerConfig), ("resources", ResourcesConfig),
+                           ("data", DataConfig), ("data.generate", GenerateConfig)):
+        for name, field in model.model_fields.items():
+            for v in _bad_values(field):
+                yield f"{section}.{name}", v
+
+
+@pytest.mark.parametrize("key, value", list(_walk_fields()), ids=lambda x: str(x))
+def test_every_constrained_key_names_the_key_and_a_fix(tmp_path, key, value):
+    from e2e_search.config import validate
+    from e2e_search.errors import UserError
+
+    raw = base_cfg()
+    node = raw
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    with pytest.raises(UserError) as e:
+        validate(raw, source="space.yaml")
+    line = str(e.value)
+    assert key in line and "\n" not in line, line
+    assert any(w in e.value.message for w in ("; set ", "; lower ", "; raise ", "; use ", "; give ", "; remove ")), line
