@@ -469,7 +469,7 @@ def test_shape_check_uses_the_recipe_before_data_is_generated(ws, capsys):
     cfg["data"] = {"path": "later.h5", "generate": {"recipe": "toy_jets", "n": 100, "image_size": 12}}
     cfg["params"]["patch_size"] = 16
     cfg["params"]["patch_fit"] = "crop"
-    for cmd in (["validate"], ["run", "--dry-run"]):
+    for cmd in (["validate"], ["run", "--dry-run"], ["run"]):  # run: refused before the recipe simulates anything
         path = write_yaml(cfg)
         bad_run(ws, capsys, [cmd[0], path, *cmd[1:]], "params.patch_size: 16 does not fit", "12x12 images",
                 "as data.generate will write them")
