@@ -187,10 +187,10 @@ class GenerateConfig(_Strict):
             if not isinstance(self.channels, int) or self.channels < 1:
                 raise ValueError("toy_jets takes channels as a number >= 1; set data.generate.channels: 3 (for example)")
         elif isinstance(self.channels, int):
-            self.channels = ["ECAL", "HCAL", "Tracks"][: self.channels] if self.channels <= 3 else self.channels
-            if isinstance(self.channels, int):
+            if not 1 <= self.channels <= 3:  # (assigning it back would re-run this validator: validate_assignment)
                 raise ValueError("Pythia recipes take channels as names (ECAL, HCAL, Tracks), at most 3 as a number; "
                                  "set data.generate.channels: [ECAL, HCAL, Tracks] or a number up to 3")
+            self.channels = ["ECAL", "HCAL", "Tracks"][: self.channels]
         if self.recipe != "toy_jets" and self.seed < 1:
             raise ValueError(f"Pythia seeds run from 1 to 900000000 (got {self.seed}); set data.generate.seed: 1 or more")
         return self
@@ -329,6 +329,8 @@ class SearchSpace(_Strict):
     resources: ResourcesConfig = ResourcesConfig()
     tracking: TrackingConfig = TrackingConfig()
     _notes: list[str] = PrivateAttr(default_factory=list)
+    _origin: tuple[str, list[str]] = PrivateAttr(default=("", []))
+    """The YAML's name and its --set paths, for notes."""
 
     @model_validator(mode="after")
     def _defaults(self):
@@ -363,6 +365,12 @@ class SearchSpace(_Strict):
         """What validation noticed but accepted (e.g. a conditional parameter that can no longer be active),
         one line each, for the CLI to print once the whole setup is checked."""
         return list(self._notes)
+
+    def note(self, key: str, text: str) -> None:
+        """Add a note about ``key``, naming the file (and the ``--set`` that led there)."""
+        source, set_paths = self._origin
+        prefix = source_of(source, set_paths, key)
+        self._notes.append(f"{prefix}: note: {text}" if prefix else f"note: {text}")
 
     @property
     def families(self) -> list[str]:
@@ -498,6 +506,9 @@ def apply_overrides(raw: dict, sets: list[str], source: str | None = None) -> li
                     raise UserError(f"'{above}' is a value, not a section; set it as a whole (--set {above}=...)",
                                     source=src, key=key)
             node = nxt
+        old = node.get(parts[-1])
+        if key == "family" and isinstance(value, str) and isinstance(old, dict) and old.get("type") in ("choice", "grid"):
+            value = {"type": old["type"], "values": [value]}  # narrowing a family search: still one, of one family
         node[parts[-1]] = value
         paths.append(key)
     return paths
@@ -518,13 +529,16 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "FamilyDim"}
+
+
 def _dotted(loc: tuple) -> str:
     parts = []
     for i, p in enumerate(loc):
         if i >= 2 and loc[0] == "params" and p in DIM_TYPES and i == 2:
             continue  # the discriminator tag pydantic inserts
-        if isinstance(p, str) and p.startswith("function-"):
-            continue
+        if isinstance(p, str) and (p.startswith("function-") or "[" in p or p in _UNION_TAGS):
+            continue  # the member of a union pydantic tried (e.g. literal['min','max'], str, list[str])
         parts.append(str(p))
     return ".".join(parts)
 
@@ -533,6 +547,9 @@ def _explain(err: dict) -> tuple[str, str]:
     loc = tuple(err["loc"])
     key = _dotted(loc)
     kind = err["type"]
+    if not key:  # a check across sections (SearchSpace's own validator): the section its message names first
+        named = re.search(r"\b(" + "|".join(SearchSpace.model_fields) + r")\.[a-z_]+", err.get("msg", ""))
+        key = named.group(1) if named else ""
     if kind == "extra_forbidden":
         model = _model_at(loc)
         if loc and loc[0] == "params" and len(loc) >= 3:
@@ -554,7 +571,8 @@ def fix_for(err: dict, key: str) -> str:
     kind, ctx = err["type"], err.get("ctx") or {}
     if kind in _BOUNDS:
         name, op = _BOUNDS[kind]
-        return f"set {key} to a number {op} {ctx.get(name)}"
+        limit = ctx.get(name)
+        return f"set {key} to a number {op} {limit:g}" if isinstance(limit, float) else f"set {key} to a number {op} {limit}"
     if kind == "literal_error":
         return f"set {key} to one of {ctx.get('expected')}"
     if kind in ("int_parsing", "int_type", "int_from_float"):
@@ -610,7 +628,9 @@ def validate(raw: dict, *, source: str, set_paths: list[str] | None = None) -> S
         cfg = SearchSpace.model_validate(raw)
     except ValidationError as e:
         errs = e.errors()  # an unknown key first: it is usually the misspelling of a "missing" one
-        key, msg = _explain(next((x for x in errs if x["type"] == "extra_forbidden"), errs[0]))
+        first = errs[0]  # of a union's members (family: a name or a mapping), the one the input got furthest into
+        first = max((x for x in errs if x["loc"][:1] == first["loc"][:1]), key=lambda x: len(x["loc"]))
+        key, msg = _explain(next((x for x in errs if x["type"] == "extra_forbidden"), first))
         raise UserError(msg, source=source_of(source, set_paths, key), key=key or None) from None
     from .params import check_params  # needs the family registry
 
@@ -618,7 +638,9 @@ def validate(raw: dict, *, source: str, set_paths: list[str] | None = None) -> S
         notes = check_params(cfg)
     except UserError as e:
         raise e.with_source(source_of(source, set_paths, e.key)) from None
-    cfg._notes = [f"{source_of(source, set_paths, key)}: note: {text}" for key, text in notes]
+    cfg._origin = (source, list(set_paths or []))
+    for key, text in notes:
+        cfg.note(key, text)
     return cfg
 
 

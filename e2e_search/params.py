@@ -90,7 +90,8 @@ def _check_families(cfg: SearchSpace) -> None:
         try:
             inputs = get_family(name).inputs
         except UserError as e:
-            raise UserError(e.message, key=f"family.values.{i}") from None
+            raise UserError(e.message.replace("set family to", f"set family.values.{i} to"),
+                            key=f"family.values.{i}") from None
         if name in seen:
             raise UserError(f"family '{name}' is listed twice; list each once", key=f"family.values.{i}")
         first = next(iter(seen.items()), None)
@@ -117,6 +118,9 @@ def _check_conditions(name: str, dim: Any, dims: dict[str, Any], fields: dict[st
     error: the parameter is then inactive (:func:`never_active`)."""
     for other, wanted in (dim.when or {}).items():
         ckey = f"params.{name}.when.{other}"
+        if other == "family" and other not in dims:
+            raise UserError("a condition on family needs a search over families (family: {type: choice, values: "
+                            "[...]}); remove the condition or make family a choice", key=ckey)
         if other not in dims:
             raise UserError(f"condition on '{other}', which is not in params{did_you_mean(other, dims)}; add "
                             f"params.{other} or fix the name in the condition", key=ckey)
@@ -142,11 +146,18 @@ def never_active(cfg: SearchSpace) -> dict[str, tuple[str, str]]:
     e.g. ``attention=softmax`` under ``window_size: {when: {attention: window}}``), each with the reason. They
     are never drawn: the family default applies. name -> (the condition's parameter, why)."""
     dims = search_dims(cfg)
+    fields = _schemas(cfg)
     out: dict[str, tuple[str, str]] = {}
+    for name in cfg.params:
+        if name not in fields:  # only of families a --set took out of the list (check_params refuses others)
+            owners = [f for f in family_names() if name in get_family(f).params.model_fields]
+            out[name] = ("family", f"it is a parameter of {', '.join(owners)}, which this search no longer includes")
     for name in _condition_order(dims):  # conditions first
+        if name in out:
+            continue
         for other, wanted in (dims[name].when or {}).items():
             if other in out:
-                out[name] = (other, f"its condition '{other}' is itself ignored")
+                out[name] = (other, f"its condition's parameter '{other}' is itself ignored")
                 break
             values = dim_values(dims[other])
             if not any(w in values for w in _listed(wanted)):
@@ -169,9 +180,8 @@ def check_params(cfg: SearchSpace) -> list[tuple[str, str]]:
         if name == "family":
             raise UserError("'family' is searched through the top-level family key "
                             "(family: {type: choice, values: [...]}); remove it from params", key=key)
-        if name not in fields and multi and any(
-                name in get_family(f).params.model_fields for f in family_names()):
-            continue  # a parameter of a family a --set took out of the list: never drawn
+        if name not in fields and multi and any(name in get_family(f).params.model_fields for f in family_names()):
+            continue  # a parameter of a family a --set took out of the list: never drawn (never_active says so)
         if name not in fields:
             raise UserError(f"'{name}' is not a parameter of {fam_text} or of training{did_you_mean(name, fields)}; "
                             "remove it or fix its name (docs/search_space.md lists each family's parameters)", key=key)
@@ -217,17 +227,24 @@ def check_params(cfg: SearchSpace) -> list[tuple[str, str]]:
     for v in dim_values(pre):
         if int(v) >= cfg.scheduler.max_epochs:
             raise UserError(f"pretrain_epochs {v} leaves no epoch to train on the task (scheduler.max_epochs is "
-                            f"{cfg.scheduler.max_epochs}); lower it or raise scheduler.max_epochs",
+                            f"{cfg.scheduler.max_epochs}); lower params.pretrain_epochs below "
+                            f"{cfg.scheduler.max_epochs} or raise scheduler.max_epochs",
                             key="params.pretrain_epochs")
     _condition_order(dims)
     combos = len(grid_points(cfg))
     if combos > cfg.search.num_samples:
         raise UserError(
-            f"{combos} grid combinations but num_samples is {cfg.search.num_samples}; raise num_samples to at least {combos}",
+            f"{combos} grid combinations but num_samples is {cfg.search.num_samples}; raise search.num_samples to at "
+            f"least {combos} (--set search.num_samples={combos}) or turn a grid into a choice",
             key="search.num_samples",
         )
-    return [(f"params.{other}", f"params.{n} is ignored: {why}; it keeps its default (remove its 'when' or widen "
-             f"params.{other} to use it)") for n, (other, why) in never_active(cfg).items()]
+    notes = []
+    for n, (other, why) in never_active(cfg).items():
+        widen = "family" if other == "family" else f"params.{other}"
+        fix = (f"widen {widen} to use it, or remove params.{n}" if why.startswith("it is a parameter of") else
+               f"remove its 'when' or widen {widen} to use it")
+        notes.append((widen, f"params.{n} is ignored: {why}; {fix}"))
+    return notes
 
 
 def _condition_order(params: dict[str, Any]) -> list[str]:

@@ -47,6 +47,8 @@ def plan(cfg: SearchSpace, *, address: str | None = None, generate: bool = True)
     from .tracking import tracking_uri
 
     workdir = DEFAULT_WORKDIR
+    # A file data.generate will write: the models must fit the shape it will have, before anything is simulated.
+    check_shapes(cfg, None)
     if cfg.resources.gpus_per_worker > 0 and address is None and _local_gpus() == 0:
         raise UserError(
             f"asks for {cfg.resources.gpus_per_worker:g} GPU per worker but this machine has no GPU; "
@@ -62,7 +64,8 @@ def plan(cfg: SearchSpace, *, address: str | None = None, generate: bool = True)
     # Parquet/ROOT: converted once to an HDF5 cache (not in a dry run: then None, and nothing is written).
     source = None if (needs_gen and not generate) else materialize(cfg, generate=generate)
     data = inspect(source) if source is not None else None
-    check_shapes(cfg, data)  # every family's model fits the data's shape for every parameter value (recipe's shape if not yet written)
+    if data is not None:  # every family's model fits the data's shape for every parameter value
+        check_shapes(cfg, data)
     storage = Path(cfg.tracking.storage) if cfg.tracking.storage else workdir / "ray_results"
     artifacts = Path(cfg.tracking.artifacts) if cfg.tracking.artifacts else workdir / "mlartifacts"
     return Plan(cfg=cfg, data=data, workdir=workdir, storage=storage.resolve(),

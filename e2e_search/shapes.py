@@ -96,10 +96,10 @@ def candidates(dim: Any, as_int: bool, ends_only: bool = False) -> list[Any]:
         return [dim.value]
     if isinstance(dim, ChoiceDim | GridDim):
         return list(dim.values)
-    if isinstance(dim, RandIntDim):
-        return [dim.low, dim.high] if ends_only else list(range(dim.low, dim.high + 1))
+    if isinstance(dim, RandIntDim):  # (past MAX_BUILDS values the caller falls back to the ends anyway)
+        return [dim.low, dim.high] if ends_only else list(range(dim.low, min(dim.high, dim.low + MAX_BUILDS) + 1))
     if isinstance(dim, QUniformDim) and not ends_only:
-        steps = math.floor((dim.high - dim.low) / dim.q + 1e-9)
+        steps = min(math.floor((dim.high - dim.low) / dim.q + 1e-9), MAX_BUILDS)
         vals = [round(dim.low + dim.q * i, 12) for i in range(steps + 1)]
     else:
         vals = [dim.low, dim.high]
@@ -154,21 +154,20 @@ def combinations(cfg: SearchSpace, family: str, ends_only: bool = False) -> tupl
 
 
 # --------------------------------------------------------------------------- building on the meta device
-class _SkipInit:
-    """Skip weight initialization on meta tensors (random fills are most of a meta build's time)."""
+def _skip_init():
+    """A torch function mode that skips weight initialization on meta tensors (in-place fills with scalars:
+    random fills are most of a meta build's time, and they cannot change a shape)."""
+    import torch
+    from torch.overrides import TorchFunctionMode
 
-    def __new__(cls):
-        import torch
-        from torch.overrides import TorchFunctionMode
+    class SkipInit(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if (getattr(func, "__name__", "") in _INIT_OPS and args and getattr(args[0], "is_meta", False)
+                    and not any(isinstance(a, torch.Tensor) for a in (*args[1:], *(kwargs or {}).values()))):
+                return args[0]
+            return func(*args, **(kwargs or {}))
 
-        class Mode(TorchFunctionMode):
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                if (getattr(func, "__name__", "") in _INIT_OPS and args and getattr(args[0], "is_meta", False)
-                        and not any(isinstance(a, torch.Tensor) for a in (*args[1:], *(kwargs or {}).values()))):
-                    return args[0]  # an in-place fill with scalars: nothing a shape could disagree with
-                return func(*args, **(kwargs or {}))
-
-        return Mode()
+    return SkipInit()
 
 
 def try_build(family: str, params: dict[str, Any], shape: DataShape) -> str | None:
@@ -183,8 +182,8 @@ def try_build(family: str, params: dict[str, Any], shape: DataShape) -> str | No
     fam = get_family(family)
     try:
         tp, fp = split_params(family, params)
-    except Exception as e:  # a value the schema refuses was caught by check_params already
-        return f"{e}"
+    except Exception as e:  # a value the schema refuses (check_params has refused it already)
+        return " ".join(str(e).split())
     import inspect
 
     kw: dict[str, Any] = {"num_outputs": sum(n for _, n in shape.tasks)}
@@ -193,7 +192,7 @@ def try_build(family: str, params: dict[str, Any], shape: DataShape) -> str | No
     batch = max(1, min(tp.batch_size, 2))
     try:
         with torch.device("meta"):
-            with _SkipInit():
+            with _skip_init():
                 if fam.inputs == "objects":
                     model = fam.build(fp, n_objects=shape.dims[0], n_features=shape.dims[1], **kw)
                 else:
@@ -254,10 +253,11 @@ def check_shapes(cfg: SearchSpace, data: Any) -> float:
         combos, varied = combinations(cfg, family)
         if len(combos) > MAX_BUILDS:
             combos, varied = combinations(cfg, family, ends_only=True)
-            cfg._notes.append(f"note: family {family}: more than {MAX_BUILDS} combinations of "
-                              f"{', '.join('params.' + n for n in varied)}; checked "
-                              f"{min(len(combos), MAX_BUILDS)} with the ends of each range only (narrow the ranges "
-                              "to have every value checked before the search starts)")
+            names = ", ".join("params." + n for n in varied)
+            cfg.note(f"params.{varied[0]}" if varied else "family",
+                     f"family {family}: more than {MAX_BUILDS} combinations of {names} to build; checked "
+                     f"{min(len(combos), MAX_BUILDS)} with the ends of each range only (narrow the ranges to have "
+                     "every value checked before the search starts)")
             combos = combos[:MAX_BUILDS]
         failed = []
         for c in combos:
@@ -273,12 +273,10 @@ def _explain(cfg: SearchSpace, family: str, shape: DataShape, failed: list, vari
     """The parameter to blame for the first failing combination: one whose change (to another of its values,
     preferably one the YAML gives, else the family's default) makes the model build."""
     from .params import _schemas, search_dims
-    from .registry import get_family
 
     combo, reason = failed[0]
     dims = search_dims(cfg)
     fields = _schemas(cfg)
-    fam = get_family(family)
     given = [n for n in combo if n != "family"]
     names = sorted(given, key=lambda n: (n not in varied, given.index(n)))
     blame = None

@@ -929,3 +929,308 @@ def _root_labels(ws: Path, y) -> str:
 def test_parquet_root_label_types_refused(ws, capsys, make, key, words, cmd):
     path = make(ws)
     run_broken(ws, capsys, base_cfg(), key, "'y'", *words, cmd=cmd, sets=(f"data.path={path}",))
+
+
+# --- issue 13: parameters, shapes, YAML
+# Case 4: every family's build-time constraint on the data's shape is checked, for every value a dimension
+# can take, at validate / --dry-run (e2e_search/shapes.py), naming params.<name> and the bad value(s).
+@pytest.mark.parametrize("cmd", [["validate"], ["run", "--dry-run"]], ids=["validate", "dry-run"])
+def test_patch_larger_than_the_image_with_crop(ws, capsys, cmd):
+    cfg = base_cfg()  # 16x16 images
+    cfg["params"]["patch_size"] = {"type": "choice", "values": [4, 32]}
+    cfg["params"]["patch_fit"] = "crop"
+    path = write_yaml(cfg)
+    line = bad_run(ws, capsys, [cmd[0], path, *cmd[1:]], path, "params.patch_size: 32 does not fit",
+                   "16x16 images", "patch_fit=crop", "patch_fit: pad", "remove 32 from params.patch_size")
+    assert "params.patch_size: 4" not in line
+
+
+@pytest.mark.parametrize("params, key, words", [
+    # every integer of a randint range is checked, and the bad ones are named
+    ({"patch_size": {"type": "randint", "low": 14, "high": 20}, "patch_fit": "crop"},
+     "params.patch_size", ("17..20 do not fit", "narrow params.patch_size")),
+    # a combination: 16 fits with pad, not with crop
+    ({"patch_size": {"type": "choice", "values": [4, 32]}, "patch_fit": {"type": "choice", "values": ["pad", "crop"]}},
+     "params.patch_size", ("32 does not fit", "patch_fit=crop")),
+    # quniform steps are every value, too
+    ({"patch_size": {"type": "quniform", "low": 8, "high": 24, "q": 8}, "patch_fit": "crop"},
+     "params.patch_size", ("24 does not fit",)),
+])
+def test_vit_patch_values_checked_against_the_image(ws, capsys, params, key, words):
+    cfg = base_cfg()
+    cfg["params"].update(params)
+    run_broken(ws, capsys, cfg, key, *words, cmd="validate")
+
+
+def test_mae_mask_ratio_must_leave_a_visible_patch(ws, capsys):
+    cfg = base_cfg()
+    cfg["family"] = "mae"
+    cfg["scheduler"]["max_epochs"] = 3
+    cfg["params"] = {"batch_size": 8, "patch_size": 8, "pretrain_epochs": 1,   # 16x16 images: a 2x2 patch grid
+                     "mask_ratio": {"type": "uniform", "low": 0.5, "high": 0.9}}
+    run_broken(ws, capsys, cfg, "params.mask_ratio: 0.9 does not fit", "hides all 4 patches",
+               "lower mask_ratio below 0.75", cmd="validate")
+    cfg["params"]["pretrain_epochs"] = 0  # no pretraining: the mask ratio is never used
+    rc, out, err = cli(["validate", write_yaml(cfg)], capsys)
+    assert rc == 0, err
+
+
+def test_resnet15_batch_of_one_on_tiny_images(ws, capsys):
+    write_h5(ws / "tiny.h5", x_shape=(40, 4, 4, 3))
+    cfg = base_cfg()
+    cfg["family"] = "resnet15"
+    cfg["data"]["path"] = "tiny.h5"
+    cfg["params"] = {"batch_size": {"type": "choice", "values": [1, 8]}}
+    run_broken(ws, capsys, cfg, "params.batch_size: 1 does not fit", "4x4 images", "batch_size of 2 or more",
+               cmd="validate")
+
+
+def test_shape_check_per_family_of_a_family_search(ws, capsys):
+    cfg = base_cfg()
+    cfg["family"] = {"type": "grid", "values": ["vit", "mae"]}
+    cfg["scheduler"]["max_epochs"] = 3
+    cfg["params"] = {"batch_size": 8, "patch_size": {"type": "choice", "values": [4, 16]}}
+    # vit pads a 16x16 patch; mae's single 16x16 patch would be hidden by pretraining
+    run_broken(ws, capsys, cfg, "params.patch_size: 16 does not fit", "in family mae", cmd="validate")
+    cfg["params"]["patch_size"]["when"] = {"family": "vit"}  # mae keeps its default patch size
+    rc, out, err = cli(["validate", write_yaml(cfg)], capsys)
+    assert rc == 0, err
+
+
+def test_shape_check_uses_the_recipe_before_data_is_generated(ws, capsys):
+    cfg = base_cfg()
+    cfg["data"] = {"path": "later.h5", "generate": {"recipe": "toy_jets", "n": 100, "image_size": 12}}
+    cfg["params"]["patch_size"] = 16
+    cfg["params"]["patch_fit"] = "crop"
+    for cmd in (["validate"], ["run", "--dry-run"], ["run"]):  # run: refused before the recipe simulates anything
+        path = write_yaml(cfg)
+        bad_run(ws, capsys, [cmd[0], path, *cmd[1:]], "params.patch_size: 16 does not fit", "12x12 images",
+                "as data.generate will write them")
+    assert not (ws / "later.h5").exists()
+
+
+def test_fitting_values_pass_the_shape_check(ws, capsys):
+    cfg = base_cfg()
+    cfg["params"]["patch_size"] = {"type": "randint", "low": 1, "high": 16}
+    cfg["params"]["patch_fit"] = {"type": "choice", "values": ["pad", "crop"]}
+    rc, out, err = cli(["validate", write_yaml(cfg)], capsys)
+    assert rc == 0 and err == "", err
+
+
+# Case 10: messages name the key and the fix.
+@pytest.mark.parametrize("sets, key, fix", [
+    (["scheduler.max_epochs=1", "scheduler.grace_period=2"], "scheduler", "set scheduler.grace_period to at most 1"),
+    (["params.lr={type: uniform, low: 0.1, high: 0.01}"], "params.lr", "set low below high"),
+    (["data.val_fraction=0.5", "data.test_fraction=0.45"], "data", "lower data.val_fraction or data.test_fraction"),
+    (["data.mean=[0, 0, 0]"], "data", "set data.mean and data.std together"),
+    (["data.mean=[0, 0, 0]", "data.std=[1, 0, 1]"], "data", "set every data.std value above 0"),
+    (["data.clip=[1]"], "data.clip", "set data.clip: [low, high]"),
+    (["data.resize=[0, 4]"], "data.resize", "set data.resize: [H, W]"),
+    (["search.metric=[val_auc, val_loss]"], "search", "set search.algorithm: nsga2"),
+    (["search.metric=my_score"], "search", "set search.mode: max or min"),
+    (["search.algorithm=nsga2", "search.metric=[val_auc, val_loss]", "search.mode=[max]"], "search",
+     "set search.mode to a list of 2"),
+    (["task.type=clasification"], "task.type", "set task.type to one of 'classification', 'regression' or 'joint'"),
+    (["scheduler.max_epochs=0"], "scheduler.max_epochs", "set scheduler.max_epochs to a number > 0"),
+    (["search.num_samples=many"], "search.num_samples", "set search.num_samples to a whole number"),
+    (["resources.workers=1.5"], "resources.workers", "set resources.workers to a whole number"),
+    (["name=bad name!"], "name", "set name to letters, digits"),
+    (["params.depth={type: randin, low: 1, high: 2}"], "params.depth", "set type to one of"),
+    (["params.depth={low: 1, high: 2}"], "params.depth", "add type: one of"),
+    (["params.detph=2"], "params.detph", "remove it or fix its name"),
+    (["params.depth=0"], "params.depth", "set params.depth to a number >= 1"),
+    (["params.pool=tokens"], "params.pool", "set params.pool to one of 'token', 'avg' or 'map'"),
+    (["params.loss=mse"], "params.loss", "set params.loss to one of"),
+    (["family=vitt"], "family", "set family to one of"),
+    (["family={type: choice, values: [vit, deepsets]}"], "family.values.1", "remove 'deepsets' or 'vit' from family.values"),
+    (["params.patch_size={type: grid, values: [2, 4, 8]}"], "search.num_samples", "raise search.num_samples to at least 3"),
+    (["params.depth={type: choice, values: [1, 2], when: {drop_path: 0.1}}"], "params.depth.when.drop_path",
+     "make params.drop_path a choice"),
+    (["params.depth={type: choice, values: [1, 2], when: {pool: token}}", "params.pool={type: choice, values: [token],"
+      " when: {depth: 1}}"], "params.", "remove one of these conditions"),
+    (["data.generate={recipe: toy_jets, channels: [a]}"], "data.generate", "set data.generate.channels: 3"),
+    (["data.generate={recipe: top_vs_qcd, channels: 5}"], "data.generate", "set data.generate.channels: [ECAL, HCAL, Tracks]"),
+    (["data.generate={recipe: top_vs_qcd, seed: 0}"], "data.generate", "set data.generate.seed: 1 or more"),
+    (["data.path"], "--set", "write it as --set key.sub=value"),
+    (["data path=x.h5"], "--set", "write it as --set section.key=value"),
+    (["name.sub=1"], "name", "set it as a whole (--set name=...)"),
+])
+def test_messages_name_the_key_and_the_fix(ws, capsys, sets, key, fix):
+    line = run_broken(ws, capsys, base_cfg(), key, fix, cmd="validate", sets=tuple(sets))
+    assert " (--set" in line
+
+
+@pytest.mark.parametrize("argv, flag, fix", [
+    (["best", "exp", "--top", "0", "--tracking-uri", "sqlite:///store.db"], "--top", "use --top 1 or more"),
+    (["ui", "--port", "70000", "--tracking-uri", "sqlite:///store.db"], "--port", "use a free port, e.g. --port 5000"),
+    (["data", "generate", "boosted_scalar", "--n", "4", "--out", "x.h5", "--mass-range", "50"], "--mass-range",
+     "use --mass-range 50,200"),
+])
+def test_cli_flag_messages_name_the_fix(ws, capsys, argv, flag, fix):
+    Path("store.db").write_bytes(b"")  # an existing (empty) store file: the flag is checked next
+    bad_run(ws, capsys, argv, flag, fix)
+
+
+# Case 11: narrowing a dimension makes its dependants inactive (one note on stderr), it does not refuse.
+def _windowed() -> dict:
+    cfg = base_cfg()
+    cfg["params"]["attention"] = {"type": "choice", "values": ["softmax", "linear", "window"]}
+    cfg["params"]["window_size"] = {"type": "grid", "values": [2, 3, 4], "when": {"attention": "window"}}
+    cfg["search"]["num_samples"] = 3
+    return cfg
+
+
+@pytest.mark.parametrize("cmd", [["validate"], ["run", "--dry-run"]], ids=["validate", "dry-run"])
+def test_narrowed_condition_makes_its_parameter_inactive(ws, capsys, cmd):
+    path = write_yaml(_windowed())
+    rc, out, err = cli([cmd[0], path, *cmd[1:], "--set", "params.attention=softmax",
+                        "--set", "search.num_samples=2"], capsys)  # the 3 window sizes are no grid to queue now
+    assert rc == 0, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and "note: params.window_size is ignored" in lines[0], err
+    assert "attention: window never holds" in lines[0] and "(--set params.attention)" in lines[0]
+    assert not (ws / "e2e_runs").exists()
+
+
+def test_inactive_parameter_is_never_drawn(ws):
+    import optuna
+
+    from e2e_search.config import load
+    from e2e_search.params import OptunaSpace, grid_points
+
+    cfg = load(write_yaml(_windowed()), ["params.attention={type: choice, values: [softmax, linear]}"])
+    assert grid_points(cfg) == [] and len(cfg.notes) == 1
+    space = OptunaSpace(cfg)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = []
+    for _ in range(8):
+        t = study.ask()
+        space(t)
+        drawn.append(t.params)
+        study.tell(t, 0.0)
+    assert all("window_size" not in p and p["attention"] in ("softmax", "linear") for p in drawn)
+
+
+@pytest.mark.parametrize("when, key, words", [
+    ({"attention": "windw"}, "params.window_size.when.attention", ("never takes the value 'windw'",
+                                                                    "did you mean 'window'?")),
+    ({"atention": "window"}, "params.window_size.when.atention", ("not in params", "did you mean 'attention'?")),
+])
+def test_condition_typos_are_still_errors(ws, capsys, when, key, words):
+    cfg = _windowed()
+    cfg["params"]["window_size"]["when"] = when
+    run_broken(ws, capsys, cfg, key, *words, cmd="validate")
+
+
+def test_family_condition_checks_values_against_that_family_only(ws, capsys):
+    cfg = base_cfg()
+    cfg["family"] = {"type": "choice", "values": ["vit", "swin"]}
+    cfg["params"] = {"batch_size": 8, "pool": {"type": "choice", "values": ["token", "avg"], "when": {"family": "vit"}}}
+    rc, out, err = cli(["validate", write_yaml(cfg)], capsys)
+    assert rc == 0, err  # swin's pool (avg | max) never sees 'token'
+    del cfg["params"]["pool"]["when"]
+    run_broken(ws, capsys, cfg, "params.pool", "family 'swin' does not take 'token'", "with when: {family: [...]}",
+               cmd="validate")
+
+
+# Case 14: duplicate keys are refused with both lines (yaml.safe_load keeps the last one silently).
+def test_duplicate_param_key(ws, capsys):
+    text = yaml.safe_dump(base_cfg(), sort_keys=False)  # a search dimension params.lr, then a fixed lr
+    Path(YAML).write_text(text.replace("  batch_size: 8\n", "  batch_size: 8\n  lr: 0.5\n"))
+    lines = Path(YAML).read_text().splitlines()
+    first = next(i for i, ln in enumerate(lines) if ln.startswith("  lr:")) + 1
+    second = next(i for i, ln in enumerate(lines) if ln == "  lr: 0.5") + 1
+    for cmd in ("validate", "run"):
+        bad_run(ws, capsys, [cmd, YAML], YAML, "params.lr", f"on lines {first} and {second}",
+                f"delete line {first} or line {second}")
+
+
+@pytest.mark.parametrize("text, key, where", [
+    ("name: a\nname: b\n", "name", "on lines 1 and 2"),
+    ("task: {type: classification, type: regression}\n", "task.type", "on line 1 (columns 8 and 30)"),
+    ("params:\n  depth:\n    type: choice\n    values: [1]\n    values: [2]\n", "params.depth.values", "on lines 4 and 5"),
+])
+def test_duplicate_keys_anywhere(ws, capsys, text, key, where):
+    Path(YAML).write_text(text)
+    bad_run(ws, capsys, ["validate", YAML], YAML, f"{key}: this key is given twice", where)
+
+
+def test_duplicate_key_in_a_set_value(ws, capsys):
+    run_broken(ws, capsys, base_cfg(), "--set", "params.depth", "gives 'values' twice", cmd="validate",
+               sets=("params.depth={type: choice, values: [1], values: [2]}",))
+
+
+def test_merge_keys_may_still_be_overridden(ws, capsys):
+    text = yaml.safe_dump(base_cfg(), sort_keys=False).replace(
+        "  lr:\n", "  lr: &lr\n").replace("  batch_size: 8\n", "  batch_size: 8\n  weight_decay:\n    <<: *lr\n"
+                                          "    low: 1.0e-3\n")
+    Path(YAML).write_text(text)
+    from e2e_search.config import load
+
+    cfg = load(YAML)
+    assert cfg.params["weight_decay"].low == 1.0e-3 and cfg.params["weight_decay"].high == 1.0e-2
+
+
+def test_narrowing_a_family_search_to_one_family(ws, capsys):
+    cfg = base_cfg()
+    cfg["family"] = {"type": "grid", "values": ["vit", "resnet15"]}
+    cfg["params"] = {"batch_size": 8, "patch_size": {"type": "choice", "values": [4, 8], "when": {"family": "vit"}},
+                     "width": {"type": "choice", "values": [8, 16]},                          # resnet15's own
+                     "lr": {"type": "choice", "values": [0.01, 0.1], "when": {"family": "resnet15"}}}
+    path = write_yaml(cfg)
+    rc, out, err = cli(["validate", path, "--set", "family=vit"], capsys)
+    assert rc == 0, err
+    notes = err.splitlines()
+    assert len(notes) == 2 and all("(--set family): note: params." in n for n in notes), err
+    assert "params.width is ignored: it is a parameter of resnet15" in notes[0]
+    assert "params.lr is ignored: its condition family: resnet15 never holds" in notes[1]
+    from e2e_search.config import load
+
+    narrowed = load(path, ["family=vit"])
+    assert narrowed.family.values == ["vit"] and narrowed.family.type == "grid"
+
+
+def _bad_values(field) -> list:
+    """Values a field's own constraints refuse (bounds, Literal choices, type)."""
+    import typing
+
+    out = []
+    for m in field.metadata:
+        for name, delta in (("gt", 0), ("ge", -1), ("lt", 0), ("le", 1)):
+            bound = getattr(m, name, None)
+            if bound is not None:
+                out.append(bound + delta)
+    args = [a for a in typing.get_args(field.annotation) if typing.get_origin(a) is typing.Literal] or \
+        ([field.annotation] if typing.get_origin(field.annotation) is typing.Literal else [])
+    if args:
+        out.append("no-such-choice")
+    return out
+
+
+def _walk_fields():
+    """(dotted key, bad value) for every constrained key of the YAML sections (pydantic's own checks)."""
+    from e2e_search.config import DataConfig, GenerateConfig, ResourcesConfig, SchedulerConfig, SearchConfig
+
+    for section, model in (("search", SearchConfig), ("scheduler", SchedulerConfig), ("resources", ResourcesConfig),
+                           ("data", DataConfig), ("data.generate", GenerateConfig)):
+        for name, field in model.model_fields.items():
+            for v in _bad_values(field):
+                yield f"{section}.{name}", v
+
+
+@pytest.mark.parametrize("key, value", list(_walk_fields()), ids=lambda x: str(x))
+def test_every_constrained_key_names_the_key_and_a_fix(tmp_path, key, value):
+    from e2e_search.config import validate
+    from e2e_search.errors import UserError
+
+    raw = base_cfg()
+    node = raw
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    with pytest.raises(UserError) as e:
+        validate(raw, source="space.yaml")
+    line = str(e.value)
+    assert key in line and "\n" not in line, line
+    assert any(w in e.value.message for w in ("; set ", "; lower ", "; raise ", "; use ", "; give ", "; remove ")), line
