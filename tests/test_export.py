@@ -283,19 +283,17 @@ def test_opset_too_old_names_the_operator_and_the_lowest_that_works(tmp_path, ca
                     "use --opset 14 or higher")
 
 
-def test_opset_dynamo_only_refusal(tmp_path, capsys):
-    """The dynamo exporter cannot convert LayerNormalization below 17: refused with 17, its lowest."""
-    family, params, data = CASES["deepsets"]
+@pytest.mark.parametrize("family, args, says", [
+    # the dynamo exporter cannot convert LayerNormalization below 17: refused with 17, its lowest
+    ("deepsets", ["--exporter", "dynamo", "--opset", "16"],
+     ["dynamo exporter", "LayerNormalization needs opset 17", "the lowest opset that works is 17 (dynamo exporter)"]),
+    # newer than the TorchScript exporter knows
+    ("resnet15", ["--exporter", "torchscript", "--opset", "24"],
+     ["does not write opset 24", "use a lower --opset or --exporter dynamo"]),
+], ids=["dynamo-only-refusal", "newer-than-torchscript-knows"])
+def test_opset_refused_by_one_exporter(tmp_path, capsys, family, args, says):
+    family, params, data = CASES[family]
     ckpt, _ = make_checkpoint(tmp_path / "trial", family, params, data)
     out = tmp_path / "m.onnx"
-    code, _, stderr = run_export(capsys, ckpt, out, "--exporter", "dynamo", "--opset", "16")
-    _one_line_error(code, stderr, out, "--opset", "dynamo exporter", "LayerNormalization needs opset 17",
-                    "the lowest opset that works is 17 (dynamo exporter)")
-
-
-def test_opset_newer_than_the_torchscript_exporter_knows(tmp_path, capsys):
-    family, params, data = CASES["resnet15"]
-    ckpt, _ = make_checkpoint(tmp_path / "trial", family, params, data)
-    out = tmp_path / "m.onnx"
-    code, _, stderr = run_export(capsys, ckpt, out, "--exporter", "torchscript", "--opset", "24")
-    _one_line_error(code, stderr, out, "--opset", "does not write opset 24", "use a lower --opset or --exporter dynamo")
+    code, _, stderr = run_export(capsys, ckpt, out, *args)
+    _one_line_error(code, stderr, out, "--opset", *says)

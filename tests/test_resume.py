@@ -32,7 +32,8 @@ def start_search(yml: Path, cwd: Path, address: str, log: Path, *extra: str) -> 
                             cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def wait_for(cond, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None):
+def wait_for(cond, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None,
+             poll: float = 0.5):
     t0 = time.time()
     while time.time() - t0 < timeout:
         got = cond()
@@ -40,8 +41,30 @@ def wait_for(cond, timeout: float, proc: subprocess.Popen | None = None, log: Pa
             return got
         if proc is not None and proc.poll() is not None:
             pytest.fail(f"the search ended before the kill point:\n{log.read_text()[-3000:] if log else ''}")
-        time.sleep(0.5)
+        time.sleep(poll)
     pytest.fail(f"timed out after {timeout}s:\n{log.read_text()[-3000:] if log else ''}")
+
+
+def kill_driver_when(tmp_path: Path, cfg: dict, ready, address: str, poll: float = 0.5):
+    """Start ``e2e-search run`` of ``cfg`` as its own driver, SIGKILL it once ``ready(trial_runs)`` returns
+    something true, and return (that value, the MLflow client). Ray then frees the dead driver's workers."""
+    yml = write_yaml(tmp_path / "s.yaml", cfg)
+    log = tmp_path / "driver.log"
+    driver = start_search(yml, tmp_path, address, log)
+    client = MlflowClient(tracking_uri=cfg["tracking"]["uri"])
+
+    def cond():
+        try:
+            _, trials = trial_runs(client, cfg["name"])
+        except Exception:  # the store or experiment is not there yet
+            return None
+        return ready(trials)
+
+    got = wait_for(cond, 600, driver, log, poll=poll)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    time.sleep(3)  # Ray notices the dead driver and frees its trials' workers
+    return got, client
 
 
 def test_sigkill_driver_then_resume(tmp_path, ray_local):
@@ -50,27 +73,16 @@ def test_sigkill_driver_then_resume(tmp_path, ray_local):
     data = write_e2e(tmp_path / "jets.h5", n=48)
     cfg = base_config(tmp_path, data, name="killed", search={"num_samples": 3, "seed": 3, "max_concurrent": 1},
                       scheduler={"type": "none", "max_epochs": 2})
-    yml = write_yaml(tmp_path / "s.yaml", cfg)
     uri = cfg["tracking"]["uri"]
     address = ray_local.get_runtime_context().gcs_address
-    log = tmp_path / "driver.log"
-    driver = start_search(yml, tmp_path, address, log)
-    client = MlflowClient(tracking_uri=uri)
 
-    def mid_search():
-        try:
-            _, trials = trial_runs(client, "killed")
-        except Exception:  # the store or experiment is not there yet
-            return None
+    def mid_search(trials):
         done = [r for r in trials if r.data.tags.get("e2e.status") == "FINISHED"]
         running = [r for r in trials if r.data.tags.get("e2e.status") == "RUNNING" and "val_auc" in r.data.metrics]
         return (done, running) if done and running else None
 
-    done, running = wait_for(mid_search, 600, driver, log)
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait(timeout=30)
+    (done, running), client = kill_driver_when(tmp_path, cfg, mid_search, address)
     interrupted = running[0].data.tags["e2e.trial_id"]
-    time.sleep(3)  # Ray notices the dead driver and frees its trials' workers
 
     assert main(["resume", "killed", "--tracking-uri", uri, "--address", address]) == 0
     parents, trials = trial_runs(client, "killed")
@@ -127,28 +139,13 @@ def test_driver_killed_after_a_trials_last_epoch_then_resumed_logs_each_epoch_on
     data = write_e2e(tmp_path / "jets.h5", n=32)
     cfg = base_config(tmp_path, data, name="lastepoch", search={"num_samples": 1},
                       scheduler={"type": "none", "max_epochs": 1})
-    yml = write_yaml(tmp_path / "s.yaml", cfg)
     uri = cfg["tracking"]["uri"]
     address = ray_local.get_runtime_context().gcs_address
-    log = tmp_path / "driver.log"
-    driver = start_search(yml, tmp_path, address, log)
-    client = MlflowClient(tracking_uri=uri)
 
-    def last_epoch_logged():
-        try:
-            _, trials = trial_runs(client, "lastepoch")
-        except Exception:  # the store or experiment is not there yet
-            return None
+    def last_epoch_logged(trials):
         return trials if trials and "val_auc" in trials[0].data.metrics else None
 
-    t0 = time.time()
-    while not last_epoch_logged():
-        assert driver.poll() is None, f"the search ended before the kill point:\n{log.read_text()[-3000:]}"
-        assert time.time() - t0 < 600, log.read_text()[-3000:]
-        time.sleep(0.1)
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait(timeout=30)
-    time.sleep(3)  # Ray notices the dead driver and frees its trials' workers
+    _, client = kill_driver_when(tmp_path, cfg, last_epoch_logged, address, poll=0.1)
 
     capsys.readouterr()
     assert main(["resume", "lastepoch", "--tracking-uri", uri, "--address", address]) == 0
