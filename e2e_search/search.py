@@ -47,6 +47,9 @@ def plan(cfg: SearchSpace, *, address: str | None = None, generate: bool = True)
     from .tracking import tracking_uri
 
     workdir = DEFAULT_WORKDIR
+    needs_gen = cfg.data.generate is not None and not Path(cfg.data.path).exists()
+    if needs_gen:  # the recipe's values, memory and disk, before anything else reads its shape
+        check_generation(cfg.data.path, cfg.data.generate, address=address)
     # A file data.generate will write: the models must fit the shape it will have, before anything is simulated.
     check_shapes(cfg, None)
     if cfg.resources.gpus_per_worker > 0 and address is None and _local_gpus() == 0:
@@ -56,9 +59,6 @@ def plan(cfg: SearchSpace, *, address: str | None = None, generate: bool = True)
             key="resources.gpus_per_worker",
         )
     check_tracking(cfg, workdir)
-    needs_gen = cfg.data.generate is not None and not Path(cfg.data.path).exists()
-    if needs_gen and not generate:  # validate / --dry-run: the recipe's values, memory and disk
-        check_generation(cfg.data.path, cfg.data.generate, address=address)
     if needs_gen and generate:
         generate_data(cfg.data.path, cfg.data.generate, address=address)
     # Parquet/ROOT: converted once to an HDF5 cache (not in a dry run: then None, and nothing is written).
