@@ -623,6 +623,35 @@ def set_keys(sets: list[str]) -> list[str]:
     return [s.partition("=")[0].strip() for s in sets]
 
 
+# What every trial reports (trainables/loop.py, e2e_search/metrics.py), by task; per-bin regression metrics
+# (``val_bin/<lo>-<hi>/<name>``) come on top.
+REPORTED_ANY = {"train_loss", "val_loss", "num_params", "latency_ms", "pretrain_loss", "val_pretrain_loss"}
+REPORTED_CLASSIFICATION = {"val_auc", "val_acc", "val_rej30", "val_rej50", "val_rej70"}
+REPORTED_REGRESSION = {"val_mae", "val_bias", "val_resolution", "val_abs_bias"}
+
+
+def reported_metrics(cfg: "SearchSpace") -> set[str]:
+    """The metric names a trial of this task reports each epoch (the values ``search.metric`` can take)."""
+    out = set(REPORTED_ANY)
+    if cfg.task.classifies:
+        out |= REPORTED_CLASSIFICATION if cfg.task.num_classes == 2 else {"val_auc", "val_acc"}
+    if cfg.task.regresses:
+        out |= REPORTED_REGRESSION
+    return out
+
+
+def check_metrics(cfg: "SearchSpace") -> None:
+    """Every ``search.metric`` is one the trials report (else Tune fails every trial inside Ray).
+
+    Raises:
+        UserError: naming ``search.metric``, the unknown name and the names this task reports."""
+    known = reported_metrics(cfg)
+    for m in cfg.metrics:
+        if m not in known and not (cfg.task.regresses and m.startswith("val_bin/")):
+            raise UserError(f"'{m}' is not a metric a {cfg.task.type} trial reports{did_you_mean(m, known)}; "
+                            f"set search.metric to one of {', '.join(sorted(known))}", key="search.metric")
+
+
 def validate(raw: dict, *, source: str, set_paths: list[str] | None = None) -> SearchSpace:
     try:
         cfg = SearchSpace.model_validate(raw)
@@ -632,6 +661,10 @@ def validate(raw: dict, *, source: str, set_paths: list[str] | None = None) -> S
         first = max((x for x in errs if x["loc"][:1] == first["loc"][:1]), key=lambda x: len(x["loc"]))
         key, msg = _explain(next((x for x in errs if x["type"] == "extra_forbidden"), first))
         raise UserError(msg, source=source_of(source, set_paths, key), key=key or None) from None
+    try:
+        check_metrics(cfg)
+    except UserError as e:
+        raise e.with_source(source_of(source, set_paths, e.key)) from None
     from .params import check_params  # needs the family registry
 
     try:

@@ -1234,3 +1234,19 @@ def test_every_constrained_key_names_the_key_and_a_fix(tmp_path, key, value):
     line = str(e.value)
     assert key in line and "\n" not in line, line
     assert any(w in e.value.message for w in ("; set ", "; lower ", "; raise ", "; use ", "; give ", "; remove ")), line
+
+
+# --- issue 13: search metric (found by trying the product as a new user)
+@pytest.mark.parametrize("metric, task, named", [
+    ("val_auc_typo", "classification", "did you mean 'val_auc'?"),
+    ("val_mae", "classification", "set search.metric to one of"),
+    ("val_auc", "regression", "set search.metric to one of"),
+])
+def test_unknown_search_metric_refused_before_ray(ws, capsys, metric, task, named):
+    """A metric the trials never report used to pass validate, then fail every trial inside Ray (exit 1,
+    tracebacks, a trial's run left RUNNING)."""
+    cfg = base_cfg()
+    cfg["task"] = {"type": task} if task == "regression" else cfg["task"]
+    cfg["search"]["metric"] = metric
+    for cmd in ("validate", "run"):
+        run_broken(ws, capsys, cfg, "search.metric", f"'{metric}'", named, cmd=cmd)
