@@ -210,6 +210,27 @@ def read_images(X: h5py.Dataset, indices, setup: DataSetup, *, normalize: bool =
     return out if len(uniq) == len(idx) and np.array_equal(uniq, idx) else out[inverse]
 
 
+def check_layout(shape: tuple, layout: str, image_key: str) -> None:
+    """Refuse a layout that reads non-square images out of a file that is square in the other layout
+    (a (N, 3, 32, 32) file declared channels_last would train on 3x32 images with 32 channels).
+
+    Raises:
+        UserError: naming ``data.layout`` and the layout the shape points to."""
+    if len(shape) != 4:
+        return
+    a, b, c = shape[1:]
+    if layout == "channels_last" and b == c and a != b:
+        other, hwc = "channels_first", f"{b}x{c} images with {a} channels"
+    elif layout == "channels_first" and a == b and c != a:
+        other, hwc = "channels_last", f"{a}x{b} images with {c} channels"
+    else:
+        return
+    raise UserError(f"'{image_key}' has shape {tuple(shape)}: as {layout} that is {a if layout == 'channels_last' else b}x"
+                    f"{b if layout == 'channels_last' else c} images with {c if layout == 'channels_last' else a} "
+                    f"channels, but it looks like {hwc} stored {other}; set data.layout: {other} "
+                    f"(--set data.layout={other})", key="data.layout")
+
+
 def open_h5(d) -> h5py.File:
     """The data file of ``data`` opened read-only, or a UserError naming data.path."""
     path = Path(d.path)
@@ -497,6 +518,7 @@ def inspect(cfg: SearchSpace) -> DataSetup:
             _, H, W, C = X.shape
         else:
             _, C, H, W = X.shape
+        check_layout(X.shape, d.layout, d.image_key)
         channels = d.channels if d.channels is not None else list(range(C))
         bad = [c for c in channels if not 0 <= c < C]
         if bad or not channels:

@@ -1250,3 +1250,16 @@ def test_unknown_search_metric_refused_before_ray(ws, capsys, metric, task, name
     cfg["search"]["metric"] = metric
     for cmd in ("validate", "run"):
         run_broken(ws, capsys, cfg, "search.metric", f"'{metric}'", named, cmd=cmd)
+
+
+@pytest.mark.parametrize("shape, declared, other", [
+    ((40, 3, 16, 16), "channels_last", "channels_first"),
+    ((40, 16, 16, 2), "channels_first", "channels_last"),
+])
+def test_layout_that_reads_the_channel_axis_as_pixels(ws, capsys, shape, declared, other):
+    """A channels-first file declared channels_last used to validate as 3x16 images with 16 channels."""
+    write_h5(ws / H5, x_shape=shape)
+    cfg = base_cfg()
+    cfg["data"]["layout"] = declared
+    for cmd in ("validate", "run"):
+        run_broken(ws, capsys, cfg, "data.layout", f"set data.layout: {other}", cmd=cmd)
