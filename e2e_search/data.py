@@ -382,6 +382,9 @@ def check_labels(cfg: SearchSpace, y: np.ndarray, label_key: str, which: str, pa
         raise UserError(f"'{label_key}'{where} ({np.asarray(y).dtype}) holds negative labels (range {yi.min()}..{yi.max()}): "
                         f"class indices run 0..{C - 1}; relabel them (e.g. -1 -> 0) or set {which} to the class "
                         "index dataset", key=which)
+    if len(yi) and yi.max() >= C and yi.min() >= 1 and len(np.unique(yi)) == yi.max():  # labels 1..K, no 0
+        raise UserError(f"'{label_key}'{where} holds labels {yi.min()}..{yi.max()} but class indices start at 0; "
+                        f"relabel them 0..{yi.max() - 1} (e.g. y - 1) in {which}", key=which)
     if len(yi) and yi.max() >= C:
         raise UserError(f"'{label_key}'{where} holds labels {yi.min()}..{yi.max()} but task.num_classes is {C}; set "
                         f"task.num_classes: {yi.max() + 1} (or {which} to the class index dataset)", key="task.num_classes")

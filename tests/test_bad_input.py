@@ -1263,3 +1263,10 @@ def test_layout_that_reads_the_channel_axis_as_pixels(ws, capsys, shape, declare
     cfg["data"]["layout"] = declared
     for cmd in ("validate", "run"):
         run_broken(ws, capsys, cfg, "data.layout", f"set data.layout: {other}", cmd=cmd)
+
+
+def test_labels_counted_from_one(ws, capsys):
+    """Labels 1/2 used to get "set task.num_classes: 3", after which every class 0 sample was missing."""
+    write_h5(ws / H5, labels=(np.arange(40) % 2 + 1).astype(np.int64))
+    for cmd in ("validate", "run"):
+        run_broken(ws, capsys, base_cfg(), "data.label_key", "class indices start at 0", "relabel them 0..1", cmd=cmd)
