@@ -330,7 +330,7 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
                 tune_config=tune.TuneConfig(search_alg=_searcher(cfg), scheduler=scheduler,
                                             num_samples=cfg.search.num_samples, max_concurrent_trials=concurrent),
                 run_config=tune.RunConfig(name=run_name, storage_path=str(p.storage), verbose=0, callbacks=callbacks,
-                                          stop=trials_cb.stopper(), failure_config=tune.FailureConfig(max_failures=0)),
+                                          failure_config=tune.FailureConfig(max_failures=0)),
             )
             print(f"search started: {cfg.search.num_samples} trials, up to {concurrent} at a time", flush=True)
         else:
@@ -339,7 +339,6 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
                                        resume_errored=False)
             # The callbacks pickled with the old Tuner hold the dead driver's state: use this process's.
             tuner._local_tuner.get_run_config().callbacks = callbacks
-            tuner._local_tuner.get_run_config().stop = trials_cb.stopper()
         grid = tuner.fit()
         trials_cb.close_leftovers(grid)
         status = "FINISHED"

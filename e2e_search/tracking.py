@@ -33,7 +33,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-from ray.tune import Callback, Stopper
+from ray.tune import Callback
 
 from .names import mlflow_key, param_value, tag_value, unique_keys
 from .params import public_params
@@ -176,8 +176,9 @@ def _timed(hook):
 
 def _guarded(hook):
     """A tracking failure of one trial (MLflow refusing a name, a deleted run, an unwritable artifact store) never
-    ends the search: the trial's run is closed FAILED with the reason (tag ``e2e.error``), the trial is stopped
-    (:meth:`MlflowTrials.stopper`) and its further events are ignored."""
+    ends the search: the trial's run is closed FAILED with the reason (tag ``e2e.error``) and its further events
+    are ignored. The trial is not stopped through a Tune ``stop`` condition: with Train V2 a trial stopped that
+    way can keep its workers' placement group and stall the next trial (ray-project/ray#54305)."""
 
     @functools.wraps(hook)
     def wrapper(self, *args, **kwargs):
@@ -191,19 +192,6 @@ def _guarded(hook):
             return None
 
     return wrapper
-
-
-class _StopBroken(Stopper):
-    """Stops the trials whose MLflow record failed (their results would go nowhere)."""
-
-    def __init__(self, broken: dict[str, str]):
-        self.broken = broken
-
-    def __call__(self, trial_id, result):
-        return trial_id in self.broken
-
-    def stop_all(self):
-        return False
 
 
 class MlflowTrials(Callback):
@@ -227,10 +215,6 @@ class MlflowTrials(Callback):
         self.logged: dict[str, set[tuple[str, int]]] = {}  # (metric, step) already in each trial's run
         self.broken: dict[str, str] = {}  # trial_id -> why its MLflow record failed
         self.busy_s = 0.0  # driver time spent in the hooks below
-
-    def stopper(self) -> Stopper:
-        """For ``RunConfig(stop=...)``: stops a trial once its MLflow record has failed."""
-        return _StopBroken(self.broken)
 
     def _tracking_failed(self, tid: str, e: Exception) -> None:
         text = " ".join(str(e).split())
