@@ -680,6 +680,11 @@ def _sql_state(uri: str, key: str) -> str:
         else:
             engine = sqlalchemy.create_engine(uri)
         tables = set(sqlalchemy.inspect(engine).get_table_names())
+        for _ in range(20):  # another process may be creating the store right now: let it finish its tables
+            if not (tables & _MLFLOW_TABLES) or {"experiments", "alembic_version"} <= tables:
+                break
+            time.sleep(0.25)
+            tables = set(sqlalchemy.inspect(engine).get_table_names())
         if not tables:
             return "new"
         if "experiments" not in tables or "alembic_version" not in tables:
@@ -696,6 +701,11 @@ def _sql_state(uri: str, key: str) -> str:
     finally:
         if engine is not None:
             engine.dispose()
+
+
+# Tables of MLflow's SQL store: some but not all of them means the store is being created by another process.
+_MLFLOW_TABLES = {"experiments", "alembic_version", "runs", "metrics", "latest_metrics", "params", "tags",
+                  "experiment_tags", "registered_models", "model_versions"}
 
 
 def check_store(uri: str, key: str, experiment: str) -> None:
