@@ -219,16 +219,12 @@ def check_layout(shape: tuple, layout: str, image_key: str) -> None:
     if len(shape) != 4:
         return
     a, b, c = shape[1:]
-    if layout == "channels_last" and b == c and a != b:
-        other, hwc = "channels_first", f"{b}x{c} images with {a} channels"
-    elif layout == "channels_first" and a == b and c != a:
-        other, hwc = "channels_last", f"{a}x{b} images with {c} channels"
-    else:
-        return
-    raise UserError(f"'{image_key}' has shape {tuple(shape)}: as {layout} that is {a if layout == 'channels_last' else b}x"
-                    f"{b if layout == 'channels_last' else c} images with {c if layout == 'channels_last' else a} "
-                    f"channels, but it looks like {hwc} stored {other}; set data.layout: {other} "
-                    f"(--set data.layout={other})", key="data.layout")
+    (h, w, ch), (oh, ow, och), other = (((a, b, c), (b, c, a), "channels_first") if layout == "channels_last"
+                                         else ((b, c, a), (a, b, c), "channels_last"))
+    if h != w and oh == ow:
+        raise UserError(f"'{image_key}' has shape {tuple(shape)}: as {layout} that is {h}x{w} images with {ch} "
+                        f"channels, but it looks like {oh}x{ow} images with {och} channels stored {other}; "
+                        f"set data.layout: {other} (--set data.layout={other})", key="data.layout")
 
 
 def open_h5(d) -> h5py.File:
