@@ -690,6 +690,13 @@ def _sql_state(uri: str, key: str) -> str:
         if "experiments" not in tables or "alembic_version" not in tables:
             raise UserError(f"{uri} is a database without MLflow's tables (not an MLflow store); {fix}", key=key)
         found, head = _get_schema_version(engine), _get_latest_schema_revision()
+        still, waited = 0.0, 0.0
+        while found != head and still < 3.0 and waited < 60.0:  # another process may be migrating it right now
+            time.sleep(0.25)
+            waited += 0.25
+            now = _get_schema_version(engine)
+            still = 0.0 if now != found else still + 0.25
+            found = now
         if found != head:
             raise UserError(f"MLflow store {uri} has an older schema ({found}; this MLflow needs {head}); back it up "
                             f"and run `mlflow db upgrade {uri}`, or {fix}", key=key)

@@ -221,3 +221,38 @@ def test_a_failure_at_the_end_of_a_search_closes_its_run_failed(client, tmp_path
     assert "Names cannot contain '/'" in end["end_error"] and parent.data.tags["e2e.error"] == end["end_error"]
     assert end["best_rid"] == cb.runs[t.trial_id] and parent.data.tags["e2e.best_run_id"] == end["best_rid"]
     assert client.get_run(cb.runs[t.trial_id]).info.status == "FINISHED"  # the trial's record stands
+
+
+def test_a_store_being_migrated_by_another_process_is_waited_for(tmp_path):
+    """A store whose schema moves to the current revision while it is checked (another process is creating it:
+    MLflow creates a store by migrating it from its first revision) is accepted; one that stays old is refused."""
+    import sqlite3
+    import threading
+    import time
+
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    from e2e_search.errors import UserError
+    from e2e_search.tracking import check_store
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    MlflowClient(tracking_uri=uri).search_experiments()  # creates the store at the current schema
+    head = _get_latest_schema_revision()
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE alembic_version SET version_num = 'df50e92ffc5e'")
+
+    def finish_migration():
+        time.sleep(1.0)
+        with sqlite3.connect(db) as con:
+            con.execute("UPDATE alembic_version SET version_num = ?", (head,))
+
+    t = threading.Thread(target=finish_migration)
+    t.start()
+    check_store(uri, "tracking.uri", "e2e")  # waits for the migration instead of refusing the store
+    t.join()
+
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE alembic_version SET version_num = 'df50e92ffc5e'")
+    with pytest.raises(UserError, match="older schema"):
+        check_store(uri, "tracking.uri", "e2e")
