@@ -125,7 +125,7 @@ def bare_loop(model: torch.nn.Module, *, batch: int, shape: tuple[int, int, int]
     gradient clipping. ``repeats`` timed windows of ``steps`` steps after ``warmup`` steps; returns the
     best and median window and the time of the first (compiling) step.
     """
-    from trainables.loop import autocast, autocast_dtype, make_optimizer
+    from e2e_search.core.engine import autocast, autocast_dtype, make_optimizer
 
     model = model.to(device)
     if channels_last:

@@ -5,7 +5,7 @@
 
 One run writes the same ``--n`` sparse 3x125x125 jets (float32, ~1.5% of pixels non-zero) in several HDF5
 layouts (compression x chunking x dtype), then measures with the trainable's own classes
-(``e2e_search.data.H5ImageDataset``, ``trainables.batches.DeviceBatches``):
+(``e2e_search.data.H5ImageDataset``, ``e2e_search.core.batches.DeviceBatches``):
 
 * ``readers=K``: ``data.cache: none``, a shuffled ``DataLoader`` of batch 256 with K worker processes
   (``data.loader_workers``; 0 = in the training process), one item read and preprocessed at a time
@@ -120,7 +120,7 @@ def main() -> int:
             else:
                 del ds
         if cached is not None:
-            from trainables.batches import DeviceBatches
+            from e2e_search.core.batches import DeviceBatches
 
             show("in-memory cache", "memory", loader_rate(cached, 0, args.batch, device, args.max_batches))
             xs, ys = cached.tensors()

@@ -11,7 +11,7 @@ like ``e2e-search data generate``; or reads ``--data``), then for each compile s
 * **bare**: the same model (built by the ``vit`` family from the same parameters), the same batch, random
   tensors already on the device, bf16 autocast on a GPU, fused AdamW on a GPU, gradient clipping 1.0 as the
   trainable does; best of 3 timed windows after warm-up.
-* **trainable**: ``ray.train.torch.TorchTrainer(trainables.loop.worker_loop)`` with one worker, as a trial
+* **trainable**: ``ray.train.torch.TorchTrainer(e2e_search.trial.train_worker)`` with one worker, as a trial
   runs it (reading the file, caching it as ``--cache`` says, validating, checkpointing every epoch). Its
   figure is the loop's own ``train_samples_per_s`` (training steps only), median over the epochs after the
   first (the first pays compilation and warm-up); the epoch wall time (with validation, checkpoint, report)
@@ -63,15 +63,16 @@ def run_trainable(setup, params: dict, *, epochs: int, use_gpu: bool, cpus: floa
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from trainables.loop import worker_loop
+    from e2e_search.core.contract import TrialConfig
+    from e2e_search.trial import train_worker
 
     log = os.path.join(storage, f"metrics_{uuid.uuid4().hex[:8]}.jsonl")
     per = {"CPU": cpus, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config={"family": "vit", "params": params, "data": setup.to_dict(), "max_epochs": epochs,
-                           "metric": "val_loss", "mode": "min", "metrics": ["val_loss"], "cpus_per_worker": cpus,
-                           "loader_workers": loader_workers},
+        train_worker,
+        train_loop_config=TrialConfig(family="vit", params=params, data=setup.to_dict(), max_epochs=epochs,
+                                      metric="val_loss", mode="min", metrics=["val_loss"], cpus=cpus,
+                                      loader_workers=loader_workers).model_dump(),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=per),
         run_config=RunConfig(name=f"bench_{uuid.uuid4().hex[:8]}", storage_path=storage,
@@ -140,7 +141,7 @@ def main() -> int:
     rows = []
     for comp in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
         p = {**params, "compile": comp}
-        from trainables.loop import build_model
+        from e2e_search.core.model import build_model
 
         torch.manual_seed(0)
         model = build_model("vit", p, setup)

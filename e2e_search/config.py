@@ -296,6 +296,11 @@ class ResourcesConfig(_Strict):
     cpus_per_worker: float = Field(default=1, gt=0)
     max_failures: int = Field(default=0, ge=0)
     """Retries of a failed trial, each from its last checkpoint."""
+    runner: Literal["auto", "ray_train"] = "auto"
+    """How a trial runs. ``auto``: a one-worker trial trains in its own Ray Tune process, which Tune reuses for
+    the next trial (torch and the data loaded once per process); several workers train through Ray Train's
+    ``TorchTrainer`` (DDP). ``ray_train``: every trial through a ``TorchTrainer``, one worker included (a
+    separate worker process per trial; bench/orchestration.py compares both)."""
 
 
 class TrackingConfig(_Strict):
@@ -623,7 +628,7 @@ def set_keys(sets: list[str]) -> list[str]:
     return [s.partition("=")[0].strip() for s in sets]
 
 
-# What every trial reports (trainables/loop.py, e2e_search/metrics.py), by task; per-bin regression metrics
+# What every trial reports (e2e_search/core/loop.py, e2e_search/metrics.py), by task; per-bin regression metrics
 # (``val_bin/<lo>-<hi>/<name>``) come on top.
 REPORTED_ANY = {"train_loss", "val_loss", "num_params", "latency_ms", "pretrain_loss", "val_pretrain_loss"}
 REPORTED_CLASSIFICATION = {"val_auc", "val_acc", "val_rej30", "val_rej50", "val_rej70"}

@@ -4,7 +4,7 @@ SOURCE is a trial checkpoint (``PATH/checkpoint.pt``, or the folder holding it),
 run id (its ``best_checkpoint/checkpoint.pt`` artifact) or a registered model
 (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``, e.g. ``models:/jets-classifier@champion``).
 
-The model is rebuilt exactly as the worker loop built it (``trainables.loop.build_model``
+The model is rebuilt exactly as the worker loop built it (``e2e_search.core.model.build_model``
 from the checkpoint's family, params and data settings), loaded with the checkpoint's
 weights and put in eval mode; its normal forward (never the pretraining one) is exported
 with a dynamic batch axis:
@@ -50,6 +50,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .core.layout import BEST_CHECKPOINT_ARTIFACT
 from .errors import UserError, did_you_mean
 
 FORMATS = ("onnx",)
@@ -63,7 +64,7 @@ OCCUPANCY = 0.02
 """Fraction of non-zero pixels of the random parity images (detector images are ~98% empty)."""
 BENCH_BUDGET_S = 3.0
 """Timing of one runtime at one batch size stops after this many seconds (at least 3 runs)."""
-CHECKPOINT_ARTIFACT = "best_checkpoint/checkpoint.pt"
+CHECKPOINT_ARTIFACT = BEST_CHECKPOINT_ARTIFACT
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -275,49 +276,18 @@ def fetch_checkpoint(source: str, tracking_uri: str | None, tmpdir: str) -> tupl
 
 
 # --------------------------------------------------------------------------- checkpoint -> model
-def _load_error(e: BaseException) -> str:
-    """Why torch.load(weights_only=True) refused a file, in a few words (torch's own text is paragraphs)."""
-    text = _ANSI.sub("", str(e))
-    if isinstance(e, EOFError):
-        return "empty or truncated file"
-    glob = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if glob:
-        return f"it holds a pickled {glob.group(1)}, not only tensors and plain values; torch.load(weights_only=True) refuses it"
-    op = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    detail = op.group(1).strip() if op else _first_line(e)
-    return f"{type(e).__name__}: {detail}"[:200]
-
-
 def load_trained(path: Path, desc: str) -> Trained:
-    import torch
-
-    from trainables.loop import build_model
-
-    from .data import DataSetup
+    from .core.checkpoint import CheckpointError, TrialCheckpoint
+    from .core.model import build_model
     from .registry import get_family
 
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - garbage, truncated or non-torch files
-        raise UserError(f"'{desc}' is not a PyTorch checkpoint ({_load_error(e)}); give a trial's checkpoint.pt",
-                        key="SOURCE") from None
-    kinds = {"model": dict, "family": str, "params": dict, "data": dict}
-    missing = [k for k, kind in kinds.items() if not (isinstance(ckpt, dict) and isinstance(ckpt.get(k), kind))]
-    if missing:
-        raise UserError(f"'{desc}' is not an e2e-search trial checkpoint (no {', '.join(missing)}); give a trial's "
-                        "checkpoint.pt", key="SOURCE")
-    data = dict(ckpt["data"])
-    fields = {f.name for f in dataclasses.fields(DataSetup)}
-    required = {f.name for f in dataclasses.fields(DataSetup)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-    lacking = sorted(required - set(data) - {"train", "val", "test"})
-    if lacking:
-        raise UserError(f"'{desc}': the checkpoint's data settings lack {', '.join(lacking)}; it was not written by "
-                        "this version's worker loop", key="SOURCE")
-    setup = DataSetup(**{k: v for k, v in data.items() if k in fields and k not in ("train", "val", "test")},
-                      train=[], val=[], test=[])
-    family = str(ckpt["family"])
-    params = dict(ckpt["params"])
+        ckpt = TrialCheckpoint.load(path)
+    except CheckpointError as e:
+        raise UserError(f"'{desc}' {e}; give a trial's checkpoint.pt" if not str(e).startswith("the checkpoint")
+                        else f"'{desc}': {e}", key="SOURCE") from None
+    setup = ckpt.setup()
+    data, family, params = dict(ckpt.data), ckpt.family, dict(ckpt.params)
     try:
         model = build_model(family, params, setup)
     except UserError as e:
@@ -325,16 +295,15 @@ def load_trained(path: Path, desc: str) -> Trained:
     except Exception as e:  # noqa: BLE001 - pydantic/ValueError from a family's build
         raise UserError(f"cannot rebuild family '{family}' from the checkpoint's params ({_first_line(e)[:300]})",
                         key="SOURCE") from None
-    state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(ckpt.model_state())
     except RuntimeError as e:
         raise UserError(f"the weights of '{desc}' do not fit the {family} model rebuilt from its params "
                         f"({_first_line(e)[:300]})", key="SOURCE") from None
     model.eval()
     inputs = get_family(params.get("family", family)).inputs
     return Trained(model=model, family=params.get("family", family), inputs="objects" if inputs == "objects" else "image",
-                   params=params, data=data, setup=setup, epoch=ckpt.get("epoch"), metrics=dict(ckpt.get("metrics") or {}),
+                   params=params, data=data, setup=setup, epoch=ckpt.epoch, metrics=dict(ckpt.metrics),
                    source=desc)
 
 
@@ -728,6 +697,6 @@ def summary(r: ExportResult) -> str:
 
 
 def _outputs(s) -> dict[str, int]:
-    from trainables.loop import task_outputs
+    from .core.model import task_outputs
 
     return task_outputs(s)

@@ -6,7 +6,7 @@
 * regression: ``mass_pred_vs_true.png`` (2-D histogram), ``mass_response.png`` (mean response
   pred/true and resolution (std of (pred - true)/true) per bin of the true value);
 * transformer families: ``attention_rollout.png``, a few validation images (summed over
-  channels) and the attention rollout over them (``trainables/rollout.py``).
+  channels) and the attention rollout over them (``e2e_search/rollout.py``).
 
 Inputs are the ``predictions.npz`` (validation outputs and encoded labels, see
 ``data.encode_labels``) and ``attention.npz`` files the worker loop saves beside each checkpoint.
@@ -18,10 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .core.layout import ATTENTION_FILE, PREDICTIONS_FILE  # noqa: F401 - the files this module reads
 from .metrics import softmax
-
-PREDICTIONS_FILE = "predictions.npz"
-ATTENTION_FILE = "attention.npz"
 
 
 def _plt():

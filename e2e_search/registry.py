@@ -1,25 +1,54 @@
 """Registry of model families (timm-style ``register_family`` + ``get_family``).
 
-A family lives in one module under ``trainables/`` and registers itself once::
+A family lives in one module under ``e2e_search/families/`` and registers itself once, declaring what it
+can do (:class:`Capabilities`)::
 
-    @register_family("vit", params=VitParams)
-    def build_vit(p: VitParams, *, in_chans: int, img_size: tuple[int, int], num_outputs: int) -> nn.Module:
+    @register_family("vit", params=VitParams, shape_params=("patch_size",),
+                     capabilities=Capabilities(task_heads=True, rollout=True))
+    def build_vit(p: VitParams, *, in_chans: int, img_size: tuple[int, int], num_outputs: int,
+                  tasks: dict[str, int] | None = None) -> nn.Module:
         ...
 
-``params`` is a pydantic model of the family's hyperparameters (with defaults);
-the search YAML may name its fields under ``params``.
+``params`` is a pydantic model of the family's hyperparameters (with defaults); the search YAML may name
+its fields under ``params``. The training core, export and the checks before Ray starts read the declared
+capabilities; nothing is guessed from signatures or attributes. A declaration that does not hold (a
+``task_heads`` family whose build takes no ``tasks``, a ``pretraining`` family without a
+``pretrain_epochs`` field) raises ``RuntimeError`` when the module is imported.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
+from . import families as _families_pkg
 from .errors import UserError, did_you_mean
+
+
+class Capabilities(BaseModel):
+    """What a family declares about itself when it registers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    inputs: Literal["image", "objects"] = "image"
+    """``image``: ``build(p, *, in_chans, img_size, num_outputs)``, ``forward(x (B, C, H, W))``;
+    ``objects``: ``build(p, *, n_objects, n_features, num_outputs)``, ``forward(x (B, N, F), mask (B, N))``."""
+    task_heads: bool = False
+    """``build`` also takes ``tasks`` ({"classification": C, "regression": 1}, in output-column order) and gives
+    each task its own head (joint tasks)."""
+    pretraining: bool = False
+    """Self-supervised pretraining first: ``params`` has ``pretrain_epochs`` and ``forward(..., pretrain=True)``
+    returns the scalar pretraining loss. Epochs count across both phases."""
+    unused_parameters: bool = False
+    """Some parameters get no gradient in some epochs (pretraining decoders, a linearly probed encoder): DDP
+    must look for them (``find_unused_parameters``). Implied by ``pretraining``."""
+    rollout: bool = False
+    """Attention rollout maps over the input image (e2e_search/rollout.py) are saved with each checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -28,48 +57,73 @@ class Family:
     build: Callable[..., Any]
     params: type[BaseModel]
     description: str = ""
-    inputs: str = "image"
-    """``image``: build(p, *, in_chans, img_size, num_outputs), forward(x (B, C, H, W));
-    ``objects``: build(p, *, n_objects, n_features, num_outputs), forward(x (B, N, F), mask (B, N))."""
+    capabilities: Capabilities = field(default_factory=Capabilities)
     shape_params: tuple[str, ...] = ()
     """The parameters whose values decide whether the model can be built for a data shape (patch and window
     sizes, stage counts, ...): e2e_search/shapes.py builds the model for every value they can take, before
     Ray starts. A build must raise ValueError with a fix when a value does not fit. Any other parameter must
     fit every data shape (tests/test_shapes.py checks this over extreme values)."""
 
+    @property
+    def inputs(self) -> str:
+        return self.capabilities.inputs
+
 
 _FAMILIES: dict[str, Family] = {}
-NOT_FAMILIES = {"loop", "batches", "rollout"}  # modules of trainables/ that hold training functions, not families
 _LOADED = False
 
 
-def register_family(name: str, *, params: type[BaseModel], inputs: str = "image", shape_params: tuple[str, ...] = ()):
+def _check_declared(name: str, build: Callable[..., Any], params: type[BaseModel], caps: Capabilities,
+                    shape_params: tuple[str, ...]) -> None:
+    """RuntimeError when the declaration does not match the builder or the params model."""
+    unknown = set(shape_params) - set(params.model_fields)
+    if unknown:
+        raise RuntimeError(f"family '{name}': shape_params {sorted(unknown)} are not fields of {params.__name__}")
+    takes = set(inspect.signature(build).parameters)
+    need = {"in_chans", "img_size", "num_outputs"} if caps.inputs == "image" else {"n_objects", "n_features",
+                                                                                    "num_outputs"}
+    if need - takes:
+        raise RuntimeError(f"family '{name}' declares inputs={caps.inputs!r}: its build must take "
+                           f"{', '.join(sorted(need))} (missing {', '.join(sorted(need - takes))})")
+    if caps.task_heads != ("tasks" in takes):
+        raise RuntimeError(f"family '{name}': task_heads={caps.task_heads} but its build "
+                           f"{'does not take' if caps.task_heads else 'takes'} 'tasks'")
+    if caps.pretraining and "pretrain_epochs" not in params.model_fields:
+        raise RuntimeError(f"family '{name}' declares pretraining: {params.__name__} needs a pretrain_epochs field")
+
+
+def register_family(name: str, *, params: type[BaseModel], capabilities: Capabilities | None = None,
+                    shape_params: tuple[str, ...] = ()):
+    """Decorator registering ``build`` as family ``name``; raises RuntimeError on a second registration under
+    the same name or a declaration that does not hold."""
+    caps = capabilities or Capabilities()
+    if caps.pretraining and not caps.unused_parameters:
+        caps = caps.model_copy(update={"unused_parameters": True})
+
     def deco(build: Callable[..., Any]) -> Callable[..., Any]:
         if name in _FAMILIES and _FAMILIES[name].build is not build:
             raise RuntimeError(f"family '{name}' registered twice")
-        unknown = set(shape_params) - set(params.model_fields)
-        if unknown:
-            raise RuntimeError(f"family '{name}': shape_params {sorted(unknown)} are not fields of {params.__name__}")
+        _check_declared(name, build, params, caps, tuple(shape_params))
         doc = (build.__doc__ or "").strip().splitlines()
-        _FAMILIES[name] = Family(name, build, params, doc[0] if doc else "", inputs, tuple(shape_params))
+        _FAMILIES[name] = Family(name, build, params, doc[0] if doc else "", caps, tuple(shape_params))
         return build
 
     return deco
 
 
 def _load_all() -> None:
+    """Import every module of e2e_search/families/ (each registers its family)."""
     global _LOADED
     if _LOADED:
         return
-    import trainables
-
-    for mod in pkgutil.iter_modules(trainables.__path__):
-        if mod.name not in NOT_FAMILIES and not mod.name.startswith("_"):
-            importlib.import_module(f"trainables.{mod.name}")
+    for mod in pkgutil.iter_modules(_families_pkg.__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{_families_pkg.__name__}.{mod.name}")
     _LOADED = True
 
 
 def get_family(name: str) -> Family:
+    """The registered family ``name``; UserError (key ``family``) naming the known ones otherwise."""
     _load_all()
     if name not in _FAMILIES:
         raise UserError(f"unknown family '{name}'{did_you_mean(name, _FAMILIES)}; set family to one of "

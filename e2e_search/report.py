@@ -21,6 +21,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+from .core.layout import BEST_CHECKPOINT_ARTIFACT
 from .errors import UserError
 
 PHYSICS = ["val_auc", "val_rej30", "val_rej50", "val_rej70", "val_acc", "val_mae", "val_bias", "val_resolution"]
@@ -39,7 +40,7 @@ def _cost(client: MlflowClient, run_id: str) -> dict[str, float]:
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            path = client.download_artifacts(run_id, "best_checkpoint/checkpoint.pt", tmp)
+            path = client.download_artifacts(run_id, BEST_CHECKPOINT_ARTIFACT, tmp)
             t = load_trained(Path(path), run_id)
     except Exception:
         return {}

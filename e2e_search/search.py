@@ -60,7 +60,7 @@ def plan(cfg: SearchSpace, *, address: str | None = None, generate: bool = True)
         )
     check_tracking(cfg, workdir)
     if needs_gen and generate:
-        generate_data(cfg.data.path, cfg.data.generate, address=address)
+        generate_data(cfg.data.path, cfg.data.generate, address=address, drivers=not runs_in_process(cfg.resources))
     # Parquet/ROOT: converted once to an HDF5 cache (not in a dry run: then None, and nothing is written).
     source = None if (needs_gen and not generate) else materialize(cfg, generate=generate)
     data = inspect(source) if source is not None else None
@@ -103,7 +103,7 @@ def check_generation(path: str, g, *, address: str | None = None) -> None:
     check_spec(_gen_spec(path, g), keys=YAML_KEYS, local=address is None)
 
 
-def generate_data(path: str, g, *, address: str | None = None) -> None:
+def generate_data(path: str, g, *, address: str | None = None, drivers: bool = True) -> None:
     """Write ``path`` from the YAML's ``data.generate`` recipe (atomically; cached for later runs)."""
     check_generation(path, g, address=address)
     print(f"data file {path} not found: generating it with recipe '{g.recipe}' (cached for later runs)",
@@ -115,7 +115,7 @@ def generate_data(path: str, g, *, address: str | None = None) -> None:
         return
     from .physics.generate import YAML_KEYS, generate
 
-    _init_ray(address, verbose=False)  # the search reuses this Ray
+    _init_ray(address, verbose=False, drivers=drivers)  # the search reuses this Ray
     generate(_gen_spec(path, g), address=address, keys=YAML_KEYS)
 
 
@@ -163,7 +163,9 @@ def _quiet_libraries(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _init_ray(address: str | None, verbose: bool) -> None:
+def _init_ray(address: str | None, verbose: bool, drivers: bool = True) -> None:
+    """Connect to ``address`` or start a local Ray on this machine's cores (``drivers``: one logical CPU more,
+    for the Tune processes that only drive multi-worker TorchTrainers)."""
     import ray
 
     if ray.is_initialized():
@@ -178,10 +180,25 @@ def _init_ray(address: str | None, verbose: bool) -> None:
         # seconds, 2 by default; a worker's next report waits for it. 0.5 s cut a trial's overhead from
         # 31.8 s to 28.1 s (bench/orchestration.py --poll 2,0.5). Ray's processes inherit it.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-        # One logical CPU more than the machine has: it carries the trial drivers
-        # (DRIVER_CPU each, idle while their workers train), so N cores still run
-        # N one-CPU workers at once.
-        ray.init(num_cpus=(os.cpu_count() or 1) + 1, dashboard_host="127.0.0.1", include_dashboard=True, **kwargs)
+        # Multi-worker trials: one logical CPU more than the machine has carries the trial drivers
+        # (DRIVER_CPU each, idle while their workers train), so N cores still run N one-CPU workers at once.
+        ray.init(num_cpus=(os.cpu_count() or 1) + (1 if drivers else 0), dashboard_host="127.0.0.1", include_dashboard=True, **kwargs)
+
+
+def runs_in_process(res) -> bool:
+    """True when each trial trains in its own Tune process (resources.runner, e2e_search/trial.py)."""
+    return res.workers == 1 and res.runner == "auto"
+
+
+def trial_cpus(res) -> float:
+    """CPUs one trial holds: its workers', plus the Tune process driving a TorchTrainer."""
+    return res.workers * res.cpus_per_worker + (0 if runs_in_process(res) else DRIVER_CPU)
+
+
+def _trial_dirname(trial) -> str:
+    from .core.layout import trial_dirname
+
+    return trial_dirname(trial.trial_id)
 
 
 @dataclass
@@ -249,18 +266,21 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
 
     from .progress import Progress
     from .tracking import MlflowTrials, get_experiment_id, start_parent_run
-    from .trial import run_trial
+    from .trial import TrialResources, TrialSetup, run_trial
 
     cfg = p.cfg
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune snapshots the experiment after each kept checkpoint (consistent resume); on every-epoch checkpoints
+    # it warns that this happens often. It is expected here, and cheap on local storage.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     _quiet_libraries(verbose)
-    _init_ray(address, verbose)
+    _init_ray(address, verbose, drivers=not runs_in_process(cfg.resources))
     if cfg.resources.gpus_per_worker > 0 and ray.cluster_resources().get("GPU", 0) == 0:
         raise UserError(
             f"asks for GPUs but the Ray cluster at {address or 'local'} has none; set resources.gpus_per_worker: 0",
             key="resources.gpus_per_worker",
         )
-    need = cfg.resources.workers * cfg.resources.cpus_per_worker + DRIVER_CPU
+    need = trial_cpus(cfg.resources)
     have = ray.cluster_resources().get("CPU", 0)
     if address is None and need > have:  # a cluster may autoscale; a local Ray never grows
         raise UserError(
@@ -295,42 +315,49 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
     end: dict[str, Any] = {}
     try:
         if resume is not None:
-            seen = trials_cb.rehydrate(str(p.storage / run_name / "train"))
+            seen = trials_cb.rehydrate(str(p.storage / run_name))
             print(f"resuming search {run_name}: {seen['finished']} trials finished, {seen['failed']} failed, "
                   f"{seen['interrupted']} interrupted (they continue from their latest checkpoint)", flush=True)
         res = cfg.resources
-        setup = {
-            "family": cfg.family if isinstance(cfg.family, str) else None,  # else each trial's sampled one
-            "data": p.data.to_dict(),
-            "max_epochs": cfg.scheduler.max_epochs,
-            "metric": metric,
-            "mode": mode,
-            "metrics": cfg.metrics,
-            "loader_workers": cfg.data.loader_workers,
-            "train_storage": str(p.storage / run_name / "train"),
-            "resources": {"workers": res.workers, "cpus_per_worker": res.cpus_per_worker,
-                          "gpus_per_worker": res.gpus_per_worker, "worker_failures": res.max_failures},
-        }
+        search_dir = p.storage / run_name
+        setup = TrialSetup(
+            family=cfg.family if isinstance(cfg.family, str) else None,  # else each trial's sampled one
+            data=p.data.to_dict(), max_epochs=cfg.scheduler.max_epochs, metric=metric, mode=mode,
+            metrics=list(cfg.metrics), loader_workers=cfg.data.loader_workers, search_dir=str(search_dir),
+            resources=TrialResources(workers=res.workers, cpus_per_worker=res.cpus_per_worker,
+                                     gpus_per_worker=res.gpus_per_worker, max_failures=res.max_failures,
+                                     in_process=runs_in_process(res)))
+        in_process = setup.resources.in_process
         concurrent = cfg.search.max_concurrent
         if concurrent is None:
             cpus = ray.cluster_resources().get("CPU", 1)
-            concurrent = max(1, math.floor(cpus / (res.workers * res.cpus_per_worker + DRIVER_CPU)))
+            concurrent = max(1, math.floor(cpus / trial_cpus(res)))
         if cfg.scheduler.type == "asha":
             scheduler = ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=cfg.scheduler.max_epochs,
                                       grace_period=cfg.scheduler.grace_period,
                                       reduction_factor=cfg.scheduler.reduction_factor)
         else:
             scheduler = FIFOScheduler()
-        trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": DRIVER_CPU})
+        # One worker: the trial trains in its own Tune process, which holds the worker's CPUs and GPU.
+        # Several: the Tune process only drives a TorchTrainer, whose workers hold them.
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, setup=setup),
+            {"cpu": res.cpus_per_worker, "gpu": res.gpus_per_worker} if in_process else {"cpu": DRIVER_CPU})
         callbacks = [trials_cb, Progress(metric=metric, mode=mode, num_samples=cfg.search.num_samples,
                                          max_epochs=cfg.scheduler.max_epochs)]
         if resume is None:
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=_searcher(cfg), scheduler=scheduler,
-                                            num_samples=cfg.search.num_samples, max_concurrent_trials=concurrent),
-                run_config=tune.RunConfig(name=run_name, storage_path=str(p.storage), verbose=0, callbacks=callbacks,
-                                          failure_config=tune.FailureConfig(max_failures=0)),
+                                            num_samples=cfg.search.num_samples, max_concurrent_trials=concurrent,
+                                            reuse_actors=in_process, trial_dirname_creator=_trial_dirname),
+                run_config=tune.RunConfig(
+                    name=run_name, storage_path=str(p.storage), verbose=0, callbacks=callbacks,
+                    # One-worker trials: Tune keeps their checkpoints and retries them from the latest;
+                    # a TorchTrainer retries its own workers (resources.max_failures there).
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="checkpoint_score",
+                                                            checkpoint_score_order="max"),
+                    failure_config=tune.FailureConfig(max_failures=res.max_failures if in_process else 0)),
             )
             print(f"search started: {cfg.search.num_samples} trials, up to {concurrent} at a time", flush=True)
         else:

@@ -54,7 +54,7 @@ class DataShape:
 
 
 def _tasks(cfg: SearchSpace) -> tuple[tuple[str, int], ...]:
-    """The model's output blocks (trainables/loop.task_outputs, without importing the worker loop)."""
+    """The model's output blocks (e2e_search/core/model.task_outputs, without importing torch-heavy modules)."""
     t = cfg.task
     out = []
     if t.classifies:

@@ -35,12 +35,23 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
 
+from .core.layout import BEST_ARTIFACT, METRICS_FILE, epoch_checkpoints
 from .names import mlflow_key, param_value, tag_value, unique_keys
 from .params import public_params
 
 # Result keys that are bookkeeping, not metrics.
 _SKIP = {"epoch", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "time_since_restore",
          "iterations_since_restore", "pid", "done", "num_params", "checkpoint_score"}
+
+
+def checkpoint_of(trial, result: dict[str, Any]) -> str | None:
+    """The folder of the checkpoint reported with ``result``: Ray Train's (``checkpoint_path``, added by
+    TuneReportCallback) or, for a trial trained in its Tune process, Tune's own (``checkpoint_dir_name`` in
+    the trial's folder)."""
+    if result.get("checkpoint_path"):
+        return str(result["checkpoint_path"])
+    name = result.get("checkpoint_dir_name")
+    return str(Path(trial.path) / name) if name and getattr(trial, "path", None) else None
 
 
 def tracking_uri(uri: str | None, workdir: Path) -> str:
@@ -308,7 +319,7 @@ class MlflowTrials(Callback):
 
         try:
             with Checkpoint(path).as_directory() as d:
-                self.client.log_artifacts(run_id, d, artifact_path="best_checkpoint")
+                self.client.log_artifacts(run_id, d, artifact_path=BEST_ARTIFACT)
                 self.client.set_tag(run_id, "e2e.checkpoint", path)
                 with tempfile.TemporaryDirectory() as tmp:
                     if history:
@@ -351,7 +362,7 @@ class MlflowTrials(Callback):
         if new:
             self.client.log_batch(rid, metrics=[Metric(k, v, now, epoch) for k, v in new.items()])
             done.update((k, epoch) for k in new)
-        self.last[tid] = dict(result)
+        self.last[tid] = {**result, "checkpoint_path": checkpoint_of(trial, result)}
         hist = self.history.setdefault(tid, {})
         for k in ("train_loss", "val_loss", "pretrain_loss", "val_pretrain_loss", self.metric):
             if k in new:
@@ -360,7 +371,7 @@ class MlflowTrials(Callback):
         cur = self.best.get(trial.trial_id)
         if isinstance(value, (int, float)) and is_better(float(value), cur and cur["value"], self.mode):
             self.best[trial.trial_id] = {"value": float(value), "epoch": epoch, "metrics": numeric,
-                                         "checkpoint": result.get("checkpoint_path")}
+                                         "checkpoint": checkpoint_of(trial, result)}
 
     @_timed
     @_guarded
@@ -373,7 +384,7 @@ class MlflowTrials(Callback):
         self._close(trial, "FAILED", error=trial_error(trial))
 
     # ------------------------------------------------------------------ resume
-    def rehydrate(self, train_storage: str) -> dict[str, int]:
+    def rehydrate(self, search_dir: str) -> dict[str, int]:
         """Take over the child runs of an interrupted search: run ids, statuses, and for trials that were
         running their metric history (so the best epoch and learning curves span the interruption).
         Returns {"finished": n, "failed": n, "interrupted": n}."""
@@ -398,29 +409,29 @@ class MlflowTrials(Callback):
                 continue
             counts["interrupted"] += 1
             series = {k: sorted((x.step, x.value) for x in self.client.get_metric_history(rid, k)) for k in m}
-            self._backfill(rid, Path(train_storage) / f"trial_{tid}", series)
+            kept = epoch_checkpoints(search_dir, tid)
+            self._backfill(rid, kept, series)
             self.logged[tid] = {(k, e) for k, pts in series.items() for e, _ in pts}
             self.history[tid] = {k: v for k, v in series.items()
                                  if k in ("train_loss", "val_loss", "pretrain_loss", "val_pretrain_loss", self.metric)}
             scored = [(v, e) for e, v in series.get(self.metric, []) if math.isfinite(v)]
             if scored:
                 value, epoch = (max if self.mode == "max" else min)(scored, key=lambda ve: (ve[0], -ve[1]))
-                ckpt = Path(train_storage) / f"trial_{tid}" / f"epoch_{epoch:04d}"
-                self.best[tid] = {"value": value, "epoch": epoch, "checkpoint": str(ckpt) if ckpt.is_dir() else None,
+                ckpt = kept.get(epoch)
+                self.best[tid] = {"value": value, "epoch": epoch, "checkpoint": str(ckpt) if ckpt else None,
                                   "metrics": {k: v for k, pts in series.items() for e, v in pts if e == epoch}}
             last_epoch = max((e for pts in series.values() for e, _ in pts), default=0)
             self.last[tid] = {"epoch": last_epoch, **{k: pts[-1][1] for k, pts in series.items() if pts}}
         return counts
 
-    def _backfill(self, rid: str, trial_dir: Path, series: dict[str, list[tuple[int, float]]]) -> None:
+    def _backfill(self, rid: str, kept: dict[int, Path], series: dict[str, list[tuple[int, float]]]) -> None:
         """Log the epochs a killed driver reported to Ray (their checkpoints hold metrics.json) but not to MLflow."""
         logged = {e for pts in series.values() for e, _ in pts}
         now = int(time.time() * 1000)
-        for f in sorted(trial_dir.glob("epoch_*/metrics.json")):
+        for epoch, folder in sorted(kept.items()):
             try:
-                reported = json.loads(f.read_text())
-                epoch = int(reported["epoch"])
-            except (OSError, ValueError, KeyError):
+                reported = json.loads((folder / METRICS_FILE).read_text())
+            except (OSError, ValueError):
                 continue
             if epoch in logged:
                 continue
@@ -504,7 +515,7 @@ def register_champions(client: MlflowClient, experiment: str, task: str, candida
             client.create_registered_model(name, description=f"best {kind} of e2e-search experiment '{experiment}'")
         run = client.get_run(rid)
         version = client.create_model_version(
-            name, source=f"{run.info.artifact_uri}/best_checkpoint", run_id=rid,
+            name, source=f"{run.info.artifact_uri}/{BEST_ARTIFACT}", run_id=rid,
             tags={"e2e.search": search, "e2e.family": run.data.tags.get("e2e.family", ""), "e2e.metric": key,
                   "e2e.value": f"{value:.6g}"})
         client.set_registered_model_alias(name, "champion", version.version)

@@ -1,61 +1,188 @@
-"""Layer 2 of three: the Tune trial, a function that builds and fits a ``TorchTrainer``.
+"""The Tune trial: runs the training core (e2e_search/core) one of two ways.
 
-The Train run is named after the Tune trial id, so a restarted trial (retry or
-``Tuner.restore``) finds its own run in storage and resumes from the latest
-checkpoint. Metrics reach Tune through ``TuneReportCallback`` (rank 0's), with
-``checkpoint_path`` added when a checkpoint was saved.
+- ``resources.workers: 1``: in the Tune trial's own process (:class:`TuneSession`). Tune reserves its CPUs
+  and GPU, keeps its checkpoints (``tune.report(..., checkpoint=...)``; the best by the search metric and
+  the latest), restarts a failed trial from the latest one (``FailureConfig``) and reuses the process for
+  the next trial (``reuse_actors``): torch, timm and the data are loaded once per process, not per trial.
+- ``resources.workers > 1``: a Ray Train ``TorchTrainer`` (DDP, one :class:`TrainSession` per rank), named
+  after the Tune trial so a restarted trial finds its own run and resumes from its latest checkpoint.
+  Metrics reach Tune through ``TuneReportCallback`` (rank 0's), with ``checkpoint_path`` added.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
+import torch
+from pydantic import BaseModel, ConfigDict, Field
 from ray import tune
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
-from ray.tune.integration.ray_train import TuneReportCallback
 
-from trainables.loop import worker_loop
+from .core import layout
+from .core.contract import TrialConfig
+from .core.loop import train_trial
+from .params import trial_family
 
 
-def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
-    """``params``: this trial's sampled values; ``setup``: what every trial shares (see search.py)."""
+class TrialResources(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    workers: int = Field(ge=1)
+    cpus_per_worker: float = Field(gt=0)
+    gpus_per_worker: float = Field(ge=0)
+    max_failures: int = Field(ge=0)
+    in_process: bool = True
+    """Train in the Tune trial's own process (one worker) instead of through a TorchTrainer."""
+
+
+class TrialSetup(BaseModel):
+    """What every trial of a search shares (built by e2e_search/search.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    family: str | None
+    """None: each trial's sampled ``family`` parameter."""
+    data: dict[str, Any]
+    max_epochs: int
+    metric: str
+    mode: str
+    metrics: list[str]
+    loader_workers: int
+    search_dir: str
+    """The search's Tune experiment directory (layout: e2e_search/core/layout.py)."""
+    resources: TrialResources
+
+    def trial_config(self, params: dict[str, Any], trial_id: str) -> TrialConfig:
+        return TrialConfig(family=trial_family(self.family, params), params=params, data=self.data,
+                           max_epochs=self.max_epochs, metric=self.metric, mode=self.mode, metrics=self.metrics,
+                           cpus=self.resources.cpus_per_worker, loader_workers=self.loader_workers,
+                           nonfinite_flag=str(layout.nonfinite_flag(self.search_dir, trial_id)),
+                           launched_at=time.time())
+
+
+def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
+    """The Tune trainable: ``params`` are this trial's sampled values."""
     trial_id = tune.get_context().get_trial_id()
-    res = setup["resources"]
-    use_gpu = res["gpus_per_worker"] > 0
-    per_worker = {"CPU": res["cpus_per_worker"]}
+    cfg = setup.trial_config(params, trial_id)
+    if setup.resources.in_process:
+        _in_this_process(cfg)
+    else:
+        _torch_trainer(cfg, setup, trial_id)
+
+
+# --------------------------------------------------------------------------- one worker: this process
+class TuneSession:
+    """The core inside the Tune trial's process: Tune's GPU (CUDA_VISIBLE_DEVICES set by Ray) or the CPU."""
+
+    rank, world = 0, 1
+
+    def __init__(self, use_gpu: bool):
+        self.device = torch.device("cuda", 0) if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+    def prepare_model(self, model: torch.nn.Module, *, find_unused: bool) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def prepare_loader(self, loader):
+        return loader
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        ckpt = tune.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as d:
+            yield Path(d)
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None = None) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None)
+
+
+def _in_this_process(cfg: TrialConfig) -> None:
+    use_gpu = bool(tune.get_context().get_trial_resources().required_resources.get("GPU", 0))
+    try:
+        train_trial(cfg, TuneSession(use_gpu))
+    finally:  # the process runs the next trial: give back what this one held
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- several workers: Ray Train
+class TrainSession:
+    """One rank of a Ray Train ``TorchTrainer``."""
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare_model(self, model: torch.nn.Module, *, find_unused: bool) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(
+            model, parallel_strategy_kwargs={"find_unused_parameters": True} if find_unused else None)
+
+    def prepare_loader(self, loader):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_data_loader(loader)  # DistributedSampler + device
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as d:
+            yield Path(d)
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None = None) -> None:
+        import ray.train
+
+        if checkpoint is None:
+            ray.train.report(metrics)
+        else:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)),
+                             checkpoint_dir_name=layout.epoch_dirname(int(metrics["epoch"])))
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """The loop function of the TorchTrainer: ``config`` is a TrialConfig's fields."""
+    train_trial(TrialConfig(**config), TrainSession())
+
+
+def _torch_trainer(cfg: TrialConfig, setup: TrialSetup, trial_id: str) -> None:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    res = setup.resources
+    use_gpu = res.gpus_per_worker > 0
+    per_worker = {"CPU": res.cpus_per_worker}
     if use_gpu:
-        per_worker["GPU"] = res["gpus_per_worker"]
-    trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config={
-            "family": setup["family"],
-            "params": params,
-            "data": setup["data"],
-            "max_epochs": setup["max_epochs"],
-            "metric": setup["metric"],
-            "metrics": setup["metrics"],
-            "mode": setup["mode"],
-            "cpus_per_worker": res["cpus_per_worker"],
-            "loader_workers": setup["loader_workers"],
-            "nonfinite_flag": f"{setup['train_storage']}/trial_{trial_id}/nonfinite.txt",
-            "launched_at": time.time(),  # the worker's startup_s counts from here
-        },
+        per_worker["GPU"] = res.gpus_per_worker
+    TorchTrainer(
+        train_worker,
+        train_loop_config=cfg.model_dump(),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=res["workers"], use_gpu=use_gpu, resources_per_worker=per_worker),
+        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(
-            name=f"trial_{trial_id}",
-            storage_path=setup["train_storage"],
+            name=layout.trial_dirname(trial_id),
+            storage_path=str(layout.train_storage(setup.search_dir)),
             callbacks=[TuneReportCallback()],
             # Keeps the best checkpoint by the search metric (and always the latest, for resuming);
             # ``checkpoint_score`` is the metric signed so higher is better, lowest while pretraining.
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=1,
-                checkpoint_score_attribute="checkpoint_score",
-                checkpoint_score_order="max",
-            ),
-            failure_config=FailureConfig(max_failures=res["worker_failures"]),
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="checkpoint_score",
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=res.max_failures),
         ),
-    )
-    trainer.fit()
+    ).fit()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from e2e_search.registry import get_family
-from trainables.event_transformer import EventTransformerParams, hidden_counts
+from e2e_search.families.event_transformer import EventTransformerParams, hidden_counts
 
 torch.set_num_threads(1)
 

@@ -1,14 +1,15 @@
-"""Faults inside a search: trials that raise or go NaN fail alone with their reason in MLflow; a Ray Train
-worker killed mid-trial is replaced and the trial resumes from its checkpoint (real Ray, MLflow)."""
+"""Faults inside a search: trials that raise or go NaN fail alone with their reason in MLflow; the process
+training a trial, killed mid-trial, is replaced and the trial resumes from its checkpoint (real Ray, MLflow)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import signal
 import threading
 import time
+from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from e2e_search.cli import main
@@ -41,26 +42,33 @@ def test_raising_and_nan_trials_fail_alone(tmp_path, monkeypatch, ray_local):
     assert parents[0].data.tags["e2e.best_run_id"] == ok.info.run_id
 
 
-def _train_workers() -> list[int]:
-    """Pids of this machine's Ray Train worker processes (their title is ``ray::RayTrainWorker...``)."""
+def _pids(title: bytes) -> list[int]:
+    """Pids of this machine's processes whose command line holds ``title`` (Ray sets ``ray::<actor class>``)."""
     pids = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                if b"RayTrainWorker" in (d / "cmdline").read_bytes():
+                if title in (d / "cmdline").read_bytes():
                     pids.append(int(d.name))
             except OSError:
                 pass
     return pids
 
 
-def test_killed_worker_is_replaced_and_the_trial_resumes(tmp_path, monkeypatch, ray_local):
-    """SIGKILL the trial's Train worker after its first checkpoint: with resources.max_failures 1 the worker
-    group restarts, loads the latest checkpoint and the trial finishes with every epoch once."""
+# What trains a one-worker trial: its Tune trial process (runner auto: Tune's function trainable, ImplicitFunc)
+# or a Ray Train worker (runner ray_train).
+TRAINING_PROCESS = {"auto": b"ray::ImplicitFunc", "ray_train": b"RayTrainWorker"}
+
+
+@pytest.mark.parametrize("runner", ["auto", pytest.param("ray_train", marks=pytest.mark.slow)])
+def test_killed_worker_is_replaced_and_the_trial_resumes(tmp_path, monkeypatch, ray_local, runner):
+    """SIGKILL the process training the trial after its first checkpoint: with resources.max_failures 1 Tune
+    (runner auto: the trial trains in its Tune process) or Ray Train (runner ray_train: its worker group)
+    restarts it from the latest checkpoint and the trial finishes with every epoch once."""
     monkeypatch.chdir(tmp_path)
     data = write_e2e(tmp_path / "jets.h5", n=40)
     cfg = base_config(tmp_path, data, name="killworker", search={"num_samples": 1},
-                      scheduler={"type": "none", "max_epochs": 4}, resources={"max_failures": 1})
+                      scheduler={"type": "none", "max_epochs": 4}, resources={"max_failures": 1, "runner": runner})
     uri = cfg["tracking"]["uri"]
     killed: list[int] = []
 
@@ -74,7 +82,7 @@ def test_killed_worker_is_replaced_and_the_trial_resumes(tmp_path, monkeypatch, 
             except Exception:
                 hist = []
             if hist:  # epoch 1 reported, its checkpoint saved
-                for pid in _train_workers():
+                for pid in _pids(TRAINING_PROCESS[runner]):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
                 return
@@ -84,7 +92,7 @@ def test_killed_worker_is_replaced_and_the_trial_resumes(tmp_path, monkeypatch, 
     t.start()
     assert main(["run", str(write_yaml(tmp_path / "s.yaml", cfg))]) == 0
     t.join(timeout=10)
-    assert killed, "no Ray Train worker was found to kill"
+    assert killed, f"no {TRAINING_PROCESS[runner].decode()} process was found to kill"
     client = MlflowClient(tracking_uri=uri)
     _, trials = trial_runs(client, "killworker")
     assert len(trials) == 1

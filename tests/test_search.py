@@ -159,7 +159,9 @@ def test_trial_resumes_from_its_latest_checkpoint(tmp_path, ray_local):
 
     from e2e_search.config import validate
     from e2e_search.data import inspect
-    from trainables.loop import CHECKPOINT_FILE, worker_loop
+    from e2e_search.core.contract import TrialConfig
+    from e2e_search.core.layout import CHECKPOINT_FILE
+    from e2e_search.trial import train_worker
 
     data = write_e2e(tmp_path / "d.h5", n=40)
     setup = inspect(validate(base_config(tmp_path, data), source="t.yaml"))
@@ -167,8 +169,8 @@ def test_trial_resumes_from_its_latest_checkpoint(tmp_path, ray_local):
     store = tmp_path / "store"
 
     def fit(max_epochs: int):
-        return TorchTrainer(worker_loop, train_loop_config={"family": "vit", "params": params, "data": setup.to_dict(),
-                                                            "max_epochs": max_epochs},
+        config = TrialConfig(family="vit", params=params, data=setup.to_dict(), max_epochs=max_epochs)
+        return TorchTrainer(train_worker, train_loop_config=config.model_dump(),
                             scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
                             run_config=RunConfig(name="trial_x", storage_path=str(store))).fit()
 

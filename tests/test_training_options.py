@@ -13,15 +13,9 @@ from e2e_search.config import validate
 from e2e_search.errors import UserError
 from e2e_search.params import TrainParams
 from e2e_search.registry import get_family
-from trainables.loop import (
-    _channels_last,
-    accumulation_groups,
-    autocast,
-    autocast_dtype,
-    is_convnet,
-    make_optimizer,
-    use_channels_last,
-)
+from e2e_search.core.engine import accumulation_groups, autocast, autocast_dtype, make_optimizer
+from e2e_search.core.model import channels_last as _channels_last
+from e2e_search.core.model import is_convnet, use_channels_last
 
 from tests.conftest import base_config
 
@@ -159,42 +153,14 @@ def test_options_in_a_search_space(tmp_path):
     assert e.value.key == "params.precision"
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    """worker_loop in this process on the CPU: Ray Train's calls stubbed, reports (metrics, checkpoint) kept."""
-    import os
-
-    import ray.train
-    import ray.train.torch
-
-    reports = []
-
-    class Ctx:
-        def get_world_rank(self):
-            return 0
-
-        def get_world_size(self):
-            return 1
-
-    def report(metrics, checkpoint=None, checkpoint_dir_name=None):
-        state = torch.load(os.path.join(checkpoint, "checkpoint.pt"), weights_only=False) if checkpoint else None
-        reports.append((metrics, state))
-
-    monkeypatch.setattr(ray.train, "get_context", lambda: Ctx())
-    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
-    monkeypatch.setattr(ray.train, "report", report)
-    monkeypatch.setattr(ray.train.Checkpoint, "from_directory", staticmethod(lambda d: d))
-    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
-    monkeypatch.setattr(ray.train.torch, "prepare_data_loader", lambda dl: dl)
-    monkeypatch.setattr(ray.train.torch, "prepare_model", lambda m, parallel_strategy_kwargs=None: m)
-    return reports
-
-
-def test_worker_loop_accumulating_two_half_batches_matches_full_batches(tmp_path, no_ray):
+def test_core_accumulating_two_half_batches_matches_full_batches(tmp_path):
     """grad_accum_steps=2 at batch 8 trains (up to rounding) the same weights as batch 16: same sample order."""
     from e2e_search.data import inspect
     from tests.conftest import write_e2e
-    from trainables.loop import worker_loop
+    from e2e_search.core.checkpoint import TrialCheckpoint
+    from e2e_search.core.contract import TrialConfig
+    from e2e_search.core.loop import train_trial
+    from e2e_search.core.session import LocalSession
 
     path = write_e2e(tmp_path / "d.h5", n=80, size=16)
     raw = base_config(tmp_path, path)
@@ -203,16 +169,17 @@ def test_worker_loop_accumulating_two_half_batches_matches_full_batches(tmp_path
     assert len(setup.train) == 64
     finals = {}
     for bs, accum in ((16, 1), (8, 2)):
-        no_ray.clear()
-        worker_loop({"family": "vit", "params": {"batch_size": bs, "grad_accum_steps": accum, "patch_size": 4,
-                                                 "depth": 1, "embed_dim": 16, "num_heads": 2, "lr": 3e-3},
-                     "data": setup.to_dict(), "max_epochs": 2, "metric": "val_loss", "mode": "min",
-                     "metrics": ["val_loss"], "cpus_per_worker": 1, "loader_workers": 0})
-        metrics, state = no_ray[-1]
+        session = LocalSession(tmp_path / f"bs{bs}")
+        train_trial(TrialConfig(family="vit", params={"batch_size": bs, "grad_accum_steps": accum, "patch_size": 4,
+                                                      "depth": 1, "embed_dim": 16, "num_heads": 2, "lr": 3e-3},
+                                data=setup.to_dict(), max_epochs=2, metric="val_loss", mode="min",
+                                metrics=["val_loss"]), session)
+        metrics, folder = session.reports[-1]
         assert metrics["epoch"] == 2 and metrics["train_samples_per_s"] > 0
+        state = TrialCheckpoint.load(folder)
         finals[accum] = state
-    assert finals[1]["scheduler"]["last_epoch"] == finals[2]["scheduler"]["last_epoch"] == 8  # optimizer steps
+    assert finals[1].scheduler["last_epoch"] == finals[2].scheduler["last_epoch"] == 8  # optimizer steps
     # atol 5e-5: Adam divides by sqrt(v), so a float32 rounding difference in a near-zero gradient moves that
     # weight by up to ~1e-5 after 8 steps at lr 3e-3 (1.3e-5 seen on one bias with the stratified split).
-    for k, v in finals[1]["model"].items():
-        torch.testing.assert_close(finals[2]["model"][k], v, rtol=1e-4, atol=5e-5)
+    for k, v in finals[1].model.items():
+        torch.testing.assert_close(finals[2].model[k], v, rtol=1e-4, atol=5e-5)

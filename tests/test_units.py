@@ -12,7 +12,7 @@ from e2e_search.data import H5ImageDataset, inspect, split_indices
 from e2e_search.metrics import classification_metrics, regression_metrics
 from e2e_search.params import OptunaSpace, grid_points
 from tests.conftest import base_config, write_e2e
-from trainables.vit import VitParams, build_vit
+from e2e_search.families.vit import VitParams, build_vit
 
 
 def _cfg(tmp_path, **over) -> SearchSpace:
@@ -160,7 +160,7 @@ def test_shipped_search_spaces_validate(path, tmp_path, monkeypatch):
 
 
 def test_device_batches_shard_shuffle_and_flip():
-    from trainables.batches import DeviceBatches
+    from e2e_search.core.batches import DeviceBatches
 
     x = torch.arange(10 * 1 * 2 * 2, dtype=torch.float32).reshape(10, 1, 2, 2)
     y = torch.arange(10)

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainables.cait import CaitParams, build_cait
-from trainables.hybrid_vit import HybridVitParams, build_hybrid_vit
-from trainables.swin import SwinParams, build_swin, stage_windows, swin_grid
-from trainables.vit import LinearAttention, VitParams, WindowAttention, build_vit, window_mask
+from e2e_search.families.cait import CaitParams, build_cait
+from e2e_search.families.hybrid_vit import HybridVitParams, build_hybrid_vit
+from e2e_search.families.swin import SwinParams, build_swin, stage_windows, swin_grid
+from e2e_search.families.vit import LinearAttention, VitParams, WindowAttention, build_vit, window_mask
 
 FAMILIES = {
     "vit": (VitParams, build_vit),

@@ -56,8 +56,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from e2e_search.registry import register_family
-from trainables.vit import FitToPatches, heads_multiple
+from e2e_search.registry import Capabilities, register_family
+from e2e_search.families.vit import FitToPatches, heads_multiple
 
 EMPTY_TOL = 1e-6
 """A patch channel is constant when max - min over its real pixels is at most this."""
@@ -319,7 +319,8 @@ class MaskedAutoencoder(nn.Module):
         return self.head(self.head_norm(f))                                    # (B, outputs)
 
 
-@register_family("mae", params=MaeParams, shape_params=("patch_size", "mask_ratio", "pretrain_epochs"))
+@register_family("mae", params=MaeParams, shape_params=("patch_size", "mask_ratio", "pretrain_epochs"),
+                 capabilities=Capabilities(task_heads=True, pretraining=True, rollout=True))
 def build_mae(p: MaeParams, *, in_chans: int, img_size: tuple[int, int], num_outputs: int,
               tasks: dict[str, int] | None = None) -> nn.Module:
     """Masked autoencoder (ViT) pretrained on the images, then fine-tuned or linearly probed."""

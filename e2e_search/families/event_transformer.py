@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from e2e_search.registry import register_family
-from trainables.vit import heads_multiple
+from e2e_search.registry import Capabilities, register_family
+from e2e_search.families.vit import heads_multiple
 
 
 class EventTransformerParams(BaseModel):
@@ -254,7 +254,8 @@ class EventTransformer(nn.Module):
         return self.forward_heads(tokens, mask)                               # (B, num_outputs)
 
 
-@register_family("event_transformer", params=EventTransformerParams, inputs="objects")
+@register_family("event_transformer", params=EventTransformerParams,
+                 capabilities=Capabilities(inputs="objects", task_heads=True, pretraining=True))
 def build_event_transformer(p: EventTransformerParams, *, n_objects: int, n_features: int, num_outputs: int,
                             tasks: dict[str, int] | None = None) -> nn.Module:
     """Masked-object transformer autoencoder on events as object sets, with cross-attention task heads."""

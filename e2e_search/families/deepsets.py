@@ -13,7 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from e2e_search.registry import register_family
+from e2e_search.registry import Capabilities, register_family
 
 
 class DeepSetsParams(BaseModel):
@@ -51,7 +51,7 @@ class DeepSets(nn.Module):
         return self.rho(h)                                      # (B, outputs)
 
 
-@register_family("deepsets", params=DeepSetsParams, inputs="objects")
+@register_family("deepsets", params=DeepSetsParams, capabilities=Capabilities(inputs="objects"))
 def build_deepsets(p: DeepSetsParams, *, n_objects: int, n_features: int, num_outputs: int) -> nn.Module:
     """Deep Sets over reconstructed objects (baseline for event-level data)."""
     return DeepSets(p, n_features, num_outputs)

@@ -19,8 +19,8 @@ from pydantic import Field
 from timm.layers import HybridEmbed
 from torch import nn
 
-from e2e_search.registry import register_family
-from trainables.vit import FitToPatches, TimmVitParams, timm_vit
+from e2e_search.registry import Capabilities, register_family
+from e2e_search.families.vit import FitToPatches, TimmVitParams, timm_vit
 
 
 class HybridVitParams(TimmVitParams):
@@ -44,7 +44,8 @@ def conv_stem(in_chans: int, width: int, layers: int, stride: int) -> nn.Sequent
     return nn.Sequential(*mods)
 
 
-@register_family("hybrid_vit", params=HybridVitParams, shape_params=("patch_size", "stem_stride"))
+@register_family("hybrid_vit", params=HybridVitParams, shape_params=("patch_size", "stem_stride"),
+                 capabilities=Capabilities(task_heads=True, rollout=True))
 def build_hybrid_vit(p: HybridVitParams, *, in_chans: int, img_size: tuple[int, int], num_outputs: int,
                      tasks: dict[str, int] | None = None) -> nn.Module:
     """Hybrid ViT: convolutional stem + timm VisionTransformer on its feature map."""

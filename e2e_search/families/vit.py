@@ -32,7 +32,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from e2e_search.registry import register_family
+from e2e_search.registry import Capabilities, register_family
 
 
 class TimmVitParams(BaseModel):
@@ -197,7 +197,8 @@ class WindowAttention(Attention):
 ATTENTION: dict[str, type[Attention]] = {"softmax": Attention, "linear": LinearAttention, "window": WindowAttention}
 
 
-@register_family("vit", params=VitParams, shape_params=("patch_size", "patch_fit"))
+@register_family("vit", params=VitParams, shape_params=("patch_size", "patch_fit"),
+                 capabilities=Capabilities(task_heads=True, rollout=True))
 def build_vit(p: VitParams, *, in_chans: int, img_size: tuple[int, int], num_outputs: int,
               tasks: dict[str, int] | None = None) -> nn.Module:
     """Vision transformer (timm) with searchable patch size, depth, width, heads, pooling and attention type."""

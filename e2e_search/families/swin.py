@@ -26,8 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
-from e2e_search.registry import register_family
-from trainables.vit import FitToPatches, heads_multiple, use_fused_attention
+from e2e_search.registry import Capabilities, register_family
+from e2e_search.families.vit import FitToPatches, heads_multiple, use_fused_attention
 
 
 class SwinParams(BaseModel):
@@ -96,7 +96,8 @@ class Swin(nn.Module):
         return self.swin(self.fit(x))  # (B, C, H, W) -> (B, C, H', W') -> (B, outputs)
 
 
-@register_family("swin", params=SwinParams, shape_params=("patch_size", "stages", "window_size"))
+@register_family("swin", params=SwinParams, shape_params=("patch_size", "stages", "window_size"),
+                 capabilities=Capabilities(task_heads=True))
 def build_swin(p: SwinParams, *, in_chans: int, img_size: tuple[int, int], num_outputs: int,
                tasks: dict[str, int] | None = None) -> nn.Module:
     """Swin transformer (timm): hierarchical shifted-window attention with searchable stages and windows."""

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from timm.models.cait import Cait
 from torch import nn
 
-from e2e_search.registry import register_family
-from trainables.vit import FitToPatches, heads_multiple, use_fused_attention
+from e2e_search.registry import Capabilities, register_family
+from e2e_search.families.vit import FitToPatches, heads_multiple, use_fused_attention
 
 
 class CaitParams(BaseModel):
@@ -36,7 +36,8 @@ class CaitParams(BaseModel):
     """Initial LayerScale of every residual branch (CaiT uses 0.1 up to depth 18, smaller when deeper)."""
 
 
-@register_family("cait", params=CaitParams, shape_params=("patch_size",))
+@register_family("cait", params=CaitParams, shape_params=("patch_size",),
+                 capabilities=Capabilities(task_heads=True, rollout=True))
 def build_cait(p: CaitParams, *, in_chans: int, img_size: tuple[int, int], num_outputs: int,
                tasks: dict[str, int] | None = None) -> nn.Module:
     """CaiT (timm): patch self-attention followed by class-attention layers, with LayerScale."""

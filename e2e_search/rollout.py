@@ -35,7 +35,7 @@ def _x_of(args: tuple, kwargs: dict) -> torch.Tensor:
 
 def _timm_probs(m: Attention, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
     """timm Attention (and the vit subclasses) on x (B, N, D) -> (B, N, N) head-averaged attention."""
-    from trainables.vit import LinearAttention  # vit imports nothing from here
+    from e2e_search.families.vit import LinearAttention  # vit imports nothing from here
 
     B, N, _ = x.shape
     qkv = m.qkv(x).reshape(B, N, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
@@ -115,7 +115,7 @@ def _token_layout(model: nn.Module) -> tuple[tuple[int, int], int, bool] | None:
 
 def _to_pixels(model: nn.Module, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, gh, gw) per-token maps -> (B, H, W) on the input image: undo the FitToPatches pad/crop."""
-    from trainables.vit import FitToPatches
+    from e2e_search.families.vit import FitToPatches
 
     fit = next((m for m in model.modules() if isinstance(m, FitToPatches)), None)
     out = tuple(fit.out_size) if fit is not None else size
