@@ -13,10 +13,10 @@ pixels non-zero, ``--fill``), then for each ``data.cache``:
 * ``setup``: what a trial spends on its data before the first step, in a fresh process: both splits opened
   (``e2e_search.core.datasets.open_split``) and the batch sources made (``loaders``), i.e. the split read and
   preprocessed for ``memory``/``device``, the cache memory-mapped and put on the device for ``sparse``;
-* ``2 trials``: two such processes alive at once, each after set-up and ``--touch`` batches: the sum of their
-  PSS (proportional set size: a page shared by both counts half in each) and of their USS (private pages)
-  above the process's own baseline (torch and the package imported), against one copy of the data
-  (the dense split for memory/device, the cache files for sparse);
+* ``2 trials``: two such processes alive at once, each after set-up and ``--touch`` batches: the data memory
+  of both, i.e. the PSS of the cache files they map (a page both map counts half in each: the node holds it
+  once) plus the growth of each one's anonymous (private) memory since before its set-up, against one copy of
+  the data (the dense split for memory/device, the cache files for sparse);
 * ``img/s``: training batches of ``--batch`` from ``loaders`` (the trial's own code) on the training device
   (the GPU when there is one), after one warm-up batch, for ``--seconds`` or ``--max-batches``.
 
@@ -57,8 +57,7 @@ def trial_process(setup_json: str, batch: int, touch: int, seconds: float, max_b
 
     torch.set_num_threads(1)
     s = DataSetup(**json.loads(Path(setup_json).read_text()))
-    me = psutil.Process()
-    base = me.memory_full_info()
+    base_anon = anonymous(psutil.Process())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     train_ds = open_split(s, "train", s.train, train=True)
@@ -66,14 +65,20 @@ def trial_process(setup_json: str, batch: int, touch: int, seconds: float, max_b
     train, _ = loaders(s, train_ds, val_ds, batch_size=batch, device=device, rank=0, world=1, seed=0,
                        loader_workers=0, session=_NoSession())
     setup_s = time.perf_counter() - t0
-    out = {"setup_s": setup_s, "base_uss": base.uss, "base_pss": base.pss}
+    out = {"setup_s": setup_s, "base_anon": base_anon}
     if rate:
         out["img_s"] = batch_rate(train, device, seconds, max_batches)
-    it = iter(train)
+    it = cycle(train)
     for _ in range(touch):
-        x, _y = next(it)
+        next(it)
     print(json.dumps(out), flush=True)
     sys.stdin.readline()
+
+
+def cycle(batches):
+    """The batches of epoch after epoch (a small split at batch 1024 has one or two per epoch)."""
+    while True:
+        yield from batches
 
 
 class _NoSession:
@@ -88,17 +93,30 @@ def batch_rate(batches, device, seconds: float, max_batches: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    it = iter(batches)
+    it = cycle(batches)
     next(it)  # warm-up
     sync()
     n, t0 = 0, time.perf_counter()
-    for i, (x, _y) in enumerate(it):
+    for i, (x, _y) in enumerate(it):  # noqa: B007
         x = x.to(device, non_blocking=True)
         n += len(x)
         if i + 1 >= max_batches or time.perf_counter() - t0 > seconds:
             break
     sync()
     return n / (time.perf_counter() - t0)
+
+
+def anonymous(proc) -> int:
+    """Bytes of anonymous memory of ``proc`` (heap, private allocations: never shared between the trials)."""
+    return sum(m.anonymous for m in proc.memory_maps(grouped=True))
+
+
+def data_memory(proc, base_anon: int, folder: str | None) -> tuple[int, int]:
+    """(PSS of the cache files ``proc`` maps (a page shared by k processes counts 1/k), growth of its anonymous
+    memory since ``base_anon``): what a trial's data costs the node."""
+    maps = proc.memory_maps(grouped=True)
+    files = sum(m.pss for m in maps if folder and m.path.startswith(folder))
+    return files, sum(m.anonymous for m in maps) - base_anon
 
 
 def two_trials(setup_json: str, args) -> dict:
@@ -118,7 +136,8 @@ def two_trials(setup_json: str, args) -> dict:
             if not line:
                 raise RuntimeError(f"trial process {k} died (exit {p.wait()})")
             outs.append(json.loads(line))
-        mem = [psutil.Process(p.pid).memory_full_info() for p in procs]
+        folder = json.loads(Path(setup_json).read_text()).get("sparse_dir")
+        mem = [data_memory(psutil.Process(p.pid), o["base_anon"], folder) for p, o in zip(procs, outs)]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -127,8 +146,7 @@ def two_trials(setup_json: str, args) -> dict:
         for p in procs:
             p.wait(timeout=120)
     return {"setup_s": outs[0]["setup_s"], "setup2_s": outs[1]["setup_s"], "img_s": outs[0]["img_s"],
-            "pss": sum(m.pss - o["base_pss"] for m, o in zip(mem, outs)),
-            "uss": sum(m.uss - o["base_uss"] for m, o in zip(mem, outs))}
+            "mapped": sum(f for f, _ in mem), "private": sum(a for _, a in mem)}
 
 
 # --------------------------------------------------------------------------- the table
@@ -209,23 +227,26 @@ def main() -> int:
                     sj = tmp / f"setup_{n}_{cache}.json"
                     sj.write_text(json.dumps(s.to_dict()))
                     row.update(two_trials(str(sj), args))
+                    row["total"] = row["mapped"] + row["private"]
                     print(f"{cache:7} setup {row['setup_s']:.2f} s (2nd trial {row['setup2_s']:.2f} s), "
-                          f"{row['img_s']:,.0f} img/s, 2 trials: PSS {gib(row['pss'])}, USS {gib(row['uss'])}"
-                          + (f" ({row['pss'] / copy:.2f}x one copy of {gib(copy)})" if copy else ""), flush=True)
+                          f"{row['img_s']:,.0f} img/s, 2 trials: {gib(row['total'])} (cache files {gib(row['mapped'])}"
+                          f", private {gib(row['private'])})"
+                          + (f", {row['total'] / copy:.2f}x one copy of {gib(copy)}" if copy else ""), flush=True)
                 rows_out.append(row)
                 table.append(row)
             del base_setup
-    print("\n| rows | cache | ingest (1 / 2 tasks) | trial set-up | 2 trials: PSS (USS) above baseline | one copy "
-          "| batches img/s |")
+    print("\n| rows | cache | ingest (" + " / ".join(f"{k}" for k in tasks) + " Ray tasks) | trial set-up | "
+          "2 trials' data memory (mapped cache files + private) | one copy | batches img/s |")
     print("|---|---|---|---|---|---|---|")
     for r in table:
         ing = " / ".join(f"{v:.1f} s" for v in r["ingest_s"].values()) if r["ingest_s"] else "—"
         if "skipped" in r:
             print(f"| {r['rows']:,} | {r['cache']} | {ing} | — | skipped: {r['skipped']} | {gib(r['copy_bytes'])} | — |")
             continue
-        ratio = f", {r['pss'] / r['copy_bytes']:.2f}x" if r["copy_bytes"] else ""
-        print(f"| {r['rows']:,} | {r['cache']} | {ing} | {r['setup_s']:.2f} s | {gib(r['pss'])} ({gib(r['uss'])})"
-              f"{ratio} | {gib(r['copy_bytes']) if r['copy_bytes'] else '—'} | {r['img_s']:,.0f} |")
+        ratio = f" = {r['total'] / r['copy_bytes']:.2f}x one copy" if r["copy_bytes"] else ""
+        print(f"| {r['rows']:,} | {r['cache']} | {ing} | {r['setup_s']:.2f} s | {gib(r['total'])} ({gib(r['mapped'])}"
+              f" + {gib(r['private'])}){ratio} | {gib(r['copy_bytes']) if r['copy_bytes'] else '—'} | "
+              f"{r['img_s']:,.0f} |")
     write_result(args.out, rows_out)
     return 0
 

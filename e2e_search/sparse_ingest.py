@@ -1,8 +1,8 @@
 """Building the sparse cache of a dataset once (layout and key: :mod:`e2e_search.sparse_cache`).
 
-The cached rows are cut into blocks; each block is read with the dense path's own reader
-(:func:`e2e_search.data.read_images`, ``normalize=False``) in chunks of ``READ_CHUNK`` images and reduced to
-its stored pixels, written as three ``.npy`` files into the temporary folder. ``ingest`` then merges the blocks
+The cached rows are cut into blocks; each block is read with the dense path's own steps (those of
+:func:`e2e_search.data.read_images` with ``normalize=False``: the same reads, channel selection and
+:func:`e2e_search.transforms.preprocess`) in chunks of ``READ_CHUNK`` images and reduced to its stored pixels, written as three ``.npy`` files into the temporary folder. ``ingest`` then merges the blocks
 in row order into the final arrays, writes ``meta.json`` and renames the folder into place.
 
 Blocks run as Ray tasks (``use_ray=True``: one CPU each, at most ``parallel`` at a time, on this node, where the
@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import READ_CHUNK, DataSetup, read_images
+from .data import READ_CHUNK, DataSetup, _check_finite, _read_rows
 from .errors import UserError
 from .h5cache import cache_dir
 from .sparse_cache import META, background, cache_rows, folder_name, identity, is_complete, open_cache, stored_mask
+from .transforms import preprocess, to_chw
 
 BLOCK_ROWS = 8192
 """Most rows in one block (one Ray task)."""
@@ -49,12 +50,15 @@ def encode_rows(spec: dict, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     with h5py.File(setup.path, "r") as f:
         X = f[setup.image_key]
         for a in range(0, len(rows), READ_CHUNK):
-            imgs = read_images(X, rows[a : a + READ_CHUNK], setup, normalize=False, check_key="data.image_key")
-            flat = imgs.reshape(len(imgs), -1)
+            # read_images' steps for one sorted chunk, without its output copy: the same values bit for bit
+            raw = to_chw(_read_rows(X, rows[a : a + READ_CHUNK]), setup.layout)[:, setup.channels]
+            _check_finite(raw, "data.image_key")
+            flat = preprocess(raw, setup, normalize=False, select=False).reshape(len(raw), -1)
             mask = stored_mask(flat, bg)
             lens.append(mask.sum(axis=1, dtype=np.int64))
-            index.append(np.nonzero(mask)[1].astype(np.int32))  # row-major: ascending within each image
-            values.append(flat[mask])
+            at = np.flatnonzero(mask)  # row-major: ascending within each image
+            index.append((at % flat.shape[1]).astype(np.int32))
+            values.append(flat.reshape(-1)[at])
     cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt)  # noqa: E731
     return cat(lens, np.int64), cat(index, np.int32), cat(values, np.float32)
 
