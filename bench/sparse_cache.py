@@ -213,10 +213,8 @@ def main() -> int:
             print(f"\n{n:,} jets written in {time.perf_counter() - t0:.0f} s ({path.stat().st_size / n / 1024:.1f} "
                   "KiB/jet on disk)", flush=True)
             ingest = {}
-            base_setup = None
             for k in tasks:  # each count builds its own copy of the cache (its own cache root)
                 _, s = data_setup(path, cache="sparse", val_fraction=0.1)
-                base_setup = s
                 root = tmp / f"cache_{n}_{k}"
                 t0 = time.perf_counter()
                 folder = ensure(s, parallel=k, use_ray=True, root=root)
@@ -250,7 +248,6 @@ def main() -> int:
                           + (f", {row['total'] / copy:.2f}x one copy of {gib(copy)}" if copy else ""), flush=True)
                 rows_out.append(row)
                 table.append(row)
-            del base_setup
     print("\n| rows | cache | ingest (" + " / ".join(f"{k}" for k in tasks) + " Ray tasks) | trial set-up | "
           "2 trials' data memory (mapped cache files + private) | one copy | batches img/s |")
     print("|---|---|---|---|---|---|---|")

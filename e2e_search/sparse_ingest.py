@@ -256,10 +256,12 @@ def ingest_for_search(setup: DataSetup, *, use_ray: bool = True) -> Path | None:
         return None
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     parallel = 1
-    if use_ray:
+    if use_ray:  # one task per CPU of this node (the blocks run here, where the folder is)
         import ray
 
-        parallel = max(1, int(ray.available_resources().get("CPU", 1)))
+        here = ray.get_runtime_context().get_node_id()
+        cpus = [n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == here and n["Alive"]]
+        parallel = max(1, int(cpus[0] if cpus else 1))
     t0 = time.perf_counter()
     built: list[str] = []
     folder = ensure(setup, parallel=parallel, use_ray=use_ray, log=lambda s: (built.append(s), log(s)))
