@@ -1,4 +1,8 @@
-"""User-facing errors: one line naming the file, the key and the fix."""
+"""User-facing errors: one line naming the file, the key and the fix.
+
+Also the wording of a pydantic validation error (:func:`error_text`) and of where a value came from
+(:func:`source_of`: the YAML, or the ``--set`` that wrote it).
+"""
 
 from __future__ import annotations
 
@@ -44,3 +48,60 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
     if options and len(options) <= 12:
         return f" (valid: {', '.join(options)})"
     return ""
+
+
+# --------------------------------------------------------------------------- pydantic errors, in words
+_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<"),
+           "less_than_equal": ("le", "<=")}
+
+
+def fix_for(err: dict, key: str) -> str:
+    """What to write instead, for one of pydantic's own errors (``err`` from ``ValidationError.errors()``)."""
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind in _BOUNDS:
+        name, op = _BOUNDS[kind]
+        limit = ctx.get(name)
+        return f"set {key} to a number {op} {limit:g}" if isinstance(limit, float) else f"set {key} to a number {op} {limit}"
+    if kind == "literal_error":
+        return f"set {key} to one of {ctx.get('expected')}"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"set {key} to a whole number"
+    if kind in ("float_parsing", "float_type"):
+        return f"set {key} to a number"
+    if kind in ("bool_parsing", "bool_type"):
+        return f"set {key} to true or false"
+    if kind == "string_type":
+        return f"set {key} to a text value (quote it)"
+    if kind in ("list_type", "tuple_type"):
+        return f"write {key} as a list, e.g. [a, b]"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return f"write {key} as a section of 'key: value' lines"
+    if kind == "too_short":
+        return f"give {key} at least {ctx.get('min_length')} value(s)"
+    if kind == "too_long":
+        return f"give {key} at most {ctx.get('max_length')} value(s)"
+    if kind == "string_pattern_mismatch":
+        return f"set {key} to letters, digits, '_', '.' and '-', starting with a letter or digit"
+    if kind == "union_tag_invalid":
+        return f"set {key}.{ctx.get('discriminator', 'type').strip(chr(39))} to one of {ctx.get('expected_tags')}"
+    return f"set {key} to a valid value"
+
+
+def error_text(err: dict, key: str) -> str:
+    """A pydantic error as one line: the reason, the value given and (for pydantic's own checks) the fix.
+
+    Our validators' ``ValueError`` messages already end with their fix."""
+    msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if err["type"] in ("value_error", "assertion_error"):
+        return msg
+    if "input" in err and not isinstance(err["input"], dict):
+        msg = f"{msg} (got {err['input']!r})"
+    return f"{msg}; {fix_for(err, key)}"
+
+
+def source_of(source: str, set_paths: list[str] | None, key: str | None) -> str:
+    """The YAML path, plus the ``--set`` override that wrote ``key`` (or a section above or below it)."""
+    for p in set_paths or []:
+        if key and (key == p or key.startswith(p + ".") or p.startswith(key + ".")):
+            return f"{source} (--set {p})"
+    return source

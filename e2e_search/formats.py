@@ -14,12 +14,12 @@ every numeric one-value-per-row column copied. The hash covers the source's
 absolute path, size and mtime and the conversion options (image key, layout,
 tree), so an unchanged source reuses its cache and a changed one gets a new
 file. The cache is written to a tmp file and renamed into place: a failed
-conversion (bad values, truncated file, Ctrl-C) leaves nothing behind.
+conversion (bad values, truncated file, Ctrl-C) leaves nothing behind. The cache's identity and
+path are :mod:`e2e_search.h5cache`'s; CSV files go through :func:`e2e_search.objects.csv_cache`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
@@ -28,16 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DEFAULT_WORKDIR, DataConfig, SearchSpace
-from .data import check_labels, label_source, split_checked, target_source
 from .errors import UserError
+from .h5cache import cache_ok, cache_path, cached_cfg, identity
+from .labels import check_labels, label_source, target_source
+from .objects import csv_cache
+from .schema import DataConfig, SearchSpace
+from .splits import split_checked
 
 EXTENSIONS = {".h5": "hdf5", ".hdf5": "hdf5", ".hdf": "hdf5", ".parquet": "parquet", ".pq": "parquet",
               ".root": "root", ".csv": "csv"}
 COMPRESSED = {".gz", ".gzip", ".bz2", ".xz", ".zip"}
 """Compression suffixes a CSV may carry (HIGGS.csv.gz); the CSV reader tells the compression from the bytes."""
-CACHE_VERSION = 1
-"""Bumped when the cache layout changes: older caches are then rebuilt."""
 CHUNK_BYTES = 32 * 2**20
 """Image bytes (as float64) read per conversion step: what bounds the memory of a conversion."""
 MIN_SAMPLES = 10
@@ -46,10 +47,6 @@ TREE_CLASSES = {"TTree", "TNtuple", "TNtupleD", "ROOT::RNTuple"}
 _SCALAR_TYPES = {"bool", "char", "float", "double", "short", "int", "long", "long long", "unsigned char",
                  "unsigned short", "unsigned int", "unsigned long", "unsigned long long",
                  *(f"{u}int{b}_t" for u in ("", "u") for b in (8, 16, 32, 64))}
-
-
-def cache_dir() -> Path:
-    return DEFAULT_WORKDIR / "cache"
 
 
 def resolve_format(d: DataConfig) -> str:
@@ -404,54 +401,6 @@ def _check_shape(cfg: SearchSpace, hwc: tuple, layout: str, explicit: bool, src:
                         f"in layout {layout}", key="data.channels")
 
 
-# --------------------------------------------------------------------------- cache
-def _identity(path: Path, fmt: str, d: DataConfig, layout: str) -> dict:
-    st = path.stat()
-    return {"source_path": str(path.resolve()), "source_size": int(st.st_size), "source_mtime_ns": int(st.st_mtime_ns),
-            "source_mtime": float(st.st_mtime), "source_format": fmt, "image_key": d.image_key, "layout": layout,
-            "tree": d.tree or "", "cache_version": CACHE_VERSION}
-
-
-def cache_path(ident: dict) -> Path:
-    keys = ("source_path", "source_size", "source_mtime_ns", "source_format", "image_key", "layout", "tree",
-            "cache_version")
-    digest = hashlib.sha256("\0".join(str(ident[k]) for k in keys).encode()).hexdigest()[:12]
-    return cache_dir() / f"{Path(ident['source_path']).stem}-{digest}.h5"
-
-
-def _cache_ok(cache: Path, ident: dict, need: tuple[str, ...] = ()) -> bool:
-    """A complete cache of this very source and options, holding the datasets ``need`` too (a cache converted for
-    another task may lack a label that is not a plain number column, e.g. one-hot lists)."""
-    import h5py
-
-    if not cache.is_file():
-        return False
-    try:
-        with h5py.File(cache, "r") as f:
-            a = f.attrs
-            same = all(k == "source_mtime" or _plain(a.get(k)) == v for k, v in ident.items())
-            return bool(same and a.get("complete", False) and all(k in f for k in (ident["image_key"], *need)))
-    except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt
-        return False
-
-
-def _plain(v):
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
-def _cached_cfg(cfg: SearchSpace, cache: Path) -> SearchSpace:
-    out = cfg.model_copy(deep=True)
-    out.data.path = str(cache)
-    out.data.format = "hdf5"
-    out.data.layout = "channels_last"
-    out.data.tree = None
-    return out
-
-
 def _convert(src: _Source, cfg: SearchSpace, layout: str, scalars: list[str], labels: dict[str, np.ndarray],
              cache: Path, ident: dict, first_hwc: tuple, rows: int) -> None:
     """Stream ``src`` into ``cache`` (tmp file + rename); on any error nothing is left."""
@@ -548,8 +497,6 @@ def materialize(cfg: SearchSpace, *, generate: bool = True) -> SearchSpace | Non
     if fmt == "hdf5":
         return cfg
     if fmt == "csv":
-        from .objects import csv_cache
-
         return csv_cache(cfg, generate=generate)
     path = Path(d.path)
     if path.is_dir():
@@ -561,11 +508,11 @@ def materialize(cfg: SearchSpace, *, generate: bool = True) -> SearchSpace | Non
         raise UserError(f"'{d.path}' is empty (0 bytes); give a complete {'Parquet' if fmt == 'parquet' else 'ROOT'} file",
                         key="data.path")
     layout = source_layout(d)
-    ident = _identity(path, fmt, d, layout)
+    ident = identity(path, fmt, d, layout)
     cache = cache_path(ident)
     need = (label_source(cfg)[0],) + ((target_source(cfg)[0],) if cfg.task.type == "joint" else ())
-    if _cache_ok(cache, ident, need):
-        return _cached_cfg(cfg, cache)
+    if cache_ok(cache, ident, need):
+        return cached_cfg(cfg, cache)
 
     src = _open(path, fmt, d)
     try:
@@ -585,4 +532,4 @@ def materialize(cfg: SearchSpace, *, generate: bool = True) -> SearchSpace | Non
         _convert(src, cfg, layout, scalars, labels, cache, ident, hwc, rows)
     finally:
         src.close()
-    return _cached_cfg(cfg, cache)
+    return cached_cfg(cfg, cache)

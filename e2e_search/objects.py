@@ -22,10 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import SearchSpace
-from .data import (DataSetup, check_labels, encode_labels, label_source, need_dataset, open_h5, read_labels, split_checked,
-                   target_source, target_stats)
+from .datasetup import DataSetup
 from .errors import UserError
+from .h5cache import cache_ok, cache_path, cached_cfg, identity
+from .h5file import need_dataset, open_h5
+from .labels import check_labels, encode_labels, label_source, read_labels, target_source, target_stats
+from .schema import SearchSpace
+from .splits import split_checked
 
 
 def inspect_objects(cfg: SearchSpace) -> DataSetup:
@@ -224,8 +227,6 @@ def csv_cache(cfg: SearchSpace, *, generate: bool = True) -> SearchSpace | None:
 
     import h5py
 
-    from .formats import _cache_ok, _cached_cfg, _identity, cache_path
-
     d = cfg.data
     path = Path(d.path)
     if path.is_dir():
@@ -236,11 +237,11 @@ def csv_cache(cfg: SearchSpace, *, generate: bool = True) -> SearchSpace | None:
         raise UserError(f"'{d.path}' is empty (0 bytes); give a CSV with a label and 21+ feature columns", key="data.path")
     label, which = label_source(cfg)
     target = target_source(cfg) if cfg.task.type == "joint" else None
-    ident = _identity(path, "csv", d, "objects") | {"image_key": d.image_key, "label_key": label,
-                                                     "target_key": target[0] if target else ""}
+    ident = identity(path, "csv", d, "objects") | {"image_key": d.image_key, "label_key": label,
+                                                    "target_key": target[0] if target else ""}
     cache = cache_path(ident)
-    if _cache_ok(cache, ident):
-        return _cached_cfg(cfg, cache)
+    if cache_ok(cache, ident):
+        return cached_cfg(cfg, cache)
     rows, names = read_csv_rows(path)
     if rows.ndim != 2 or rows.shape[0] == 0:
         raise UserError(f"'{d.path}' has no data rows; give a CSV with a label and {HIGGS_LOW_LEVEL}+ feature "
@@ -302,4 +303,4 @@ def csv_cache(cfg: SearchSpace, *, generate: bool = True) -> SearchSpace | None:
     finally:
         if tmp.exists():
             tmp.unlink()
-    return _cached_cfg(cfg, cache)
+    return cached_cfg(cfg, cache)

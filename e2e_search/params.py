@@ -14,10 +14,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import ChoiceDim, FixedDim, GridDim, LogUniformDim, QUniformDim, RandIntDim, SearchSpace, UniformDim, dim_values
-from .config import error_text
-from .errors import UserError, did_you_mean
+from .dims import ChoiceDim, FixedDim, GridDim, LogUniformDim, QUniformDim, RandIntDim, UniformDim, dim_values
+from .errors import UserError, did_you_mean, error_text
 from .registry import family_names, get_family
+from .schema import SearchSpace
 
 
 class TrainParams(BaseModel):

@@ -265,7 +265,8 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from .progress import Progress
-    from .tracking import MlflowTrials, get_experiment_id, start_parent_run
+    from .tracking import get_experiment_id, start_parent_run
+    from .trial_record import MlflowTrials
     from .trial import TrialResources, TrialSetup, run_trial
 
     cfg = p.cfg

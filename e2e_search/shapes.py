@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ChoiceDim, FixedDim, GridDim, QUniformDim, RandIntDim, SearchSpace
+from .dims import ChoiceDim, FixedDim, GridDim, QUniformDim, RandIntDim
 from .errors import UserError
+from .schema import SearchSpace
 
 MAX_BUILDS = 256
 """Most combinations checked per family; beyond it, ranges are reduced to their ends (and a note says so)."""

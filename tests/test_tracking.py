@@ -19,7 +19,7 @@ from ray.tune.experiment import Trial
 
 from e2e_search.metrics import regression_metrics
 from e2e_search.names import KEY_MAX, edge_labels, mlflow_key, number, unique_keys
-from e2e_search.tracking import MlflowTrials
+from e2e_search.trial_record import MlflowTrials
 
 PORTABLE = re.compile(r"^[/\w.\- ]*$")  # MLflow's rule on Windows (no ':'): valid on every platform
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data import DataSetup
+from ..datasetup import DataSetup
 from .layout import CHECKPOINT_FILE, METRICS_FILE
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..data import DataSetup
+from ..datasetup import DataSetup
 
 
 class TrialConfig(BaseModel):

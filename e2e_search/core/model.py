@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import DataSetup
+from ..datasetup import DataSetup
 from ..params import split_params, trial_family
 from ..registry import get_family
 

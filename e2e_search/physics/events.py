@@ -14,8 +14,9 @@ from __future__ import annotations
 import awkward as ak
 import numpy as np
 
+from .clustering import Batch
 from .detector import wrap
-from .processes import COMMON, Batch, Sample
+from .sample import COMMON, Sample
 
 N_OBJECTS = 6
 N_FEATURES = 4

@@ -279,7 +279,7 @@ def _examples(s: GenSpec, smp, events, rng) -> dict[str, np.ndarray] | None:
     import awkward as ak
 
     from .detector import jet_images
-    from .processes import Batch, _jet_at
+    from .clustering import Batch, jet_at
 
     b = Batch(events)
     sel = smp.select(b)
@@ -287,7 +287,7 @@ def _examples(s: GenSpec, smp, events, rng) -> dict[str, np.ndarray] | None:
     if len(keep) == 0:
         return None
     idx = sel["jet"][keep]
-    jets = _jet_at(b, sel["jet"])[keep]
+    jets = jet_at(b, sel["jet"])[keep]
     eta, phi = jets.eta.to_numpy(), jets.phi.to_numpy()
     nconst = ak.pad_none(b.nconst[keep], 1, axis=1)[np.arange(len(keep)), idx].to_numpy()
     rows = {

@@ -1,29 +1,23 @@
 """Simulated processes: Pythia 8 settings and the selection of one jet (or event) per collision.
 
 Each process is a list of *samples* (a Pythia configuration and what to keep of
-its events); a generation task runs each sample until it has its share.
+its events); a generation task runs each sample until it has its share. The sample type is
+:mod:`.sample`'s, the clustered batch of events :mod:`.clustering`'s, the ``event_objects`` samples :mod:`.events`'.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
-
 import awkward as ak
 import numpy as np
-import vector
 
-from .detector import NEUTRINOS, wrap
+from .clustering import JET_R, Batch, jet_at
+from .detector import wrap
+from .events import event_samples
+from .sample import COMMON, Sample
 
-vector.register_awkward()
-
-COMMON = ["Beams:eCM = 13000.", "Print:quiet = on", "Next:numberCount = 0"]
 HARD = ["PhaseSpace:pTHatMin = 400."]
 TOP = ["Top:gg2ttbar = on", "Top:qqbar2ttbar = on", "24:onMode = off", "24:onIfAny = 1 2 3 4 5"]
 QCD = ["HardQCD:all = on"]
-JET_R = 0.8
-JET_PT_MIN = 300.0
-JET_ETA_MAX = 1.4
 PROCESSES = ("top_vs_qcd", "quark_vs_gluon", "boosted_scalar", "event_objects")
 
 
@@ -35,68 +29,10 @@ def scalar_settings(mass: float, decay: str) -> list[str]:
             f"36:mMax = {mass + width:.3f}", "36:onMode = off", f"36:onIfMatch = {pair}"]
 
 
-@dataclass
-class Sample:
-    """One Pythia configuration and the selection applied to its events."""
-
-    name: str
-    settings: list[str]
-    count: int
-    select: Callable[["Batch"], dict[str, np.ndarray]]
-    """-> {"keep": bool mask over events, "jet": index of the chosen jet, "y": label, ...extra truth}."""
-    extra: dict = field(default_factory=dict)
-
-
-class Batch:
-    """A batch of Pythia events, clustered: per event the visible final state and its jets (pt-ordered)."""
-
-    def __init__(self, events: ak.Array, *, radius: float = JET_R, jet_pt_min: float = JET_PT_MIN):
-        import fastjet
-
-        prt = events.prt
-        self.prt = prt
-        fs = prt[prt.status > 0]
-        afs = abs(fs.id)
-        vis = fs[(afs != NEUTRINOS[0]) & (afs != NEUTRINOS[1]) & (afs != NEUTRINOS[2])]
-        self.visible = ak.zip({"id": vis.id, "pt": vis.p.pt, "eta": vis.p.eta, "phi": vis.p.phi, "e": vis.p.e})
-        self.invisible = fs[(afs == NEUTRINOS[0]) | (afs == NEUTRINOS[1]) | (afs == NEUTRINOS[2])]
-        mom = ak.zip({"px": vis.p.px, "py": vis.p.py, "pz": vis.p.pz, "E": vis.p.e})
-        cs = fastjet.ClusterSequence(mom, fastjet.JetDefinition(fastjet.antikt_algorithm, radius))
-        jets = ak.zip({k: v for k, v in zip(["px", "py", "pz", "E"], ak.unzip(cs.inclusive_jets(min_pt=jet_pt_min)))},
-                      with_name="Momentum4D")
-        nconst = ak.num(cs.constituents(min_pt=jet_pt_min), axis=2)
-        order = ak.argsort(jets.pt, ascending=False)
-        self.jets = jets[order]
-        self.nconst = nconst[order]
-
-    def __len__(self) -> int:
-        return len(self.prt)
-
-    def leading(self, eta_max: float = JET_ETA_MAX) -> np.ndarray:
-        """Index of the leading jet per event if it is central enough, else -1."""
-        has = ak.num(self.jets) > 0
-        first_eta = ak.fill_none(ak.firsts(abs(self.jets.eta)), 99.0)
-        return np.where(has.to_numpy() & (first_eta.to_numpy() < eta_max), 0, -1)
-
-    def nearest_jet(self, eta, phi, r_max: float, eta_max: float = JET_ETA_MAX) -> np.ndarray:
-        """Per event, index of the jet nearest to (eta, phi) within r_max, else -1."""
-        dr = np.hypot(self.jets.eta - eta, wrap(self.jets.phi - phi))
-        dr = ak.where(abs(self.jets.eta) < eta_max, dr, 99.0)
-        best = ak.fill_none(ak.argmin(dr, axis=1), -1).to_numpy()
-        mind = ak.fill_none(ak.min(dr, axis=1), 99.0).to_numpy()
-        return np.where(mind < r_max, best, -1)
-
-
-def _jet_at(batch: Batch, idx: np.ndarray):
-    """The chosen jet of each event (events with idx -1 get jet 0 as a placeholder)."""
-    padded = ak.pad_none(batch.jets, 1, axis=1)
-    return padded[np.arange(len(idx)), np.maximum(idx, 0)]
-
-
 def _partons_near(batch: Batch, mask, jet_idx: np.ndarray, r: float) -> np.ndarray:
     prt = batch.prt
     sel = prt[mask]
-    jet = _jet_at(batch, jet_idx)
+    jet = jet_at(batch, jet_idx)
     ok = jet_idx >= 0
     if not ok.any():
         return np.zeros(len(jet_idx), np.int64)
@@ -125,7 +61,7 @@ def _hard_parton(batch: Batch, jet_idx: np.ndarray) -> np.ndarray:
     """PDG id of the outgoing hard-process parton nearest to the jet (0 if none within 0.8)."""
     prt = batch.prt
     hard = prt[prt.status == -23]
-    jet = _jet_at(batch, jet_idx)
+    jet = jet_at(batch, jet_idx)
     dr = np.hypot(hard.p.eta - ak.fill_none(jet.eta, 0), wrap(hard.p.phi - ak.fill_none(jet.phi, 0)))
     near = ak.fill_none(ak.argmin(dr, axis=1), 0).to_numpy()
     pid = ak.fill_none(ak.pad_none(hard.id, 1, axis=1)[np.arange(len(jet_idx)), near], 0).to_numpy()
@@ -202,7 +138,5 @@ def samples(process: str, counts: list[int], *, rng: np.random.Generator,
             left -= k
         return out
     if process == "event_objects":
-        from .events import event_samples
-
         return event_samples(counts)
     raise ValueError(f"unknown process '{process}'")
