@@ -396,6 +396,10 @@ def _finish(client, parent: str, trials_cb, cfg: SearchSpace, run_name: str, sta
     from .tracking import register_champions
 
     metric, mode = cfg.metrics[0], cfg.modes[0]
+    try:
+        trials_cb.drain()  # every trial's run closed, its best checkpoint uploaded (champions point at it)
+    except Exception:  # noqa: BLE001 - a run that cannot be closed is recorded FAILED by the closing thread
+        pass
     winner = trials_cb.best_trial()
     best_rid = trials_cb.runs.get(winner[0]) if winner else None
     end_error = None
