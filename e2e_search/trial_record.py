@@ -108,6 +108,18 @@ class MlflowTrials(Callback):
         self._pending: list[Future] = []
         self._busy_lock = threading.Lock()
 
+    def __getstate__(self):  # Tune pickles its callbacks with the experiment state: not the closing thread
+        state = self.__dict__.copy()
+        for k in ("_closer", "_pending", "_busy_lock"):
+            state.pop(k, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="e2e-mlflow-close")
+        self._pending = []
+        self._busy_lock = threading.Lock()
+
     def _tracking_failed(self, tid: str, e: Exception) -> None:
         text = " ".join(str(e).split())
         reason = f"MLflow tracking failed: {type(e).__name__}: {text}"[:5000]
