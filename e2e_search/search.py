@@ -178,7 +178,7 @@ def _init_ray(address: str | None, verbose: bool, drivers: bool = True) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # Ray Train's controller collects each report (and notices a finished or dead worker) every this many
         # seconds, 2 by default; a worker's next report waits for it. 0.5 s cut a trial's overhead from
-        # 31.8 s to 28.1 s (bench/orchestration.py --poll 2,0.5). Ray's processes inherit it.
+        # 31.8 s to 28.1 s (bench/orchestration.py, BENCHMARKS.md section 5). Ray's processes inherit it.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         # Multi-worker trials: one logical CPU more than the machine has carries the trial drivers
         # (DRIVER_CPU each, idle while their workers train), so N cores still run N one-CPU workers at once.
