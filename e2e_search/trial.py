@@ -11,11 +11,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,6 +23,7 @@ from ray import tune
 from .core import layout
 from .core.contract import TrialConfig
 from .core.loop import train_trial
+from .core.session import OneProcess, as_folder
 from .params import trial_family
 
 
@@ -74,28 +74,14 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 
 
 # --------------------------------------------------------------------------- one worker: this process
-class TuneSession:
+class TuneSession(OneProcess):
     """The core inside the Tune trial's process: Tune's GPU (CUDA_VISIBLE_DEVICES set by Ray) or the CPU."""
-
-    rank, world = 0, 1
 
     def __init__(self, use_gpu: bool):
         self.device = torch.device("cuda", 0) if use_gpu and torch.cuda.is_available() else torch.device("cpu")
 
-    def prepare_model(self, model: torch.nn.Module, *, find_unused: bool) -> torch.nn.Module:
-        return model.to(self.device)
-
-    def prepare_loader(self, loader):
-        return loader
-
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
-        ckpt = tune.get_checkpoint()
-        if ckpt is None:
-            yield None
-            return
-        with ckpt.as_directory() as d:
-            yield Path(d)
+    def latest_checkpoint(self):
+        return as_folder(tune.get_checkpoint())
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None = None) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None)
@@ -134,16 +120,10 @@ class TrainSession:
 
         return ray.train.torch.prepare_data_loader(loader)  # DistributedSampler + device
 
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
+    def latest_checkpoint(self):
         import ray.train
 
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            yield None
-            return
-        with ckpt.as_directory() as d:
-            yield Path(d)
+        return as_folder(ray.train.get_checkpoint())
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None = None) -> None:
         import ray.train
