@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,11 @@ _KEPT: dict[str, Any] = {}
 
 def _key(data: DataSetup, part: str, indices: list[int], train: bool) -> str:
     settings = {k: v for k, v in data.to_dict().items() if k not in ("train", "val", "test")}
+    try:  # a file rewritten in place is read again
+        st = os.stat(data.path)
+        settings["_file"] = (st.st_size, st.st_mtime_ns)
+    except OSError:
+        pass
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     h.update(np.asarray(indices, dtype=np.int64).tobytes())
     return f"{part}:{int(train)}:{h.hexdigest()}"
