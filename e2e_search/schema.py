@@ -122,10 +122,13 @@ class DataConfig(StrictModel):
     resize_mode: Literal["crop", "pad_crop", "avgpool"] = "crop"
     flip_augment: bool = False
     """Random flips along eta (H) and phi (W), p=0.5 each, training split only."""
-    cache: Literal["none", "memory", "device"] = "none"
+    cache: Literal["auto", "none", "memory", "device", "sparse"] = "auto"
     """memory: each worker reads its split once into RAM (after the deterministic transforms);
     device: the same, then moved onto the training device (the GPU when present) and cut into
-    batches there, with no DataLoader (images families)."""
+    batches there, with no DataLoader (images families); sparse: the non-zero pixels of every image,
+    ingested once per dataset into e2e_runs/cache/ and shared by every trial on a node, dense batches
+    built on the device (e2e_search/sparse_cache.py); auto: sparse when a sample of the images is under
+    20% non-zero, else device when it fits in memory, else none (object lists: their own path)."""
 
     @field_validator("clip")
     @classmethod

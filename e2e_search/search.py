@@ -288,6 +288,10 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
             f"a trial needs {cfg.resources.workers} worker(s) x {cfg.resources.cpus_per_worker:g} CPU but this machine "
             f"gives Ray {have:g}; lower resources.cpus_per_worker or resources.workers "
             f"(--set resources.cpus_per_worker=1)", key="resources.cpus_per_worker")
+    if p.data is not None and p.data.cache == "sparse":  # once per dataset, before any trial: Ray tasks over blocks
+        from .sparse_ingest import ingest_for_search
+
+        ingest_for_search(p.data, use_ray=True)
     p.workdir.mkdir(parents=True, exist_ok=True)
     p.storage.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(tracking_uri=p.tracking_uri)
