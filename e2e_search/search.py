@@ -298,11 +298,14 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
     exp_id = get_experiment_id(client, cfg.tracking.experiment, p.artifact_root)
     metric, mode = cfg.metrics[0], cfg.modes[0]
     if resume is None:
+        from .fileid import TAG, data_hash
+
         run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # RUN_STAMP in tracking.check_names
         parent = start_parent_run(
             client, exp_id, name=run_name, resolved_yaml=dump(cfg),
             tags={"e2e.family": cfg.family_label, "e2e.task": cfg.task.type, "e2e.metric": metric, "e2e.mode": mode,
-                  "e2e.tune_path": str(p.storage / run_name)},
+                  "e2e.tune_path": str(p.storage / run_name),
+                  TAG: data_hash(cfg.data.path) or ""},  # the data file's identity: confirm checks it
             params={"family": cfg.family_label, "task": cfg.task.type, "algorithm": cfg.search.algorithm,
                     "num_samples": cfg.search.num_samples, "scheduler": cfg.scheduler.type,
                     "max_epochs": cfg.scheduler.max_epochs, "workers": cfg.resources.workers,
