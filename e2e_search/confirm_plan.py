@@ -96,7 +96,7 @@ class SeedResult:
 
 
 # --------------------------------------------------------------------------- which test metric, which champion
-def test_metric(kind: str, val_metric: str) -> tuple[str, str]:
+def champion_metric(kind: str, val_metric: str) -> tuple[str, str]:
     """(test metric, mode) a champion of ``kind`` is chosen by: the search metric on the test split when it has a
     bootstrap, else ``test_auc`` (classifier) or ``test_mae`` (regressor); a signed bias becomes ``abs_bias``."""
     from .bootstrap import CLASSIFICATION, REGRESSION, base_name
@@ -304,7 +304,7 @@ def prepare(uri: str, experiment: str, *, search: str | None = None, top: int | 
     index = {f.run_id: i for i, f in enumerate(finalists)}
     rankings = []
     for (kind, model, metric, mode), ids in zip(specs, members):
-        tm, tmode = test_metric(kind, metric)
+        tm, tmode = champion_metric(kind, metric)
         rankings.append(Ranking(kind, model, metric, mode, tm, tmode, [index[r] for r in ids]))
     if not run.data.tags.get("e2e.data_hash"):
         notes.append(f"note: search {name} recorded no data hash (it predates them): the data file {cfg.data.path} "
