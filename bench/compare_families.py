@@ -21,7 +21,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parent.parent
-CPU = ["search.num_samples=8", "scheduler.max_epochs=3", "scheduler.grace_period=1", "params.patch_size.values=[25]",
+CPU = ["search.num_samples=10", "scheduler.max_epochs=3", "scheduler.grace_period=1", "params.patch_size.values=[25]",
        "params.stem_channels.values=[16]", "params.width.values=[16]", "params.embed_dim.values=[64]",
        "params.pretrain_epochs=1", "data.cache=memory"]
 GPU = ["resources.gpus_per_worker=1", "resources.cpus_per_worker=4", "data.cache=device"]
