@@ -23,10 +23,12 @@ from .labels import (check_labels, class_indices, encode_labels, label_source, r
                      target_stats, target_values)
 from .objects import inspect_objects
 from .schema import SearchSpace
+from .sparse_cache import (MAX_FILL, background, cache_rows, check_sparse_fits, device_memory, fill_fraction,
+                           planned_folder, refuse_dense)
 from .splits import split_checked, split_indices
 from .transforms import output_size, preprocess, random_flip, to_chw
 
-__all__ = ["READ_CHUNK", "available_memory", "check_cache_fits", "read_images", "check_layout", "inspect",
+__all__ = ["READ_CHUNK", "available_memory", "check_cache_fits", "choose_cache", "read_images", "check_layout", "inspect",
            "H5ImageDataset",
            # re-exported from datasetup, h5file, labels and splits
            "DataSetup", "open_h5", "need_dataset", "label_source", "target_source", "class_indices", "target_values",
@@ -213,9 +215,50 @@ def inspect(cfg: SearchSpace) -> DataSetup:
             setup.std = [float(s) if s > 0 else 1.0 for s in imgs.std(axis=(0, 2, 3), dtype=np.float64)]
         elif d.normalize == "none":
             setup.mean = setup.std = None
-        if d.cache in ("memory", "device"):  # a worker holds the training split and its stride of validation
-            check_cache_fits(len(train) + len(val), setup)
+        setup.fill = fill_fraction(imgs, background(setup))
+        setup.cache = choose_cache(cfg, setup, len(sample))
+        if setup.cache == "sparse":
+            setup.sparse_dir = str(planned_folder(setup))
     return setup
+
+
+def choose_cache(cfg: SearchSpace, setup: DataSetup, n_sample: int) -> str:
+    """The image cache a search uses: ``data.cache``, with ``auto`` resolved on ``setup.fill`` (measured on
+    ``n_sample`` training images): sparse under MAX_FILL non-zero when it fits, else device when the dense split
+    fits, else none. An explicit cache that cannot work is a UserError naming data.cache (a dense file with
+    ``sparse``, a cache larger than half the memory)."""
+    asked, gpu = cfg.data.cache, cfg.resources.gpus_per_worker
+    n_worker = len(setup.train) + len(setup.val)  # a worker holds the training split and its stride of validation
+    n_cached = len(cache_rows(setup))
+    device_total = device_memory() if gpu > 0 else None
+    copies = max(1, int(1 / gpu)) if 0 < gpu < 1 else 1  # trials sharing one GPU, each with its own copy
+
+    def sparse_fits() -> None:
+        check_sparse_fits(n_cached, setup, setup.fill, available_memory(), device_total, copies)
+
+    if asked == "sparse":
+        refuse_dense(setup.fill, n_sample)
+        sparse_fits()
+        return "sparse"
+    if asked in ("memory", "device"):
+        check_cache_fits(n_worker, setup)
+        return asked
+    if asked != "auto":
+        return asked
+    if setup.fill < MAX_FILL:
+        try:
+            sparse_fits()
+            return "sparse"
+        except UserError:
+            pass
+    try:
+        check_cache_fits(n_worker, setup)
+    except UserError:
+        return "none"
+    dense = n_worker * setup.in_chans * setup.img_size[0] * setup.img_size[1] * 4
+    if device_total is not None and dense * copies > device_total / 2:
+        return "none"
+    return "device"
 
 
 class H5ImageDataset:

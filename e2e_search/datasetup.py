@@ -41,6 +41,12 @@ class DataSetup:
     mask_key: str | None = None
     target_key: str | None = None
     """Joint task: the regression target's key (label_key then holds the class label)."""
+    fill: float | None = None
+    """Images: fraction of the pixels of a sample of training images that differ from an empty pixel after the
+    per-pixel transforms (what ``data.cache: auto`` decides on; e2e_search/sparse_cache.py)."""
+    sparse_dir: str | None = None
+    """``cache: sparse``: the absolute folder of the sparse cache planned for this data (its key is re-checked
+    against the source when a trial opens it)."""
 
     def transform_steps(self) -> list[str]:
         """The deterministic per-image transforms, in order (e2e_search/transforms.py), before normalization."""
@@ -59,7 +65,9 @@ class DataSetup:
         steps = self.transform_steps()
         if self.flip_augment:
             steps.append("training flips")
-        if self.cache != "none":
+        if self.cache == "sparse" and self.fill is not None:
+            steps.append(f"sparse cache ({self.fill:.2%} of pixels non-zero)")
+        elif self.cache != "none":
             steps.append(f"cache in {self.cache}")
         return ", ".join(steps)
 

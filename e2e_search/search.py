@@ -288,17 +288,24 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
             f"a trial needs {cfg.resources.workers} worker(s) x {cfg.resources.cpus_per_worker:g} CPU but this machine "
             f"gives Ray {have:g}; lower resources.cpus_per_worker or resources.workers "
             f"(--set resources.cpus_per_worker=1)", key="resources.cpus_per_worker")
+    if p.data is not None and p.data.cache == "sparse":  # once per dataset, before any trial: Ray tasks over blocks
+        from .sparse_ingest import ingest_for_search
+
+        ingest_for_search(p.data, use_ray=True)
     p.workdir.mkdir(parents=True, exist_ok=True)
     p.storage.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(tracking_uri=p.tracking_uri)
     exp_id = get_experiment_id(client, cfg.tracking.experiment, p.artifact_root)
     metric, mode = cfg.metrics[0], cfg.modes[0]
     if resume is None:
+        from .fileid import TAG, data_hash
+
         run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # RUN_STAMP in tracking.check_names
         parent = start_parent_run(
             client, exp_id, name=run_name, resolved_yaml=dump(cfg),
             tags={"e2e.family": cfg.family_label, "e2e.task": cfg.task.type, "e2e.metric": metric, "e2e.mode": mode,
-                  "e2e.tune_path": str(p.storage / run_name)},
+                  "e2e.tune_path": str(p.storage / run_name),
+                  TAG: data_hash(cfg.data.path) or ""},  # the data file's identity: confirm checks it
             params={"family": cfg.family_label, "task": cfg.task.type, "algorithm": cfg.search.algorithm,
                     "num_samples": cfg.search.num_samples, "scheduler": cfg.scheduler.type,
                     "max_epochs": cfg.scheduler.max_epochs, "workers": cfg.resources.workers,

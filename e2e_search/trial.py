@@ -66,7 +66,21 @@ class TrialSetup(BaseModel):
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     """The Tune trainable: ``params`` are this trial's sampled values."""
     trial_id = tune.get_context().get_trial_id()
-    cfg = setup.trial_config(params, trial_id)
+    _run(setup.trial_config(params, trial_id), setup, trial_id)
+
+
+def run_confirm_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """The Tune trainable of ``e2e-search confirm`` (e2e_search/confirm.py): ``config["job"]`` holds a finalist's
+    ``params`` (its seed set) and ``epochs``, the epoch it was best at: trained up to it on the search's schedule,
+    then scored once on the test split."""
+    trial_id = tune.get_context().get_trial_id()
+    job = config["job"]
+    cfg = setup.trial_config(job["params"], trial_id).model_copy(
+        update={"stop_epoch": int(job["epochs"]), "score_split": "test"})
+    _run(cfg, setup, trial_id)
+
+
+def _run(cfg: TrialConfig, setup: TrialSetup, trial_id: str) -> None:
     if setup.resources.in_process:
         _in_this_process(cfg)
     else:
