@@ -83,8 +83,8 @@ def main() -> int:
     (ROOT / "e2e_runs/bench").mkdir(parents=True, exist_ok=True)
     sets = [f"name={args.name}", f"data.path={data}", f"data.generate.n={args.n}", "data.generate.seed=7",
             f"tracking.uri={uri}", *(CPU if args.budget == "cpu" else GPU)]
-    exe = str(ROOT / ".venv/bin/e2e-search")
-    cmd = [exe, "run", str(ROOT / "search_spaces/compare_families.yaml")] + sum((["--set", s] for s in sets), [])
+    exe = [sys.executable, "-m", "e2e_search.cli"]  # the CLI of this interpreter (.venv/bin/python)
+    cmd = [*exe, "run", str(ROOT / "search_spaces/compare_families.yaml")] + sum((["--set", s] for s in sets), [])
     print(" ".join(cmd), flush=True)
     t0 = time.time()
     rc = subprocess.call(cmd, cwd=ROOT)
@@ -95,7 +95,7 @@ def main() -> int:
     exp = client.get_experiment_by_name(args.name)
     search = client.search_runs([exp.experiment_id], filter_string="tags.`e2e.kind` = 'search'",
                                 order_by=["attributes.start_time DESC"], max_results=1)[0]
-    cmd = [exe, "confirm", args.name, "--search", search.info.run_id, "--per-family", "--top", "1",
+    cmd = [*exe, "confirm", args.name, "--search", search.info.run_id, "--per-family", "--top", "1",
            "--seeds", str(args.seeds), "--tracking-uri", uri]
     print(" ".join(cmd), flush=True)
     t0 = time.time()
