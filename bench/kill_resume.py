@@ -6,7 +6,7 @@ interrupted search, or starts it anew when the kill came before Ray had saved an
 MLflow record: the latest search run FINISHED with exactly ``num_samples`` trials, each FINISHED once with
 every epoch logged, no run left RUNNING.
 
-    .venv/bin/python bench/kill_resume.py --rounds 10 [--seed 0] [--max-kill-s 70]
+    .venv/bin/python bench/kill_resume.py --rounds 10 [--seed 0] [--max-kill-s 40]
 
 Prints one line per round and the count of clean rounds. Runs in a scratch directory (``--workdir``).
 """
@@ -139,7 +139,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-kill-s", type=float, default=5.0)
-    ap.add_argument("--max-kill-s", type=float, default=70.0, help="about the length of an uninterrupted search")
+    ap.add_argument("--max-kill-s", type=float, default=40.0, help="about the length of an uninterrupted search")
     ap.add_argument("--workdir", help="scratch directory (default: a new temporary one, removed at the end)")
     a = ap.parse_args()
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="e2e_kill_"))

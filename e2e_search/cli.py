@@ -1,4 +1,4 @@
-"""Command line: ``e2e-search run | resume | validate | best | report | ui | export | data``.
+"""Command line: ``e2e-search run | resume | confirm | validate | best | report | ui | export | data``.
 
 Bad input (YAML, data files, flags) prints one line and exits with code 2.
 """
@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="e2e-search", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{run,resume,validate,best,report,ui,export,data}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{run,resume,confirm,validate,best,report,ui,export,data}", parser_class=_Parser)
 
     r = sub.add_parser("run", help="run a search from a search-space YAML")
     r.add_argument("file", help="search-space YAML (see search_spaces/)")
@@ -39,6 +39,19 @@ def _parser() -> argparse.ArgumentParser:
     rs.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///e2e_runs/mlflow.db)")
     rs.add_argument("--address", help="address of a running Ray cluster (default: start a local one)")
     rs.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
+
+    c = sub.add_parser("confirm", help="retrain the best trials of a finished search with several seeds, score them "
+                       "once on the test split, move the champions to the best test mean")
+    c.add_argument("experiment", help="experiment (search name) whose latest finished search to confirm")
+    c.add_argument("--top", type=int, help="finalists: the K best trials by the search metric (default: the search's "
+                   "search.confirm.top, else 3)")
+    c.add_argument("--seeds", type=int, help="seeds per finalist, 1..N (default: search.confirm.seeds, else 3)")
+    c.add_argument("--per-family", action="store_true", default=None,
+                   help="the K best trials of each family (a search over families)")
+    c.add_argument("--search", metavar="RUN_ID", help="a finished search run of the experiment (default: the latest)")
+    c.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///e2e_runs/mlflow.db)")
+    c.add_argument("--address", help="address of a running Ray cluster (default: start a local one)")
+    c.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
 
     v = sub.add_parser("validate", help="check a search-space YAML (and its data file) without running")
     v.add_argument("file")
@@ -150,7 +163,7 @@ def _cmd_run(args) -> int:
     if nothing:
         print(f"nothing to resume ({nothing}): starting a new search", file=sys.stderr, flush=True)
     print(describe(p), flush=True)
-    return _report_outcome(cfg, execute(p, address=args.address, verbose=args.verbose))
+    return _then_confirm(cfg, execute(p, address=args.address, verbose=args.verbose), args)
 
 
 def _cmd_resume(args) -> int:
@@ -163,7 +176,30 @@ def _resume(uri: str, experiment: str, search: str | None, args) -> int:
     p, r = resumable(uri, experiment, search, address=args.address)
     _print_notes(p.cfg)
     print(describe(p), flush=True)
-    return _report_outcome(p.cfg, execute(p, address=args.address, verbose=args.verbose, resume=r))
+    return _then_confirm(p.cfg, execute(p, address=args.address, verbose=args.verbose, resume=r), args)
+
+
+def _then_confirm(cfg, out, args) -> int:
+    """The search's outcome; then, with ``search.confirm`` in the YAML and a search that found a best trial,
+    ``confirm`` of that search (e2e_search/confirm.py)."""
+    rc = _report_outcome(cfg, out)
+    if rc != 0 or cfg.search.confirm is None:
+        return rc
+    from .confirm import run_cli
+
+    print(f"\nconfirm (search.confirm: top {cfg.search.confirm.top}, seeds {cfg.search.confirm.seeds}):", flush=True)
+    return run_cli(out.tracking_uri, out.experiment, search=out.parent_run_id, address=args.address,
+                   verbose=args.verbose)
+
+
+def _cmd_confirm(args) -> int:
+    from .confirm import run_cli
+
+    for flag, v in (("--top", args.top), ("--seeds", args.seeds)):  # before the store is even opened
+        if v is not None and v < 1:
+            raise UserError(f"must be 1 or more (got {v}); e.g. {flag} 3", key=flag)
+    return run_cli(_store(args.tracking_uri), args.experiment, search=args.search, top=args.top, seeds=args.seeds,
+                   per_family=args.per_family, address=args.address, verbose=args.verbose)
 
 
 def _report_outcome(cfg, out) -> int:
@@ -305,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     try:
-        return {"run": _cmd_run, "resume": _cmd_resume, "validate": _cmd_validate, "best": _cmd_best, "report": _cmd_report,
+        return {"run": _cmd_run, "resume": _cmd_resume, "confirm": _cmd_confirm, "validate": _cmd_validate, "best": _cmd_best, "report": _cmd_report,
                 "ui": _cmd_ui, "export": _cmd_export, "data": _cmd_data}[args.cmd](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

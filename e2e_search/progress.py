@@ -52,3 +52,33 @@ class Progress(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._line(trials, f"{trial.trial_id} FAILED")
+
+
+class ConfirmProgress(Callback):
+    """Terminal progress of ``e2e-search confirm``: one line per retraining started, finished or failed, with
+    its test scores. ``labels``: (finalist index, seed) -> what to call the trial."""
+
+    def __init__(self, *, labels: dict[tuple[int, int], str], total: int, metrics: list[str]):
+        self.labels, self.total, self.metrics = labels, total, metrics
+        self.t0 = time.time()
+        self.done = 0
+
+    def _label(self, trial) -> str:
+        job = (trial.config or {}).get("job", {})
+        return self.labels.get((job.get("finalist"), job.get("seed")), trial.trial_id)
+
+    def _line(self, text: str) -> None:
+        print(f"[{time.time() - self.t0:6.0f}s] {self.done}/{self.total} done | {text}", file=sys.stdout, flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._line(f"{self._label(trial)} started")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        r = trial.last_result or {}
+        scores = ", ".join(f"{m}={r[m]:.4f}" for m in dict.fromkeys(self.metrics) if isinstance(r.get(m), float))
+        self._line(f"{self._label(trial)} trained {int(r.get('epoch', 0))} epoch(s), {scores or 'no test score'}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.done += 1
+        self._line(f"{self._label(trial)} FAILED")

@@ -49,6 +49,10 @@ class Capabilities(BaseModel):
     must look for them (``find_unused_parameters``). Implied by ``pretraining``."""
     rollout: bool = False
     """Attention rollout maps over the input image (e2e_search/rollout.py) are saved with each checkpoint."""
+    empty_pixel: bool = False
+    """``build`` also takes ``empty_pixel``: per channel, the value an empty detector cell (0 in the file) holds
+    after the data's preprocessing (e.g. -mean/std after per-channel normalization), for models that tell
+    empty patches from hits. Builders called without it (the shape check) take 0."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,8 @@ def _check_declared(name: str, build: Callable[..., Any], params: type[BaseModel
     if caps.task_heads != ("tasks" in takes):
         raise RuntimeError(f"family '{name}': task_heads={caps.task_heads} but its build "
                            f"{'does not take' if caps.task_heads else 'takes'} 'tasks'")
+    if caps.empty_pixel and "empty_pixel" not in takes:
+        raise RuntimeError(f"family '{name}' declares empty_pixel: its build must take 'empty_pixel'")
     if caps.pretraining and "pretrain_epochs" not in params.model_fields:
         raise RuntimeError(f"family '{name}' declares pretraining: {params.__name__} needs a pretrain_epochs field")
 

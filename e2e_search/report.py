@@ -4,7 +4,11 @@ One row per trial of the latest search (or ``--search RUN_ID``): family, status,
 and the physics metrics at the trial's best epoch, parameters, FLOPs and CPU inference throughput
 of the best checkpoint (batch 64), epochs used. Plots (PNG, embedded): best metric per family,
 metric vs parameters, and for multi-objective searches the Pareto front over the first two
-metrics. The file is written atomically and logged to the search's parent run as ``report.html``.
+metrics. After ``e2e-search confirm``, a section on the test split (the latest confirm of the search): per
+finalist the test metrics' mean ± std over seeds and the 95% bootstrap interval, the matrix P(row beats
+column) of the paired bootstrap, and the test metric per finalist and per seed with error bars
+(e2e_search/confirm_record.py writes what it shows). The file is written atomically and logged to the
+search's parent run as ``report.html``.
 """
 
 from __future__ import annotations
@@ -157,6 +161,8 @@ def build_report(uri: str, experiment: str, search_run: str | None = None, *, co
         metrics, modes = [metric], [mode]
     trials = client.search_runs([exp.experiment_id], max_results=5000,
                                 filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    trials = [t for t in trials if t.data.tags.get("e2e.phase") != "confirm"]  # retrainings: their own section
+    confirmed = _confirm_payload(client, parent)
     rows: list[dict[str, Any]] = []
     for t in trials:
         m = t.data.metrics
@@ -175,7 +181,126 @@ def build_report(uri: str, experiment: str, search_run: str | None = None, *, co
     key = lambda r: r.get(metric, -math.inf if mode == "max" else math.inf)  # noqa: E731
     rows.sort(key=key, reverse=(mode == "max"))
     plots = _plots(rows, metric, metrics, modes)
-    return _html(experiment, parent, rows, metric, mode, plots), parent.info.run_id
+    section = _confirm_section(confirmed) if confirmed else ""
+    if confirmed:  # the leaderboard shows each finalist's test figure beside its validation one
+        first = confirmed["rankings"][0]
+        for fin in confirmed["finalists"]:
+            t = fin["test"].get(first["test_metric"])
+            lo, hi = (fin["intervals"].get(first["test_metric"]) or [None, None])
+            for r in rows:
+                if r["run"] == fin["source_run"] and t:
+                    r["confirmed"] = f"{t['mean']:.4g} [{_fmt(lo)}, {_fmt(hi)}]"
+    return _html(experiment, parent, rows, metric, mode, plots, section,
+                 f"{confirmed['rankings'][0]['test_metric']} (confirm)" if confirmed else None), parent.info.run_id
+
+
+def _confirm_payload(client: MlflowClient, parent) -> dict | None:
+    """The latest ``confirm`` of the search (confirm/<id>.json on its run), or None."""
+    import json
+
+    cid = parent.data.tags.get("e2e.confirm_id")
+    if not cid:
+        return None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return json.loads(Path(client.download_artifacts(parent.info.run_id, f"confirm/{cid}.json", tmp)).read_text())
+    except Exception:  # noqa: BLE001 - a confirm that stopped before writing it: no section
+        return None
+
+
+TEST_SHOWN = {"classifier": ["test_auc", "test_rej30", "test_rej50", "test_rej70", "test_acc"],
+              "regressor": ["test_mae", "test_bias", "test_resolution"]}
+
+
+def _confirm_figure(payload: dict, rk: dict) -> str:
+    """The test metric per finalist: mean over seeds with its 95% interval (thick), each seed with its own
+    interval over test events (thin), and the trial's validation figure (open circle, selection-biased)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m, fins = rk["test_metric"], payload["finalists"]
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.3 * len(rk["finalists"]) + 2), 3.6))
+    for x, f in enumerate(rk["finalists"]):
+        fin = fins[f]
+        t = fin["test"].get(m)
+        iv = fin["intervals"].get(m)
+        if t and iv and None not in iv:
+            ax.errorbar([x], [t["mean"]], yerr=[[t["mean"] - iv[0]], [iv[1] - t["mean"]]], fmt="s", color="C0",
+                        capsize=6, lw=2, label="mean over seeds, 95% interval" if x == 0 else None)
+        seeds = fin["seed_intervals"].get(m, {})
+        for j, (seed, v) in enumerate(sorted((t or {}).get("values", {}).items())):
+            lo, hi = seeds.get(seed, [None, None])
+            dx = 0.12 * (j + 1)
+            if lo is not None and hi is not None:
+                ax.errorbar([x + dx], [v], yerr=[[max(v - lo, 0)], [max(hi - v, 0)]], fmt="o", ms=3, color="C1",
+                            capsize=2, lw=1, label="each seed, 95% interval over test events" if x == j == 0 else None)
+        val = fin["val"].get(rk["val_metric"])
+        if val is not None:
+            ax.plot([x - 0.15], [val], "o", mfc="none", color="gray",
+                    label=f"search trial's {rk['val_metric']} (selection-biased)" if x == 0 else None)
+    ax.set_xticks(range(len(rk["finalists"])))
+    ax.set_xticklabels([fins[f]["label"] + (" ★" if rk.get("champion") == f else "") for f in rk["finalists"]],
+                       fontsize=8)
+    ax.set_ylabel(m), ax.set_title(f"{rk['kind']}: {m} on the test split")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _confirm_section(payload: dict) -> str:
+    fins = payload["finalists"]
+    out = [f"<h2>Confirmation on the test split</h2><p>confirm <code>{html.escape(payload['confirm_id'])}</code>: "
+           f"{len(fins)} finalist(s) retrained with seeds {', '.join(map(str, payload['seeds']))} up to the epoch "
+           f"each was best at, scored once on {payload['test_events']:,} test events. Test figures: mean ± standard "
+           f"deviation over seeds; [interval]: {html.escape(payload['interval'])}.</p>"]
+    for rk in payload["rankings"]:
+        m = rk["test_metric"]
+        shown = [k for k in TEST_SHOWN[rk["kind"]] if any(k in fins[f]["test"] for f in rk["finalists"])]
+        shown = [m] + [k for k in shown if k != m]
+        head = "".join(f"<th>{html.escape(k)}</th>" for k in shown)
+        body = []
+        for f in rk["finalists"]:
+            fin = fins[f]
+            iv = fin["intervals"].get(m) or [None, None]
+            cells = []
+            for k in shown:
+                t = fin["test"].get(k)
+                cell = f"{_fmt(t['mean'])} ± {_fmt(t['std'])}" if t else "–"
+                if k == m:
+                    cell += f" [{_fmt(iv[0])}, {_fmt(iv[1])}]"
+                cells.append(f"<td>{cell}</td>")
+            star = rk.get("champion") == f
+            style = ' style="background:#efe"' if star else ""
+            body.append(f"<tr{style}><td>{html.escape(fin['label'])}{' ★' if star else ''}</td>"
+                        f"<td>{_fmt(fin['val'].get(rk['val_metric']))}</td>{''.join(cells)}"
+                        f"<td>{_fmt(fin['num_params'])}</td><td>{fin['epochs']}</td>"
+                        f"<td><code>{html.escape(fin['source_run'])}</code></td></tr>")
+        out.append(f"<h3>{html.escape(rk['kind'])}: {html.escape(rk['model'])}</h3><table><tr><th>finalist</th>"
+                   f"<th>{html.escape(rk['val_metric'])} (search)</th>{head}<th>parameters</th><th>epochs</th>"
+                   f"<th>trial run</th></tr>{''.join(body)}</table>")
+        out.append(f"<p>★ champion: {html.escape(rk.get('reason') or '')}</p>")
+        scored = rk.get("matrix_finalists") or []
+        if len(scored) > 1:
+            labels = [fins[f]["label"] for f in scored]
+            rows = []
+            for lb, row in zip(labels, rk["matrix"]):
+                cells = []
+                for v in row:
+                    if v is None:
+                        cells.append("<td>–</td>")
+                    else:
+                        shade = int(255 - 120 * abs(v - 0.5) * 2)
+                        color = f"rgb({shade},255,{shade})" if v >= 0.5 else f"rgb(255,{shade},{shade})"
+                        cells.append(f'<td style="background:{color}">{v:.2f}</td>')
+                rows.append(f"<tr><th>{html.escape(lb)}</th>{''.join(cells)}</tr>")
+            out.append(f"<p>P(row beats column) on {html.escape(m)}: the paired bootstrap over the same test events "
+                       f"(and the seeds)</p><table><tr><th></th>{''.join(f'<th>{html.escape(x)}</th>' for x in labels)}"
+                       f"</tr>{''.join(rows)}</table>")
+        out.append(f"<figure><img src=\"data:image/png;base64,{_confirm_figure(payload, rk)}\"><figcaption>"
+                   f"{html.escape(m)} per finalist with 95% intervals</figcaption></figure>")
+    return "\n".join(out)
 
 
 def _fmt(v: Any) -> str:
@@ -188,11 +313,14 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
-def _html(experiment: str, parent, rows: list[dict], metric: str, mode: str, plots) -> str:
-    cols = ["family", "trial", "status", metric] + [k for k in PHYSICS if k != metric and any(k in r for r in rows)]
+def _html(experiment: str, parent, rows: list[dict], metric: str, mode: str, plots, section: str = "",
+          confirmed: str | None = None) -> str:
+    cols = ["family", "trial", "status", metric] + (["confirmed"] if confirmed else [])
+    cols += [k for k in PHYSICS if k != metric and any(k in r for r in rows)]
     cols += [c for c in ["num_params", "latency_ms", "flops", "throughput", "epochs"] if c not in cols]
     heads = {"num_params": "parameters", "flops": "FLOPs/example", "throughput": "CPU examples/s (batch 64)",
-             "latency_ms": "latency ms (batch 1, trial's device)", "epochs": "epochs used"}
+             "latency_ms": "latency ms (batch 1, trial's device)", "epochs": "epochs used",
+             "confirmed": f"{confirmed} mean [95% interval]"}
     body = []
     for i, r in enumerate(rows, 1):
         style = ' style="background:#fde"' if r["status"] != "FINISHED" else (' style="background:#efe"' if i == 1 else "")
@@ -212,6 +340,7 @@ ranked by <b>{html.escape(metric)}</b> ({mode}) at each trial's best epoch. {htm
 {''.join(body)}</table>
 <p>★ on the Pareto front. Red rows: trials that failed (hover for the error).</p>
 {figs}
+{section}
 <p><small>generated {time.strftime('%Y-%m-%d %H:%M:%S')} by e2e-search report</small></p>
 </body></html>
 """

@@ -9,7 +9,8 @@ The map of an image is the class token's row of R over the patch tokens (models 
 without a class token: the mean row of the patch tokens), one value per patch, spread over
 that patch's pixels and cut back to the input image (undoing FitToPatches' pad or crop).
 
-Supported: every timm ``Attention`` (vit with softmax, linear or window attention,
+Supported: every timm ``Attention`` (vit with softmax, linear or window attention, any position
+encoding (rotary tables are applied to q and k as the layer does), registers, ``token_keep: nonempty``;
 hybrid_vit, mae's encoder) and CaiT (talking-heads self-attention over the patches, then
 class attention: the class token's attention over the patches, averaged over the
 class-attention layers, times the rollout of the self-attention layers). swin (shifted
@@ -33,23 +34,28 @@ def _x_of(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["x"]
 
 
-def _timm_probs(m: Attention, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-    """timm Attention (and the vit subclasses) on x (B, N, D) -> (B, N, N) head-averaged attention."""
-    from e2e_search.families.vit import LinearAttention  # vit imports nothing from here
+def _timm_probs(m: Attention, x: torch.Tensor, attn_mask: torch.Tensor | None,
+                rope: torch.Tensor | None = None) -> torch.Tensor:
+    """timm Attention (and the vit subclasses) on x (B, N, D) -> (B, N, N) head-averaged attention, with the
+    mask (bool: True = may attend; a key padding mask leaves padded keys at zero) and rotary table it got."""
+    from e2e_search.families._vit_blocks import LinearAttention, apply_rope  # vit imports nothing from here
 
     B, N, _ = x.shape
     qkv = m.qkv(x).reshape(B, N, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
     q, k, _ = qkv.unbind(0)                                                # (B, h, N, d)
     q, k = m.q_norm(q).float(), m.k_norm(k).float()
+    q, k = apply_rope(q, rope), apply_rope(k, rope)
+    mask = getattr(m, "window_mask", None)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        mask = attn_mask if mask is None else mask & attn_mask
     if isinstance(m, LinearAttention):  # the weights linear attention applies: phi(q) phi(k)^T, row-normalized
         a = (F.elu(q) + 1) @ (F.elu(k) + 1).transpose(-2, -1)             # (B, h, N, N)
+        if mask is not None:
+            a = a * mask
         a = a / a.sum(-1, keepdim=True)
     else:
         logits = (q * m.scale) @ k.transpose(-2, -1)                       # (B, h, N, N)
-        mask = getattr(m, "window_mask", None)
-        if attn_mask is not None and attn_mask.dtype == torch.bool:
-            mask = attn_mask if mask is None else mask & attn_mask
-        elif attn_mask is not None:
+        if attn_mask is not None and attn_mask.dtype != torch.bool:
             logits = logits + attn_mask
         if mask is not None:
             logits = logits.masked_fill(~mask, -math.inf)
@@ -93,7 +99,7 @@ class _Recorder:
         elif isinstance(m, TalkingHeadAttn):
             self.self_attn.append(_talking_probs(m, x))
         else:
-            self.self_attn.append(_timm_probs(m, x, kwargs.get("attn_mask")))
+            self.self_attn.append(_timm_probs(m, x, kwargs.get("attn_mask"), kwargs.get("rope")))
 
     def close(self) -> None:
         for h in self.handles:
@@ -135,11 +141,20 @@ def _to_pixels(model: nn.Module, maps: torch.Tensor, size: tuple[int, int]) -> t
 @torch.no_grad()
 def attention_rollout(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """(B, C, H, W) images -> (B, H, W) rollout maps (each scaled to max 1); None when the model has no
-    attention this module can roll out (swin, CNNs, object families)."""
+    attention this module can roll out (swin, CNNs, object families).
+
+    A ViT that keeps only its non-empty patches (``token_keep: nonempty``) rolls out over the tokens it
+    kept; the map puts each token's value on its grid patch, and the patches it dropped get zero."""
+    from e2e_search.families._vit_model import grid_tokens, kept_grid
+
     layout = _token_layout(model)
     if layout is None:
         return None
     (gh, gw), prefix, by_token = layout
+    kept = kept_grid(model)
+    picked: dict[str, torch.Tensor] = {}
+    hook = (kept[0].register_forward_hook(lambda m, a, out: picked.update(index=out[1], valid=out[2]))
+            if kept is not None else None)
     was_training = model.training
     model.eval()
     rec = _Recorder(model)
@@ -147,12 +162,16 @@ def attention_rollout(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         model(x)
     finally:
         rec.close()
+        if hook is not None:
+            hook.remove()
         model.train(was_training)
     if not rec.self_attn:
         return None
     B, N = rec.self_attn[0].shape[:2]
-    if any(a.shape[1] != N for a in rec.self_attn) or N != prefix + gh * gw:
+    n_patches = picked["index"].shape[1] if kept is not None else gh * gw
+    if any(a.shape[1] != N for a in rec.self_attn) or N != prefix + n_patches:
         return None  # tokens that are not the patch grid (an unexpected layout): no map rather than a wrong one
+    valid = picked["valid"].float() if kept is not None else torch.ones(B, n_patches, device=x.device)  # (B, K)
     eye = torch.eye(N, device=x.device)
     R = eye.expand(B, N, N)
     for a in rec.self_attn:
@@ -162,9 +181,11 @@ def attention_rollout(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         v = torch.stack(rec.class_attn).mean(0)[:, 1:]                          # (B, L)
         tokens = (v[:, None] @ R)[:, 0]                                         # (B, L)
     elif by_token and prefix > 0:
-        tokens = R[:, 0, prefix:]                                               # (B, L)
-    else:
-        tokens = R[:, prefix:, prefix:].mean(1)                                 # (B, L)
+        tokens = R[:, 0, prefix:]                                               # (B, K)
+    else:  # the mean row of the (valid) patch tokens
+        tokens = (R[:, prefix:, prefix:] * valid[:, :, None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1)
+    if kept is not None:
+        tokens = grid_tokens(picked["index"], picked["valid"], tokens, gh * gw)  # (B, L), dropped patches 0
     maps = tokens.reshape(B, gh, gw).float()
     maps = maps / maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
     return _to_pixels(model, maps, tuple(x.shape[-2:]))

@@ -157,6 +157,16 @@ class DataConfig(StrictModel):
         return self
 
 
+class ConfirmConfig(StrictModel):
+    """``e2e-search confirm`` right after the search: the ``top`` best trials retrained with ``seeds`` seeds each
+    and scored once on the test split (e2e_search/confirm.py)."""
+
+    top: int = Field(default=3, ge=1)
+    seeds: int = Field(default=3, ge=1)
+    per_family: bool = False
+    """The ``top`` best trials of each family instead of overall (a search over families)."""
+
+
 class SearchConfig(StrictModel):
     algorithm: Literal["tpe", "random", "nsga2"] = "tpe"
     num_samples: int = Field(default=8, gt=0)
@@ -164,6 +174,7 @@ class SearchConfig(StrictModel):
     metric: str | list[str] | None = None
     mode: Literal["min", "max"] | list[Literal["min", "max"]] | None = None
     seed: int = 0
+    confirm: ConfirmConfig | None = None
 
 
 class SchedulerConfig(StrictModel):
@@ -251,6 +262,9 @@ class SearchSpace(StrictModel):
         if len(modes) != len(metrics):
             raise ValueError(f"search.mode needs one entry per search.metric ({len(metrics)} metrics, {len(modes)} "
                              f"modes); set search.mode to a list of {len(metrics)} (max or min each)")
+        if s.confirm is not None and self.data.test_fraction == 0:
+            raise ValueError("search.confirm scores the finalists on the test split, but data.test_fraction is 0; "
+                             "set data.test_fraction: 0.15 (for example) or remove search.confirm")
         if self.tracking.experiment is None:
             self.tracking.experiment = self.name
         return self

@@ -178,7 +178,7 @@ def _init_ray(address: str | None, verbose: bool, drivers: bool = True) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # Ray Train's controller collects each report (and notices a finished or dead worker) every this many
         # seconds, 2 by default; a worker's next report waits for it. 0.5 s cut a trial's overhead from
-        # 31.8 s to 28.1 s (bench/orchestration.py --poll 2,0.5). Ray's processes inherit it.
+        # 31.8 s to 28.1 s (bench/orchestration.py, BENCHMARKS.md section 5). Ray's processes inherit it.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         # Multi-worker trials: one logical CPU more than the machine has carries the trial drivers
         # (DRIVER_CPU each, idle while their workers train), so N cores still run N one-CPU workers at once.
@@ -298,11 +298,14 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
     exp_id = get_experiment_id(client, cfg.tracking.experiment, p.artifact_root)
     metric, mode = cfg.metrics[0], cfg.modes[0]
     if resume is None:
+        from .fileid import TAG, data_hash
+
         run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # RUN_STAMP in tracking.check_names
         parent = start_parent_run(
             client, exp_id, name=run_name, resolved_yaml=dump(cfg),
             tags={"e2e.family": cfg.family_label, "e2e.task": cfg.task.type, "e2e.metric": metric, "e2e.mode": mode,
-                  "e2e.tune_path": str(p.storage / run_name)},
+                  "e2e.tune_path": str(p.storage / run_name),
+                  TAG: data_hash(cfg.data.path) or ""},  # the data file's identity: confirm checks it
             params={"family": cfg.family_label, "task": cfg.task.type, "algorithm": cfg.search.algorithm,
                     "num_samples": cfg.search.num_samples, "scheduler": cfg.scheduler.type,
                     "max_epochs": cfg.scheduler.max_epochs, "workers": cfg.resources.workers,
@@ -400,6 +403,10 @@ def _finish(client, parent: str, trials_cb, cfg: SearchSpace, run_name: str, sta
     from .tracking import register_champions
 
     metric, mode = cfg.metrics[0], cfg.modes[0]
+    try:
+        trials_cb.drain()  # every trial's run closed, its best checkpoint uploaded (champions point at it)
+    except Exception:  # noqa: BLE001 - a run that cannot be closed is recorded FAILED by the closing thread
+        pass
     winner = trials_cb.best_trial()
     best_rid = trials_cb.runs.get(winner[0]) if winner else None
     end_error = None

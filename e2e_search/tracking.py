@@ -174,18 +174,25 @@ def register_champions(client: MlflowClient, experiment: str, task: str, candida
         # The first of equal values: the same trial the search names best (MlflowTrials.best_trial).
         value, rid = (max if order == "max" else min)(scored, key=lambda vr: vr[0])
         name = champion_names(experiment, "regression" if kind == "regressor" else "classification")[0]
-        try:
-            client.get_registered_model(name)
-        except Exception:
-            client.create_registered_model(name, description=f"best {kind} of e2e-search experiment '{experiment}'")
         run = client.get_run(rid)
-        version = client.create_model_version(
-            name, source=f"{run.info.artifact_uri}/{BEST_ARTIFACT}", run_id=rid,
-            tags={"e2e.search": search, "e2e.family": run.data.tags.get("e2e.family", ""), "e2e.metric": key,
-                  "e2e.value": f"{value:.6g}"})
-        client.set_registered_model_alias(name, "champion", version.version)
+        set_champion(client, name, run, {"e2e.search": search, "e2e.family": run.data.tags.get("e2e.family", ""),
+                                         "e2e.metric": key, "e2e.value": f"{value:.6g}"},
+                     description=f"best {kind} of e2e-search experiment '{experiment}'")
         out[name] = rid
     return out
+
+
+def set_champion(client: MlflowClient, name: str, run, tags: dict[str, str], *, description: str) -> str:
+    """A new version of registered model ``name`` from ``run``'s ``best_checkpoint/`` artifact, with ``tags``,
+    and the alias ``champion`` moved to it (the model is created first if needed). Returns the version."""
+    try:
+        client.get_registered_model(name)
+    except Exception:
+        client.create_registered_model(name, description=description)
+    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/{BEST_ARTIFACT}",
+                                         run_id=run.info.run_id, tags={k: tag_value(v) for k, v in tags.items()})
+    client.set_registered_model_alias(name, "champion", version.version)
+    return str(version.version)
 
 
 def find_resumable(client: MlflowClient, experiment: str, search_run: str | None = None):

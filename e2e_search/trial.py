@@ -11,11 +11,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,6 +23,7 @@ from ray import tune
 from .core import layout
 from .core.contract import TrialConfig
 from .core.loop import train_trial
+from .core.session import OneProcess, as_folder
 from .params import trial_family
 
 
@@ -66,7 +66,21 @@ class TrialSetup(BaseModel):
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     """The Tune trainable: ``params`` are this trial's sampled values."""
     trial_id = tune.get_context().get_trial_id()
-    cfg = setup.trial_config(params, trial_id)
+    _run(setup.trial_config(params, trial_id), setup, trial_id)
+
+
+def run_confirm_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """The Tune trainable of ``e2e-search confirm`` (e2e_search/confirm.py): ``config["job"]`` holds a finalist's
+    ``params`` (its seed set) and ``epochs``, the epoch it was best at: trained up to it on the search's schedule,
+    then scored once on the test split."""
+    trial_id = tune.get_context().get_trial_id()
+    job = config["job"]
+    cfg = setup.trial_config(job["params"], trial_id).model_copy(
+        update={"stop_epoch": int(job["epochs"]), "score_split": "test"})
+    _run(cfg, setup, trial_id)
+
+
+def _run(cfg: TrialConfig, setup: TrialSetup, trial_id: str) -> None:
     if setup.resources.in_process:
         _in_this_process(cfg)
     else:
@@ -74,28 +88,14 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 
 
 # --------------------------------------------------------------------------- one worker: this process
-class TuneSession:
+class TuneSession(OneProcess):
     """The core inside the Tune trial's process: Tune's GPU (CUDA_VISIBLE_DEVICES set by Ray) or the CPU."""
-
-    rank, world = 0, 1
 
     def __init__(self, use_gpu: bool):
         self.device = torch.device("cuda", 0) if use_gpu and torch.cuda.is_available() else torch.device("cpu")
 
-    def prepare_model(self, model: torch.nn.Module, *, find_unused: bool) -> torch.nn.Module:
-        return model.to(self.device)
-
-    def prepare_loader(self, loader):
-        return loader
-
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
-        ckpt = tune.get_checkpoint()
-        if ckpt is None:
-            yield None
-            return
-        with ckpt.as_directory() as d:
-            yield Path(d)
+    def latest_checkpoint(self):
+        return as_folder(tune.get_checkpoint())
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None = None) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None)
@@ -134,16 +134,10 @@ class TrainSession:
 
         return ray.train.torch.prepare_data_loader(loader)  # DistributedSampler + device
 
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
+    def latest_checkpoint(self):
         import ray.train
 
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            yield None
-            return
-        with ckpt.as_directory() as d:
-            yield Path(d)
+        return as_folder(ray.train.get_checkpoint())
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None = None) -> None:
         import ray.train

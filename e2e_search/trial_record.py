@@ -13,7 +13,9 @@ import json
 import math
 import re
 import sys
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +53,8 @@ def _timed(hook):
         try:
             return hook(self, *args, **kwargs)
         finally:
-            self.busy_s += time.perf_counter() - t0
+            with self._busy_lock:
+                self.busy_s += time.perf_counter() - t0
 
     return wrapper
 
@@ -96,7 +99,26 @@ class MlflowTrials(Callback):
         self.history: dict[str, dict[str, list[tuple[int, float]]]] = {}  # for the learning curves
         self.logged: dict[str, set[tuple[str, int]]] = {}  # (metric, step) already in each trial's run
         self.broken: dict[str, str] = {}  # trial_id -> why its MLflow record failed
-        self.busy_s = 0.0  # driver time spent in the hooks below
+        self.busy_s = 0.0  # driver time spent in the hooks below and in closing runs
+        # Closing a run (uploading its best checkpoint, drawing and uploading its plots: ~1 s) happens on one
+        # background thread, off Tune's event loop: the other trials' results are not held up meanwhile.
+        # ``drain()`` waits for it (the end of a search); a run whose closing a killed driver never finished
+        # is closed again on resume (tag ``e2e.closing``, see rehydrate).
+        self._closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="e2e-mlflow-close")
+        self._pending: list[Future] = []
+        self._busy_lock = threading.Lock()
+
+    def __getstate__(self):  # Tune pickles its callbacks with the experiment state: not the closing thread
+        state = self.__dict__.copy()
+        for k in ("_closer", "_pending", "_busy_lock"):
+            state.pop(k, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="e2e-mlflow-close")
+        self._pending = []
+        self._busy_lock = threading.Lock()
 
     def _tracking_failed(self, tid: str, e: Exception) -> None:
         text = " ".join(str(e).split())
@@ -170,16 +192,33 @@ class MlflowTrials(Callback):
             tags.append(RunTag("e2e.error", error[:5000]))
         if last.get("num_params") is not None:
             metrics.append(Metric("num_params", float(last["num_params"]), now, 0))
-        self.client.log_batch(rid, metrics=metrics, tags=tags)
         ckpt = (best or {}).get("checkpoint")
         if ckpt and "://" not in ckpt and not Path(ckpt).is_dir():  # Ray no longer keeps it: the latest one
-            self.client.set_tag(rid, "e2e.checkpoint_note", f"best epoch's checkpoint {ckpt} is gone; uploaded the latest")
+            tags.append(RunTag("e2e.checkpoint_note", f"best epoch's checkpoint {ckpt} is gone; uploaded the latest"))
             ckpt = None
         ckpt = ckpt or last.get("checkpoint_path")
-        if ckpt:
-            self._upload_checkpoint(rid, ckpt, self.history.get(tid))
-        self.client.set_terminated(rid, status="FINISHED" if status == "FINISHED" else "FAILED")
+        tags.append(RunTag("e2e.closing", ckpt or ""))
+        self.client.log_batch(rid, metrics=metrics, tags=tags)
         self.status[tid] = status
+        self._pending.append(self._closer.submit(self._finish_run, tid, rid, status, ckpt, self.history.get(tid)))
+
+    def _finish_run(self, tid: str, rid: str, status: str, ckpt: str | None, history: dict | None) -> None:
+        """(background thread) The run's best checkpoint and plots uploaded, then the run closed."""
+        t0 = time.perf_counter()
+        try:
+            if ckpt:
+                self._upload_checkpoint(rid, ckpt, history)
+            self.client.set_terminated(rid, status="FINISHED" if status == "FINISHED" else "FAILED")
+        except Exception as e:  # noqa: BLE001 - one run's record must not stop the others
+            self._tracking_failed(tid, e)
+        finally:
+            with self._busy_lock:
+                self.busy_s += time.perf_counter() - t0
+
+    def drain(self) -> None:
+        """Wait until every run handed to the closing thread is closed."""
+        while self._pending:
+            self._pending.pop(0).result()
 
     def _upload_checkpoint(self, run_id: str, path: str, history: dict | None = None) -> None:
         import tempfile
@@ -271,6 +310,9 @@ class MlflowTrials(Callback):
             st = r.data.tags.get("e2e.status")
             if st in ("FINISHED", "FAILED"):
                 self.status[tid] = st
+                if r.info.status == "RUNNING":  # the killed driver had not finished closing it
+                    ckpt = r.data.tags.get("e2e.closing") or None
+                    self._pending.append(self._closer.submit(self._finish_run, tid, rid, st, ckpt, None))
                 counts["finished" if st == "FINISHED" else "failed"] += 1
                 if f"best_{self.metric}" in m:
                     self.best[tid] = {"value": m[f"best_{self.metric}"], "epoch": int(m.get("best_epoch", 0)),
@@ -316,6 +358,7 @@ class MlflowTrials(Callback):
         """After the search: close the runs still open. A trial Tune knows (``results``, a ResultGrid) gets its
         status from there; a run whose trial Tune never recorded (the driver died before its state was saved,
         and the trial ran again under a new id) is deleted, so every trial has exactly one run."""
+        self.drain()
         results = list(results)
 
         def result_of(tid: str):
@@ -341,6 +384,7 @@ class MlflowTrials(Callback):
             except Exception as e:  # noqa: BLE001 - one trial's record must not keep the others open
                 self._tracking_failed(tid, e)
             n += 1
+        self.drain()
         return n
 
     # ------------------------------------------------------------------ summary

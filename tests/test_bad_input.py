@@ -370,7 +370,7 @@ def test_set_malformed(ws, capsys, override):
     (["validate", YAML, "--dry-run"], "--dry-run"),
     (["run"], "file"),
     (["frobnicate", YAML], "frobnicate"),
-    ([], "run,resume,validate,best"),
+    ([], "run,resume,confirm,validate,best"),
 ])
 def test_bad_cli_flags(ws, capsys, argv, named):
     write_yaml(base_cfg())

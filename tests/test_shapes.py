@@ -165,7 +165,7 @@ def test_shipped_search_spaces_pass_with_few_builds(path, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)  # the data is not generated yet: the recipe's shape is checked
     cfg = load(path)
     builds = sum(len(combinations(cfg, f)[0]) for f in cfg.families)
-    assert builds <= 16, builds  # about 0.1 s each on one core
+    assert builds <= 24, builds  # about 0.1 s each on one core (compare_families.yaml: 17, eight families)
     t0 = time.perf_counter()
     check_shapes(cfg, None)
     print(f"{path.name}: {builds} builds, {time.perf_counter() - t0:.2f} s")

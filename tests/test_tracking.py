@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -113,6 +114,7 @@ def test_names_from_data_reach_mlflow_cleaned(client, tmp_path):
     cb.on_trial_result(iteration=1, trials=[t], trial=t,
                        result=_result(t, 1, **{"val_bin/1000-4.692e+04/mae": 3.0, "odd(name)": 1.0}))
     cb.on_trial_complete(iteration=2, trials=[t], trial=t)
+    cb.drain()  # runs are closed on the callback's closing thread
     run = client.get_run(cb.runs[t.trial_id])
     assert run.info.status == "FINISHED" and run.data.tags["e2e.status"] == "FINISHED"
     assert {"val_bin/1000-4.692e_04/mae", "odd_name_", "best_val_bin/1000-4.692e_04/mae",
@@ -132,6 +134,7 @@ def test_a_trial_whose_record_fails_is_closed_failed_and_the_search_goes_on(clie
     cb.on_trial_start(iteration=0, trials=[bad], trial=bad)  # no exception
     cb.on_trial_result(iteration=1, trials=[bad], trial=bad, result=_result(bad, 1))
     cb.on_trial_complete(iteration=2, trials=[bad], trial=bad)
+    cb.drain()  # runs are closed on the callback's closing thread
     run = client.get_run(cb.runs[bad.trial_id])
     assert run.info.status == "FAILED" and run.data.tags["e2e.status"] == "FAILED"
     assert run.data.tags["e2e.error"].startswith("MLflow tracking failed: ")
@@ -149,6 +152,7 @@ def test_a_trial_whose_record_fails_is_closed_failed_and_the_search_goes_on(clie
         cb.on_trial_result(iteration=4, trials=[good, gone], trial=gone, result=_result(gone, ep))
     cb.on_trial_complete(iteration=5, trials=[good], trial=good)
     cb.on_trial_complete(iteration=5, trials=[gone], trial=gone)
+    cb.drain()  # runs are closed on the callback's closing thread
     assert client.get_run(cb.runs[good.trial_id]).info.status == "FINISHED"
     assert cb.status == {bad.trial_id: "FAILED", good.trial_id: "FINISHED", gone.trial_id: "FAILED"}
     assert cb.best_trial()[0] == good.trial_id
@@ -171,10 +175,11 @@ def test_a_trial_restarted_after_its_last_epoch_logs_each_epoch_once(client, tmp
     # the new driver: a fresh callback takes the run over, then Tune re-runs the trial
     resumed = MlflowTrials(client, cb.experiment_id, cb.parent, search_name=cb.search_name, family="vit",
                            metric="val_mae", mode="min", max_epochs=2)
-    assert resumed.rehydrate(str(tmp_path / "train")) == {"finished": 0, "failed": 0, "interrupted": 1}
+    assert resumed.rehydrate(str(tmp_path)) == {"finished": 0, "failed": 0, "interrupted": 1}
     resumed.on_trial_start(iteration=0, trials=[t], trial=t)
     resumed.on_trial_result(iteration=1, trials=[t], trial=t, result=_result(t, 2))
     resumed.on_trial_complete(iteration=2, trials=[t], trial=t)
+    resumed.drain()  # runs are closed on the callback's closing thread
     for key in ("val_mae", "val_loss"):
         assert [m.step for m in client.get_metric_history(rid, key)] == [1, 2], key
     run = client.get_run(rid)
@@ -184,9 +189,10 @@ def test_a_trial_restarted_after_its_last_epoch_logs_each_epoch_once(client, tmp
     # killed again after the close but before Tune saved it: the finished run is left alone
     again = MlflowTrials(client, cb.experiment_id, cb.parent, search_name=cb.search_name, family="vit",
                          metric="val_mae", mode="min", max_epochs=2)
-    assert again.rehydrate(str(tmp_path / "train"))["finished"] == 1
+    assert again.rehydrate(str(tmp_path))["finished"] == 1
     again.on_trial_result(iteration=1, trials=[t], trial=t, result=_result(t, 2))
     again.on_trial_complete(iteration=2, trials=[t], trial=t)
+    again.drain()  # runs are closed on the callback's closing thread
     assert [m.step for m in client.get_metric_history(rid, "val_mae")] == [1, 2]
     assert [m.step for m in client.get_metric_history(rid, "best_val_mae")] == [2]
 
@@ -215,6 +221,7 @@ def test_a_failure_at_the_end_of_a_search_closes_its_run_failed(client, tmp_path
     cb.on_trial_start(iteration=0, trials=[t], trial=t)
     cb.on_trial_result(iteration=1, trials=[t], trial=t, result=_result(t, 1, val_auc=0.8))
     cb.on_trial_complete(iteration=2, trials=[t], trial=t)
+    cb.drain()  # runs are closed on the callback's closing thread
     end = _finish(client, cb.parent, cb, cfg, "tt-search", "FINISHED", None)
     parent = client.get_run(cb.parent)
     assert parent.info.status == "FAILED"
@@ -256,3 +263,31 @@ def test_a_store_being_migrated_by_another_process_is_waited_for(tmp_path):
         con.execute("UPDATE alembic_version SET version_num = 'df50e92ffc5e'")
     with pytest.raises(UserError, match="older schema"):
         check_store(uri, "tracking.uri", "e2e")
+
+
+def test_a_run_whose_closing_the_killed_driver_never_finished_is_closed_on_resume(client, tmp_path):
+    """Runs close on a background thread (checkpoint and plots uploaded, then the run ended); a driver killed
+    in between leaves the run RUNNING with its status tag: the resumed search uploads and closes it."""
+    cb = _callback(client, tmp_path)
+    t = _trial()
+    folder = tmp_path / f"trial_{t.trial_id}" / "checkpoint_000000"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps(_result(t, 1)))
+    cb.on_trial_start(iteration=0, trials=[t], trial=t)
+    cb.on_trial_result(iteration=1, trials=[t], trial=t, result=_result(t, 1, checkpoint_path=str(folder)))
+    busy = threading.Event()
+    cb._closer.submit(busy.wait)  # the closing thread is busy with another run when the driver dies
+    cb.on_trial_complete(iteration=2, trials=[t], trial=t)
+    rid = cb.runs[t.trial_id]
+    run = client.get_run(rid)
+    assert run.info.status == "RUNNING" and run.data.tags["e2e.closing"] == str(folder)
+    assert all(f.cancel() for f in cb._pending)  # the driver is gone: its queued closing never runs
+    busy.set()
+
+    resumed = MlflowTrials(client, cb.experiment_id, cb.parent, search_name=cb.search_name, family="vit",
+                           metric="val_mae", mode="min", max_epochs=2)
+    assert resumed.rehydrate(str(tmp_path))["finished"] == 1
+    resumed.drain()
+    run = client.get_run(rid)
+    assert run.info.status == "FINISHED" and run.data.tags["e2e.checkpoint"] == str(folder)
+    assert "best_checkpoint/metrics.json" in [a.path for a in client.list_artifacts(rid, "best_checkpoint")]

@@ -33,6 +33,17 @@ class TrialConfig(BaseModel):
     """File that records why the loss went NaN/Inf: a retry that finds it stops at once."""
     launched_at: float | None = None
     """Unix time the trial started (``startup_s`` counts from it)."""
+    stop_epoch: int | None = Field(default=None, ge=1)
+    """Stop after this epoch (at most ``max_epochs``); the learning-rate schedule still spans ``max_epochs``.
+    ``e2e-search confirm`` retrains a finalist up to the epoch it was best at."""
+    score_split: Literal["test"] | None = None
+    """Score the model of the last epoch once on this split (e2e_search/core/scoring.py): ``test_*`` metrics
+    in that epoch's report, the predictions beside its checkpoint."""
+
+    @property
+    def last_epoch(self) -> int:
+        """The last epoch this trial trains."""
+        return min(self.stop_epoch or self.max_epochs, self.max_epochs)
 
     def setup(self) -> DataSetup:
         return DataSetup(**self.data)

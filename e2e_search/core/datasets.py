@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,11 @@ _KEPT: dict[str, Any] = {}
 def _key(data: DataSetup, part: str, indices: list[int], train: bool) -> str:
     # the fields themselves, not to_dict(): asdict deep-copies the split lists (4 s for 10^6 rows)
     settings = {f.name: getattr(data, f.name) for f in dataclasses.fields(data) if f.name not in ("train", "val", "test")}
+    try:  # a file rewritten in place is read again
+        st = os.stat(data.path)
+        settings["_file"] = (st.st_size, st.st_mtime_ns)
+    except OSError:
+        pass
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     h.update(np.asarray(indices, dtype=np.int64).tobytes())
     return f"{part}:{int(train)}:{h.hexdigest()}"

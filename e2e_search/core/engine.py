@@ -112,6 +112,8 @@ class Engine:
         np.random.seed(self.tp.seed + rank)
 
         self.train_ds = open_split(data, "train", data.train, train=True)
+        if getattr(self.train_ds, "_rng", None) is not None:  # a split kept from an earlier trial of this
+            self.train_ds._rng = None  # process: its flips restart from this trial's seed (torch.initial_seed())
         # Validation: each rank scores its own stride of the split, predictions are gathered.
         self.val_ds = open_split(data, "val", data.val[rank::world])
         self.train_loader, self.val_loader = loaders(

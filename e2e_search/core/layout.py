@@ -10,6 +10,7 @@
         checkpoint.pt                      TrialCheckpoint (e2e_search/core/checkpoint.py)
         metrics.json                       the epoch's reported metrics (a resumed search logs from them)
         predictions.npz, attention.npz     validation predictions and attention maps (e2e_search/plots.py)
+        test_predictions.npz               ``e2e-search confirm`` only: the test split's predictions (core/scoring.py)
 
 MLflow: a trial's run holds its best epoch's checkpoint folder as the artifact ``best_checkpoint/``.
 """
@@ -23,6 +24,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.npz"
 ATTENTION_FILE = "attention.npz"
+TEST_PREDICTIONS_FILE = "test_predictions.npz"
 NONFINITE_FILE = "nonfinite.txt"
 TRAIN_DIR = "train"
 BEST_ARTIFACT = "best_checkpoint"

@@ -5,6 +5,9 @@ metrics.json, validation predictions, attention maps). A restarted trial resumes
 Families that declare ``pretraining`` first train ``pretrain_epochs`` epochs on their self-supervised loss
 (``model(x, pretrain=True)``), then on the task; epochs count across both phases.
 
+``TrialConfig.stop_epoch`` ends the trial early (the schedule still spans ``max_epochs``) and
+``score_split`` scores the last epoch's model once on the test split (core/scoring.py): ``e2e-search confirm``.
+
 A NaN/Inf loss ends the trial for good: the reason goes to ``nonfinite_flag`` and a retry that finds it
 stops at once instead of computing the same numbers again from the last checkpoint.
 """
@@ -26,7 +29,7 @@ from ..registry import get_family
 from .checkpoint import TrialCheckpoint, checkpoint_score
 from .contract import TrialConfig
 from .engine import Engine, NonFiniteLoss, gather
-from .layout import ATTENTION_FILE, PREDICTIONS_FILE
+from .layout import ATTENTION_FILE, PREDICTIONS_FILE, TEST_PREDICTIONS_FILE
 from .model import first_item, inference_latency_ms, to_device, unwrap
 
 __all__ = ["NonFiniteLoss", "train_trial"]
@@ -95,14 +98,14 @@ def _epochs(cfg: TrialConfig, session) -> None:
     if state is not None:
         eng.restore(state)
         start_epoch = state.epoch + 1
-        if start_epoch > cfg.max_epochs:  # restarted after its last epoch (the driver died before recording it):
+        if start_epoch > cfg.last_epoch:  # restarted after its last epoch (the driver died before recording it):
             session.report(dict(state.metrics))  # the search still needs the trial's final result
             return
 
     latency_ms: float | None = None
     startup["setup_s"] = time.time() - entered
     report_s: float | None = None  # the previous epoch's report (persisting its checkpoint)
-    for epoch in range(start_epoch, cfg.max_epochs + 1):
+    for epoch in range(start_epoch, cfg.last_epoch + 1):
         pretraining = epoch <= eng.pretrain_epochs
         t0 = time.time()
         train = eng.train_epoch(epoch, pretraining)
@@ -122,6 +125,12 @@ def _epochs(cfg: TrialConfig, session) -> None:
             if latency_ms is None:  # a cost objective for multi-objective searches; measured once per trial
                 latency_ms = inference_latency_ms(unwrap(eng.model), to_device(first_item(eng.val_ds[0][0]), device))
             metrics["latency_ms"] = latency_ms
+        scored = None
+        if cfg.score_split and epoch == cfg.last_epoch and not pretraining:  # once, the model as trained
+            from .scoring import score_split
+
+            scored = score_split(eng, cfg.score_split)
+            metrics.update(scored.metrics)
         metrics["checkpoint_score"] = checkpoint_score(metrics, cfg.metric, cfg.mode)
         if epoch == start_epoch:
             metrics.update(startup)
@@ -138,6 +147,10 @@ def _epochs(cfg: TrialConfig, session) -> None:
                                      target_std=data.target_std)
                     if shown is not None:
                         _save_attention(os.path.join(tmp, ATTENTION_FILE), unwrap(eng.model), shown, device)
+                if scored is not None:
+                    from .scoring import save_scored
+
+                    save_scored(os.path.join(tmp, TEST_PREDICTIONS_FILE), scored, data)
                 metrics["save_s"] = time.time() - saving  # written to a local folder; report_s persists it
                 reporting = time.time()
                 session.report(metrics, Path(tmp))

@@ -23,9 +23,20 @@ def task_outputs(data: DataSetup) -> dict[str, int]:
     return {"classification": data.num_classes, "regression": 1}
 
 
+def empty_pixel(data: DataSetup) -> list[float]:
+    """Per channel, what an empty detector cell (0 in the file) becomes through the data's deterministic
+    transforms (e2e_search/transforms.py: zero_suppress, clip, log1p, normalization; resizing keeps zeros)."""
+    from ..transforms import preprocess
+
+    steps = {k: getattr(data, k, None) for k in ("zero_suppress", "clip", "log1p", "mean", "std")}
+    zeros = np.zeros((1, int(data.in_chans), 1, 1), np.float32)
+    return [float(v) for v in preprocess(zeros, {**steps, "resize": None}, select=False)[0, :, 0, 0]]
+
+
 def build_model(family: str | None, params: dict[str, Any], data: DataSetup) -> torch.nn.Module:
     """The trial's model (CPU, float32). ``family`` None: the family is ``params["family"]`` (a search over
-    families). Families declaring ``task_heads`` get the output blocks (one head per task).
+    families). Families declaring ``task_heads`` get the output blocks (one head per task), those declaring
+    ``empty_pixel`` the value of an empty cell per channel (:func:`empty_pixel`).
     Raises UserError for an unknown family, pydantic's ValidationError or ValueError for params that do not fit."""
     fam = get_family(trial_family(family, params))
     _, fp = split_params(family, params)
@@ -33,6 +44,8 @@ def build_model(family: str | None, params: dict[str, Any], data: DataSetup) -> 
     kw: dict[str, Any] = {"num_outputs": sum(tasks.values())}
     if fam.capabilities.task_heads:
         kw["tasks"] = tasks
+    if fam.capabilities.empty_pixel and fam.inputs == "image":
+        kw["empty_pixel"] = empty_pixel(data)
     if fam.inputs == "objects":
         return fam.build(fp, n_objects=data.img_size[0], n_features=data.img_size[1], **kw)
     return fam.build(fp, in_chans=data.in_chans, img_size=tuple(data.img_size), **kw)

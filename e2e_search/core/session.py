@@ -40,23 +40,38 @@ class Session(Protocol):
         the folder may be deleted afterwards)."""
 
 
-class LocalSession:
-    """The core in this process, on one device: reports are kept in ``reports``, checkpoints copied to
-    ``folder/epoch_<nnnn>``; ``resume`` starts from the latest of them."""
+class OneProcess:
+    """What every one-process session shares: rank 0 of 1, the model moved to ``device``, loaders as they are."""
 
     rank, world = 0, 1
-
-    def __init__(self, folder: str | Path, device: str | torch.device = "cpu", resume: bool = False):
-        self.folder = Path(folder)
-        self.device = torch.device(device)
-        self.resume = resume
-        self.reports: list[tuple[dict[str, Any], Path | None]] = []
+    device: torch.device
 
     def prepare_model(self, model: torch.nn.Module, *, find_unused: bool) -> torch.nn.Module:
         return model.to(self.device)
 
     def prepare_loader(self, loader):
         return loader
+
+
+@contextlib.contextmanager
+def as_folder(checkpoint) -> Iterator[Path | None]:
+    """A Ray checkpoint (anything with ``as_directory()``) as a local folder while the block runs; None stays None."""
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as d:
+        yield Path(d)
+
+
+class LocalSession(OneProcess):
+    """The core in this process, on one device: reports are kept in ``reports``, checkpoints copied to
+    ``folder/epoch_<nnnn>``; ``resume`` starts from the latest of them."""
+
+    def __init__(self, folder: str | Path, device: str | torch.device = "cpu", resume: bool = False):
+        self.folder = Path(folder)
+        self.device = torch.device(device)
+        self.resume = resume
+        self.reports: list[tuple[dict[str, Any], Path | None]] = []
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:

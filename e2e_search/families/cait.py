@@ -10,12 +10,14 @@ Image sizes that are not a multiple of the patch size are zero-padded (FitToPatc
 
 from __future__ import annotations
 
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from timm.models.cait import Cait
 from torch import nn
 
 from e2e_search.registry import Capabilities, register_family
+from e2e_search.families._vit_blocks import MLP
 from e2e_search.families.vit import FitToPatches, heads_multiple, use_fused_attention
 
 
@@ -34,6 +36,8 @@ class CaitParams(BaseModel):
     drop_path: float = Field(default=0.0, ge=0, lt=1)
     layer_scale: float = Field(default=0.1, gt=0, le=1)
     """Initial LayerScale of every residual branch (CaiT uses 0.1 up to depth 18, smaller when deeper)."""
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    """MLP of both kinds of block: GELU, or SwiGLU (Shazeer 2020) with 2/3 of the hidden width."""
 
 
 @register_family("cait", params=CaitParams, shape_params=("patch_size",),
@@ -57,5 +61,7 @@ def build_cait(p: CaitParams, *, in_chans: int, img_size: tuple[int, int], num_o
         mlp_ratio_token_only=p.mlp_ratio,
         drop_path_rate=p.drop_path,
         init_values=p.layer_scale,
+        mlp_block=MLP[p.mlp],
+        mlp_block_token_only=MLP[p.mlp],
     )
     return nn.Sequential(fit, use_fused_attention(cait))

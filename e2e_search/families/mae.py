@@ -57,6 +57,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from e2e_search.registry import Capabilities, register_family
+from e2e_search.families._vit_blocks import MLP, sincos_2d
 from e2e_search.families.vit import FitToPatches, heads_multiple
 
 EMPTY_TOL = 1e-6
@@ -88,6 +89,12 @@ class MaeParams(BaseModel):
     """full: train everything after pretraining; linear: linear probe (encoder features detached)."""
     pretrain_epochs: int = Field(default=2, ge=0)
     """Self-supervised epochs run by the worker loop before fine-tuning."""
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    """Encoder MLP: GELU, or SwiGLU (Shazeer 2020) with 2/3 of the hidden width."""
+    qk_norm: bool = False
+    """Encoder: LayerNorm of every head's queries and keys (Dehghani et al. 2023)."""
+    layer_scale: float | None = Field(default=None, gt=0)
+    """Encoder: initial LayerScale of both residual branches of every block (Touvron et al. 2021); None: none."""
 
 
 def check_visible(p: MaeParams, grid: tuple[int, int]) -> None:
@@ -116,17 +123,10 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], cls_token: bool = True)
     A quarter of the dims each: sin(row), cos(row), sin(col), cos(col); the last
     dim % 4 dims are zero. A leading zero row is added for the class token.
     """
-    d = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(d, dtype=torch.float64) / max(d, 1))  # (d,)
-    rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64),
-                                torch.arange(grid[1], dtype=torch.float64), indexing="ij")
-    r = rows.reshape(-1, 1) * omega                                # (L, d)
-    c = cols.reshape(-1, 1) * omega                                # (L, d)
-    emb = torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], dim=1)   # (L, 4d)
-    emb = nn.functional.pad(emb, (0, dim - 4 * d))                 # (L, dim)
+    emb = sincos_2d(dim, grid)                                     # (L, dim)
     if cls_token:
         emb = torch.cat([emb.new_zeros(1, dim), emb])              # (1+L, dim)
-    return emb.float().unsqueeze(0)
+    return emb.unsqueeze(0)
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -183,20 +183,22 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def _blocks(dim: int, depth: int, heads: int, mlp_ratio: float) -> nn.Sequential:
-    return nn.Sequential(*[Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm)
-                           for _ in range(depth)])
+def _blocks(dim: int, depth: int, heads: int, mlp_ratio: float, mlp: str = "gelu", qk_norm: bool = False,
+            layer_scale: float | None = None) -> nn.Sequential:
+    return nn.Sequential(*[Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm, mlp_layer=MLP[mlp],
+                                 qk_norm=qk_norm, init_values=layer_scale) for _ in range(depth)])
 
 
 class MaeEncoder(nn.Module):
     """ViT encoder over (a subset of) patch tokens plus a class token."""
 
-    def __init__(self, patch_dim: int, grid: tuple[int, int], dim: int, depth: int, heads: int, mlp_ratio: float):
+    def __init__(self, patch_dim: int, grid: tuple[int, int], dim: int, depth: int, heads: int, mlp_ratio: float,
+                 mlp: str = "gelu", qk_norm: bool = False, layer_scale: float | None = None):
         super().__init__()
         self.patch_embed = nn.Linear(patch_dim, dim)  # = a stride-p convolution on the image
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, grid), persistent=False)  # (1, 1+L, D)
-        self.blocks = _blocks(dim, depth, heads, mlp_ratio)
+        self.blocks = _blocks(dim, depth, heads, mlp_ratio, mlp, qk_norm, layer_scale)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, patches: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -242,7 +244,8 @@ class MaskedAutoencoder(nn.Module):
         patch_dim = p.patch_size ** 2 * in_chans
         dim = heads_multiple(p.embed_dim, p.num_heads)
         dec_dim = heads_multiple(p.decoder_dim, p.decoder_heads)
-        self.encoder = MaeEncoder(patch_dim, self.grid, dim, p.depth, p.num_heads, p.mlp_ratio)
+        self.encoder = MaeEncoder(patch_dim, self.grid, dim, p.depth, p.num_heads, p.mlp_ratio, p.mlp, p.qk_norm,
+                                  p.layer_scale)
         self.decoder = MaeDecoder(dim, patch_dim, self.grid, dec_dim, p.decoder_depth, p.decoder_heads, p.mlp_ratio)
         self.head_norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_outputs)

@@ -18,21 +18,33 @@ The token mixer of every block is chosen by ``attention``:
   fused kernel); the class token attends to, and is attended by, every token.
 
 All three keep timm's parameter names (``qkv``, ``proj``), so state dicts are interchangeable.
+
+Techniques shared with ``hybrid_vit`` (``TimmVitParams``; each default keeps timm's plain ViT, with the
+same state dict): ``pos_embed`` (learned, sincos, rope, none), ``reg_tokens`` (Darcet et al. 2024),
+``mlp`` (gelu or swiglu), ``qk_norm`` (Dehghani et al. 2023) and ``layer_scale`` (Touvron et al. 2021).
+Only ``vit`` has ``token_keep``: with ``nonempty`` only the patches holding a hit become tokens
+(e2e_search/families/_vit_model.py).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from timm.layers import Attention
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from e2e_search.families._vit_blocks import (ATTENTION, MLP, LinearAttention, SoftmaxAttention, WindowAttention,
+                                             window_mask)
+from e2e_search.families._vit_model import Vit
 from e2e_search.registry import Capabilities, register_family
+
+__all__ = ["ATTENTION", "FitToPatches", "LinearAttention", "SoftmaxAttention", "TimmVitParams", "VitParams",
+           "WindowAttention", "build_vit", "fitted_size", "heads_multiple", "timm_vit", "use_fused_attention",
+           "window_mask"]
 
 
 class TimmVitParams(BaseModel):
@@ -48,6 +60,16 @@ class TimmVitParams(BaseModel):
     drop_path: float = Field(default=0.0, ge=0, lt=1)
     pool: Literal["token", "avg", "map"] = "token"
     """Output head: class token, mean over patches, or attention pooling."""
+    pos_embed: Literal["learned", "rope", "sincos", "none"] = "learned"
+    """Position information: learned table, 2-D rotary (RoPE-ViT), fixed 2-D sin-cos table, or none."""
+    reg_tokens: int = Field(default=0, ge=0)
+    """Register tokens (Darcet et al. 2024): extra learned tokens next to the class token, never pooled."""
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    """Block MLP: GELU, or SwiGLU (Shazeer 2020) with 2/3 of the hidden width (same parameter count)."""
+    qk_norm: bool = False
+    """LayerNorm of every head's queries and keys before attention (Dehghani et al. 2023)."""
+    layer_scale: float | None = Field(default=None, gt=0)
+    """Initial LayerScale of both residual branches of every block (Touvron et al. 2021); None: none."""
 
 
 class VitParams(TimmVitParams):
@@ -57,6 +79,8 @@ class VitParams(TimmVitParams):
     """Token mixer: fused softmax attention, kernelized linear attention (O(N)), or local window attention."""
     window_size: int = Field(default=5, ge=1)
     """Window side in patches (attention: window only); the last windows of a row/column may be smaller."""
+    token_keep: Literal["all", "nonempty"] = "all"
+    """Which patches become tokens: all, or only those holding a hit (variable length, padded and masked)."""
 
 
 def fitted_size(size: int, patch: int, how: str) -> int:
@@ -101,10 +125,11 @@ def heads_multiple(dim: int, heads: int) -> int:
     return math.ceil(dim / heads) * heads
 
 
-def timm_vit(p: BaseModel, *, img_size: tuple[int, int], in_chans: int, num_outputs: int, **extra) -> VisionTransformer:
-    """timm's VisionTransformer from the parameters ViT-like families share (patch_size, embed_dim, depth,
-    num_heads, mlp_ratio, drop_path, pool), with fused attention; ``extra`` goes to timm as is."""
-    return use_fused_attention(VisionTransformer(
+def timm_vit(p: TimmVitParams, *, img_size: tuple[int, int], in_chans: int, num_outputs: int, **extra) -> Vit:
+    """timm's VisionTransformer (as :class:`Vit`) from the parameters ViT-like families share (patch_size,
+    embed_dim, depth, num_heads, mlp_ratio, drop_path, pool, pos_embed, reg_tokens, mlp, qk_norm, layer_scale),
+    with fused attention; ``extra`` goes to :class:`Vit` / timm as is."""
+    return use_fused_attention(Vit(
         img_size=img_size,
         patch_size=p.patch_size,
         in_chans=in_chans,
@@ -116,6 +141,11 @@ def timm_vit(p: BaseModel, *, img_size: tuple[int, int], in_chans: int, num_outp
         num_heads=p.num_heads,
         mlp_ratio=p.mlp_ratio,
         drop_path_rate=p.drop_path,
+        pos_embed=p.pos_embed,
+        reg_tokens=p.reg_tokens,
+        mlp_layer=MLP[p.mlp],
+        qk_norm=p.qk_norm,
+        init_values=p.layer_scale,
         **extra,
     ))
 
@@ -128,84 +158,20 @@ def use_fused_attention(model: nn.Module) -> nn.Module:
     return model
 
 
-class LinearAttention(Attention):
-    """Kernelized linear attention, phi(x) = elu(x) + 1 (Katharopoulos et al. 2020).
-
-        out_i = phi(q_i) . sum_j phi(k_j) v_j^T / (phi(q_i) . sum_j phi(k_j) + eps)
-
-    costs O(N d^2) instead of O(N^2 d); computed in float32 (autocast off) for stability.
-    """
-
-    eps: float = 1e-6
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise NotImplementedError("linear attention takes no attention mask")
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)                                              # (B, h, N, d)
-        q, k = self.q_norm(q), self.k_norm(k)
-        # (the meta device, on which e2e_search/shapes.py builds models, has no autocast: use the CPU's there)
-        with torch.autocast(device_type="cpu" if x.device.type == "meta" else x.device.type, enabled=False):
-            q, k, v = F.elu(q.float()) + 1, F.elu(k.float()) + 1, v.float()
-            kv = torch.einsum("bhnd,bhne->bhde", k, v)                       # (B, h, d, d)
-            den = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=2)) + self.eps  # (B, h, N)
-            out = torch.einsum("bhnd,bhde->bhne", q, kv) / den.unsqueeze(-1)  # (B, h, N, d)
-        out = out.to(x.dtype).transpose(1, 2).reshape(B, N, self.attn_dim)   # (B, N, h*d)
-        if gate is not None:
-            out = out * gate
-        return self.proj_drop(self.proj(self.norm(out)))                     # (B, N, D)
-
-
-def window_mask(grid: tuple[int, int], window: int, num_prefix_tokens: int) -> torch.Tensor:
-    """(P + gh*gw, P + gh*gw) bool, True = may attend: patches (row-major after the P prefix
-    tokens) see their own non-overlapping ``window`` x ``window`` block; prefix tokens see and are seen by all."""
-    gh, gw = grid
-    rows = torch.arange(gh).repeat_interleave(gw) // window             # (N,) window row of each patch
-    cols = torch.arange(gw).repeat(gh) // window                        # (N,) window column
-    win = rows * math.ceil(gw / window) + cols                          # (N,) window id
-    n = num_prefix_tokens + gh * gw
-    mask = torch.ones(n, n, dtype=torch.bool)
-    mask[num_prefix_tokens:, num_prefix_tokens:] = win[:, None] == win[None, :]
-    return mask
-
-
-class WindowAttention(Attention):
-    """Local attention on the patch grid: timm's fused Attention with a window mask.
-
-    The mask is set by :meth:`set_window` once the grid is known (the block builder does not know it).
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.fused_attn = True
-        self.register_buffer("window_mask", None, persistent=False)  # (N, N) bool, not in the state dict
-
-    def set_window(self, grid: tuple[int, int], window: int, num_prefix_tokens: int) -> None:
-        self.window_mask = window_mask(grid, window, num_prefix_tokens).to(self.qkv.weight.device)
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if self.window_mask is None:
-            raise RuntimeError("WindowAttention.set_window() was not called")
-        mask = self.window_mask                                          # (N, N) bool
-        if attn_mask is not None:
-            mask = mask & attn_mask if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~mask, float("-inf"))
-        return super().forward(x, attn_mask=mask, is_causal=is_causal)
-
-
-ATTENTION: dict[str, type[Attention]] = {"softmax": Attention, "linear": LinearAttention, "window": WindowAttention}
-
-
 @register_family("vit", params=VitParams, shape_params=("patch_size", "patch_fit"),
-                 capabilities=Capabilities(task_heads=True, rollout=True))
+                 capabilities=Capabilities(task_heads=True, rollout=True, empty_pixel=True))
 def build_vit(p: VitParams, *, in_chans: int, img_size: tuple[int, int], num_outputs: int,
-              tasks: dict[str, int] | None = None) -> nn.Module:
-    """Vision transformer (timm) with searchable patch size, depth, width, heads, pooling and attention type."""
+              tasks: dict[str, int] | None = None, empty_pixel: Sequence[float] | None = None) -> nn.Module:
+    """Vision transformer (timm) with searchable patch size, depth, width, heads, pooling, attention type,
+    positions, registers, MLP, QK-norm, LayerScale, and empty-patch dropping."""
     fit = FitToPatches(img_size, p.patch_size, p.patch_fit)
+    extra = {}
+    if p.token_keep == "nonempty":
+        extra = {"token_keep": "nonempty", "real": fit(torch.ones(1, 1, *img_size))[0, 0] > 0,
+                 "empty_pixel": empty_pixel, "window": p.window_size if p.attention == "window" else None}
     vit = timm_vit(p, img_size=fit.out_size, in_chans=in_chans, num_outputs=num_outputs,
-                   attn_layer=ATTENTION[p.attention])
-    if p.attention == "window":
+                   attn_layer=ATTENTION[p.attention], **extra)
+    if p.attention == "window" and p.token_keep == "all":
         for blk in vit.blocks:
             blk.attn.set_window(tuple(vit.patch_embed.grid_size), p.window_size, vit.num_prefix_tokens)
     return nn.Sequential(fit, vit)
