@@ -45,11 +45,16 @@ def machine() -> str:
 
 def write_jets(path: str | Path, n: int, *, size: int = 125, channels: int = 3, compression: str | None = "gzip",
                level: int = 4, shuffle: bool = True, chunk_rows: int | None = 1, dtype=np.float32,
-               fill: float = 0.015, seed: int = 0, block: int = 512) -> Path:
+               fill: float = 0.015, seed: int = 0, block: int = 512, templates: int | None = None) -> Path:
     """An E2E-format file of ``n`` sparse jet-like images (``X_jets`` (n, size, size, C) channels-last, ``y``).
 
     About ``fill`` of the pixels are non-zero (exponential energies, denser near the centre for class 1),
     like the Pythia images (~1.5% filled). ``chunk_rows=None`` with no compression: contiguous storage.
+
+    ``templates=K`` (one jet per chunk, even K): only the first K jets are drawn and compressed; jet ``i`` is
+    jet ``i % K`` again, its compressed chunk copied with ``write_direct_chunk``. The file is the same format
+    (every chunk still has to be read and decompressed), written in a fraction of the time: compressing
+    10^6 mostly-empty 183 KiB jets takes about half an hour on 2 cores.
     """
     rng = np.random.default_rng(seed)
     y = (np.arange(n) % 2).astype(np.int64)
@@ -65,16 +70,24 @@ def write_jets(path: str | Path, n: int, *, size: int = 125, channels: int = 3, 
     per = size * size * channels
     k = max(1, int(per * fill))
     c = size // 2
+    if templates is not None and (chunk_rows != 1 or templates % 2 or templates < 2):
+        raise ValueError("templates needs one jet per chunk (chunk_rows=1) and an even count (the labels alternate)")
+    drawn = n if templates is None else min(n, templates)
     with h5py.File(path, "w") as f:
         X = f.create_dataset("X_jets", shape=shape, dtype=dtype, **kw)
-        for a in range(0, n, block):
-            m = min(block, n - a)
+        for a in range(0, drawn, block):
+            m = min(block, drawn - a)
             buf = np.zeros((m, per), np.float32)
             idx = rng.integers(0, per, (m, k))
             np.put_along_axis(buf, idx, rng.exponential(1.0, (m, k)).astype(np.float32), axis=1)
             buf = buf.reshape(m, size, size, channels)
             buf[y[a : a + m] == 1, c - 3 : c + 3, c - 3 : c + 3, :] += 2.0
             X[a : a + m] = buf.astype(dtype)
+        if drawn < n:
+            chunks = [X.id.read_direct_chunk((i, 0, 0, 0)) for i in range(drawn)]
+            for i in range(drawn, n):
+                mask, data = chunks[i % drawn]
+                X.id.write_direct_chunk((i, 0, 0, 0), data, mask)
         f["y"] = y
         f["m0"] = rng.normal(100, 30, n).astype(np.float32)
     return Path(path)

@@ -3,6 +3,7 @@ trials, and the rate at which batches reach the model.
 
     .venv/bin/python bench/sparse_cache.py --rows 10000,100000          # 2 CPU cores
     .venv/bin/python bench/sparse_cache.py --rows 10000 --tasks 1,2,16  # a GPU machine
+    .venv/bin/python bench/sparse_cache.py --rows 1000000 --tasks 2 --caches none,sparse   # 10^6 rows (~15 min)
 
 For each ``--rows`` it writes synthetic sparse jets (125x125x3 float32, gzip-4 + shuffle, one jet per chunk:
 what ``e2e-search data generate`` writes) at the measured occupancy of generated top/QCD jets (0.29% of the
@@ -179,6 +180,9 @@ def main() -> int:
     ap.add_argument("--touch", type=int, default=3, help="batches each of the two trials takes before measuring")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--max-batches", type=int, default=30)
+    ap.add_argument("--templates", type=int, default=100_000,
+                    help="above this many rows, jets repeat: only this many are drawn and compressed, the other "
+                         "chunks are copies (write_direct_chunk); every chunk is still read and decompressed")
     ap.add_argument("--dir", help="where the files go (default: a temporary folder)")
     ap.add_argument("--out", help="write the rows as JSON here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -209,7 +213,7 @@ def main() -> int:
         for n in (int(v) for v in args.rows.split(",")):
             path = tmp / f"jets_{n}.h5"
             t0 = time.perf_counter()
-            write_jets(path, n, fill=args.fill)
+            write_jets(path, n, fill=args.fill, templates=args.templates if n > args.templates else None)
             print(f"\n{n:,} jets written in {time.perf_counter() - t0:.0f} s ({path.stat().st_size / n / 1024:.1f} "
                   "KiB/jet on disk)", flush=True)
             ingest = {}
