@@ -60,7 +60,7 @@ class TrialSetup(BaseModel):
                            max_epochs=self.max_epochs, metric=self.metric, mode=self.mode, metrics=self.metrics,
                            cpus=self.resources.cpus_per_worker, loader_workers=self.loader_workers,
                            nonfinite_flag=str(layout.nonfinite_flag(self.search_dir, trial_id)),
-                           launched_at=time.time())
+                           launched_at=time.time(), trial_id=trial_id)
 
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
