@@ -102,7 +102,7 @@ class MlflowTrials(Callback):
         self.history: dict[str, dict[str, list[tuple[int, float]]]] = {}  # for the learning curves
         self.logged: dict[str, set[tuple[str, int]]] = {}  # (metric, step) already in each trial's run
         self.sources: dict[str, list[str]] = {}  # PBT: "<source trial>@<epoch>><first epoch after>" per exploit
-        self.current: dict[str, dict[str, float]] = {}  # PBT: the mutable values last tagged
+        self.current: dict[str, dict[str, Any]] = {}  # PBT: each trial's params as last logged or tagged
         self.broken: dict[str, str] = {}  # trial_id -> why its MLflow record failed
         self.busy_s = 0.0  # driver time spent in the hooks below and in closing runs
         # Closing a run (uploading its best checkpoint, drawing and uploading its plots: ~1 s) happens on one
@@ -167,6 +167,7 @@ class MlflowTrials(Callback):
         rid = run.info.run_id
         self.runs[tid] = rid  # from here on a failure closes this run
         params = public_params(trial.config)
+        self.current[tid] = dict(params)
         logged = unique_keys(dict(sorted(params.items())))
         self.client.log_batch(rid, params=[Param(k, param_value(v)) for k, v in logged.items()])
         self.client.log_dict(rid, {"family": params.get("family", self.family), "params": params}, "config.yaml")
@@ -290,9 +291,13 @@ class MlflowTrials(Callback):
             v = trial.config.get(name)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 numeric[mlflow_key(f"pbt/{name}")] = float(v)
-                if self.current.get(tid, {}).get(name) != float(v):
-                    self.current.setdefault(tid, {})[name] = float(v)
-                    tags.append(RunTag(mlflow_key(f"e2e.pbt.{name}"), param_value(float(v))))
+        # A value that is no longer the run's param (PBT: a perturbed one, or the donor's architecture after an
+        # exploit): tag e2e.pbt.<name> with the value in use.
+        current = self.current.setdefault(tid, public_params(trial.config))
+        for name, v in public_params(trial.config).items():
+            if current.get(name) != v:
+                current[name] = v
+                tags.append(RunTag(mlflow_key(f"e2e.pbt.{name}"), param_value(v)))
         new = {k: v for k, v in numeric.items() if (k, epoch) not in done}
         if new or tags:
             self.client.log_batch(rid, metrics=[Metric(k, v, now, epoch) for k, v in new.items()], tags=tags)

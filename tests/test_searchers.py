@@ -198,7 +198,7 @@ def test_mlflow_keeps_an_exploited_trials_whole_history(tmp_path):
     trial = Trial("fn", config={"lr": 1e-3, "depth": 1}, trial_id="bbbb0001", stub=True)
     for epoch in (1, 2):
         cb.on_trial_result(0, [], trial, {"epoch": epoch, "val_auc": 0.5 + epoch / 100})
-    trial.set_config({"lr": 1.2e-3, "depth": 1})  # PBT: donor aaaa's epoch-1 weights, lr x 1.2
+    trial.set_config({"lr": 1.2e-3, "depth": 2})  # PBT: donor aaaa's epoch-1 weights and depth, lr x 1.2
     for epoch in (2, 3, 4):
         cb.on_trial_result(0, [], trial, {"epoch": epoch, "val_auc": 0.7 + epoch / 100,
                                           **({"pbt_source": "aaaa0001@1"} if epoch == 2 else {})})
@@ -212,4 +212,5 @@ def test_mlflow_keeps_an_exploited_trials_whole_history(tmp_path):
     tags = run.data.tags
     assert tags["e2e.pbt_source"] == "aaaa0001@1" and tags["e2e.pbt_sources"] == "aaaa0001@1>2"
     assert float(tags["e2e.pbt.lr"]) == 1.2e-3 and run.data.params["lr"] == "0.001"
+    assert tags["e2e.pbt.depth"] == "2" and run.data.params["depth"] == "1"  # the donor's architecture
     assert run.data.metrics["epochs_run"] == 4 and run.data.metrics["best_val_auc"] == pytest.approx(0.74)
