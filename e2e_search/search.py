@@ -316,7 +316,8 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
             client, exp_id, name=run_name, resolved_yaml=dump(cfg),
             tags={"e2e.family": cfg.family_label, "e2e.task": cfg.task.type, "e2e.metric": metric, "e2e.mode": mode,
                   "e2e.tune_path": str(p.storage / run_name),
-                  TAG: data_hash(cfg.data.path) or "", **warm_tags},  # the data file's identity: confirm checks it
+                  TAG: data_hash(cfg.data.path) or "",  # the data file's identity: confirm checks it
+                  **warm_tags},
             params={"family": cfg.family_label, "task": cfg.task.type, "algorithm": cfg.search.algorithm,
                     "num_samples": cfg.search.num_samples, "scheduler": cfg.scheduler.type,
                     "max_epochs": cfg.scheduler.max_epochs, "workers": cfg.resources.workers,
