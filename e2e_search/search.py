@@ -272,7 +272,7 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
     from ray import tune
 
     from .progress import Progress
-    from .searchers import pbt_dims
+    from .searchers import initial_population, pbt_dims, pbt_param_space
     from .searchers import scheduler as make_scheduler
     from .tracking import get_experiment_id, start_parent_run
     from .trial_record import MlflowTrials
@@ -364,18 +364,13 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
                                          max_epochs=cfg.scheduler.max_epochs)]
         if resume is None:
             pbt = cfg.scheduler.type == "pbt"
-            if pbt:  # Ray refuses a searcher with PBT: the sampler's initial population as fixed configurations
-                from ray.tune.search import BasicVariantGenerator
-
-                from .searchers import initial_population
-
-                search_alg = BasicVariantGenerator(points_to_evaluate=initial_population(cfg, p.warm))
-            else:
-                search_alg = _searcher(cfg, p.warm)
+            # Ray refuses a searcher with PBT: the sampler's initial population, one grid point per member.
+            space = pbt_param_space(initial_population(cfg, p.warm)) if pbt else None
             tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler,
-                                            num_samples=cfg.search.num_samples, max_concurrent_trials=concurrent,
+                trainable, param_space=space,
+                tune_config=tune.TuneConfig(search_alg=None if pbt else _searcher(cfg, p.warm), scheduler=scheduler,
+                                            num_samples=1 if pbt else cfg.search.num_samples,
+                                            max_concurrent_trials=concurrent,
                                             reuse_actors=in_process, trial_dirname_creator=_trial_dirname),
                 run_config=tune.RunConfig(
                     name=run_name, storage_path=str(p.storage), verbose=0, callbacks=callbacks,

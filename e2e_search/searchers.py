@@ -169,6 +169,38 @@ def initial_population(cfg: SearchSpace, warm=None) -> list[dict[str, Any]]:
     return out
 
 
+ABSENT = "__absent__"
+"""PBT: the value of a parameter a population member does not have (an inactive conditional one); dropped
+again by :func:`present` before the trial trains and by ``params.public_params`` before MLflow."""
+MEMBER = "pbt__member"
+
+
+class _Member:
+    """``tune.sample_from``: parameter ``key`` of population member ``config[MEMBER]`` (picklable)."""
+
+    def __init__(self, population: list[dict[str, Any]], key: str):
+        self.population, self.key = population, key
+
+    def __call__(self, config):
+        return self.population[config[MEMBER]].get(self.key, ABSENT)
+
+
+def pbt_param_space(population: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tune's ``param_space`` for PBT: one grid point per member of ``population`` (so ``num_samples`` is 1),
+    every parameter resolved from it. Ray refuses a searcher with PBT, and its ``points_to_evaluate`` need every
+    key (and list element) declared in the space, which conditional dimensions and list values do not give."""
+    from ray import tune
+
+    keys = list(dict.fromkeys(k for member in population for k in member))
+    return {MEMBER: tune.grid_search(list(range(len(population)))),
+            **{k: tune.sample_from(_Member(population, k)) for k in keys}}
+
+
+def present(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` without the PBT placeholders (:data:`ABSENT` values, the member index)."""
+    return {k: v for k, v in params.items() if k != MEMBER and not (isinstance(v, str) and v == ABSENT)}
+
+
 # --------------------------------------------------------------------------- schedulers
 class ClipToRanges:
     """PBT's ``custom_explore_fn``: a perturbed value (x0.8 / x1.2) is clipped into its YAML range

@@ -65,8 +65,10 @@ class TrialSetup(BaseModel):
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     """The Tune trainable: ``params`` are this trial's sampled values."""
+    from .searchers import present
+
     trial_id = tune.get_context().get_trial_id()
-    _run(setup.trial_config(params, trial_id), setup, trial_id)
+    _run(setup.trial_config(present(params), trial_id), setup, trial_id)
 
 
 def run_confirm_trial(config: dict[str, Any], setup: TrialSetup) -> None:
