@@ -34,8 +34,8 @@ def _children(uri: str, experiment: str):
 
 @pytest.mark.parametrize("algorithm, scheduler, extra", [
     ("gp", "hyperband", []),
-    pytest.param("cmaes", "asha", NUMERIC, marks=pytest.mark.slow),
-    pytest.param("qmc", "none", [], marks=pytest.mark.slow),
+    ("cmaes", "asha", NUMERIC),
+    ("qmc", "none", []),
 ], ids=["gp_hyperband", "cmaes_asha", "qmc_none"])
 def test_new_sampler_and_scheduler_run_the_quickstart(tmp_path, monkeypatch, capsys, ray_local, algorithm,
                                                        scheduler, extra):
