@@ -50,7 +50,7 @@ def test_new_sampler_and_scheduler_run_the_quickstart(tmp_path, monkeypatch, cap
     assert len(children) == 2 and all(r.data.tags["e2e.status"] == "FINISHED" for r in children)
 
 
-@pytest.mark.slow  # ~2 min on 2 cores; the restore-with-new-values logic runs without Ray in test_searchers.py
+# 29 s on 2 cores; the restore-with-new-values logic also runs without Ray in test_searchers.py
 def test_pbt_four_trials_keep_their_whole_history(tmp_path, monkeypatch, capsys, ray_local):
     monkeypatch.chdir(tmp_path)
     argv = ["run", QUICKSTART, *_sets(*SMALL, "search.num_samples=4", "search.max_concurrent=2",
@@ -78,7 +78,7 @@ def test_pbt_four_trials_keep_their_whole_history(tmp_path, monkeypatch, capsys,
     assert exploited >= 1
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # 23 s; the warm start's reading and mapping run without Ray in test_searchers.py
 def test_warm_start_queues_the_earlier_best_first(tmp_path, monkeypatch, capsys, ray_local):
     """A search warm-started from an earlier experiment: its first trial is the earlier best configuration
     (clipped into the new lr range), the parent run records the source experiment."""
