@@ -1,6 +1,7 @@
-"""Search efficiency: ASHA + TPE vs random search without early stopping, in trial-epochs to a target val AUC.
+"""Search efficiency: ASHA + TPE / GP / warm-started TPE vs random search, in trial-epochs to a target val AUC.
 
-    .venv/bin/python bench/search_efficiency.py --seeds 0,1,2 --trials 16 --random-trials 32 --epochs 9
+    .venv/bin/python bench/search_efficiency.py --seeds 0,1,2 --trials 16 --random-trials 32 --epochs 9 \
+        --searches tpe,gp,warm_tpe
 
 Both searches run the same ViT search space (learning rate over four decades, depth, width, patch size,
 pooling) on one fixed generated dataset (4,000 Pythia top vs QCD jets, as
@@ -8,6 +9,11 @@ pooling) on one fixed generated dataset (4,000 Pythia top vs QCD jets, as
 
 - **ASHA + TPE**: ``search.algorithm: tpe``, ``scheduler: asha`` (grace 1 epoch, reduction factor 3), one
   search per seed in ``--seeds``;
+- **ASHA + GP** (``--searches`` with ``gp``): ``search.algorithm: gp``, the same ASHA, one search per seed;
+- **warm-started ASHA + TPE** (``warm_tpe``): first one ASHA + TPE search (search seed 100) on another split
+  of the same generated data (``data.seed: 1``), then one ASHA + TPE search per seed with
+  ``search.warm_start: {experiment: <that search>, top: --warm-top}``. The source search's own trial-epochs
+  are not counted (they are the earlier search that a warm start reuses);
 - **random**: ``search.algorithm: random``, ``scheduler: none``: every trial trains all ``--epochs``.
 
 A trial-epoch is one epoch of one trial. The cost of a search to reach the target is the number of
@@ -54,7 +60,7 @@ GENERATE = {"recipe": "top_vs_qcd", "n": 4000, "workers": 2, "seed": 1}  # what 
 
 
 def search_config(data: str, tmp: str, name: str, *, algorithm: str, scheduler: str, trials: int, epochs: int,
-                  seed: int, concurrent: int) -> dict:
+                  seed: int, concurrent: int, data_seed: int = 0, warm_start: dict | None = None) -> dict:
     sched = {"type": scheduler, "max_epochs": epochs}
     if scheduler == "asha":
         sched.update(grace_period=1, reduction_factor=3)
@@ -62,10 +68,10 @@ def search_config(data: str, tmp: str, name: str, *, algorithm: str, scheduler: 
         "name": name, "family": "vit", "task": {"type": "classification", "num_classes": 2},
         # 125x125 jets averaged down to 25x25 (5x5 blocks): quick on a CPU, still far from trivial to tag.
         "data": {"path": data, "val_fraction": 0.25, "test_fraction": 0.0, "cache": "device", "log1p": True,
-                 "resize": [25, 25], "resize_mode": "avgpool", "generate": GENERATE},
+                 "resize": [25, 25], "resize_mode": "avgpool", "generate": GENERATE, "seed": data_seed},
         "params": SPACE,
         "search": {"algorithm": algorithm, "num_samples": trials, "max_concurrent": concurrent, "metric": "val_auc",
-                   "seed": seed},
+                   "seed": seed, **({"warm_start": warm_start} if warm_start else {})},
         "scheduler": sched,
         "resources": {"workers": 1, "cpus_per_worker": 1},
         "tracking": local_tracking(tmp),
@@ -115,8 +121,13 @@ def expected_random_cost(trials: list[list[tuple[int, int, float]]], target: flo
 Curves = list[list[tuple[int, int, float]]]  # per trial: [(logged at ms, epoch, val AUC)]
 
 
-def run_searches(args) -> tuple[dict[str, Curves], Curves]:
-    """The ASHA + TPE searches (one per seed) and the random search, on one generated dataset and one Ray."""
+LABELS = {"asha_tpe": "ASHA+TPE", "asha_gp": "ASHA+GP", "asha_tpe_warm": "ASHA+TPE warm"}
+SEARCHES = {"tpe": "asha_tpe", "gp": "asha_gp", "warm_tpe": "asha_tpe_warm"}
+
+
+def run_searches(args) -> tuple[dict[str, dict[str, Curves]], Curves]:
+    """The ASHA searches (one per seed and kind in ``--searches``) and the random search, on one generated
+    dataset and one Ray -> ({kind: {seed: curves}}, random curves)."""
     import ray
 
     from e2e_search.config import validate
@@ -126,6 +137,7 @@ def run_searches(args) -> tuple[dict[str, Curves], Curves]:
     data = args.data
     _quiet_libraries(False)
     start_ray()
+    kinds = [k.strip() for k in args.searches.split(",") if k.strip()]
 
     def run(name: str, **kw) -> Curves:
         cfg = validate(search_config(data, tmp, name, epochs=args.epochs, concurrent=args.concurrent, **kw),
@@ -133,30 +145,41 @@ def run_searches(args) -> tuple[dict[str, Curves], Curves]:
         out = execute(plan(cfg))
         return curves(out.tracking_uri, out.parent_run_id)
 
+    seeds = args.seeds.split(",")
+    out: dict[str, dict[str, Curves]] = {}
     try:
-        asha = {s: run(f"asha_tpe_{s}", algorithm="tpe", scheduler="asha", trials=args.trials, seed=int(s))
-                for s in args.seeds.split(",")}
+        for kind in kinds:
+            key = SEARCHES[kind]
+            if kind == "warm_tpe":  # the earlier search: another split of the same jets, its own search seed
+                run("source_tpe", algorithm="tpe", scheduler="asha", trials=args.trials, seed=100, data_seed=1)
+                out[key] = {s: run(f"warm_tpe_{s}", algorithm="tpe", scheduler="asha", trials=args.trials,
+                                   seed=int(s), warm_start={"experiment": "source_tpe", "top": args.warm_top})
+                            for s in seeds}
+            else:
+                out[key] = {s: run(f"asha_{kind}_{s}", algorithm=kind, scheduler="asha", trials=args.trials,
+                                   seed=int(s)) for s in seeds}
         rnd = run("random", algorithm="random", scheduler="none", trials=args.random_trials, seed=100)
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
-    return asha, rnd
+    return out, rnd
 
 
-def summarize(asha: dict[str, Curves], rnd: Curves, target: float | None, quantile: float) -> list[dict]:
+def summarize(groups: dict[str, dict[str, Curves]], rnd: Curves, target: float | None, quantile: float) -> list[dict]:
     if target is None:
         bests = sorted(max(v for _, _, v in t) for t in rnd if t)
         target = float(np.quantile(bests, quantile))
         print(f"target val AUC {target:.4f}: the {quantile:g} quantile of the random trials' best")
     rows = []
-    print(f"{'search':>16} {'trials':>6} {'trial-epochs run':>16} {'best val AUC':>12} {'trial-epochs to target':>22}")
-    for s, tr in asha.items():
-        c = cost_in_order(tr, target)
-        best = max((v for t in tr for _, _, v in t), default=float("nan"))
-        rows.append({"search": f"asha_tpe seed {s}", "trials": len(tr), "trial_epochs": sum(map(len, tr)),
-                     "best": best, "to_target": c, "target": target})
-        print(f"{'ASHA+TPE s' + str(s):>16} {len(tr):6d} {sum(map(len, tr)):16d} {best:12.4f} "
-              f"{c if c is not None else 'not reached':>22}")
+    print(f"{'search':>20} {'trials':>6} {'trial-epochs run':>16} {'best val AUC':>12} {'trial-epochs to target':>22}")
+    for kind, by_seed in groups.items():
+        for s, tr in by_seed.items():
+            c = cost_in_order(tr, target)
+            best = max((v for t in tr for _, _, v in t), default=float("nan"))
+            rows.append({"search": f"{kind} seed {s}", "kind": kind, "trials": len(tr),
+                         "trial_epochs": sum(map(len, tr)), "best": best, "to_target": c, "target": target})
+            print(f"{LABELS.get(kind, kind) + ' s' + str(s):>20} {len(tr):6d} {sum(map(len, tr)):16d} {best:12.4f} "
+                  f"{c if c is not None else 'not reached':>22}")
     exp, share = expected_random_cost(rnd, target)
     best = max((v for t in rnd for _, _, v in t), default=float("nan"))
     hits = sum(1 for t in rnd if any(v >= target for _, _, v in t))
@@ -164,19 +187,29 @@ def summarize(asha: dict[str, Curves], rnd: Curves, target: float | None, quanti
     rows.append({"search": "random", "trials": len(rnd), "trial_epochs": sum(map(len, rnd)), "best": best,
                  "expected_to_target": exp, "orders_reaching": share, "trials_reaching": hits,
                  "in_logged_order": in_order, "target": target})
-    print(f"{'random':>16} {len(rnd):6d} {sum(map(len, rnd)):16d} {best:12.4f} {exp:22.1f}  (expected; "
+    print(f"{'random':>20} {len(rnd):6d} {sum(map(len, rnd)):16d} {best:12.4f} {exp:22.1f}  (expected; "
           f"{hits}/{len(rnd)} trials reach it; {in_order} in the order it ran)")
-    costs = [r["to_target"] for r in rows if r.get("to_target") is not None]
-    if costs and exp == exp:
-        print(f"\nASHA+TPE / random trial-epochs to target: median {median(costs) / exp:.2f}, "
-              f"mean {mean(costs) / exp:.2f} ({len(costs)}/{len(asha)} ASHA+TPE searches reached it)")
+    print()
+    medians = {}
+    for kind, by_seed in groups.items():
+        costs = [r["to_target"] for r in rows if r.get("kind") == kind and r.get("to_target") is not None]
+        if costs and exp == exp:
+            medians[kind] = median(costs)
+            print(f"{LABELS.get(kind, kind)} / random trial-epochs to target: median {median(costs) / exp:.2f}, "
+                  f"mean {mean(costs) / exp:.2f} ({len(costs)}/{len(by_seed)} searches reached it)")
+    if "asha_tpe_warm" in medians and "asha_tpe" in medians:
+        print(f"warm-started / cold ASHA+TPE trial-epochs to target (medians): "
+              f"{medians['asha_tpe_warm'] / medians['asha_tpe']:.2f} (goal: at most 0.5)")
     return rows
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", default="0,1,2", help="one ASHA + TPE search per seed")
-    ap.add_argument("--trials", type=int, default=16, help="trials per ASHA + TPE search")
+    ap.add_argument("--seeds", default="0,1,2", help="one ASHA search of each kind per seed")
+    ap.add_argument("--searches", default="tpe", help="kinds of ASHA search, comma-separated: tpe (cold TPE), gp, "
+                                                      "warm_tpe (TPE warm-started from a search on another split)")
+    ap.add_argument("--warm-top", type=int, default=4, help="warm_tpe: the earlier search's best trials queued")
+    ap.add_argument("--trials", type=int, default=16, help="trials per ASHA search")
     ap.add_argument("--random-trials", type=int, default=32, help="trials of the random search (all epochs)")
     ap.add_argument("--epochs", type=int, default=9)
     ap.add_argument("--target", type=float, help="target val AUC (default: see --target-quantile)")
@@ -193,14 +226,14 @@ def main() -> int:
     print(machine(), flush=True)
     if args.curves and os.path.exists(args.curves):
         saved = json.loads(Path(args.curves).read_text())
-        asha, rnd = saved["asha_tpe"], saved["random"]
+        groups, rnd = {k: v for k, v in saved.items() if k in LABELS}, saved["random"]
     else:
-        asha, rnd = run_searches(args)
+        groups, rnd = run_searches(args)
         if args.curves:
-            Path(args.curves).write_text(json.dumps({"argv": sys.argv, "asha_tpe": asha, "random": rnd}))
+            Path(args.curves).write_text(json.dumps({"argv": sys.argv, **groups, "random": rnd}))
     print(f"\n{machine()}\nViT space of {len(SPACE)} keys, {args.epochs} epochs max, data {args.data}, "
           f"{args.concurrent} trials at once")
-    write_result(args.out, summarize(asha, rnd, args.target, args.target_quantile))
+    write_result(args.out, summarize(groups, rnd, args.target, args.target_quantile))
     return 0
 
 

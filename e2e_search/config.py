@@ -15,11 +15,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-# The models are importable from here as before; imports run one way: dims <- schema <- params <- config.
+# The models are importable from here as before; imports run one way: dims <- schema <- params <- searchers <- config.
 from .dims import (DIM_TYPES, ChoiceDim, Dimension, FixedDim, GridDim, LogUniformDim, QUniformDim, RandIntDim,
                    UniformDim, dim_values)
 from .errors import UserError, did_you_mean, error_text, fix_for, source_of
 from .params import check_params
+from .searchers import check_search
 from .schema import (DEFAULT_WORKDIR, MAXIMIZED, MINIMIZED, DataConfig, FamilyDim, GenerateConfig, ResourcesConfig,
                      SchedulerConfig, SearchConfig, SearchSpace, TaskConfig, TrackingConfig)
 
@@ -250,6 +251,7 @@ def validate(raw: dict, *, source: str, set_paths: list[str] | None = None) -> S
         raise e.with_source(source_of(source, set_paths, e.key)) from None
     try:
         notes = check_params(cfg)
+        notes += check_search(cfg)
     except UserError as e:
         raise e.with_source(source_of(source, set_paths, e.key)) from None
     cfg._origin = (source, list(set_paths or []))

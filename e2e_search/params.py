@@ -361,7 +361,8 @@ def split_params(cfg_family: str, params: dict[str, Any]) -> tuple[TrainParams, 
 
 
 def public_params(params: dict[str, Any]) -> dict[str, Any]:
-    """The trial's parameters without Optuna's helper entries (``name__index`` ...)."""
-    return {k: v for k, v in params.items() if "__" not in k}
+    """The trial's parameters without Optuna's helper entries (``name__index`` ...) and PBT's placeholders of
+    parameters a trial does not have (e2e_search/searchers.py)."""
+    return {k: v for k, v in params.items() if "__" not in k and not (isinstance(v, str) and v == "__absent__")}
 
 

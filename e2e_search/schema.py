@@ -167,24 +167,49 @@ class ConfirmConfig(StrictModel):
     """The ``top`` best trials of each family instead of overall (a search over families)."""
 
 
+class WarmStartConfig(StrictModel):
+    """Start a search from an earlier one (e2e_search/warm_start.py): the ``top`` best finished trials of MLflow
+    experiment ``experiment`` (in this search's tracking store, same family) are queued as the first trials;
+    ``tpe`` and ``gp`` also get their results as prior observations."""
+
+    experiment: str = Field(min_length=1)
+    top: int = Field(default=4, ge=1)
+
+
 class SearchConfig(StrictModel):
-    algorithm: Literal["tpe", "random", "nsga2"] = "tpe"
+    algorithm: Literal["tpe", "random", "nsga2", "gp", "cmaes", "qmc"] = "tpe"
+    """The Optuna sampler (docs/search_space.md, "Searchers and schedulers"): tpe, gp (Gaussian process),
+    cmaes (CMA-ES: numeric dimensions only), qmc (quasi-random Sobol), random, nsga2 (several metrics)."""
     num_samples: int = Field(default=8, gt=0)
     max_concurrent: int | None = Field(default=None, gt=0)
     metric: str | list[str] | None = None
     mode: Literal["min", "max"] | list[Literal["min", "max"]] | None = None
     seed: int = 0
     confirm: ConfirmConfig | None = None
+    warm_start: WarmStartConfig | None = None
 
 
 class SchedulerConfig(StrictModel):
-    type: Literal["asha", "none"] = "asha"
+    type: Literal["asha", "hyperband", "pbt", "none"] = "asha"
+    """asha: stop poor trials at rungs; hyperband: HyperBand brackets (pauses and resumes trials);
+    pbt: Population Based Training over lr / weight_decay / drop_path; none: every trial to max_epochs."""
     max_epochs: int = Field(default=10, gt=0)
     grace_period: int = Field(default=1, gt=0)
+    """asha: epochs every trial trains before it can be stopped."""
     reduction_factor: float = Field(default=2, gt=1)
+    """asha and hyperband: 1 in this many trials goes on at each rung."""
+    perturbation_interval: int = Field(default=2, gt=0)
+    """pbt: every this many epochs the bottom trials take the weights of the top ones and perturb their
+    training parameters."""
+    quantile_fraction: float = Field(default=0.25, gt=0, le=0.5)
+    """pbt: the share of trials in the bottom (copying) and top (copied) groups."""
 
     @model_validator(mode="after")
     def _grace(self):
+        if self.type == "pbt" and self.perturbation_interval >= self.max_epochs:
+            raise ValueError(f"perturbation_interval ({self.perturbation_interval}) leaves no perturbation before "
+                             f"max_epochs ({self.max_epochs}); set scheduler.perturbation_interval below "
+                             f"{self.max_epochs} or raise scheduler.max_epochs")
         if self.grace_period > self.max_epochs:
             raise ValueError(f"grace_period ({self.grace_period}) exceeds max_epochs ({self.max_epochs}); set "
                              f"scheduler.grace_period to at most {self.max_epochs} (--set scheduler.grace_period="

@@ -18,7 +18,6 @@ from .config import DEFAULT_WORKDIR, SearchSpace, dump
 from .data import DataSetup, inspect
 from .errors import NothingToResume, UserError
 from .formats import materialize
-from .params import grid_points
 from .shapes import check_shapes
 
 # A trial's own process only builds the TorchTrainer and waits: give it a sliver of a CPU.
@@ -34,6 +33,8 @@ class Plan:
     tracking_uri: str
     artifact_root: str
     needs_generation: bool = False
+    warm: Any = None
+    """The earlier trials ``search.warm_start`` queues (e2e_search/warm_start.py), read in plan()."""
 
 
 def _local_gpus() -> int:
@@ -59,6 +60,7 @@ def plan(cfg: SearchSpace, *, address: str | None = None, generate: bool = True)
             key="resources.gpus_per_worker",
         )
     check_tracking(cfg, workdir)
+    warm = _warm_start(cfg, workdir)
     if needs_gen and generate:
         generate_data(cfg.data.path, cfg.data.generate, address=address, drivers=not runs_in_process(cfg.resources))
     # Parquet/ROOT: converted once to an HDF5 cache (not in a dry run: then None, and nothing is written).
@@ -70,7 +72,21 @@ def plan(cfg: SearchSpace, *, address: str | None = None, generate: bool = True)
     artifacts = Path(cfg.tracking.artifacts) if cfg.tracking.artifacts else workdir / "mlartifacts"
     return Plan(cfg=cfg, data=data, workdir=workdir, storage=storage.resolve(),
                 tracking_uri=tracking_uri(cfg.tracking.uri, workdir), artifact_root=artifacts.resolve().as_uri(),
-                needs_generation=needs_gen)
+                needs_generation=needs_gen, warm=warm)
+
+
+def _warm_start(cfg: SearchSpace, workdir: Path):
+    """``search.warm_start``'s earlier trials, read from this search's tracking store (reads only); what the
+    mapping onto the new space changed becomes a note, said once."""
+    if cfg.search.warm_start is None:
+        return None
+    from .tracking import resolve_uri
+    from .warm_start import load
+
+    warm = load(cfg, resolve_uri(cfg.tracking.uri, workdir, flag="tracking.uri")[0])
+    if warm.note:
+        cfg.note("search.warm_start", warm.note)
+    return warm
 
 
 def check_tracking(cfg: SearchSpace, workdir: Path) -> None:
@@ -130,25 +146,17 @@ def describe(p: Plan) -> str:
         + (f" + {c.resources.gpus_per_worker:g} GPU" if c.resources.gpus_per_worker else "") + " per trial",
         f"tracking: {p.tracking_uri} (experiment '{c.tracking.experiment}'), storage {p.storage}",
     ]
+    if p.warm is not None:
+        lines.append(f"warm start: the {len(p.warm.points)} best trials of experiment '{p.warm.experiment}' first"
+                     + (" (and as prior observations)" if c.search.algorithm in ("tpe", "gp") else ""))
     return "\n".join(lines)
 
 
-def _searcher(cfg: SearchSpace):
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
+def _searcher(cfg: SearchSpace, warm=None):
+    """Ray's OptunaSearch for ``cfg`` (e2e_search/searchers.py), with ``warm``'s earlier trials first."""
+    from .searchers import searcher
 
-    from .params import OptunaSpace
-
-    seed = cfg.search.seed
-    sampler = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, cfg.search.num_samples // 3))),
-        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
-    }[cfg.search.algorithm]()
-    metric = cfg.search.metric if isinstance(cfg.search.metric, str) else list(cfg.search.metric)
-    mode = cfg.search.mode if isinstance(cfg.search.mode, str) else list(cfg.search.mode)
-    return OptunaSearch(space=OptunaSpace(cfg), metric=metric, mode=mode, sampler=sampler,
-                        points_to_evaluate=grid_points(cfg) or None)
+    return searcher(cfg, warm)
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -262,9 +270,10 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
     import ray
     from mlflow.tracking import MlflowClient
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from .progress import Progress
+    from .searchers import initial_population, pbt_dims, pbt_param_space
+    from .searchers import scheduler as make_scheduler
     from .tracking import get_experiment_id, start_parent_run
     from .trial_record import MlflowTrials
     from .trial import TrialResources, TrialSetup, run_trial
@@ -301,15 +310,19 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
         from .fileid import TAG, data_hash
 
         run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # RUN_STAMP in tracking.check_names
+        warm_tags = {} if p.warm is None else {  # where the search started from
+            "e2e.warm_start": p.warm.experiment, "e2e.warm_start_runs": ",".join(p.warm.run_ids)}
         parent = start_parent_run(
             client, exp_id, name=run_name, resolved_yaml=dump(cfg),
             tags={"e2e.family": cfg.family_label, "e2e.task": cfg.task.type, "e2e.metric": metric, "e2e.mode": mode,
                   "e2e.tune_path": str(p.storage / run_name),
-                  TAG: data_hash(cfg.data.path) or ""},  # the data file's identity: confirm checks it
+                  TAG: data_hash(cfg.data.path) or "",  # the data file's identity: confirm checks it
+                  **warm_tags},
             params={"family": cfg.family_label, "task": cfg.task.type, "algorithm": cfg.search.algorithm,
                     "num_samples": cfg.search.num_samples, "scheduler": cfg.scheduler.type,
                     "max_epochs": cfg.scheduler.max_epochs, "workers": cfg.resources.workers,
-                    "data_path": cfg.data.path, "train_size": len(p.data.train), "val_size": len(p.data.val)},
+                    "data_path": cfg.data.path, "train_size": len(p.data.train), "val_size": len(p.data.val),
+                    **({"warm_start": p.warm.experiment} if p.warm is not None else {})},
         )
     else:
         run_name, parent = resume.run_name, resume.parent_run_id
@@ -319,7 +332,8 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
 
     status = "FAILED"
     trials_cb = MlflowTrials(client, exp_id, parent, search_name=run_name, family=cfg.family_label, metric=metric,
-                             mode=mode, max_epochs=cfg.scheduler.max_epochs)
+                             mode=mode, max_epochs=cfg.scheduler.max_epochs,
+                             mutable=tuple(pbt_dims(cfg)) if cfg.scheduler.type == "pbt" else ())
     end: dict[str, Any] = {}
     try:
         if resume is not None:
@@ -340,12 +354,7 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
         if concurrent is None:
             cpus = ray.cluster_resources().get("CPU", 1)
             concurrent = max(1, math.floor(cpus / trial_cpus(res)))
-        if cfg.scheduler.type == "asha":
-            scheduler = ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=cfg.scheduler.max_epochs,
-                                      grace_period=cfg.scheduler.grace_period,
-                                      reduction_factor=cfg.scheduler.reduction_factor)
-        else:
-            scheduler = FIFOScheduler()
+        scheduler = make_scheduler(cfg, metric, mode)
         # One worker: the trial trains in its own Tune process, which holds the worker's CPUs and GPU.
         # Several: the Tune process only drives a TorchTrainer, whose workers hold them.
         trainable = tune.with_resources(
@@ -354,16 +363,22 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
         callbacks = [trials_cb, Progress(metric=metric, mode=mode, num_samples=cfg.search.num_samples,
                                          max_epochs=cfg.scheduler.max_epochs)]
         if resume is None:
+            pbt = cfg.scheduler.type == "pbt"
+            # Ray refuses a searcher with PBT: the sampler's initial population, one grid point per member.
+            space = pbt_param_space(initial_population(cfg, p.warm)) if pbt else None
             tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(search_alg=_searcher(cfg), scheduler=scheduler,
-                                            num_samples=cfg.search.num_samples, max_concurrent_trials=concurrent,
+                trainable, param_space=space,
+                tune_config=tune.TuneConfig(search_alg=None if pbt else _searcher(cfg, p.warm), scheduler=scheduler,
+                                            num_samples=1 if pbt else cfg.search.num_samples,
+                                            max_concurrent_trials=concurrent,
                                             reuse_actors=in_process, trial_dirname_creator=_trial_dirname),
                 run_config=tune.RunConfig(
                     name=run_name, storage_path=str(p.storage), verbose=0, callbacks=callbacks,
                     # One-worker trials: Tune keeps their checkpoints and retries them from the latest;
-                    # a TorchTrainer retries its own workers (resources.max_failures there).
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="checkpoint_score",
+                    # a TorchTrainer retries its own workers (resources.max_failures there). PBT keeps every
+                    # checkpoint: a donor's latest must outlive its next report until the receiver loaded it.
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None if pbt else 1,
+                                                            checkpoint_score_attribute="checkpoint_score",
                                                             checkpoint_score_order="max"),
                     failure_config=tune.FailureConfig(max_failures=res.max_failures if in_process else 0)),
             )

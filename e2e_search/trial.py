@@ -60,13 +60,15 @@ class TrialSetup(BaseModel):
                            max_epochs=self.max_epochs, metric=self.metric, mode=self.mode, metrics=self.metrics,
                            cpus=self.resources.cpus_per_worker, loader_workers=self.loader_workers,
                            nonfinite_flag=str(layout.nonfinite_flag(self.search_dir, trial_id)),
-                           launched_at=time.time())
+                           launched_at=time.time(), trial_id=trial_id)
 
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     """The Tune trainable: ``params`` are this trial's sampled values."""
+    from .searchers import present
+
     trial_id = tune.get_context().get_trial_id()
-    _run(setup.trial_config(params, trial_id), setup, trial_id)
+    _run(setup.trial_config(present(params), trial_id), setup, trial_id)
 
 
 def run_confirm_trial(config: dict[str, Any], setup: TrialSetup) -> None:

@@ -83,7 +83,7 @@ class MlflowTrials(Callback):
     """Tune callback: one nested MLflow run per trial, keyed on the trial id (reused on resume)."""
 
     def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str, *, search_name: str,
-                 family: str, metric: str, mode: str, max_epochs: int):
+                 family: str, metric: str, mode: str, max_epochs: int, mutable: tuple[str, ...] = ()):
         self.client = client
         self.experiment_id = experiment_id
         self.parent = parent_run_id
@@ -92,12 +92,17 @@ class MlflowTrials(Callback):
         self.metric = metric
         self.mode = mode
         self.max_epochs = max_epochs
+        self.mutable = tuple(mutable)
+        """Parameters a scheduler changes mid-trial (PBT): logged each epoch as metrics ``pbt/<name>`` (MLflow
+        params cannot change) and as tags ``e2e.pbt.<name>`` (the value in use now)."""
         self.runs: dict[str, str] = {}
         self.best: dict[str, dict[str, Any]] = {}  # trial_id -> {"value", "epoch", "metrics", "checkpoint"}
         self.last: dict[str, dict[str, Any]] = {}
         self.status: dict[str, str] = {}
         self.history: dict[str, dict[str, list[tuple[int, float]]]] = {}  # for the learning curves
         self.logged: dict[str, set[tuple[str, int]]] = {}  # (metric, step) already in each trial's run
+        self.sources: dict[str, list[str]] = {}  # PBT: "<source trial>@<epoch>><first epoch after>" per exploit
+        self.current: dict[str, dict[str, Any]] = {}  # PBT: each trial's params as last logged or tagged
         self.broken: dict[str, str] = {}  # trial_id -> why its MLflow record failed
         self.busy_s = 0.0  # driver time spent in the hooks below and in closing runs
         # Closing a run (uploading its best checkpoint, drawing and uploading its plots: ~1 s) happens on one
@@ -116,6 +121,8 @@ class MlflowTrials(Callback):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        for name, empty in (("mutable", ()), ("sources", {}), ("current", {})):  # pickled by an older version
+            self.__dict__.setdefault(name, empty)
         self._closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="e2e-mlflow-close")
         self._pending = []
         self._busy_lock = threading.Lock()
@@ -160,6 +167,7 @@ class MlflowTrials(Callback):
         rid = run.info.run_id
         self.runs[tid] = rid  # from here on a failure closes this run
         params = public_params(trial.config)
+        self.current[tid] = dict(params)
         logged = unique_keys(dict(sorted(params.items())))
         self.client.log_batch(rid, params=[Param(k, param_value(v)) for k, v in logged.items()])
         self.client.log_dict(rid, {"family": params.get("family", self.family), "params": params}, "config.yaml")
@@ -268,12 +276,33 @@ class MlflowTrials(Callback):
             numeric = {k: v for k, v in numeric.items() if not math.isnan(v)}
         # Each (metric, epoch) once: a trial resumed after its last epoch reports that epoch again.
         done = self.logged.setdefault(tid, set())
+        hist = self.history.setdefault(tid, {})
+        tags = []
+        source = result.get("pbt_source")
+        if isinstance(source, str) and "@" in source:  # PBT gave it another trial's weights of epoch `src`:
+            src = int(source.rsplit("@", 1)[1])  # it trains epochs after `src` again, with new values
+            done -= {(k, e) for k, e in done if e > src}
+            for k in hist:
+                hist[k] = [(e, v) for e, v in hist[k] if e <= src]
+            trail = [*self.sources.get(tid, []), f"{source}>{epoch}"]
+            self.sources[tid] = trail
+            tags += [RunTag("e2e.pbt_source", source), RunTag("e2e.pbt_sources", tag_value(",".join(trail)))]
+        for name in self.mutable:
+            v = trial.config.get(name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                numeric[mlflow_key(f"pbt/{name}")] = float(v)
+        # A value that is no longer the run's param (PBT: a perturbed one, or the donor's architecture after an
+        # exploit): tag e2e.pbt.<name> with the value in use.
+        current = self.current.setdefault(tid, public_params(trial.config))
+        for name, v in public_params(trial.config).items():
+            if current.get(name) != v:
+                current[name] = v
+                tags.append(RunTag(mlflow_key(f"e2e.pbt.{name}"), param_value(v)))
         new = {k: v for k, v in numeric.items() if (k, epoch) not in done}
-        if new:
-            self.client.log_batch(rid, metrics=[Metric(k, v, now, epoch) for k, v in new.items()])
+        if new or tags:
+            self.client.log_batch(rid, metrics=[Metric(k, v, now, epoch) for k, v in new.items()], tags=tags)
             done.update((k, epoch) for k in new)
         self.last[tid] = {**result, "checkpoint_path": checkpoint_of(trial, result)}
-        hist = self.history.setdefault(tid, {})
         for k in ("train_loss", "val_loss", "pretrain_loss", "val_pretrain_loss", self.metric):
             if k in new:
                 hist.setdefault(k, []).append((epoch, new[k]))

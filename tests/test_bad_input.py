@@ -1270,3 +1270,42 @@ def test_labels_counted_from_one(ws, capsys):
     write_h5(ws / H5, labels=(np.arange(40) % 2 + 1).astype(np.int64))
     for cmd in ("validate", "run"):
         run_broken(ws, capsys, base_cfg(), "data.label_key", "class indices start at 0", "relabel them 0..1", cmd=cmd)
+
+
+# --------------------------------------------------------------------------- issue 18: searchers and schedulers
+@pytest.mark.parametrize("sets, named", [
+    # CMA-ES cannot sample a categorical dimension: the dimension is named and tpe suggested.
+    (["search.algorithm=cmaes"], ("params.patch_size", "CMA-ES", "search.algorithm: tpe")),
+    (["search.algorithm=cmaes", "params.patch_size=4", "family={type: choice, values: [vit, cait]}"],
+     ("family", "CMA-ES", "search.algorithm: tpe")),
+    # PBT mutates continuous lr / weight_decay / drop_path: none in the space is refused.
+    (["scheduler.type=pbt", "scheduler.max_epochs=4", "params.lr=0.001", "params.drop_path=0.1"],
+     ("scheduler.type", "PBT", "params.lr: {type: loguniform")),
+    (["scheduler.type=pbt", "scheduler.max_epochs=4", "resources.workers=2"], ("resources.workers", "PBT")),
+    (["scheduler.type=pbt", "scheduler.max_epochs=4", "search.max_concurrent=1"], ("search.max_concurrent", "PBT")),
+    (["scheduler.type=pbt", "scheduler.max_epochs=2", "scheduler.perturbation_interval=2"],
+     ("scheduler", "set scheduler.perturbation_interval below 2")),
+    (["search.warm_start={experiment: earlier}"], ("search.warm_start.experiment", "no experiment 'earlier'",
+                                                   "remove search.warm_start")),
+    (["search.warm_start={experiment: earlier, top: 0}"], ("search.warm_start.top",)),
+])
+def test_searcher_and_scheduler_refusals(ws, capsys, sets, named):
+    """Issue 18: what a sampler or scheduler cannot do is one line and exit 2, before Ray (nothing written)."""
+    for cmd in ("validate", "run"):
+        run_broken(ws, capsys, base_cfg(), *named, cmd=cmd, sets=tuple(sets))
+
+
+def test_warm_start_from_an_experiment_without_finished_trials(ws, capsys):
+    """An existing store whose experiment holds no finished trial of this family: one line, exit 2."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{ws / 'store.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("earlier", artifact_location=(ws / "art").as_uri())
+    run = client.create_run(exp, tags={"e2e.kind": "trial", "e2e.family": "vit"})
+    client.set_terminated(run.info.run_id, status="FAILED")
+    cfg = base_cfg()
+    cfg["tracking"] = {"uri": uri}
+    cfg["search"]["warm_start"] = {"experiment": "earlier"}
+    capsys.readouterr()  # MLflow's notes while this test made the store
+    run_broken(ws, capsys, cfg, "search.warm_start.experiment", "no finished trial", cmd="run")

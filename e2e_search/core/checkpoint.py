@@ -8,6 +8,7 @@ values (read with ``torch.load(weights_only=True)``)::
     epoch      the epoch it was written after (epochs count across pretraining and the task)
     family     the family name; params  the trial's sampled values; data  DataSetup fields without the splits
     metrics    the epoch's reported metrics
+    trial_id   the Tune trial that wrote it (absent outside a search): PBT restores it into other trials
 
 and ``metrics.json`` (the same metrics, readable without torch).
 """
@@ -42,6 +43,12 @@ class TrialCheckpoint:
     metrics: dict[str, Any] = field(default_factory=dict)
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
+    trial_id: str | None = None
+
+    @property
+    def source(self) -> str | None:
+        """``<trial id>@<epoch>``: where these weights came from (None when no trial id was recorded)."""
+        return f"{self.trial_id}@{self.epoch}" if self.trial_id else None
 
     def save(self, folder: str | Path) -> Path:
         """Write ``checkpoint.pt`` and ``metrics.json`` into ``folder`` (created); returns the .pt path."""
@@ -56,6 +63,8 @@ class TrialCheckpoint:
             state["optimizer"] = self.optimizer
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler
+        if self.trial_id is not None:
+            state["trial_id"] = self.trial_id
         path = folder / CHECKPOINT_FILE
         torch.save(state, path)
         (folder / METRICS_FILE).write_text(json.dumps(self.metrics))
@@ -86,7 +95,8 @@ class TrialCheckpoint:
                                   "this version's training core")
         return cls(model=raw["model"], epoch=int(raw.get("epoch") or 0), family=str(raw["family"]),
                    params=dict(raw["params"]), data=dict(raw["data"]), metrics=dict(raw.get("metrics") or {}),
-                   optimizer=raw.get("optimizer"), scheduler=raw.get("scheduler"))
+                   optimizer=raw.get("optimizer"), scheduler=raw.get("scheduler"),
+                   trial_id=str(raw["trial_id"]) if raw.get("trial_id") else None)
 
     def setup(self) -> DataSetup:
         """The data settings the model was trained for (no split lists)."""

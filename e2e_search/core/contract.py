@@ -32,6 +32,9 @@ class TrialConfig(BaseModel):
     nonfinite_flag: str | None = None
     """File that records why the loss went NaN/Inf: a retry that finds it stops at once."""
     launched_at: float | None = None
+    trial_id: str | None = None
+    """The Tune trial this is (written into its checkpoints): a checkpoint of another trial restored here is a
+    PBT exploit, reported as ``pbt_source`` (``<trial id>@<epoch>``) with the first epoch trained after it."""
     """Unix time the trial started (``startup_s`` counts from it)."""
     stop_epoch: int | None = Field(default=None, ge=1)
     """Stop after this epoch (at most ``max_epochs``); the learning-rate schedule still spans ``max_epochs``.

@@ -145,14 +145,29 @@ class Engine:
     def checkpoint(self, epoch: int, metrics: dict[str, Any]) -> TrialCheckpoint:
         return TrialCheckpoint(model=unwrap(self.model).state_dict(), epoch=epoch, family=self.family,
                                params=self.cfg.params, data=model_data(self.cfg.data), metrics=metrics,
-                               optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict())
+                               optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
+                               trial_id=self.cfg.trial_id)
 
     def restore(self, ckpt: TrialCheckpoint) -> None:
+        """Weights, optimizer moments and schedule position from ``ckpt``; the learning rate and weight decay
+        are this trial's own (``cfg.params``), not the checkpoint's: after a PBT exploit they are the mutated
+        values (drop_path already is: the model was built from ``cfg.params``)."""
         unwrap(self.model).load_state_dict(ckpt.model)
         if ckpt.optimizer is not None:
             self.opt.load_state_dict(ckpt.optimizer)
         if ckpt.scheduler is not None:
             self.sched.load_state_dict(ckpt.scheduler)
+        self.apply_training_params()
+
+    def apply_training_params(self) -> None:
+        """Set the optimizer's base learning rate and weight decay to ``self.tp``'s, at the schedule's current
+        position (LambdaLR: lr = base lr x factor(step))."""
+        self.sched.base_lrs = [self.tp.lr for _ in self.opt.param_groups]
+        for group, factor in zip(self.opt.param_groups, self.sched.lr_lambdas):
+            group["initial_lr"] = self.tp.lr
+            group["lr"] = self.tp.lr * factor(self.sched.last_epoch)
+            group["weight_decay"] = self.tp.weight_decay
+        self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
 
     # ------------------------------------------------------------------ epochs
     def train_epoch(self, epoch: int, pretraining: bool) -> EpochResult:

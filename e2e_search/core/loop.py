@@ -97,6 +97,8 @@ def _epochs(cfg: TrialConfig, session) -> None:
         state = TrialCheckpoint.load(folder, map_location=device) if folder is not None else None
     if state is not None:
         eng.restore(state)
+        if state.trial_id and cfg.trial_id and state.trial_id != cfg.trial_id:  # PBT: another trial's weights
+            startup["pbt_source"] = state.source
         start_epoch = state.epoch + 1
         if start_epoch > cfg.last_epoch:  # restarted after its last epoch (the driver died before recording it):
             session.report(dict(state.metrics))  # the search still needs the trial's final result

@@ -1,0 +1,216 @@
+"""Searchers, schedulers and warm starts (issue 18) without Ray where Ray adds nothing: the Optuna samplers over
+the define-by-run space, PBT's initial population and range clipping, the trial core restoring another trial's
+checkpoint with new training values, the MLflow record of an exploited trial, and the warm start read from a
+real MLflow store. The searches themselves (real local Ray) are in tests/test_search_algorithms.py."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from e2e_search.config import validate
+from e2e_search.core.checkpoint import TrialCheckpoint
+from e2e_search.core.contract import TrialConfig
+from e2e_search.core.engine import Engine
+from e2e_search.core.loop import train_trial
+from e2e_search.core.session import LocalSession
+from e2e_search.data import inspect
+from e2e_search.errors import UserError
+from e2e_search.params import OptunaSpace
+from e2e_search.searchers import ClipToRanges, initial_population, pbt_dims, prior, sampler
+from e2e_search.trial_record import MlflowTrials
+from e2e_search.warm_start import load as load_warm, to_space
+from tests.conftest import base_config, write_e2e
+
+VIT = {"patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2, "batch_size": 16}
+
+
+def _space(tmp_path, **over):
+    cfg = base_config(tmp_path, tmp_path / "d.h5", **over)
+    cfg["params"]["drop_path"] = {"type": "uniform", "low": 0.0, "high": 0.2}
+    cfg["params"]["pool"] = {"type": "choice", "values": ["token", "avg"]}
+    cfg["params"]["mlp_ratio"] = {"type": "quniform", "low": 1.0, "high": 3.0, "q": 0.5}
+    return cfg
+
+
+@pytest.mark.parametrize("algorithm", ["gp", "qmc", "cmaes", "tpe"])
+def test_each_sampler_draws_the_space_with_grid_points_first(tmp_path, algorithm):
+    """Every sampler behind OptunaSearch fills the define-by-run space (conditions honoured), grid points
+    are the first trials, and results feed back."""
+    cfg = _space(tmp_path, search={"algorithm": algorithm, "num_samples": 6, "seed": 1})
+    cfg["params"]["embed_dim"] = 16 if algorithm == "cmaes" else {"type": "grid", "values": [16, 32]}
+    if algorithm == "cmaes":  # numeric dimensions only (check_search refuses choices)
+        cfg["params"]["pool"] = "avg"
+    c = validate(cfg, source="t.yaml")
+    study = optuna.create_study(direction="maximize", sampler=sampler(c))
+    space = OptunaSpace(c)
+    if algorithm != "cmaes":
+        for p in ({"embed_dim": 16}, {"embed_dim": 32}):
+            study.enqueue_trial(p)
+    seen = []
+    for _ in range(6):
+        t = study.ask()
+        fixed = space(t)
+        params = {**t.params, **fixed}
+        assert 1e-3 <= params["lr"] <= 3e-3 and 0.0 <= params["drop_path"] <= 0.2
+        assert params["mlp_ratio"] in (1.0, 1.5, 2.0, 2.5, 3.0)
+        seen.append(params)
+        study.tell(t, params["lr"] * 100)
+    if algorithm != "cmaes":
+        assert [s["embed_dim"] for s in seen[:2]] == [16, 32]
+    assert len(study.trials) == 6
+
+
+def test_gp_and_cmaes_note_conditional_dimensions(tmp_path):
+    cfg = base_config(tmp_path, tmp_path / "d.h5", search={"algorithm": "gp"})
+    cfg["params"]["drop_path"] = {"type": "uniform", "low": 0.0, "high": 0.2, "when": {"embed_dim": 32}}
+    c = validate(cfg, source="t.yaml")
+    assert any("params.drop_path are drawn at random" in n for n in c.notes), c.notes
+
+
+def test_pbt_population_and_mutations(tmp_path):
+    """PBT: the initial population comes from the sampler (grid points first); only unconditional continuous
+    lr / weight_decay / drop_path are mutated; a perturbed value is clipped into its range."""
+    cfg = _space(tmp_path, search={"algorithm": "tpe", "num_samples": 4},
+                 scheduler={"type": "pbt", "max_epochs": 4, "perturbation_interval": 1})
+    cfg["params"]["embed_dim"] = {"type": "grid", "values": [16, 32]}
+    c = validate(cfg, source="t.yaml")
+    pop = initial_population(c)
+    assert len(pop) == 4 and [p["embed_dim"] for p in pop[:2]] == [16, 32]
+    assert all(1e-3 <= p["lr"] <= 3e-3 for p in pop)
+    assert set(pbt_dims(c)) == {"lr", "drop_path"}
+    clip = ClipToRanges({n: (d.low, d.high) for n, d in pbt_dims(c).items()})
+    assert clip({"lr": 1.0, "drop_path": -0.5, "depth": 3}) == {"lr": 3e-3, "drop_path": 0.0, "depth": 3}
+
+
+def test_warm_start_maps_clips_and_drops(tmp_path):
+    cfg = _space(tmp_path)
+    cfg["params"]["embed_dim"] = {"type": "choice", "values": [16, 32]}
+    cfg["params"]["depth"] = {"type": "randint", "low": 1, "high": 2}
+    c = validate(cfg, source="t.yaml")
+    point, ch = to_space(c, {"lr": 0.5, "embed_dim": 64, "depth": 5, "pool": "avg", "mlp_ratio": 2.6,
+                             "drop_path": 0.1, "gone": 3}, "vit")
+    assert point == {"lr": 3e-3, "depth": 2, "pool": "avg", "mlp_ratio__step": 3, "drop_path": 0.1}
+    assert ch == {"clipped": {"lr", "depth"}, "dropped": {"embed_dim"}, "missing": set()}
+    study = optuna.create_study(direction="maximize")
+    space = OptunaSpace(c)
+    # embed_dim was dropped: not a complete observation, only queued; the other is one
+    full = {**point, "embed_dim": 32}
+    assert prior(study, space, [(point, 0.7), (full, 0.8)]) == 1
+    assert study.best_value == 0.8 and study.best_params["embed_dim"] == 32
+
+
+def test_warm_start_reads_the_best_finished_trials(tmp_path):
+    """From a real MLflow store: the K best FINISHED trials of the experiment's family, best first; a missing
+    experiment or one without such trials is refused naming search.warm_start.experiment."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("old", artifact_location=(tmp_path / "art").as_uri())
+    for i, (auc, fam, status) in enumerate([(0.9, "vit", "FINISHED"), (0.95, "vit", "FINISHED"),
+                                            (0.99, "vit", "FAILED"), (0.97, "cait", "FINISHED")]):
+        r = client.create_run(exp, tags={"e2e.kind": "trial", "e2e.family": fam})
+        client.log_metric(r.info.run_id, "best_val_auc", auc)
+        client.log_dict(r.info.run_id, {"family": fam, "params": {"lr": 1e-3 * (i + 1), "embed_dim": 16}},
+                        "config.yaml")
+        client.set_terminated(r.info.run_id, status=status)
+    cfg = base_config(tmp_path, tmp_path / "d.h5", search={"warm_start": {"experiment": "old", "top": 5}})
+    c = validate(cfg, source="t.yaml")
+    warm = load_warm(c, uri)
+    assert [v for _, v in warm.observed] == [0.95, 0.9]
+    assert warm.points[0] == {"lr": 2e-3, "embed_dim": 16}
+    assert warm.note is None  # both in the new ranges
+    cfg["search"]["warm_start"]["experiment"] = "nope"
+    with pytest.raises(UserError, match="no experiment 'nope'") as e:
+        load_warm(validate(cfg, source="t.yaml"), uri)
+    assert e.value.key == "search.warm_start.experiment"
+    cfg["search"]["warm_start"]["experiment"] = "old"
+    cfg["search"]["metric"] = "val_loss"
+    with pytest.raises(UserError, match="no finished trial reporting val_loss"):
+        load_warm(validate(cfg, source="t.yaml"), uri)
+    cait = base_config(tmp_path, tmp_path / "d.h5", family="cait", search={"warm_start": {"experiment": "old"}},
+                       params={"lr": {"type": "loguniform", "low": 1e-3, "high": 3e-3}})
+    warm = load_warm(validate(cait, source="t.yaml"), uri)
+    assert [v for _, v in warm.observed] == [0.97] and warm.points[0]["lr"] == 3e-3
+    assert warm.note == "warm start from 'old' (1 trials): clipped lr into the new ranges"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pbt")
+    path = write_e2e(tmp / "d.h5", n=48, size=16)
+    return inspect(validate(base_config(tmp, path), source="t.yaml"))
+
+
+def _trial(data, trial_id: str, **params) -> TrialConfig:
+    return TrialConfig(family="vit", params={**VIT, **params}, data=data.to_dict(), max_epochs=3, metric="val_auc",
+                       mode="max", metrics=["val_auc"], trial_id=trial_id)
+
+
+def test_exploited_trial_trains_on_with_its_new_values(data, tmp_path):
+    """PBT without Ray: trial b restores trial a's epoch-1 checkpoint with a new lr and weight decay. It goes on
+    at epoch 2 with b's values (not the checkpoint's), says where its weights came from, and its own
+    checkpoints carry its own id."""
+    a = LocalSession(tmp_path / "a")
+    train_trial(_trial(data, "aaaa", lr=1e-3, weight_decay=0.05).model_copy(update={"stop_epoch": 1}), a)
+    donor = TrialCheckpoint.load(a.reports[0][1])
+    assert donor.trial_id == "aaaa" and donor.source == "aaaa@1"
+    assert donor.optimizer["param_groups"][0]["lr"] != 5e-3
+
+    b_dir = tmp_path / "b"
+    b_dir.mkdir()
+    import shutil
+
+    shutil.copytree(a.reports[0][1], b_dir / "epoch_0001")  # what Tune hands the receiver: the donor's checkpoint
+    b = LocalSession(b_dir, resume=True)
+    cfg_b = _trial(data, "bbbb", lr=5e-3, weight_decay=0.2)
+    train_trial(cfg_b, b)
+    first, _ = b.reports[0]
+    assert [m["epoch"] for m, _ in b.reports] == [2, 3]
+    assert first["pbt_source"] == "aaaa@1" and "pbt_source" not in b.reports[1][0]
+    mine = TrialCheckpoint.load(b.reports[0][1])
+    assert mine.trial_id == "bbbb" and mine.params["lr"] == 5e-3
+    group = mine.optimizer["param_groups"][0]
+    assert group["weight_decay"] == 0.2 and group["initial_lr"] == 5e-3
+    # The reported lr follows b's base lr on the shared cosine schedule (the donor's was 1e-3).
+    eng = Engine(cfg_b, LocalSession(tmp_path / "c"))
+    eng.restore(donor)
+    factor = eng.sched.lr_lambdas[0](eng.sched.last_epoch)
+    assert math.isclose(eng.opt.param_groups[0]["lr"], 5e-3 * factor)
+    assert eng.sched.get_last_lr()[0] == eng.opt.param_groups[0]["lr"]
+    assert torch.equal(next(iter(eng.model.state_dict().values())), next(iter(donor.model.values())))
+
+
+def test_mlflow_keeps_an_exploited_trials_whole_history(tmp_path):
+    """The receiver's run: one run with every epoch, the epochs after the source epoch logged again with the
+    new weights, the mutated values as pbt/<name> metrics per epoch and e2e.pbt.<name> tags, and the source."""
+    from ray.tune.experiment import Trial
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("pbt", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, tags={"e2e.kind": "search"}).info.run_id
+    cb = MlflowTrials(client, exp, parent, search_name="s", family="vit", metric="val_auc", mode="max",
+                      max_epochs=4, mutable=("lr",))
+    trial = Trial("fn", config={"lr": 1e-3, "depth": 1}, trial_id="bbbb0001", stub=True)
+    for epoch in (1, 2):
+        cb.on_trial_result(0, [], trial, {"epoch": epoch, "val_auc": 0.5 + epoch / 100})
+    trial.set_config({"lr": 1.2e-3, "depth": 2})  # PBT: donor aaaa's epoch-1 weights and depth, lr x 1.2
+    for epoch in (2, 3, 4):
+        cb.on_trial_result(0, [], trial, {"epoch": epoch, "val_auc": 0.7 + epoch / 100,
+                                          **({"pbt_source": "aaaa0001@1"} if epoch == 2 else {})})
+    cb.on_trial_complete(0, [], trial)
+    cb.drain()
+    run = client.get_run(cb.runs["bbbb0001"])
+    steps = [(m.step, round(m.value, 2)) for m in client.get_metric_history(run.info.run_id, "val_auc")]
+    assert sorted(steps) == [(1, 0.51), (2, 0.52), (2, 0.72), (3, 0.73), (4, 0.74)]
+    lrs = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "pbt/lr"))
+    assert lrs == [(1, 1e-3), (2, 1e-3), (2, 1.2e-3), (3, 1.2e-3), (4, 1.2e-3)]
+    tags = run.data.tags
+    assert tags["e2e.pbt_source"] == "aaaa0001@1" and tags["e2e.pbt_sources"] == "aaaa0001@1>2"
+    assert float(tags["e2e.pbt.lr"]) == 1.2e-3 and run.data.params["lr"] == "0.001"
+    assert tags["e2e.pbt.depth"] == "2" and run.data.params["depth"] == "1"  # the donor's architecture
+    assert run.data.metrics["epochs_run"] == 4 and run.data.metrics["best_val_auc"] == pytest.approx(0.74)
