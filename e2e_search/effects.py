@@ -96,7 +96,8 @@ def _label(v: Any) -> str:
 
 
 def factors(dims: dict[str, Any], params: list[dict[str, str]]) -> list[Factor]:
-    """One Factor per dimension from each trial's MLflow params (strings). Ranges with more than four
+    """One Factor per dimension from each trial's MLflow params (strings), choices and grids first (in the
+    YAML's order), then ranges. Ranges with more than four
     distinct values are cut into three quantile bins labelled ``low [a, b]``, ``mid ...``, ``high ...``."""
     out = []
     for name, dim in dims.items():
@@ -129,7 +130,7 @@ def factors(dims: dict[str, Any], params: list[dict[str, str]]) -> list[Factor]:
         if any(lb is None for lb in labels):
             present.append(NOT_ACTIVE)
         out.append(Factor(name, dim, labels, present, values))
-    return out
+    return sorted(out, key=lambda f: not isinstance(f.dim, (ChoiceDim, GridDim)))  # choices first, then ranges
 
 
 def _distribution(dim: Any, observed: list[Any]):
