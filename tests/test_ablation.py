@@ -258,3 +258,31 @@ def test_report_says_why_a_chart_is_absent(tmp_path):
     assert "no importance chart: 2 finished trial(s)" in sec and "no test figures" in sec
     assert "Left out (one value in the finished trials): mask_ratio, pretrain_epochs" in sec
     assert "Only one pretraining setting" in sec
+
+
+# --------------------------------------------------------------------------- the shipped ablation, end to end
+@pytest.mark.slow  # real Ray, Optuna, MLflow: 3 grid trials and 3 confirm retrainings of tiny models
+def test_ablation_yaml_runs_confirms_and_reports(tmp_path, monkeypatch, capsys, ray_local):
+    from e2e_search.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    data = write_objects(tmp_path / "events.h5", n=120)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = [f"data.path={data}", "params.task_queries.values=[2]", "params.depth=1", "params.embed_dim=16",
+            "params.batch_size=16", "scheduler.max_epochs=3", "search.num_samples=3", "search.confirm.top=3",
+            "search.confirm.seeds=1", f"tracking.uri={uri}", f"tracking.storage={tmp_path / 'ray'}",
+            f"tracking.artifacts={tmp_path / 'artifacts'}"]
+    assert main(["run", str(SPACES / "mae_event_ablation.yaml"), *sum((["--set", s] for s in sets), [])]) == 0
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("mae_event_ablation")
+    trials = client.search_runs([exp.experiment_id], filter_string="tags.`e2e.kind` = 'trial'")
+    combos = {(r.data.params["pretrain_epochs"], r.data.params.get("mask_ratio")) for r in trials}
+    assert combos == {("0", None), ("2", "0.15"), ("2", "0.5")}
+    for r in trials:
+        assert "plots/task_attention.png" in {a.path for a in client.list_artifacts(r.info.run_id, "plots")}
+        assert ("best_val_recon_jet1_pt" in r.data.metrics) == (r.data.params["pretrain_epochs"] == "2")
+    assert main(["report", "mae_event_ablation", "--tracking-uri", uri, "--out", str(tmp_path / "r.html")]) == 0
+    sec = (tmp_path / "r.html").read_text().split("<h2>Technique effects</h2>")[1]
+    assert "squares: the 3 finalists confirmed on the test split (test_auc" in sec
+    assert "What the task heads look at" in sec and "Only one pretraining setting" not in sec
+    assert "PedAnovaImportanceEvaluator" in sec or "no importance chart" in sec
