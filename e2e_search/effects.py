@@ -169,7 +169,12 @@ def importances(facs: list[Factor], scores: list[float], mode: str) -> tuple[dic
             usable.append((f, dist))
     if not usable:
         return {}, "no importance chart: no searched parameter took two different values in the finished trials"
-    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" in the report's output
+    try:
+        study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+    finally:
+        optuna.logging.set_verbosity(level)
     for i in ok:
         params, dists = {}, {}
         for f, dist in usable:
