@@ -2,7 +2,7 @@
 
 For families declaring ``task_attention`` (e2e_search/registry.py; ``event_transformer``), every fine-tuning
 epoch's checkpoint holds ``attention.npz`` (e2e_search/core/layout.py) computed on the validation events of
-rank 0 (model in eval mode). The weights are the head layers' cross-attention softmax, averaged over
+rank 0 (at most ``MAX_EVENTS``; model in eval mode). The weights are the head layers' cross-attention softmax, averaged over
 attention heads and over the ``head_depth`` layers: per event and query they sum to 1 over the real
 objects; padding (an absent jet) gets 0, so an average over events also sums to 1 per query and an often
 absent slot gets less on average. The MLflow callback draws it as ``plots/task_attention.png``
@@ -37,6 +37,9 @@ from .object_names import slot_names
 
 KIND = "task_attention"
 EXAMPLES = 4
+MAX_EVENTS = 20_000
+"""Validation events the maps average over at most (the first of rank 0's share): one more forward pass of
+the heads per epoch, bounded on large files."""
 
 
 def groups_of(task: str, num_classes: int, labels: np.ndarray) -> tuple[list[str], list[np.ndarray]]:
@@ -98,9 +101,11 @@ def task_attention_maps(model: torch.nn.Module, x: np.ndarray, mask: np.ndarray,
 
 
 def save_task_attention(path: str | Path, model: torch.nn.Module, dataset, data, device: Any = "cpu") -> None:
-    """Write ``attention.npz`` for ``model`` on an ObjectDataset (``x``, ``mask``, ``y`` arrays) of the data
+    """Write ``attention.npz`` for ``model`` on (the first ``MAX_EVENTS`` events of) an ObjectDataset (``x``,
+    ``mask``, ``y`` arrays) of the data
     ``data`` (a DataSetup: task, classes, feature mean/std)."""
-    z = task_attention_maps(model, np.asarray(dataset.x), np.asarray(dataset.mask), np.asarray(dataset.y),
+    n = min(len(dataset.y), MAX_EVENTS)
+    z = task_attention_maps(model, np.asarray(dataset.x[:n]), np.asarray(dataset.mask[:n]), np.asarray(dataset.y[:n]),
                             task=data.task, num_classes=int(data.num_classes or 0), device=device,
                             mean=data.mean, std=data.std)
     np.savez_compressed(path, **z)
