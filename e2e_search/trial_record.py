@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray.tune import Callback
 
-from .core.layout import BEST_ARTIFACT, METRICS_FILE, epoch_checkpoints
+from .core.layout import BEST_ARTIFACT, METRICS_FILE, PLOTS_ARTIFACT, epoch_checkpoints
 from .names import mlflow_key, param_value, tag_value, unique_keys
 from .params import public_params
 from .tracking import is_better
