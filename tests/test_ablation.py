@@ -3,7 +3,6 @@ conditional grids, and the report's technique-effects section on a hand-made MLf
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from pathlib import Path
