@@ -6,8 +6,9 @@ in three quantile bins, or per value when the trials took at most four), from th
 - the search metric at each finished trial's best epoch, per value (box and points; a conditional
   parameter's trials where it was not active form the group "not active", e.g. ``mask_ratio`` without
   pretraining);
-- after ``e2e-search confirm`` (``search.confirm``), each confirmed finalist's test metric (mean over
-  seeds) with its 95% bootstrap interval, at the finalist's value (e2e_search/confirm_record.py);
+- after ``e2e-search confirm`` (``search.confirm``), below on its own scale, each confirmed finalist's test
+  metric (mean over seeds) with its 95% bootstrap interval, at the finalist's value, and the mean over the
+  finalists of each value (e2e_search/confirm_record.py);
 - Optuna's parameter importances for the search metric (``optuna.importance.get_param_importances`` with
   its default evaluator, PED-ANOVA in Optuna 5, which also rates conditional parameters) on an in-memory
   study rebuilt from the finished trials (``optuna.trial.create_trial`` with each parameter's distribution);
@@ -211,46 +212,61 @@ def _plt():
 
 def effects_figure(facs: list[Factor], scores: list[float], metric: str, tested: list[dict] | None = None,
                    test_metric: str | None = None):
-    """Per factor, the search metric per value (box + points) and the confirmed finalists' test means with
-    their 95% intervals (squares). ``tested``: [{"labels": {factor: label}, "mean", "lo", "hi", "name"}]."""
+    """Per factor (one column each, three per row), the search metric per value (box + each trial's point)
+    and, below it on its own scale when finalists were confirmed, each finalist's test mean with its 95%
+    interval (squares) and the mean over the finalists of each value (bar).
+    ``tested``: [{"labels": {factor: label}, "mean", "lo", "hi", "name"}]."""
     plt = _plt()
     n = len(facs)
     cols = min(3, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.4 * rows), squeeze=False)
+    per = 2 if tested else 1
+    rows = math.ceil(n / cols) * per
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.0 * rows), squeeze=False)
     rng = np.random.default_rng(0)
     for k, f in enumerate(facs):
-        ax = axes[k // cols, k % cols]
+        r, c = (k // cols) * per, k % cols
+        ax = axes[r, c]
         groups = [[s for lb, s in zip(f.labels, scores) if (lb or NOT_ACTIVE) == g and math.isfinite(s)]
                   for g in f.order]
         if any(groups):
             ax.boxplot([g if g else [np.nan] for g in groups], positions=range(len(f.order)), widths=0.5,
                        showfliers=False, medianprops={"color": "C0"})
         for x, g in enumerate(groups):
-            ax.scatter(x - 0.12 + 0.08 * rng.standard_normal(len(g)), g, s=14, color="gray", alpha=0.8, zorder=3,
+            ax.scatter(x + 0.06 * rng.standard_normal(len(g)), g, s=14, color="gray", alpha=0.8, zorder=3,
                        label=f"{metric} of each trial (search)" if (k == 0 and x == 0) else None)
-        for j, t in enumerate(tested or []):
-            lb = t["labels"].get(f.name) or NOT_ACTIVE
-            if lb not in f.order or t.get("mean") is None:
-                continue
-            x = f.order.index(lb) + 0.18 + 0.05 * (j % 4)
-            lo, hi = t.get("lo"), t.get("hi")
-            yerr = None if lo is None or hi is None else [[max(t["mean"] - lo, 0)], [max(hi - t["mean"], 0)]]
-            ax.errorbar([x], [t["mean"]], yerr=yerr, fmt="s", ms=4, color="C3", capsize=3, lw=1, zorder=4,
-                        label=(f"{test_metric} of a confirmed finalist, 95% interval" if k == 0 and j == 0 else None))
         ax.set_xticks(range(len(f.order)), f.order, fontsize=8, rotation=20 if len(f.order) > 3 else 0)
-        ax.set_title(f.name, fontsize=9)
-        ax.set_ylabel(metric if not tested else f"{metric} / {test_metric}", fontsize=8)
-    for k in range(n, rows * cols):
-        axes[k // cols, k % cols].axis("off")
+        ax.set_title(f"{f.name}: {metric} (search)", fontsize=9)
+        ax.set_ylabel(metric, fontsize=8)
+        if not tested:
+            continue
+        ax = axes[r + 1, c]
+        for x, g in enumerate(f.order):
+            fins = [t for t in tested if (t["labels"].get(f.name) or NOT_ACTIVE) == g and t.get("mean") is not None]
+            if fins:
+                ax.hlines(np.mean([t["mean"] for t in fins]), x - 0.35, x + 0.35, color="C0", lw=2,
+                          label="mean over the value's finalists" if (k == 0 and x == 0) else None)
+            for j, t in enumerate(fins):
+                dx = (j - (len(fins) - 1) / 2) * min(0.12, 0.6 / max(1, len(fins)))
+                lo, hi = t.get("lo"), t.get("hi")
+                yerr = None if lo is None or hi is None else [[max(t["mean"] - lo, 0)], [max(hi - t["mean"], 0)]]
+                ax.errorbar([x + dx], [t["mean"]], yerr=yerr, fmt="s", ms=4, color="C3", capsize=3, lw=1, zorder=4,
+                            label=(f"{test_metric} of a confirmed finalist (mean over seeds), 95% interval"
+                                   if k == 0 and x == 0 and j == 0 else None))
+        ax.set_xticks(range(len(f.order)), f.order, fontsize=8, rotation=20 if len(f.order) > 3 else 0)
+        ax.set_xlim(-0.5, len(f.order) - 0.5)
+        ax.set_title(f"{f.name}: {test_metric} (confirm, test split)", fontsize=9)
+        ax.set_ylabel(test_metric, fontsize=8)
+    for k in range(n, math.ceil(n / cols) * cols):
+        for r in range(per):
+            axes[(k // cols) * per + r, k % cols].axis("off")
     handles, labels = [], []
     for ax in axes.flat:
         h, lb = ax.get_legend_handles_labels()
         handles += h
         labels += lb
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
-        fig.tight_layout(rect=(0, 0.06, 1, 1))
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.05 if per == 2 else 0.07, 1, 1))
     else:
         fig.tight_layout()
     return fig
@@ -411,7 +427,7 @@ def effects_section(client, trials: list, resolved: dict | None, metric: str, mo
     single = [f.name for f in facs if len([g for g in f.order if g != NOT_ACTIVE]) < 2]
     shown = [f for f in facs if f.name not in single]
     out.append(f"<p>{html.escape(metric)} at each finished trial's best epoch ({len(done)} trials), per value of "
-               f"each searched parameter" + (f"; squares: the {len(tested)} finalists confirmed on the test split "
+               f"each searched parameter" + (f"; below: the {len(tested)} finalists confirmed on the test split "
                                              f"({html.escape(test_metric or '')}, mean over seeds, 95% bootstrap "
                                              f"interval)" if tested else
                                              "; no test figures (run <code>e2e-search confirm</code> or set "

@@ -238,7 +238,7 @@ def test_report_shows_effects_importances_and_attention_with_and_without_pretrai
     uri = _store(tmp_path)
     text, _ = build_report(uri, "abl", costs=False)
     sec = text[text.index("<h2>Technique effects</h2>"):]
-    assert "squares: the 6 finalists confirmed on the test split (test_auc" in sec
+    assert "below: the 6 finalists confirmed on the test split (test_auc" in sec
     assert "PedAnovaImportanceEvaluator" in sec and "over 6 finished trials" in sec
     assert "What the task heads look at" in sec and "side-by-side" not in sec
     assert sec.count("<img") == 3                                             # effects, importances, attention
@@ -282,6 +282,6 @@ def test_ablation_yaml_runs_confirms_and_reports(tmp_path, monkeypatch, capsys, 
         assert ("best_val_recon_jet1_pt" in r.data.metrics) == (r.data.params["pretrain_epochs"] == "2")
     assert main(["report", "mae_event_ablation", "--tracking-uri", uri, "--out", str(tmp_path / "r.html")]) == 0
     sec = (tmp_path / "r.html").read_text().split("<h2>Technique effects</h2>")[1]
-    assert "squares: the 3 finalists confirmed on the test split (test_auc" in sec
+    assert "below: the 3 finalists confirmed on the test split (test_auc" in sec
     assert "What the task heads look at" in sec and "Only one pretraining setting" not in sec
     assert "PedAnovaImportanceEvaluator" in sec or "no importance chart" in sec
