@@ -4,6 +4,9 @@ Every epoch each rank reports the same metrics and rank 0 attaches a checkpoint 
 metrics.json, validation predictions, attention maps). A restarted trial resumes from the latest one.
 Families that declare ``pretraining`` first train ``pretrain_epochs`` epochs on their self-supervised loss
 (``model(x, pretrain=True)``), then on the task; epochs count across both phases.
+Families declaring ``masked_objects`` log the ``val_recon_*`` reconstruction errors of hidden objects in
+pretraining epochs (core/recon.py) and carry the last ones into the task epochs; families declaring
+``task_attention`` save the task queries' attention over the objects (``attention.npz``) with every task epoch.
 
 ``TrialConfig.stop_epoch`` ends the trial early (the schedule still spans ``max_epochs``) and
 ``score_split`` scores the last epoch's model once on the test split (core/scoring.py): ``e2e-search confirm``.
