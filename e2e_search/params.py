@@ -270,13 +270,29 @@ def _condition_order(params: dict[str, Any]) -> list[str]:
 
 
 def grid_points(cfg: SearchSpace) -> list[dict[str, Any]]:
-    """Every combination of the ``grid`` dimensions (queued before the sampler's picks)."""
+    """Every combination of the ``grid`` dimensions (queued before the sampler's picks). A grid parameter
+    whose ``when`` names another grid parameter is left out of the combinations where that condition fails,
+    and combinations that become equal are queued once: ``pretrain_epochs: grid [0, 2]`` with ``mask_ratio:
+    {type: grid, values: [0.15, 0.5], when: {pretrain_epochs: 2}}`` gives 3 points, not 4."""
     ignored = never_active(cfg)
-    grids = {n: d.values for n, d in search_dims(cfg).items() if isinstance(d, GridDim) and n not in ignored}
+    dims = search_dims(cfg)
+    grids = {n: d.values for n, d in dims.items() if isinstance(d, GridDim) and n not in ignored}
     if not grids:
         return []
     names = list(grids)
-    return [dict(zip(names, combo)) for combo in itertools.product(*(grids[n] for n in names))]
+    order = [n for n in _condition_order(dims) if n in grids]
+    out: list[dict[str, Any]] = []
+    for combo in itertools.product(*(grids[n] for n in names)):
+        point = dict(zip(names, combo))
+        for n in order:  # conditions first: a dropped parameter also drops what depends on it
+            for other, wanted in (dims[n].when or {}).items():
+                if other in grids and (other not in point or point[other] not in
+                                       (wanted if isinstance(wanted, list) else [wanted])):
+                    point.pop(n, None)
+        point = {n: point[n] for n in names if n in point}
+        if point not in out:
+            out.append(point)
+    return out
 
 
 def _active(dim: Any, chosen: dict[str, Any]) -> bool:

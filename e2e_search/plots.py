@@ -6,7 +6,9 @@
 * regression: ``mass_pred_vs_true.png`` (2-D histogram), ``mass_response.png`` (mean response
   pred/true and resolution (std of (pred - true)/true) per bin of the true value);
 * transformer families: ``attention_rollout.png``, a few validation images (summed over
-  channels) and the attention rollout over them (``e2e_search/rollout.py``).
+  channels) and the attention rollout over them (``e2e_search/rollout.py``);
+* ``event_transformer``: ``task_attention.png``, each task query's cross-attention over the object
+  slots, per class and for single events (``e2e_search/task_attention.py``).
 
 Inputs are the ``predictions.npz`` (validation outputs and encoded labels, see
 ``data.encode_labels``) and ``attention.npz`` files the worker loop saves beside each checkpoint.
@@ -18,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .core.layout import ATTENTION_FILE, PREDICTIONS_FILE  # noqa: F401 - the files this module reads
+from .core.layout import (ATTENTION_FILE, PREDICTIONS_FILE, ROLLOUT_PLOT,  # noqa: F401 - the files this module
+                          TASK_ATTENTION_PLOT)  # reads and writes
 from .metrics import softmax
 
 
@@ -135,5 +138,51 @@ def attention_plot(attn_file: Path, path: Path) -> Path:
             ax.set_xticks([]), ax.set_yticks([])
     axes[0, 0].set_ylabel("image (log, channels summed)", fontsize=8)
     axes[1, 0].set_ylabel("attention rollout (min to max)", fontsize=8)
+    fig.tight_layout(), fig.savefig(path, dpi=90), plt.close(fig)
+    return path
+
+
+def _attention_grid(ax, w: np.ndarray, rows: list[str], cols: list[str], title: str, vmax: float,
+                    absent: np.ndarray | None = None) -> None:
+    """One heatmap: ``w`` (rows, cols) attention weights with their values written in; absent columns hatched."""
+    ax.imshow(w, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
+    for i in range(w.shape[0]):
+        for j in range(w.shape[1]):
+            if absent is not None and absent[j]:
+                ax.text(j, i, "–", ha="center", va="center", color="w", fontsize=7)
+            else:
+                ax.text(j, i, f"{w[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="k" if w[i, j] > 0.6 * vmax else "w")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_title(title, fontsize=8)
+
+
+def task_attention_plot(attn_file: Path, path: Path) -> Path:
+    """``task_attention.png``: top row, each task query's attention over the object slots averaged over the
+    validation events of each class (signal, background); bottom row, a few single events (absent objects
+    marked –, the leading object's pT in the title). Input: an ``attention.npz`` of kind task_attention
+    (e2e_search/task_attention.py)."""
+    z = np.load(attn_file)
+    objects, queries = [str(o) for o in z["objects"]], [str(q) for q in z["queries"]]
+    groups, gm = [str(g) for g in z["groups"]], z["group_mean"]                # (G, Q, N)
+    ex, em, titles = z["example_attention"], z["example_mask"], [str(t) for t in z["example_titles"]]
+    feats = z["example_features"]
+    plt = _plt()
+    cols = max(len(groups), len(ex), 1)
+    fig, axes = plt.subplots(2, cols, figsize=(2.9 * cols, 1.2 + 0.45 * len(queries) + 4.0), squeeze=False)
+    vmax = max(float(gm.max()) if gm.size else 0.0, float(ex.max()) if ex.size else 0.0, 1e-6)
+    for g, name in enumerate(groups):
+        _attention_grid(axes[0, g], gm[g], queries, objects, f"{name}: mean of {int(z['group_events'][g])} events",
+                        vmax)
+    for k in range(len(ex)):
+        pts = "/".join(f"{feats[k, j, 0]:.0f}" if em[k, j] else "–" for j in range(min(3, len(objects))))
+        _attention_grid(axes[1, k], ex[k], queries, objects,
+                        f"one {titles[k]} event\n{'/'.join(objects[:3])} pT {pts}", vmax, ~em[k])
+    for row in axes:
+        for ax in row:
+            if not ax.images:
+                ax.axis("off")
+    fig.suptitle("task queries' cross-attention over the objects (validation, best epoch)", fontsize=9)
     fig.tight_layout(), fig.savefig(path, dpi=90), plt.close(fig)
     return path

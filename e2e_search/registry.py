@@ -49,6 +49,14 @@ class Capabilities(BaseModel):
     must look for them (``find_unused_parameters``). Implied by ``pretraining``."""
     rollout: bool = False
     """Attention rollout maps over the input image (e2e_search/rollout.py) are saved with each checkpoint."""
+    task_attention: bool = False
+    """Objects families with query heads: the model has ``task_attention(x (B, N, F), mask (B, N)) -> (B, Q, N)``
+    (each task query's attention over the objects) and ``query_labels() -> list[str]`` (Q labels); the maps are
+    saved with each checkpoint (e2e_search/task_attention.py)."""
+    masked_objects: bool = False
+    """Objects families that pretrain by hiding objects: the model has ``sample_hidden(mask (B, N), generator)
+    -> (B, N) bool`` and ``masked_errors(x, mask, hidden) -> (B, N, F)`` squared errors; pretraining epochs
+    log the ``val_recon_*`` metrics (e2e_search/core/recon.py)."""
     empty_pixel: bool = False
     """``build`` also takes ``empty_pixel``: per channel, the value an empty detector cell (0 in the file) holds
     after the data's preprocessing (e.g. -mean/std after per-channel normalization), for models that tell
@@ -94,6 +102,10 @@ def _check_declared(name: str, build: Callable[..., Any], params: type[BaseModel
                            f"{'does not take' if caps.task_heads else 'takes'} 'tasks'")
     if caps.empty_pixel and "empty_pixel" not in takes:
         raise RuntimeError(f"family '{name}' declares empty_pixel: its build must take 'empty_pixel'")
+    if (caps.task_attention or caps.masked_objects) and caps.inputs != "objects":
+        raise RuntimeError(f"family '{name}': task_attention and masked_objects are for inputs='objects'")
+    if caps.masked_objects and not caps.pretraining:
+        raise RuntimeError(f"family '{name}' declares masked_objects: it must declare pretraining too")
     if caps.pretraining and "pretrain_epochs" not in params.model_fields:
         raise RuntimeError(f"family '{name}' declares pretraining: {params.__name__} needs a pretrain_epochs field")
 

@@ -7,8 +7,11 @@ metric vs parameters, and for multi-objective searches the Pareto front over the
 metrics. After ``e2e-search confirm``, a section on the test split (the latest confirm of the search): per
 finalist the test metrics' mean ± std over seeds and the 95% bootstrap interval, the matrix P(row beats
 column) of the paired bootstrap, and the test metric per finalist and per seed with error bars
-(e2e_search/confirm_record.py writes what it shows). The file is written atomically and logged to the
-search's parent run as ``report.html``.
+(e2e_search/confirm_record.py writes what it shows). Then what each technique buys (e2e_search/effects.py):
+the search metric (and the confirmed test metric with its interval) per value of each searched parameter,
+Optuna's parameter importances, and for event_transformer searches the task queries' attention maps with
+and without pretraining, side by side. The file is written atomically and logged to the search's parent
+run as ``report.html``.
 """
 
 from __future__ import annotations
@@ -149,6 +152,7 @@ def build_report(uri: str, experiment: str, search_run: str | None = None, *, co
     else:  # a trial's run (or another experiment's) would get an empty leaderboard uploaded into it
         parent = search_run_of(client, exp, search_run)
     metric, mode = parent.data.tags.get("e2e.metric", "val_loss"), parent.data.tags.get("e2e.mode", "min")
+    resolved = None
     try:
         import yaml
 
@@ -182,6 +186,9 @@ def build_report(uri: str, experiment: str, search_run: str | None = None, *, co
     rows.sort(key=key, reverse=(mode == "max"))
     plots = _plots(rows, metric, metrics, modes)
     section = _confirm_section(confirmed) if confirmed else ""
+    from .effects import effects_section
+
+    section += effects_section(client, trials, resolved, metric, mode, confirmed, _png)
     if confirmed:  # the leaderboard shows each finalist's test figure beside its validation one
         first = confirmed["rankings"][0]
         for fin in confirmed["finalists"]:

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray.tune import Callback
 
-from .core.layout import BEST_ARTIFACT, METRICS_FILE, epoch_checkpoints
+from .core.layout import BEST_ARTIFACT, METRICS_FILE, PLOTS_ARTIFACT, epoch_checkpoints
 from .names import mlflow_key, param_value, tag_value, unique_keys
 from .params import public_params
 from .tracking import is_better
@@ -233,7 +233,9 @@ class MlflowTrials(Callback):
 
         from ray.train import Checkpoint
 
-        from .plots import ATTENTION_FILE, PREDICTIONS_FILE, attention_plot, learning_curves, prediction_plots
+        from .plots import (ATTENTION_FILE, PREDICTIONS_FILE, ROLLOUT_PLOT, TASK_ATTENTION_PLOT, attention_plot,
+                            learning_curves, prediction_plots, task_attention_plot)
+        from .task_attention import is_task_attention
 
         try:
             with Checkpoint(path).as_directory() as d:
@@ -244,9 +246,12 @@ class MlflowTrials(Callback):
                         learning_curves(history, self.metric, Path(tmp) / "learning_curves.png")
                     if (Path(d) / PREDICTIONS_FILE).is_file():
                         prediction_plots(Path(d) / PREDICTIONS_FILE, Path(tmp))
-                    if (Path(d) / ATTENTION_FILE).is_file():
-                        attention_plot(Path(d) / ATTENTION_FILE, Path(tmp) / "attention_rollout.png")
-                    self.client.log_artifacts(run_id, tmp, artifact_path="plots")
+                    attn = Path(d) / ATTENTION_FILE
+                    if attn.is_file() and is_task_attention(attn):
+                        task_attention_plot(attn, Path(tmp) / TASK_ATTENTION_PLOT)
+                    elif attn.is_file():
+                        attention_plot(attn, Path(tmp) / ROLLOUT_PLOT)
+                    self.client.log_artifacts(run_id, tmp, artifact_path=PLOTS_ARTIFACT)
         except Exception as e:  # a missing checkpoint or a failed plot must not take the search down
             self.client.set_tag(run_id, "e2e.checkpoint_error", f"{type(e).__name__}: {e}"[:5000])
 

@@ -66,6 +66,12 @@ def test_two_trial_search_with_pretraining(tmp_path, monkeypatch, ray_local, fam
         assert [m.step for m in client.get_metric_history(rid, "pretrain_loss")] == [1]
         assert [m.step for m in client.get_metric_history(rid, "val_auc")] == [2]
         assert r.data.metrics["best_epoch"] == 2
+        if family == "event_transformer":  # what the autoencoder learned (summed over both DDP ranks), and
+            # what the task heads look at (issue 19)
+            assert [m.step for m in client.get_metric_history(rid, "val_recon_jet1_pt")] == [1, 2]
+            assert 0 < r.data.metrics["best_val_recon"] < 10 and "best_val_recon_lepton_eta" in r.data.metrics
+            assert "plots/task_attention.png" in {a.path for a in client.list_artifacts(rid, "plots")}
+            assert "best_checkpoint/attention.npz" in {a.path for a in client.list_artifacts(rid, "best_checkpoint")}
     ckpt = client.download_artifacts(runs[0].info.run_id, "best_checkpoint/checkpoint.pt", str(tmp_path / "dl"))
     state = torch.load(ckpt, weights_only=True)
     assert state["epoch"] == 2 and state["family"] == family

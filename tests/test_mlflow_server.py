@@ -130,11 +130,13 @@ def test_report_html(searched, capsys):
     out = tmp / "report" / "served.html"
     assert main(["report", "served", "--tracking-uri", uri, "--out", str(out)]) == 0
     text = out.read_text()
-    assert text.count("<tr") == 1 + 3  # header + one row per trial
+    board = text.split("</table>")[0]  # the leaderboard (the technique-effects section has its own tables)
+    assert board.count("<tr") == 1 + 3  # header + one row per trial
+    assert "<h2>Technique effects</h2>" in text
     assert "FLOPs/example" in text and "data:image/png;base64," in text and "Best per family" in text
     import re
 
-    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", text)[1:]
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", board)[1:]
     cells = [re.findall(r"<td>(.*?)</td>", r) for r in rows]
     assert all(c[1] == "vit" and c[3] == "FINISHED" for c in cells)
     flops = [c[-4] for c in cells]  # FLOPs/example, then throughput, epochs, run

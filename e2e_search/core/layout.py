@@ -9,10 +9,13 @@
     every checkpoint folder:
         checkpoint.pt                      TrialCheckpoint (e2e_search/core/checkpoint.py)
         metrics.json                       the epoch's reported metrics (a resumed search logs from them)
-        predictions.npz, attention.npz     validation predictions and attention maps (e2e_search/plots.py)
+        predictions.npz, attention.npz     validation predictions and attention maps (e2e_search/plots.py): an image
+                                           rollout (e2e_search/rollout.py) or, for event_transformer, the task
+                                           queries' attention over the objects (e2e_search/task_attention.py)
         test_predictions.npz               ``e2e-search confirm`` only: the test split's predictions (core/scoring.py)
 
-MLflow: a trial's run holds its best epoch's checkpoint folder as the artifact ``best_checkpoint/``.
+MLflow: a trial's run holds its best epoch's checkpoint folder as the artifact ``best_checkpoint/`` and its
+plots under ``plots/`` (learning_curves.png, roc.png, ..., attention_rollout.png or task_attention.png).
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ NONFINITE_FILE = "nonfinite.txt"
 TRAIN_DIR = "train"
 BEST_ARTIFACT = "best_checkpoint"
 BEST_CHECKPOINT_ARTIFACT = f"{BEST_ARTIFACT}/{CHECKPOINT_FILE}"
+BEST_ATTENTION_ARTIFACT = f"{BEST_ARTIFACT}/{ATTENTION_FILE}"
+PLOTS_ARTIFACT = "plots"
+ROLLOUT_PLOT = "attention_rollout.png"
+TASK_ATTENTION_PLOT = "task_attention.png"
 
 
 def trial_dirname(trial_id: str) -> str:

@@ -4,6 +4,9 @@ Every epoch each rank reports the same metrics and rank 0 attaches a checkpoint 
 metrics.json, validation predictions, attention maps). A restarted trial resumes from the latest one.
 Families that declare ``pretraining`` first train ``pretrain_epochs`` epochs on their self-supervised loss
 (``model(x, pretrain=True)``), then on the task; epochs count across both phases.
+Families declaring ``masked_objects`` log the ``val_recon_*`` reconstruction errors of hidden objects in
+pretraining epochs (core/recon.py) and carry the last ones into the task epochs; families declaring
+``task_attention`` save the task queries' attention over the objects (``attention.npz``) with every task epoch.
 
 ``TrialConfig.stop_epoch`` ends the trial early (the schedule still spans ``max_epochs``) and
 ``score_split`` scores the last epoch's model once on the test split (core/scoring.py): ``e2e-search confirm``.
@@ -79,6 +82,16 @@ def _save_attention(path: str, model: torch.nn.Module, shown, device) -> None:
         print(f"[e2e-search] attention rollout skipped: {type(e).__name__}: {e}", flush=True)
 
 
+def _save_task_attention(path: str, eng: Engine, device) -> None:
+    """attention.npz (task queries over the objects) beside the checkpoint; a failure never stops training."""
+    from ..task_attention import save_task_attention
+
+    try:
+        save_task_attention(path, unwrap(eng.model), eng.val_ds, eng.data, device)
+    except Exception as e:  # noqa: BLE001 - the map is a diagnostic, the trial goes on
+        print(f"[e2e-search] task attention skipped: {type(e).__name__}: {e}", flush=True)
+
+
 def _epochs(cfg: TrialConfig, session) -> None:
     entered = time.time()
     # Where a trial's time goes, reported with the first epoch this process trains (bench/orchestration.py):
@@ -89,8 +102,10 @@ def _epochs(cfg: TrialConfig, session) -> None:
     rank, world, device = session.rank, session.world, session.device
     eng = Engine(cfg, session)
     data = eng.data
-    shown = _rollout_examples(eng.val_ds, data) if rank == 0 and get_family(cfg.family).capabilities.rollout \
-        else None
+    caps = get_family(cfg.family).capabilities
+    shown = _rollout_examples(eng.val_ds, data) if rank == 0 and caps.rollout else None
+    recon_on = caps.masked_objects and eng.pretrain_epochs > 0
+    recon: dict[str, float] = {}  # the last pretraining epoch's val_recon_* figures
 
     start_epoch = 1
     with session.latest_checkpoint() as folder:
@@ -100,6 +115,7 @@ def _epochs(cfg: TrialConfig, session) -> None:
         if state.trial_id and cfg.trial_id and state.trial_id != cfg.trial_id:  # PBT: another trial's weights
             startup["pbt_source"] = state.source
         start_epoch = state.epoch + 1
+        recon = {k: v for k, v in state.metrics.items() if k.startswith("val_recon")}
         if start_epoch > cfg.last_epoch:  # restarted after its last epoch (the driver died before recording it):
             session.report(dict(state.metrics))  # the search still needs the trial's final result
             return
@@ -119,6 +135,10 @@ def _epochs(cfg: TrialConfig, session) -> None:
             metrics.update({"pretrain_loss": train.loss, "val_pretrain_loss": val.loss})
             metrics.update({m: float("nan") for m in cfg.metrics})
             out_all = y_all = None
+            if recon_on:
+                from .recon import validation_recon
+
+                recon = validation_recon(eng.model, eng.val_loader, device)
         else:
             metrics.update({"train_loss": train.loss, "val_loss": val.loss})
             out_all, y_all = gather(val.outputs), gather(val.targets)
@@ -127,6 +147,7 @@ def _epochs(cfg: TrialConfig, session) -> None:
             if latency_ms is None:  # a cost objective for multi-objective searches; measured once per trial
                 latency_ms = inference_latency_ms(unwrap(eng.model), to_device(first_item(eng.val_ds[0][0]), device))
             metrics["latency_ms"] = latency_ms
+        metrics.update(recon)
         scored = None
         if cfg.score_split and epoch == cfg.last_epoch and not pretraining:  # once, the model as trained
             from .scoring import score_split
@@ -149,6 +170,8 @@ def _epochs(cfg: TrialConfig, session) -> None:
                                      target_std=data.target_std)
                     if shown is not None:
                         _save_attention(os.path.join(tmp, ATTENTION_FILE), unwrap(eng.model), shown, device)
+                    elif caps.task_attention:
+                        _save_task_attention(os.path.join(tmp, ATTENTION_FILE), eng, device)
                 if scored is not None:
                     from .scoring import save_scored
 

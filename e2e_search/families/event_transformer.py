@@ -40,6 +40,7 @@ only the heads (queries, decoder layers, per-task Linear) learn.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -91,6 +92,19 @@ class Attention(nn.Module):
         self.attn_drop = dropout
         self.proj_drop = nn.Dropout(dropout)
 
+    def weights(self, x: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention weights ``forward`` applies (without dropout), averaged over heads: (B, Nq, Nk), rows
+        sum to 1 over the keys, masked keys get 0."""
+        B, Nq, D = x.shape
+        Nk = context.shape[1]
+        h = self.num_heads
+        q = self.q(x).reshape(B, Nq, h, D // h).transpose(1, 2)                 # (B, h, Nq, d)
+        k = self.kv(context).reshape(B, Nk, 2, h, D // h)[:, :, 0].transpose(1, 2)  # (B, h, Nk, d)
+        logits = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(D // h)  # (B, h, Nq, Nk)
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask[:, None, None, :], -math.inf)
+        return logits.softmax(-1).mean(1)                                       # (B, Nq, Nk)
+
     def forward(self, x: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, Nq, D = x.shape
         Nk = context.shape[1]
@@ -139,11 +153,16 @@ class QueryBlock(nn.Module):
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_ratio, dropout)
 
-    def forward(self, q: torch.Tensor, tokens: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, tokens: torch.Tensor, key_mask: torch.Tensor,
+                record: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``record``: a list that gets this layer's cross-attention weights (B, Q, N), head-averaged."""
         if self.self_attn is not None:                                          # all tasks' queries mix
             h = self.norm_self(q)                                               # (B, Q, D)
             q = q + self.self_attn(h, h)
-        q = q + self.cross_attn(self.norm_q(q), self.norm_kv(tokens), key_mask)  # (B, Q, D)
+        hq, hk = self.norm_q(q), self.norm_kv(tokens)
+        if record is not None:
+            record.append(self.cross_attn.weights(hq, hk, key_mask))
+        q = q + self.cross_attn(hq, hk, key_mask)                               # (B, Q, D)
         return q + self.mlp(self.norm_mlp(q))                                   # (B, Q, D)
 
 
@@ -207,21 +226,28 @@ class EventTransformer(nn.Module):
         mask = mask.bool()
         return self.encoder(self.encoder.embed_objects(x, mask), attend_mask(mask))
 
-    def forward_heads(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, N, D) -> outputs (B, num_outputs), one column block per task."""
+    def forward_heads(self, tokens: torch.Tensor, mask: torch.Tensor,
+                      record: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Tokens (B, N, D) -> outputs (B, num_outputs), one column block per task. ``record`` gets each
+        head layer's cross-attention weights (B, Q, N)."""
         key_mask = attend_mask(mask.bool())
         q = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)          # (B, Q, D)
         for blk in self.head_blocks:
-            q = blk(q, tokens, key_mask)
+            q = blk(q, tokens, key_mask, record)
         q = self.head_norm(q)
         pooled = q.unflatten(1, (len(self.tasks), self.task_queries)).mean(dim=2)  # (B, T, D)
         return torch.cat([head(pooled[:, i]) for i, head in enumerate(self.heads.values())], dim=-1)
 
-    def sample_hidden(self, mask: torch.Tensor) -> torch.Tensor:
-        """Random objects to hide (B, N) bool: ``hidden_counts`` real objects per event, never padding."""
+    def sample_hidden(self, mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Random objects to hide (B, N) bool: ``hidden_counts`` real objects per event, never padding.
+        ``generator`` (any device): a reproducible draw (validation), else the global RNG."""
         mask = mask.bool()
         k = hidden_counts(mask.sum(dim=1), self.mask_ratio)                   # (B,)
-        score = torch.rand(mask.shape, device=mask.device).masked_fill(~mask, 2.0)  # padding sorts last
+        if generator is None:
+            score = torch.rand(mask.shape, device=mask.device)
+        else:
+            score = torch.rand(mask.shape, generator=generator, device=generator.device).to(mask.device)
+        score = score.masked_fill(~mask, 2.0)                                  # padding sorts last
         rank = score.argsort(dim=1).argsort(dim=1)                            # (B, N) rank of each object
         return (rank < k.unsqueeze(1)) & mask
 
@@ -245,6 +271,39 @@ class EventTransformer(nn.Module):
         w = hidden.to(err.dtype)
         return (err * w).sum() / w.sum().clamp_min(1.0)                       # 0 (with grads) when nothing hidden
 
+    def query_labels(self) -> list[str]:
+        """One label per task query, in the order of ``task_attention``'s Q axis: ``<task>`` or ``<task> q<i>``."""
+        if self.task_queries == 1:
+            return list(self.tasks)
+        return [f"{t} q{i + 1}" for t in self.tasks for i in range(self.task_queries)]
+
+    @torch.no_grad()
+    def task_attention(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Objects (B, N, F), mask (B, N) -> (B, Q, N): the attention weight each task query gives each object,
+        averaged over attention heads and over the ``head_depth`` layers (each row sums to 1 over the real
+        objects; padding gets 0). The model is run in eval mode (no dropout) and left as it was."""
+        was = self.training
+        self.eval()
+        try:
+            rec: list[torch.Tensor] = []
+            self.forward_heads(self.encode(x, mask), mask, rec)
+        finally:
+            self.train(was)
+        return torch.stack(rec).mean(0)                                       # (B, Q, N)
+
+    @torch.no_grad()
+    def masked_errors(self, x: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Squared reconstruction errors (B, N, F), in the units of ``x`` (standardized features) squared, of
+        the objects ``hidden`` (B, N) hides (real ones only; every other position 0). Eval mode, left as it was."""
+        was = self.training
+        self.eval()
+        try:
+            hidden = hidden.bool() & mask.bool()
+            pred = self.reconstruct_hidden(x, mask, hidden)                    # (B, N, F)
+        finally:
+            self.train(was)
+        return (pred.float() - x.float()).pow(2) * hidden.unsqueeze(-1)        # (B, N, F)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor, pretrain: bool = False) -> torch.Tensor:
         if pretrain:
             return self.pretrain_loss(x, mask)
@@ -255,7 +314,8 @@ class EventTransformer(nn.Module):
 
 
 @register_family("event_transformer", params=EventTransformerParams,
-                 capabilities=Capabilities(inputs="objects", task_heads=True, pretraining=True))
+                 capabilities=Capabilities(inputs="objects", task_heads=True, pretraining=True, task_attention=True,
+                                           masked_objects=True))
 def build_event_transformer(p: EventTransformerParams, *, n_objects: int, n_features: int, num_outputs: int,
                             tasks: dict[str, int] | None = None) -> nn.Module:
     """Masked-object transformer autoencoder on events as object sets, with cross-attention task heads."""
