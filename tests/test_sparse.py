@@ -354,3 +354,22 @@ def test_sparse_and_memory_searches_give_the_same_metrics(tmp_path, monkeypatch,
         assert run.data.metrics["setup_s"] > 0
     assert metrics["sp"] == pytest.approx(metrics["mem"], rel=1e-5, abs=1e-6)
     assert metrics["sp2"] == metrics["sp"]
+
+
+def test_cache_rows_are_the_sorted_distinct_rows_of_the_splits_computed_once_per_split_lists():
+    from types import SimpleNamespace
+
+    from e2e_search.sparse_cache import cache_rows
+
+    rng = np.random.default_rng(0)
+    rows = rng.permutation(5000)[:3000]
+    s = SimpleNamespace(train=rows[:2000].tolist(), val=rows[2000:2600].tolist(), test=rows[2600:].tolist() + [int(rows[0])])
+    got = cache_rows(s)
+    assert np.array_equal(got, np.unique(rows)) and got.dtype == np.int64 and not got.flags.writeable
+    assert cache_rows(s) is got                                     # every split of a trial: computed once
+    s.val.append(4999 if 4999 not in rows else int(np.setdiff1d(np.arange(6000), rows)[0]))  # a changed list
+    again = cache_rows(s)
+    assert again is not got and np.array_equal(again, np.unique(np.concatenate([rows, [s.val[-1]]])))
+    other = SimpleNamespace(train=list(s.train), val=list(s.val), test=list(s.test))  # equal lists, new objects
+    assert np.array_equal(cache_rows(other), again)
+    assert len(cache_rows(SimpleNamespace(train=[7], val=[], test=[]))) == 1
