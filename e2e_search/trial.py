@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,22 @@ def run_confirm_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     _run(cfg, setup, trial_id)
 
 
+REUSE_TIMEOUT_VAR, REUSE_TIMEOUT_S = "TUNE_FUNCTION_THREAD_TIMEOUT_S", "120"
+"""How long a reused Tune process waits for the previous trial's thread to end before it runs the next trial.
+Ray's default, 2 s, failed the *next* trial ("Could not re-use actor ...") when a trial's thread took longer
+to end after its last report (its model freed, ``gc.collect``): seen on 2 loaded cores. Ray reads it in this
+process when it resets it for the next trial, so it is set here, however Ray was started; a value the user
+set is kept."""
+
+
+def wait_for_slow_trial_ends() -> None:
+    """In a Tune trial's process: let the next trial reuse this process even when this one's thread takes
+    more than Ray's 2 s to end (``REUSE_TIMEOUT_VAR``)."""
+    os.environ.setdefault(REUSE_TIMEOUT_VAR, REUSE_TIMEOUT_S)
+
+
 def _run(cfg: TrialConfig, setup: TrialSetup, trial_id: str) -> None:
+    wait_for_slow_trial_ends()
     if setup.resources.in_process:
         _in_this_process(cfg)
     else:
