@@ -285,10 +285,15 @@ class MlflowTrials(Callback):
         tags = []
         source = result.get("pbt_source")
         if isinstance(source, str) and "@" in source:  # PBT gave it another trial's weights of epoch `src`:
-            src = int(source.rsplit("@", 1)[1])  # it trains epochs after `src` again, with new values
+            donor, src = source.rsplit("@", 1)[0], int(source.rsplit("@", 1)[1])
+            # it trains epochs after `src` again, with new values
             done -= {(k, e) for k, e in done if e > src}
             for k in hist:
                 hist[k] = [(e, v) for e, v in hist[k] if e <= src]
+            own = max((e for _, e in done), default=0)
+            if own < src:  # the donor was ahead (asynchronous PBT): its epochs own+1..src are these weights' past
+                self._copy_epochs(donor, rid, own, src, done, hist)
+                tags.append(RunTag("e2e.pbt_copied_epochs", f"{own + 1}-{src} from {donor}"))
             trail = [*self.sources.get(tid, []), f"{source}>{epoch}"]
             self.sources[tid] = trail
             tags += [RunTag("e2e.pbt_source", source), RunTag("e2e.pbt_sources", tag_value(",".join(trail)))]
@@ -316,6 +321,27 @@ class MlflowTrials(Callback):
         if isinstance(value, (int, float)) and is_better(float(value), cur and cur["value"], self.mode):
             self.best[trial.trial_id] = {"value": float(value), "epoch": epoch, "metrics": numeric,
                                          "checkpoint": checkpoint_of(trial, result)}
+
+    def _copy_epochs(self, donor: str, rid: str, after: int, upto: int, done: set, hist: dict) -> None:
+        """Log the donor trial's metrics of epochs ``after``+1..``upto`` into run ``rid``: a trial exploited
+        by PBT from a donor ahead of it carries weights trained through those epochs by the donor, and its
+        run keeps one value per epoch (its whole history; tag ``e2e.pbt_copied_epochs`` says which)."""
+        drid = self.runs.get(donor)
+        if drid is None:
+            return
+        metrics = []
+        for key in self.client.get_run(drid).data.metrics:
+            for m in self.client.get_metric_history(drid, key):
+                if after < m.step <= upto and (key, m.step) not in done:
+                    metrics.append(Metric(key, m.value, m.timestamp, m.step))
+                    done.add((key, m.step))
+                    if key in hist or key in ("train_loss", "val_loss", "pretrain_loss", "val_pretrain_loss",
+                                              self.metric):
+                        hist.setdefault(key, []).append((m.step, m.value))
+        for k in hist:
+            hist[k].sort()
+        for i in range(0, len(metrics), 1000):  # MLflow's batch limit
+            self.client.log_batch(rid, metrics=metrics[i:i + 1000])
 
     @_timed
     @_guarded

@@ -214,3 +214,33 @@ def test_mlflow_keeps_an_exploited_trials_whole_history(tmp_path):
     assert float(tags["e2e.pbt.lr"]) == 1.2e-3 and run.data.params["lr"] == "0.001"
     assert tags["e2e.pbt.depth"] == "2" and run.data.params["depth"] == "1"  # the donor's architecture
     assert run.data.metrics["epochs_run"] == 4 and run.data.metrics["best_val_auc"] == pytest.approx(0.74)
+
+
+def test_a_trial_exploited_from_a_donor_ahead_of_it_gets_the_donors_epochs_in_between(tmp_path):
+    """Asynchronous PBT: a trial after its epoch 2 takes a donor's epoch-3 weights and goes on at epoch 4. Its
+    run gets the donor's epoch-3 metrics (those weights' past), so it has one value for each of epochs 1-4."""
+    from ray.tune.experiment import Trial
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("pbt", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, tags={"e2e.kind": "search"}).info.run_id
+    cb = MlflowTrials(client, exp, parent, search_name="s", family="vit", metric="val_auc", mode="max",
+                      max_epochs=4, mutable=("lr",))
+    donor = Trial("fn", config={"lr": 2e-3}, trial_id="aaaa0001", stub=True)
+    trial = Trial("fn", config={"lr": 1e-3}, trial_id="bbbb0001", stub=True)
+    for epoch in (1, 2, 3):
+        cb.on_trial_result(0, [], donor, {"epoch": epoch, "val_auc": 0.8 + epoch / 100})
+    for epoch in (1, 2):
+        cb.on_trial_result(0, [], trial, {"epoch": epoch, "val_auc": 0.5 + epoch / 100})
+    trial.set_config({"lr": 2.4e-3})
+    cb.on_trial_result(0, [], trial, {"epoch": 4, "val_auc": 0.9, "pbt_source": "aaaa0001@3"})
+    cb.on_trial_complete(0, [], trial)
+    cb.on_trial_complete(0, [], donor)
+    cb.drain()
+    run = client.get_run(cb.runs["bbbb0001"])
+    steps = sorted((m.step, round(m.value, 2)) for m in client.get_metric_history(run.info.run_id, "val_auc"))
+    assert steps == [(1, 0.51), (2, 0.52), (3, 0.83), (4, 0.9)]
+    lrs = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "pbt/lr"))
+    assert lrs == [(1, 1e-3), (2, 1e-3), (3, 2e-3), (4, 2.4e-3)]
+    assert run.data.tags["e2e.pbt_copied_epochs"] == "3-3 from aaaa0001"
