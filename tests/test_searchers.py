@@ -184,17 +184,23 @@ def test_exploited_trial_trains_on_with_its_new_values(data, tmp_path):
     assert torch.equal(next(iter(eng.model.state_dict().values())), next(iter(donor.model.values())))
 
 
-def test_mlflow_keeps_an_exploited_trials_whole_history(tmp_path):
-    """The receiver's run: one run with every epoch, the epochs after the source epoch logged again with the
-    new weights, the mutated values as pbt/<name> metrics per epoch and e2e.pbt.<name> tags, and the source."""
-    from ray.tune.experiment import Trial
-
+def _pbt_callback(tmp_path):
+    """(MlflowClient, MlflowTrials) on a new SQLite store: a search run of 4 epochs whose PBT mutates ``lr``."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("pbt", artifact_location=(tmp_path / "art").as_uri())
     parent = client.create_run(exp, tags={"e2e.kind": "search"}).info.run_id
     cb = MlflowTrials(client, exp, parent, search_name="s", family="vit", metric="val_auc", mode="max",
                       max_epochs=4, mutable=("lr",))
+    return client, cb
+
+
+def test_mlflow_keeps_an_exploited_trials_whole_history(tmp_path):
+    """The receiver's run: one run with every epoch, the epochs after the source epoch logged again with the
+    new weights, the mutated values as pbt/<name> metrics per epoch and e2e.pbt.<name> tags, and the source."""
+    from ray.tune.experiment import Trial
+
+    client, cb = _pbt_callback(tmp_path)
     trial = Trial("fn", config={"lr": 1e-3, "depth": 1}, trial_id="bbbb0001", stub=True)
     for epoch in (1, 2):
         cb.on_trial_result(0, [], trial, {"epoch": epoch, "val_auc": 0.5 + epoch / 100})
@@ -221,12 +227,7 @@ def test_a_trial_exploited_from_a_donor_ahead_of_it_gets_the_donors_epochs_in_be
     run gets the donor's epoch-3 metrics (those weights' past), so it has one value for each of epochs 1-4."""
     from ray.tune.experiment import Trial
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.create_experiment("pbt", artifact_location=(tmp_path / "art").as_uri())
-    parent = client.create_run(exp, tags={"e2e.kind": "search"}).info.run_id
-    cb = MlflowTrials(client, exp, parent, search_name="s", family="vit", metric="val_auc", mode="max",
-                      max_epochs=4, mutable=("lr",))
+    client, cb = _pbt_callback(tmp_path)
     donor = Trial("fn", config={"lr": 2e-3}, trial_id="aaaa0001", stub=True)
     trial = Trial("fn", config={"lr": 1e-3}, trial_id="bbbb0001", stub=True)
     for epoch in (1, 2, 3):
