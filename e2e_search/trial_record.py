@@ -313,7 +313,7 @@ class MlflowTrials(Callback):
             self.client.log_batch(rid, metrics=[Metric(k, v, now, epoch) for k, v in new.items()], tags=tags)
             done.update((k, epoch) for k in new)
         self.last[tid] = {**result, "checkpoint_path": checkpoint_of(trial, result)}
-        for k in ("train_loss", "val_loss", "pretrain_loss", "val_pretrain_loss", self.metric):
+        for k in self._curves():
             if k in new:
                 hist.setdefault(k, []).append((epoch, new[k]))
         value = result.get(self.metric)
@@ -321,6 +321,10 @@ class MlflowTrials(Callback):
         if isinstance(value, (int, float)) and is_better(float(value), cur and cur["value"], self.mode):
             self.best[trial.trial_id] = {"value": float(value), "epoch": epoch, "metrics": numeric,
                                          "checkpoint": checkpoint_of(trial, result)}
+
+    def _curves(self) -> tuple[str, ...]:
+        """The metrics kept per epoch for the learning curves."""
+        return ("train_loss", "val_loss", "pretrain_loss", "val_pretrain_loss", self.metric)
 
     def _copy_epochs(self, donor: str, rid: str, after: int, upto: int, done: set, hist: dict) -> None:
         """Log the donor trial's metrics of epochs ``after``+1..``upto`` into run ``rid``: a trial exploited
@@ -335,8 +339,7 @@ class MlflowTrials(Callback):
                 if after < m.step <= upto and (key, m.step) not in done:
                     metrics.append(Metric(key, m.value, m.timestamp, m.step))
                     done.add((key, m.step))
-                    if key in hist or key in ("train_loss", "val_loss", "pretrain_loss", "val_pretrain_loss",
-                                              self.metric):
+                    if key in self._curves():
                         hist.setdefault(key, []).append((m.step, m.value))
         for k in hist:
             hist[k].sort()
@@ -386,7 +389,7 @@ class MlflowTrials(Callback):
             self._backfill(rid, kept, series)
             self.logged[tid] = {(k, e) for k, pts in series.items() for e, _ in pts}
             self.history[tid] = {k: v for k, v in series.items()
-                                 if k in ("train_loss", "val_loss", "pretrain_loss", "val_pretrain_loss", self.metric)}
+                                 if k in self._curves()}
             scored = [(v, e) for e, v in series.get(self.metric, []) if math.isfinite(v)]
             if scored:
                 value, epoch = (max if self.mode == "max" else min)(scored, key=lambda ve: (ve[0], -ve[1]))
