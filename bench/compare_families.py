@@ -5,7 +5,8 @@ family on the test split, and the family table against the ``resnet15`` baseline
 
 The data file (``e2e_runs/data/top_vs_qcd_<n>.h5``) is generated first when missing (Pythia 8,
 2 workers). ``--budget cpu`` shrinks the search to what 2 cores finish in about half an hour:
-patch 25 for the plain transformers, 8 trials of at most 3 epochs, the split cached in memory.
+patch 25 for the plain transformers, 10 trials of at most 3 epochs, the split cached in memory, coatnet and
+maxvit at embed_dim 32 (dim_head 32, stem_width 8, mlp_ratio 2, 3 stages of 1 block; the others 64 wide).
 ``--budget gpu`` runs the YAML's own search with one GPU per trial. Then
 ``e2e-search confirm --per-family --top 1 --seeds N``: each family's best trial retrained with N seeds up to
 its best epoch and scored once on the test split (every family the same budget: the same data, seeds and
@@ -32,7 +33,11 @@ from mlflow.tracking import MlflowClient
 ROOT = Path(__file__).resolve().parent.parent
 CPU = ["search.num_samples=10", "scheduler.max_epochs=3", "scheduler.grace_period=1", "params.patch_size.values=[25]",
        "params.stem_channels.values=[16]", "params.width.values=[16]", "params.embed_dim.values=[64]",
-       "params.pretrain_epochs=1", "data.cache=memory"]
+       "params.pretrain_epochs=1", "data.cache=memory",
+       # coatnet/maxvit at 64 wide take 5-8 min per epoch of 5,600 jets on one core: their own, smaller widths
+       "params.embed_dim.when.family=[vit, swin, cait, hybrid_vit, mae]", "params.depths.values=[[1, 1, 1]]",
+       "params.conv_stages.values=[1]", "params.stem_width=8", "params.dim_head=32",
+       "params.mlp_ratio={value: 2, when: {family: [coatnet, maxvit]}}"]
 GPU = ["resources.gpus_per_worker=1", "resources.cpus_per_worker=4", "data.cache=device"]
 BASELINE = "resnet15"
 

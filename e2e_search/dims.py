@@ -89,10 +89,12 @@ DIM_TYPES = ("fixed", "choice", "grid", "uniform", "loguniform", "randint", "qun
 
 def _as_dim(v: Any) -> Any:
     if isinstance(v, dict):
+        if "type" not in v and "value" in v:  # {value: 2, when: {family: [...]}}: a conditional constant
+            return {"type": "fixed", **v}
         if "type" not in v:
             raise ValueError(
                 "a search dimension needs 'type'; add type: one of " + ", ".join(DIM_TYPES[1:])
-                + " (or write a fixed value without braces)"
+                + " (or write a fixed value without braces, or {value: ..., when: {...}} for a conditional one)"
             )
         if v["type"] not in DIM_TYPES:
             raise ValueError(f"unknown type '{v['type']}'{did_you_mean(str(v['type']), DIM_TYPES)}; "

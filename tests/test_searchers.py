@@ -184,6 +184,26 @@ def test_exploited_trial_trains_on_with_its_new_values(data, tmp_path):
     assert torch.equal(next(iter(eng.model.state_dict().values())), next(iter(donor.model.values())))
 
 
+def test_trial_exploited_from_a_finished_donor_says_so(data, tmp_path):
+    """PBT hands a trial the last checkpoint of a donor that has finished (its epoch is the last one): the trial
+    trains nothing more, and its one report, the donor's final metrics, still names the source (once it did
+    not, and the trial's MLflow run lost the donor's epochs)."""
+    a = LocalSession(tmp_path / "a")
+    train_trial(_trial(data, "aaaa"), a)
+    b_dir = tmp_path / "b"
+    b_dir.mkdir()
+    import shutil
+
+    shutil.copytree(a.reports[-1][1], b_dir / "epoch_0003")
+    b = LocalSession(b_dir, resume=True)
+    train_trial(_trial(data, "bbbb", lr=5e-3), b)
+    assert len(b.reports) == 1
+    assert b.reports[0][0]["pbt_source"] == "aaaa@3" and b.reports[0][0]["epoch"] == 3
+    own = LocalSession(tmp_path / "a", resume=True)  # its own last checkpoint (a restart after the end): no source
+    train_trial(_trial(data, "aaaa"), own)
+    assert len(own.reports) == 1 and "pbt_source" not in own.reports[0][0]
+
+
 def _pbt_callback(tmp_path):
     """(MlflowClient, MlflowTrials) on a new SQLite store: a search run of 4 epochs whose PBT mutates ``lr``."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

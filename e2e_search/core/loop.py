@@ -116,8 +116,10 @@ def _epochs(cfg: TrialConfig, session) -> None:
             startup["pbt_source"] = state.source
         start_epoch = state.epoch + 1
         recon = {k: v for k, v in state.metrics.items() if k.startswith("val_recon")}
-        if start_epoch > cfg.last_epoch:  # restarted after its last epoch (the driver died before recording it):
-            session.report(dict(state.metrics))  # the search still needs the trial's final result
+        if start_epoch > cfg.last_epoch:  # restarted after its last epoch (the driver died before recording it),
+            # or PBT gave it a finished donor's last weights: the search still needs the trial's final result
+            session.report({**state.metrics, **({"pbt_source": startup["pbt_source"]} if "pbt_source" in startup
+                                                else {})})
             return
 
     latency_ms: float | None = None
