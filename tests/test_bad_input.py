@@ -1133,6 +1133,21 @@ def test_family_condition_checks_values_against_that_family_only(ws, capsys):
                cmd="validate")
 
 
+def test_conditional_constant_and_a_dimension_without_type(ws, capsys):
+    """{value: ..., when: ...} is a constant for the families the condition names; {values: [...]} without a
+    type is refused with the types to choose from."""
+    cfg = base_cfg()
+    cfg["family"] = {"type": "choice", "values": ["vit", "resnet15"]}
+    cfg["params"] = {"batch_size": 8, "mlp_ratio": {"value": 2.0, "when": {"family": "vit"}}}
+    from e2e_search.config import load
+    from e2e_search.dims import FixedDim
+
+    dim = load(write_yaml(cfg)).params["mlp_ratio"]
+    assert isinstance(dim, FixedDim) and dim.value == 2.0 and dim.when == {"family": "vit"}
+    cfg["params"]["mlp_ratio"] = {"values": [2.0, 4.0]}
+    run_broken(ws, capsys, cfg, "params.mlp_ratio", "needs 'type'", "{value: ..., when: {...}}", cmd="validate")
+
+
 # Case 14: duplicate keys are refused with both lines (yaml.safe_load keeps the last one silently).
 def test_duplicate_param_key(ws, capsys):
     text = yaml.safe_dump(base_cfg(), sort_keys=False)  # a search dimension params.lr, then a fixed lr
