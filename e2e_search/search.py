@@ -374,6 +374,8 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
                                             reuse_actors=in_process, trial_dirname_creator=_trial_dirname),
                 run_config=tune.RunConfig(
                     name=run_name, storage_path=str(p.storage), verbose=0, callbacks=callbacks,
+                    # PBT would exploit a trial on its last report and train that epoch again: stop it there
+                    stop={"epoch": cfg.scheduler.max_epochs} if pbt else None,
                     # One-worker trials: Tune keeps their checkpoints and retries them from the latest;
                     # a TorchTrainer retries its own workers (resources.max_failures there). PBT keeps every
                     # checkpoint: a donor's latest must outlive its next report until the receiver loaded it.

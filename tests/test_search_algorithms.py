@@ -50,10 +50,9 @@ def test_new_sampler_and_scheduler_run_the_quickstart(tmp_path, monkeypatch, cap
     assert len(children) == 2 and all(r.data.tags["e2e.status"] == "FINISHED" for r in children)
 
 
-# 30-55 s on 2 cores; the restore-with-new-values logic also runs without Ray in test_searchers.py.
-# slow (out of the default suite) because it is not reliable yet: in 1 of 3 runs on 2 cores one trial's run had
-# epochs 1, 2, 4, with no exploit recorded (issue 18 stays open on this point).
-@pytest.mark.slow
+# 30-55 s on 2 cores; the restore-with-new-values logic also runs without Ray in test_searchers.py. Which trial
+# exploits which, and when, varies from run to run (asynchronous PBT): among them a receiver behind its donor
+# (the donor's epochs copied), ahead of it (epochs logged again), and a donor that has finished.
 def test_pbt_four_trials_keep_their_whole_history(tmp_path, monkeypatch, capsys, ray_local):
     monkeypatch.chdir(tmp_path)
     argv = ["run", QUICKSTART, *_sets(*SMALL, "search.num_samples=4", "search.max_concurrent=2",
@@ -69,8 +68,9 @@ def test_pbt_four_trials_keep_their_whole_history(tmp_path, monkeypatch, capsys,
     for run in children:
         rid = run.info.run_id
         assert run.info.status == "FINISHED" and run.data.tags["e2e.status"] == "FINISHED"
-        steps = {m.step for m in client.get_metric_history(rid, "val_auc")}
-        assert steps == {1, 2, 3, 4}, (run.data.tags["e2e.trial_id"], steps)
+        steps = [m.step for m in client.get_metric_history(rid, "val_auc")]
+        assert set(steps) == {1, 2, 3, 4}, (run.data.tags["e2e.trial_id"], steps)
+        assert steps.count(4) == 1, steps  # never exploited on its last report (and that epoch trained again)
         assert {m.step for m in client.get_metric_history(rid, "pbt/lr")} == {1, 2, 3, 4}
         source = run.data.tags.get("e2e.pbt_source")
         if source:
