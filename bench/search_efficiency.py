@@ -16,6 +16,10 @@ pooling) on one fixed generated dataset (4,000 Pythia top vs QCD jets, as
   are not counted (they are the earlier search that a warm start reuses);
 - **random**: ``search.algorithm: random``, ``scheduler: none``: every trial trains all ``--epochs``.
 
+The random search runs first (it sets the target), then the source search, then seed by seed one search of
+each kind; ``--curves`` is rewritten after every search, so a run cut short keeps every finished search
+(read it back with ``--curves`` alone).
+
 A trial-epoch is one epoch of one trial. The cost of a search to reach the target is the number of
 trial-epochs reported (in the order MLflow logged them, all trials counted) up to the first val AUC at or
 above ``--target``. The default target is what the best 10% of the random
@@ -146,19 +150,26 @@ def run_searches(args) -> tuple[dict[str, dict[str, Curves]], Curves]:
         return curves(out.tracking_uri, out.parent_run_id)
 
     seeds = args.seeds.split(",")
-    out: dict[str, dict[str, Curves]] = {}
+    out: dict[str, dict[str, Curves]] = {SEARCHES[k]: {} for k in kinds}
+    rnd: Curves = []
+
+    def save() -> None:  # after every search: a run cut short keeps what it measured (--curves)
+        if args.curves:
+            Path(args.curves).write_text(json.dumps({"argv": sys.argv, **out, "random": rnd}))
+
     try:
-        for kind in kinds:
-            key = SEARCHES[kind]
-            if kind == "warm_tpe":  # the earlier search: another split of the same jets, its own search seed
-                run("source_tpe", algorithm="tpe", scheduler="asha", trials=args.trials, seed=100, data_seed=1)
-                out[key] = {s: run(f"warm_tpe_{s}", algorithm="tpe", scheduler="asha", trials=args.trials,
-                                   seed=int(s), warm_start={"experiment": "source_tpe", "top": args.warm_top})
-                            for s in seeds}
-            else:
-                out[key] = {s: run(f"asha_{kind}_{s}", algorithm=kind, scheduler="asha", trials=args.trials,
-                                   seed=int(s)) for s in seeds}
+        # random first (it sets the target), then seed by seed, so that every finished seed is complete
         rnd = run("random", algorithm="random", scheduler="none", trials=args.random_trials, seed=100)
+        save()
+        if "warm_tpe" in kinds:  # the earlier search: another split of the same jets, its own search seed
+            run("source_tpe", algorithm="tpe", scheduler="asha", trials=args.trials, seed=100, data_seed=1)
+        for s in seeds:
+            for kind in kinds:
+                warm = {"experiment": "source_tpe", "top": args.warm_top} if kind == "warm_tpe" else None
+                algorithm = "tpe" if kind == "warm_tpe" else kind
+                out[SEARCHES[kind]][s] = run(f"asha_{kind}_{s}", algorithm=algorithm, scheduler="asha",
+                                             trials=args.trials, seed=int(s), warm_start=warm)
+                save()
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -228,9 +239,7 @@ def main() -> int:
         saved = json.loads(Path(args.curves).read_text())
         groups, rnd = {k: v for k, v in saved.items() if k in LABELS}, saved["random"]
     else:
-        groups, rnd = run_searches(args)
-        if args.curves:
-            Path(args.curves).write_text(json.dumps({"argv": sys.argv, **groups, "random": rnd}))
+        groups, rnd = run_searches(args)  # writes --curves after every search
     print(f"\n{machine()}\nViT space of {len(SPACE)} keys, {args.epochs} epochs max, data {args.data}, "
           f"{args.concurrent} trials at once")
     write_result(args.out, summarize(groups, rnd, args.target, args.target_quantile))
