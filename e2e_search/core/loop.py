@@ -112,14 +112,15 @@ def _epochs(cfg: TrialConfig, session) -> None:
         state = TrialCheckpoint.load(folder, map_location=device) if folder is not None else None
     if state is not None:
         eng.restore(state)
-        if state.trial_id and cfg.trial_id and state.trial_id != cfg.trial_id:  # PBT: another trial's weights
-            startup["pbt_source"] = state.source
+        # PBT: another trial's weights; said with the first report
+        exploited = {"pbt_source": state.source} if state.trial_id and state.trial_id != cfg.trial_id and \
+            cfg.trial_id else {}
+        startup.update(exploited)
         start_epoch = state.epoch + 1
         recon = {k: v for k, v in state.metrics.items() if k.startswith("val_recon")}
         if start_epoch > cfg.last_epoch:  # restarted after its last epoch (the driver died before recording it),
             # or PBT gave it a finished donor's last weights: the search still needs the trial's final result
-            session.report({**state.metrics, **({"pbt_source": startup["pbt_source"]} if "pbt_source" in startup
-                                                else {})})
+            session.report({**state.metrics, **exploited})
             return
 
     latency_ms: float | None = None
