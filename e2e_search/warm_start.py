@@ -6,7 +6,10 @@ error, never created). The ``top`` best FINISHED trial runs of experiment ``sear
 the new space: dimensions the new space lacks are left out, numeric values outside the new ranges are
 clipped into them, choice values the new space no longer offers are dropped (the sampler draws those), and
 one note says what changed. The points are queued as the first trials (after grid points); for ``tpe`` and
-``gp`` the earlier results are also given to the sampler as completed trials (searchers.prior).
+``gp`` the earlier results are also given to the sampler as completed trials (searchers.prior): the queued
+points and every other finished trial of the experiment (up to ``OBSERVED_MAX``, best first) whose values lie
+in the new space unchanged, so that the sampler sees the poor regions as well as the best one (as Optuna's
+``study.add_trials(old_study.trials)`` warm start does).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from .params import _categorical, never_active, search_dims
 from .schema import SearchSpace
 
 KEY = "search.warm_start.experiment"
+# At most this many earlier trials (best first) become prior observations of a tpe/gp sampler.
+OBSERVED_MAX = 200
 
 
 @dataclass
@@ -31,7 +36,8 @@ class WarmStart:
     points: list[dict[str, Any]]
     """Each earlier trial's values in the new space, under the Optuna names (``name__index``, ``name__step``)."""
     observed: list[tuple[dict[str, Any], float]]
-    """(point, its earlier best value of the search metric), best first."""
+    """(point, its earlier best value of the search metric), best first: the queued points, then every other
+    finished trial (up to ``OBSERVED_MAX`` in all) whose values the new space holds unchanged."""
     run_ids: list[str] = field(default_factory=list)
     note: str | None = None
     """What the mapping changed (clipped, dropped, missing), said once."""
@@ -117,17 +123,22 @@ def load(cfg: SearchSpace, uri: str) -> WarmStart | None:
     points, observed, rids = [], [], []
     changed: dict[str, set] = {"clipped": set(), "dropped": set(), "missing": set()}
     with tempfile.TemporaryDirectory() as tmp:
-        for r in scored[: ws.top]:
+        for rank, r in enumerate(scored[: max(ws.top, OBSERVED_MAX)]):
             rid = r.info.run_id
             try:
                 saved = yaml.safe_load(Path(client.download_artifacts(rid, "config.yaml", tmp)).read_text()) or {}
             except Exception:  # noqa: BLE001 - an artifact store that lost the file: skip this trial
                 continue
             point, ch = to_space(cfg, dict(saved.get("params") or {}), r.data.tags.get("e2e.family"))
+            value = float(r.data.metrics[f"best_{metric}"])
+            if rank >= ws.top:  # observed only, and only where the new space holds it unchanged
+                if not any(ch.values()):
+                    observed.append((point, value))
+                continue
             for k, names in ch.items():
                 changed[k] |= names
             points.append(point)
-            observed.append((point, float(r.data.metrics[f"best_{metric}"])))
+            observed.append((point, value))
             rids.append(rid)
     if not points:
         raise UserError(f"experiment '{ws.experiment}': none of its best trials has its config.yaml any more; "

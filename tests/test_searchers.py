@@ -123,6 +123,14 @@ def test_warm_start_reads_the_best_finished_trials(tmp_path):
     assert [v for _, v in warm.observed] == [0.95, 0.9]
     assert warm.points[0] == {"lr": 2e-3, "embed_dim": 16}
     assert warm.note is None  # both in the new ranges
+    # top 1: one queued point; the other finished trial is still a prior observation, unless the new ranges
+    # would have to change it (then it is left out: its value belongs to another point)
+    cfg["search"]["warm_start"]["top"] = 1
+    warm = load_warm(validate(cfg, source="t.yaml"), uri)
+    assert warm.points == [{"lr": 2e-3, "embed_dim": 16}] and [v for _, v in warm.observed] == [0.95, 0.9]
+    narrow = {**cfg, "params": {**cfg["params"], "lr": {"type": "loguniform", "low": 1.5e-3, "high": 3e-3}}}
+    warm = load_warm(validate(narrow, source="t.yaml"), uri)
+    assert len(warm.points) == 1 and [v for _, v in warm.observed] == [0.95] and warm.note is None
     cfg["search"]["warm_start"]["experiment"] = "nope"
     with pytest.raises(UserError, match="no experiment 'nope'") as e:
         load_warm(validate(cfg, source="t.yaml"), uri)
