@@ -10,10 +10,11 @@ pooling) on one fixed generated dataset (``--n`` Pythia top vs QCD jets, 4,000 b
 every trial; the rest train. A larger validation split (``--n 16000 --val-fraction 0.75``: 12,000 jets) makes a
 high target a property of the configuration rather than of the split's noise:
 
-- **ASHA + TPE**: ``search.algorithm: tpe``, ``scheduler: asha`` (grace 1 epoch, reduction factor 3), one
+- **ASHA + TPE**: ``search.algorithm: tpe``, ``scheduler: asha`` (grace ``--grace`` epochs, 1 by default, reduction factor 3), one
   search per seed in ``--seeds``;
 - **ASHA + GP** (``--searches`` with ``gp``): ``search.algorithm: gp``, the same ASHA, one search per seed;
-- **warm-started ASHA + TPE** (``warm_tpe``): first one ASHA + TPE search (search seed 100) on another split
+- **warm-started ASHA + TPE** (``warm_tpe``): first one ASHA + TPE search (search seed 100; with
+  ``--source-per-seed`` one per seed, search seed 100 + seed) on another split
   of the same generated data (``data.seed: 1``), then one ASHA + TPE search per seed with
   ``search.warm_start: {experiment: <that search>, top: --warm-top}``. The source search's own trial-epochs
   are not counted (they are the earlier search that a warm start reuses);
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -71,10 +73,10 @@ def data_path(n: int) -> str:
 
 def search_config(data: str, tmp: str, name: str, *, algorithm: str, scheduler: str, trials: int, epochs: int,
                   seed: int, concurrent: int, data_seed: int = 0, warm_start: dict | None = None,
-                  n: int = 4000, val_fraction: float = 0.25) -> dict:
+                  n: int = 4000, val_fraction: float = 0.25, grace: int = 1) -> dict:
     sched = {"type": scheduler, "max_epochs": epochs}
     if scheduler == "asha":
-        sched.update(grace_period=1, reduction_factor=3)
+        sched.update(grace_period=grace, reduction_factor=3)
     return {
         "name": name, "family": "vit", "task": {"type": "classification", "num_classes": 2},
         # 125x125 jets averaged down to 25x25 (5x5 blocks): quick on a CPU, still far from trivial to tag.
@@ -152,7 +154,7 @@ def run_searches(args) -> tuple[dict[str, dict[str, Curves]], Curves]:
 
     def run(name: str, **kw) -> Curves:
         cfg = validate(search_config(data, tmp, name, epochs=args.epochs, concurrent=args.concurrent, n=args.n,
-                                     val_fraction=args.val_fraction, **kw), source="bench")
+                                     val_fraction=args.val_fraction, grace=args.grace, **kw), source="bench")
         out = execute(plan(cfg))
         return curves(out.tracking_uri, out.parent_run_id)
 
@@ -168,11 +170,15 @@ def run_searches(args) -> tuple[dict[str, dict[str, Curves]], Curves]:
         # random first (it sets the target), then seed by seed, so that every finished seed is complete
         rnd = run("random", algorithm="random", scheduler="none", trials=args.random_trials, seed=100)
         save()
-        if "warm_tpe" in kinds:  # the earlier search: another split of the same jets, its own search seed
+        if "warm_tpe" in kinds and not args.source_per_seed:  # the earlier search: another split, its own seed
             run("source_tpe", algorithm="tpe", scheduler="asha", trials=args.trials, seed=100, data_seed=1)
         for s in seeds:
+            source = "source_tpe"
+            if "warm_tpe" in kinds and args.source_per_seed:  # each warm search its own earlier search
+                source = f"source_tpe_{s}"
+                run(source, algorithm="tpe", scheduler="asha", trials=args.trials, seed=100 + int(s), data_seed=1)
             for kind in kinds:
-                warm = {"experiment": "source_tpe", "top": args.warm_top} if kind == "warm_tpe" else None
+                warm = {"experiment": source, "top": args.warm_top} if kind == "warm_tpe" else None
                 algorithm = "tpe" if kind == "warm_tpe" else kind
                 out[SEARCHES[kind]][s] = run(f"asha_{kind}_{s}", algorithm=algorithm, scheduler="asha",
                                              trials=args.trials, seed=int(s), warm_start=warm)
@@ -210,14 +216,19 @@ def summarize(groups: dict[str, dict[str, Curves]], rnd: Curves, target: float |
     print()
     medians = {}
     for kind, by_seed in groups.items():
-        costs = [r["to_target"] for r in rows if r.get("kind") == kind and r.get("to_target") is not None]
-        if costs and exp == exp:
-            medians[kind] = median(costs)
-            print(f"{LABELS.get(kind, kind)} / random trial-epochs to target: median {median(costs) / exp:.2f}, "
-                  f"mean {mean(costs) / exp:.2f} ({len(costs)}/{len(by_seed)} searches reached it)")
+        # a search that never reached the target counts as infinitely costly (censored), never as left out
+        all_costs = [r["to_target"] if r.get("to_target") is not None else math.inf
+                     for r in rows if r.get("kind") == kind]
+        costs = [c for c in all_costs if c != math.inf]
+        if all_costs and exp == exp:
+            medians[kind] = median(all_costs)
+            mean_part = f"mean {mean(costs) / exp:.2f} of those that reached it" if costs else "none reached it"
+            print(f"{LABELS.get(kind, kind)} / random trial-epochs to target: median {medians[kind] / exp:.2f} "
+                  f"(unreached counted as infinite), {mean_part} ({len(costs)}/{len(by_seed)} searches reached it)")
     if "asha_tpe_warm" in medians and "asha_tpe" in medians:
-        print(f"warm-started / cold ASHA+TPE trial-epochs to target (medians): "
-              f"{medians['asha_tpe_warm'] / medians['asha_tpe']:.2f} (goal: at most 0.5)")
+        w, c = medians["asha_tpe_warm"], medians["asha_tpe"]
+        ratio = "undefined (neither median reached the target)" if w == c == math.inf else f"{w / c:.2f}"
+        print(f"warm-started / cold ASHA+TPE trial-epochs to target (medians): {ratio} (goal: at most 0.5)")
     return rows
 
 
@@ -227,6 +238,11 @@ def main() -> int:
     ap.add_argument("--searches", default="tpe", help="kinds of ASHA search, comma-separated: tpe (cold TPE), gp, "
                                                       "warm_tpe (TPE warm-started from a search on another split)")
     ap.add_argument("--warm-top", type=int, default=4, help="warm_tpe: the earlier search's best trials queued")
+    ap.add_argument("--source-per-seed", action="store_true",
+                    help="warm_tpe: one source search per seed (search seed 100 + seed) instead of one shared source "
+                         "(seed 100), so that the figures average over the luck of the earlier search too")
+    ap.add_argument("--grace", type=int, default=1, help="ASHA's grace period in epochs (default 1; reduction "
+                                                         "factor 3)")
     ap.add_argument("--trials", type=int, default=16, help="trials per ASHA search")
     ap.add_argument("--random-trials", type=int, default=32, help="trials of the random search (all epochs)")
     ap.add_argument("--epochs", type=int, default=9)
