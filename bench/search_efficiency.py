@@ -10,8 +10,8 @@ pooling) on one fixed generated dataset (``--n`` Pythia top vs QCD jets, 4,000 b
 every trial; the rest train. A larger validation split (``--n 16000 --val-fraction 0.75``: 12,000 jets) makes a
 high target a property of the configuration rather than of the split's noise:
 
-- **ASHA + TPE**: ``search.algorithm: tpe``, ``scheduler: asha`` (grace ``--grace`` epochs, 1 by default, reduction factor 3), one
-  search per seed in ``--seeds``;
+- **ASHA + TPE**: ``search.algorithm: tpe``, ``scheduler: asha`` (grace ``--grace`` epochs, 1 by default,
+  reduction factor 3), one search per seed in ``--seeds``;
 - **ASHA + GP** (``--searches`` with ``gp``): ``search.algorithm: gp``, the same ASHA, one search per seed;
 - **warm-started ASHA + TPE** (``warm_tpe``): first one ASHA + TPE search (search seed 100; with
   ``--source-per-seed`` one per seed, search seed 100 + seed) on another split
