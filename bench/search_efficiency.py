@@ -227,7 +227,8 @@ def summarize(groups: dict[str, dict[str, Curves]], rnd: Curves, target: float |
                   f"(unreached counted as infinite), {mean_part} ({len(costs)}/{len(by_seed)} searches reached it)")
     if "asha_tpe_warm" in medians and "asha_tpe" in medians:
         w, c = medians["asha_tpe_warm"], medians["asha_tpe"]
-        ratio = "undefined (neither median reached the target)" if w == c == math.inf else f"{w / c:.2f}"
+        ratio = ("undefined (neither median reached the target)" if w == c == math.inf else
+                 "0: the cold median never reached the target" if c == math.inf else f"{w / c:.2f}")
         print(f"warm-started / cold ASHA+TPE trial-epochs to target (medians): {ratio} (goal: at most 0.5)")
     return rows
 
