@@ -7,8 +7,8 @@ the new space: dimensions the new space lacks are left out, numeric values outsi
 clipped into them, choice values the new space no longer offers are dropped (the sampler draws those), and
 one note says what changed. The points are queued as the first trials (after grid points); for ``tpe`` and
 ``gp`` the earlier results are also given to the sampler as completed trials (searchers.prior): the queued
-points and every other finished trial of the experiment (up to ``OBSERVED_MAX``, best first) whose values lie
-in the new space unchanged, so that the sampler sees the poor regions as well as the best one (as Optuna's
+points and every other finished trial of the experiment (up to ``OBSERVED_MAX``, best first; read only for
+those samplers) whose values lie in the new space unchanged, so that the sampler sees the poor regions as well as the best one (as Optuna's
 ``study.add_trials(old_study.trials)`` warm start does).
 """
 
@@ -24,6 +24,7 @@ from .dims import ChoiceDim, FixedDim, GridDim, LogUniformDim, QUniformDim, Rand
 from .errors import UserError
 from .params import _categorical, never_active, search_dims
 from .schema import SearchSpace
+from .searchers import LEARNING_SAMPLERS
 
 KEY = "search.warm_start.experiment"
 # At most this many earlier trials (best first) become prior observations of a tpe/gp sampler.
@@ -122,8 +123,10 @@ def load(cfg: SearchSpace, uri: str) -> WarmStart | None:
     scored.sort(key=lambda r: r.data.metrics[f"best_{metric}"], reverse=(mode == "max"))
     points, observed, rids = [], [], []
     changed: dict[str, set] = {"clipped": set(), "dropped": set(), "missing": set()}
+    # only a sampler that learns (and is used: PBT has none) needs the earlier trials beyond the queued ones
+    learns = cfg.search.algorithm in LEARNING_SAMPLERS and cfg.scheduler.type != "pbt"
     with tempfile.TemporaryDirectory() as tmp:
-        for rank, r in enumerate(scored[: max(ws.top, OBSERVED_MAX)]):
+        for rank, r in enumerate(scored[: max(ws.top, OBSERVED_MAX) if learns else ws.top]):
             rid = r.info.run_id
             try:
                 saved = yaml.safe_load(Path(client.download_artifacts(rid, "config.yaml", tmp)).read_text()) or {}

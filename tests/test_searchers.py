@@ -128,6 +128,10 @@ def test_warm_start_reads_the_best_finished_trials(tmp_path):
     cfg["search"]["warm_start"]["top"] = 1
     warm = load_warm(validate(cfg, source="t.yaml"), uri)
     assert warm.points == [{"lr": 2e-3, "embed_dim": 16}] and [v for _, v in warm.observed] == [0.95, 0.9]
+    # a sampler that does not learn (random) gets the queued point only: the others are not even read
+    rnd = {**cfg, "search": {**cfg["search"], "algorithm": "random"}}
+    warm = load_warm(validate(rnd, source="t.yaml"), uri)
+    assert warm.points == [{"lr": 2e-3, "embed_dim": 16}] and [v for _, v in warm.observed] == [0.95]
     narrow = {**cfg, "params": {**cfg["params"], "lr": {"type": "loguniform", "low": 1.5e-3, "high": 3e-3}}}
     warm = load_warm(validate(narrow, source="t.yaml"), uri)
     assert len(warm.points) == 1 and [v for _, v in warm.observed] == [0.95] and warm.note is None

@@ -112,9 +112,9 @@ def _epochs(cfg: TrialConfig, session) -> None:
         state = TrialCheckpoint.load(folder, map_location=device) if folder is not None else None
     if state is not None:
         eng.restore(state)
-        # PBT: another trial's weights; said with the first report
-        exploited = {"pbt_source": state.source} if state.trial_id and state.trial_id != cfg.trial_id and \
-            cfg.trial_id else {}
+        exploited = {}  # PBT: another trial's weights; said with the first report
+        if state.trial_id and cfg.trial_id and state.trial_id != cfg.trial_id:
+            exploited = {"pbt_source": state.source}
         startup.update(exploited)
         start_epoch = state.epoch + 1
         recon = {k: v for k, v in state.metrics.items() if k.startswith("val_recon")}
