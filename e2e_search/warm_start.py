@@ -8,8 +8,9 @@ clipped into them, choice values the new space no longer offers are dropped (the
 one note says what changed. The points are queued as the first trials (after grid points); for ``tpe`` and
 ``gp`` the earlier results are also given to the sampler as completed trials (searchers.prior): the queued
 points and every other finished trial of the experiment (up to ``OBSERVED_MAX``, best first; read only for
-those samplers) whose values lie in the new space unchanged, so that the sampler sees the poor regions as well as the best one (as Optuna's
-``study.add_trials(old_study.trials)`` warm start does).
+those samplers) whose values lie in the new space unchanged, so that the sampler sees the poor regions as well
+as the best one (as Optuna's ``study.add_trials(old_study.trials)`` warm start does). Trials are ranked by their
+best epoch (``best_<metric>``) but observed with their last reported value, as the sampler observes its own.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ class WarmStart:
     points: list[dict[str, Any]]
     """Each earlier trial's values in the new space, under the Optuna names (``name__index``, ``name__step``)."""
     observed: list[tuple[dict[str, Any], float]]
-    """(point, its earlier best value of the search metric), best first: the queued points, then every other
-    finished trial (up to ``OBSERVED_MAX`` in all) whose values the new space holds unchanged."""
+    """(point, its earlier result: the search metric's last reported value, :func:`observed_value`), best first:
+    the queued points, then every other finished trial (up to ``OBSERVED_MAX`` in all) whose values the new
+    space holds unchanged."""
     run_ids: list[str] = field(default_factory=list)
     note: str | None = None
     """What the mapping changed (clipped, dropped, missing), said once."""
@@ -82,6 +84,15 @@ def to_space(cfg: SearchSpace, params: dict[str, Any], family: str | None) -> tu
         elif isinstance(dim, UniformDim | LogUniformDim):
             point[name] = c
     return point, changes
+
+
+def observed_value(metrics: dict[str, float], metric: str) -> float:
+    """An earlier trial's result as its sampler saw it: ``final_<metric>``, the last reported value (Ray's
+    ``OptunaSearch`` tells the study a trial's last result, also when ASHA stopped it), not ``best_<metric>``,
+    the best epoch's value that ranks the trials. An overfitting trial that peaked at its first epoch must not
+    look better to the new search's sampler than to the old one's. ``best_<metric>`` where a run has no final."""
+    value = metrics.get(f"final_{metric}", math.nan)
+    return float(value if math.isfinite(value) else metrics[f"best_{metric}"])
 
 
 def load(cfg: SearchSpace, uri: str) -> WarmStart | None:
@@ -133,7 +144,7 @@ def load(cfg: SearchSpace, uri: str) -> WarmStart | None:
             except Exception:  # noqa: BLE001 - an artifact store that lost the file: skip this trial
                 continue
             point, ch = to_space(cfg, dict(saved.get("params") or {}), r.data.tags.get("e2e.family"))
-            value = float(r.data.metrics[f"best_{metric}"])
+            value = observed_value(r.data.metrics, metric)
             if rank >= ws.top:  # observed only, and only where the new space holds it unchanged
                 if not any(ch.values()):
                     observed.append((point, value))
