@@ -230,7 +230,27 @@ def summarize(groups: dict[str, dict[str, Curves]], rnd: Curves, target: float |
         ratio = ("undefined (neither median reached the target)" if w == c == math.inf else
                  "0: the cold median never reached the target" if c == math.inf else f"{w / c:.2f}")
         print(f"warm-started / cold ASHA+TPE trial-epochs to target (medians): {ratio} (goal: at most 0.5)")
+        warm = [r.get("to_target") or math.inf for r in rows if r.get("kind") == "asha_tpe_warm"]
+        cold = [r.get("to_target") or math.inf for r in rows if r.get("kind") == "asha_tpe"]
+        lo, hi, share = bootstrap_ratio(warm, cold)
+        print(f"  bootstrap over seeds (2,000 resamples): 68% interval {lo:.2f} to {hi:.2f}; the ratio is at most 0.5 "
+              f"in {share:.0%} of resamples")
     return rows
+
+
+def bootstrap_ratio(warm: list[float], cold: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """The ratio of medians (warm / cold trial-epochs to target, unreached = inf) over ``n`` resamples of the
+    seeds (each list with replacement, independently) -> (16th percentile, 84th percentile, share <= 0.5).
+    A resample where neither median reaches the target counts as above 0.5 (undefined is not a success)."""
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for _ in range(n):
+        w = float(np.median(rng.choice(warm, len(warm))))
+        c = float(np.median(rng.choice(cold, len(cold))))
+        ratios.append(math.inf if w == math.inf else 0.0 if c == math.inf else w / c)
+    r = np.array(ratios)
+    return (float(np.percentile(r, 16, method="nearest")), float(np.percentile(r, 84, method="nearest")),
+            float(np.mean(r <= 0.5)))
 
 
 def main() -> int:

@@ -30,20 +30,25 @@ def startup_trials(num_samples: int) -> int:
     return min(10, max(2, num_samples // 3))
 
 
-def sampler(cfg: SearchSpace):
+def sampler(cfg: SearchSpace, after: int = 0):
     """The Optuna sampler of ``search.algorithm``, seeded with ``search.seed``.
+
+    ``after``: how many trials the study holds or runs before this search's own draws (a warm start's prior
+    observations and queued points). tpe and gp still draw their :func:`startup_trials` random trials after
+    those, as a cold search does: Optuna counts every completed trial of the study towards ``n_startup_trials``,
+    and a sampler that starts modelling at once keeps to the earlier search's best region, blind spots included.
 
     gp, cmaes and qmc model only the dimensions every trial has: conditional (``when``) ones are drawn at random
     (Optuna's independent sampler; :func:`check_search` notes it); their per-trial warnings are turned off."""
     import optuna
 
     seed = cfg.search.seed
-    n = cfg.search.num_samples
+    startup = startup_trials(cfg.search.num_samples) + after
     make = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(n)),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
-        "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_trials(n),
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup,
                                                 warn_independent_sampling=False),
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
         "qmc": lambda: optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed,
@@ -126,30 +131,32 @@ def searcher(cfg: SearchSpace, warm=None):
     metric = cfg.search.metric if isinstance(cfg.search.metric, str) else list(cfg.search.metric)
     mode = cfg.search.mode if isinstance(cfg.search.mode, str) else list(cfg.search.mode)
     points = grid_points(cfg) + (list(warm.points) if warm is not None else [])
-    search = OptunaSearch(space=OptunaSpace(cfg), metric=metric, mode=mode, sampler=sampler(cfg),
+    learned = observations(OptunaSpace(cfg), warm.observed) \
+        if warm is not None and cfg.search.algorithm in LEARNING_SAMPLERS else []
+    after = len(learned) + len(warm.points) if learned else 0
+    search = OptunaSearch(space=OptunaSpace(cfg), metric=metric, mode=mode, sampler=sampler(cfg, after),
                           points_to_evaluate=points or None)
-    if warm is not None and cfg.search.algorithm in LEARNING_SAMPLERS:
-        prior(search._ot_study, OptunaSpace(cfg), warm.observed)
+    search._ot_study.add_trials(learned)
     return search
 
 
-def prior(study, space: OptunaSpace, observed: list[tuple[dict[str, Any], float]]) -> int:
-    """Add earlier (point, value) results to ``study`` as completed trials (``OptunaSearch(evaluated_rewards=)``
-    refuses define-by-run spaces); a point lacking a value the space needs is skipped. Returns how many."""
+def observations(space: OptunaSpace, observed: list[tuple[dict[str, Any], float]]) -> list:
+    """Earlier (point, value) results as completed Optuna trials, to add to a study as prior observations
+    (``OptunaSearch(evaluated_rewards=)`` refuses define-by-run spaces); a point lacking a value the space needs
+    is left out (it is only queued)."""
     import optuna
     from optuna.trial import FixedTrial, create_trial
 
-    n = 0
+    out = []
     for point, value in observed:
         fixed = FixedTrial(point)
         try:
             space(fixed)
         except ValueError:  # a dimension the earlier search did not have: only queued, not observed
             continue
-        study.add_trial(create_trial(params=fixed.params, distributions=fixed.distributions, value=float(value),
-                                     state=optuna.trial.TrialState.COMPLETE))
-        n += 1
-    return n
+        out.append(create_trial(params=fixed.params, distributions=fixed.distributions, value=float(value),
+                                state=optuna.trial.TrialState.COMPLETE))
+    return out
 
 
 def initial_population(cfg: SearchSpace, warm=None) -> list[dict[str, Any]]:

@@ -6,7 +6,7 @@ error, never created). The ``top`` best FINISHED trial runs of experiment ``sear
 the new space: dimensions the new space lacks are left out, numeric values outside the new ranges are
 clipped into them, choice values the new space no longer offers are dropped (the sampler draws those), and
 one note says what changed. The points are queued as the first trials (after grid points); for ``tpe`` and
-``gp`` the earlier results are also given to the sampler as completed trials (searchers.prior): the queued
+``gp`` the earlier results are also given to the sampler as completed trials (searchers.observations): the queued
 points and every other finished trial of the experiment (up to ``OBSERVED_MAX``, best first; read only for
 those samplers) whose values lie in the new space unchanged, so that the sampler sees the poor regions as well
 as the best one (as Optuna's ``study.add_trials(old_study.trials)`` warm start does). Trials are ranked by their

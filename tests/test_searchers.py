@@ -21,7 +21,7 @@ from e2e_search.core.session import LocalSession
 from e2e_search.data import inspect
 from e2e_search.errors import UserError
 from e2e_search.params import OptunaSpace
-from e2e_search.searchers import ClipToRanges, initial_population, pbt_dims, prior, sampler
+from e2e_search.searchers import ClipToRanges, initial_population, observations, pbt_dims, sampler
 from e2e_search.trial_record import MlflowTrials
 from e2e_search.warm_start import load as load_warm, to_space
 from tests.conftest import base_config, write_e2e
@@ -100,7 +100,9 @@ def test_warm_start_maps_clips_and_drops(tmp_path):
     space = OptunaSpace(c)
     # embed_dim was dropped: not a complete observation, only queued; the other is one
     full = {**point, "embed_dim": 32}
-    assert prior(study, space, [(point, 0.7), (full, 0.8)]) == 1
+    learned = observations(space, [(point, 0.7), (full, 0.8)])
+    assert len(learned) == 1
+    study.add_trials(learned)
     assert study.best_value == 0.8 and study.best_params["embed_dim"] == 32
 
 
