@@ -21,7 +21,8 @@ from e2e_search.core.session import LocalSession
 from e2e_search.data import inspect
 from e2e_search.errors import UserError
 from e2e_search.params import OptunaSpace
-from e2e_search.searchers import ClipToRanges, initial_population, observations, pbt_dims, sampler
+from e2e_search.searchers import (ClipToRanges, initial_population, observations, pbt_dims, sampler, searcher,
+                                  startup_trials)
 from e2e_search.trial_record import MlflowTrials
 from e2e_search.warm_start import load as load_warm, to_space
 from tests.conftest import base_config, write_e2e
@@ -132,6 +133,11 @@ def test_warm_start_reads_the_best_finished_trials(tmp_path):
     cfg["search"]["warm_start"]["top"] = 1
     warm = load_warm(validate(cfg, source="t.yaml"), uri)
     assert warm.points == [{"lr": 2e-3, "embed_dim": 16}] and [v for _, v in warm.observed] == [0.91, 0.9]
+    # the searcher: both earlier trials are in the study, and TPE's random start-up comes after them and after
+    # the queued point (Optuna counts every completed trial towards n_startup_trials)
+    search = searcher(c := validate(cfg, source="t.yaml"), warm)
+    assert [t.value for t in search._ot_study.get_trials(states=[optuna.trial.TrialState.COMPLETE])] == [0.91, 0.9]
+    assert search._ot_study.sampler._n_startup_trials == startup_trials(c.search.num_samples) + 2 + 1
     # a sampler that does not learn (random) gets the queued point only: the others are not even read
     rnd = {**cfg, "search": {**cfg["search"], "algorithm": "random"}}
     warm = load_warm(validate(rnd, source="t.yaml"), uri)
