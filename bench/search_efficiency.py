@@ -160,23 +160,26 @@ def run_searches(args) -> tuple[dict[str, dict[str, Curves]], Curves]:
 
     seeds = args.seeds.split(",")
     out: dict[str, dict[str, Curves]] = {SEARCHES[k]: {} for k in kinds}
+    sources: dict[str, Curves] = {}  # the warm starts' earlier searches (scored on their own split)
     rnd: Curves = []
 
     def save() -> None:  # after every search: a run cut short keeps what it measured (--curves)
         if args.curves:
-            Path(args.curves).write_text(json.dumps({"argv": sys.argv, **out, "random": rnd}))
+            Path(args.curves).write_text(json.dumps({"argv": sys.argv, **out, "random": rnd, "sources": sources}))
 
     try:
         # random first (it sets the target), then seed by seed, so that every finished seed is complete
         rnd = run("random", algorithm="random", scheduler="none", trials=args.random_trials, seed=100)
         save()
         if "warm_tpe" in kinds and not args.source_per_seed:  # the earlier search: another split, its own seed
-            run("source_tpe", algorithm="tpe", scheduler="asha", trials=args.trials, seed=100, data_seed=1)
+            sources["shared"] = run("source_tpe", algorithm="tpe", scheduler="asha", trials=args.trials, seed=100,
+                                    data_seed=1)
         for s in seeds:
             source = "source_tpe"
             if "warm_tpe" in kinds and args.source_per_seed:  # each warm search its own earlier search
                 source = f"source_tpe_{s}"
-                run(source, algorithm="tpe", scheduler="asha", trials=args.trials, seed=100 + int(s), data_seed=1)
+                sources[s] = run(source, algorithm="tpe", scheduler="asha", trials=args.trials, seed=100 + int(s),
+                                 data_seed=1)
             for kind in kinds:
                 warm = {"experiment": source, "top": args.warm_top} if kind == "warm_tpe" else None
                 algorithm = "tpe" if kind == "warm_tpe" else kind
@@ -186,10 +189,11 @@ def run_searches(args) -> tuple[dict[str, dict[str, Curves]], Curves]:
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
-    return out, rnd
+    return out, rnd, sources
 
 
-def summarize(groups: dict[str, dict[str, Curves]], rnd: Curves, target: float | None, quantile: float) -> list[dict]:
+def summarize(groups: dict[str, dict[str, Curves]], rnd: Curves, target: float | None, quantile: float,
+              sources: dict[str, Curves] | None = None) -> list[dict]:
     if target is None:
         bests = sorted(max(v for _, _, v in t) for t in rnd if t)
         target = float(np.quantile(bests, quantile))
@@ -213,6 +217,10 @@ def summarize(groups: dict[str, dict[str, Curves]], rnd: Curves, target: float |
                  "in_logged_order": in_order, "target": target})
     print(f"{'random':>20} {len(rnd):6d} {sum(map(len, rnd)):16d} {best:12.4f} {exp:22.1f}  (expected; "
           f"{hits}/{len(rnd)} trials reach it; {in_order} in the order it ran)")
+    for s, tr in (sources or {}).items():  # whether each warm start's earlier search found the target region
+        best = max((v for t in tr for _, _, v in t), default=float("nan"))
+        print(f"{'source ' + str(s):>20} {len(tr):6d} {sum(map(len, tr)):16d} {best:12.4f}  (its own split; "
+              f"{'above' if best >= target else 'below'} the target)")
     print()
     medians = {}
     for kind, by_seed in groups.items():
@@ -286,12 +294,12 @@ def main() -> int:
     print(machine(), flush=True)
     if args.curves and os.path.exists(args.curves):
         saved = json.loads(Path(args.curves).read_text())
-        groups, rnd = {k: v for k, v in saved.items() if k in LABELS}, saved["random"]
+        groups, rnd, sources = {k: v for k, v in saved.items() if k in LABELS}, saved["random"], saved.get("sources")
     else:
-        groups, rnd = run_searches(args)  # writes --curves after every search
+        groups, rnd, sources = run_searches(args)  # writes --curves after every search
     print(f"\n{machine()}\nViT space of {len(SPACE)} keys, {args.epochs} epochs max, data {args.data}, "
           f"{args.concurrent} trials at once")
-    write_result(args.out, summarize(groups, rnd, args.target, args.target_quantile))
+    write_result(args.out, summarize(groups, rnd, args.target, args.target_quantile, sources))
     return 0
 
 
