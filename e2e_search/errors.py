@@ -100,8 +100,13 @@ def error_text(err: dict, key: str) -> str:
 
 
 def source_of(source: str, set_paths: list[str] | None, key: str | None) -> str:
-    """The YAML path, plus the ``--set`` override that wrote ``key`` (or a section above or below it)."""
-    for p in set_paths or []:
-        if key and (key == p or key.startswith(p + ".") or p.startswith(key + ".")):
+    """The YAML path, plus the ``--set`` override that wrote ``key`` (or a section above it), or every override
+    below ``key`` when ``key`` is a section (a check across its keys: any of them may be the one to fix)."""
+    if not key:
+        return source
+    paths = set_paths or []
+    for p in paths:
+        if key == p or key.startswith(p + "."):
             return f"{source} (--set {p})"
-    return source
+    below = [p for p in paths if p.startswith(key + ".")]
+    return f"{source} ({', '.join(f'--set {p}' for p in below)})" if below else source

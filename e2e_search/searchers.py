@@ -12,6 +12,7 @@ handed to Tune as fixed configurations; PBT then mutates the continuous training
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 from .dims import ChoiceDim, FixedDim, GridDim, LogUniformDim, UniformDim
@@ -54,7 +55,9 @@ def sampler(cfg: SearchSpace, after: int = 0):
         "qmc": lambda: optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed,
                                                   warn_independent_sampling=False),
     }
-    return make[cfg.search.algorithm]()
+    with warnings.catch_warnings():  # QMCSampler (and, by Optuna version, others) warns it is experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return make[cfg.search.algorithm]()
 
 
 def _searched(cfg: SearchSpace) -> dict[str, Any]:
@@ -89,12 +92,15 @@ def check_search(cfg: SearchSpace) -> list[tuple[str, str]]:
     dims = _searched(cfg)
     notes: list[tuple[str, str]] = []
     if algo == "cmaes":
-        for name, dim in dims.items():
-            if isinstance(dim, ChoiceDim | GridDim) and len(dim.values) > 1:
-                key = "family" if name == "family" else f"params.{name}"
-                raise UserError(f"CMA-ES samples numeric dimensions only and '{name}' is a {dim.type} of "
-                                f"{len(dim.values)} values; set search.algorithm: tpe (or gp, which takes "
-                                f"categorical dimensions), or fix {key} to one value", key=key)
+        # every categorical dimension at once, so that fixing them takes one edit, not one run each
+        cats = {("family" if name == "family" else f"params.{name}"): dim for name, dim in dims.items()
+                if isinstance(dim, ChoiceDim | GridDim) and len(dim.values) > 1}
+        if cats:
+            listed = ", ".join(f"{key} (a {dim.type} of {len(dim.values)} values)" for key, dim in cats.items())
+            first = next(iter(cats))
+            raise UserError(f"CMA-ES samples numeric dimensions only; categorical here: {listed}. Set "
+                            f"search.algorithm: tpe (or gp, which takes categorical dimensions), or fix "
+                            f"{'it' if len(cats) == 1 else 'each'} to one value", key=first)
     if algo in ("gp", "cmaes", "qmc"):
         cond = [n for n, d in dims.items() if getattr(d, "when", None) and not isinstance(d, FixedDim)]
         if cond:

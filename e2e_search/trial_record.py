@@ -297,14 +297,18 @@ class MlflowTrials(Callback):
             trail = [*self.sources.get(tid, []), f"{source}>{epoch}"]
             self.sources[tid] = trail
             tags += [RunTag("e2e.pbt_source", source), RunTag("e2e.pbt_sources", tag_value(",".join(trail)))]
+        # The values this epoch trained with: the config Ray put in the result (the trainable's own). Not
+        # trial.config: Tune calls the scheduler before the callbacks, so at the epoch where PBT exploits,
+        # trial.config already holds the values the next epochs will use.
+        config = result.get("config") if isinstance(result.get("config"), dict) else trial.config
         for name in self.mutable:
-            v = trial.config.get(name)
+            v = config.get(name)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 numeric[mlflow_key(f"pbt/{name}")] = float(v)
         # A value that is no longer the run's param (PBT: a perturbed one, or the donor's architecture after an
         # exploit): tag e2e.pbt.<name> with the value in use.
-        current = self.current.setdefault(tid, public_params(trial.config))
-        for name, v in public_params(trial.config).items():
+        current = self.current.setdefault(tid, public_params(config))
+        for name, v in public_params(config).items():
             if current.get(name) != v:
                 current[name] = v
                 tags.append(RunTag(mlflow_key(f"e2e.pbt.{name}"), param_value(v)))

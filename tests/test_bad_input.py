@@ -1290,7 +1290,10 @@ def test_labels_counted_from_one(ws, capsys):
 # --------------------------------------------------------------------------- issue 18: searchers and schedulers
 @pytest.mark.parametrize("sets, named", [
     # CMA-ES cannot sample a categorical dimension: the dimension is named and tpe suggested.
+    # Every categorical dimension is listed in the one line (fixing them takes one edit, not one run each).
     (["search.algorithm=cmaes"], ("params.patch_size", "CMA-ES", "search.algorithm: tpe")),
+    (["search.algorithm=cmaes", "params.embed_dim={type: choice, values: [32, 64]}"],
+     ("params.patch_size (a choice of 2 values), params.embed_dim (a choice of 2 values)", "fix each")),
     (["search.algorithm=cmaes", "params.patch_size=4", "family={type: choice, values: [vit, cait]}"],
      ("family", "CMA-ES", "search.algorithm: tpe")),
     # PBT mutates continuous lr / weight_decay / drop_path: none in the space is refused.
@@ -1298,8 +1301,10 @@ def test_labels_counted_from_one(ws, capsys):
      ("scheduler.type", "PBT", "params.lr: {type: loguniform")),
     (["scheduler.type=pbt", "scheduler.max_epochs=4", "resources.workers=2"], ("resources.workers", "PBT")),
     (["scheduler.type=pbt", "scheduler.max_epochs=4", "search.max_concurrent=1"], ("search.max_concurrent", "PBT")),
+    # A check across a section's keys names every --set under it, not the first one only.
     (["scheduler.type=pbt", "scheduler.max_epochs=2", "scheduler.perturbation_interval=2"],
-     ("scheduler", "set scheduler.perturbation_interval below 2")),
+     ("scheduler", "set scheduler.perturbation_interval below 2",
+      "(--set scheduler.type, --set scheduler.max_epochs, --set scheduler.perturbation_interval)")),
     (["search.warm_start={experiment: earlier}"], ("search.warm_start.experiment", "no experiment 'earlier'",
                                                    "remove search.warm_start")),
     (["search.warm_start={experiment: earlier, top: 0}"], ("search.warm_start.top",)),

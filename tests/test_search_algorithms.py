@@ -65,13 +65,17 @@ def test_pbt_four_trials_keep_their_whole_history(tmp_path, monkeypatch, capsys,
     assert len(parents) == 1 and len(children) == 4
     ids = {r.data.tags["e2e.trial_id"] for r in children}
     exploited = 0
+    factor: dict[int, list[float]] = {}  # epoch -> the lr schedule's factor (logged lr / pbt/lr) in each run
     for run in children:
         rid = run.info.run_id
         assert run.info.status == "FINISHED" and run.data.tags["e2e.status"] == "FINISHED"
         steps = [m.step for m in client.get_metric_history(rid, "val_auc")]
         assert set(steps) == {1, 2, 3, 4}, (run.data.tags["e2e.trial_id"], steps)
         assert steps.count(4) == 1, steps  # never exploited on its last report (and that epoch trained again)
-        assert {m.step for m in client.get_metric_history(rid, "pbt/lr")} == {1, 2, 3, 4}
+        base = {(m.step, m.timestamp): m.value for m in client.get_metric_history(rid, "pbt/lr")}
+        assert {step for step, _ in base} == {1, 2, 3, 4}
+        for m in client.get_metric_history(rid, "lr"):  # an epoch trained again is logged again: pair by time
+            factor.setdefault(m.step, []).append(m.value / base[m.step, m.timestamp])
         source = run.data.tags.get("e2e.pbt_source")
         if source:
             exploited += 1
@@ -79,6 +83,10 @@ def test_pbt_four_trials_keep_their_whole_history(tmp_path, monkeypatch, capsys,
             assert tid in ids and tid != run.data.tags["e2e.trial_id"] and 1 <= int(epoch) < 4
             assert float(run.data.tags["e2e.pbt.lr"]) > 0
     assert exploited >= 1
+    # pbt/lr is the lr an epoch trained with: every run's logged lr is it times the same schedule factor, also
+    # at the epoch whose result made PBT exploit (Tune changes the trial's config before the callbacks see it)
+    for step, fs in factor.items():
+        assert max(fs) - min(fs) < 1e-6, (step, fs)
 
 
 @pytest.mark.slow  # 23 s; the warm start's reading and mapping run without Ray in test_searchers.py

@@ -6,6 +6,7 @@ real MLflow store. The searches themselves (real local Ray) are in tests/test_se
 from __future__ import annotations
 
 import math
+import warnings
 
 import optuna
 import pytest
@@ -47,7 +48,10 @@ def test_each_sampler_draws_the_space_with_grid_points_first(tmp_path, algorithm
     if algorithm == "cmaes":  # numeric dimensions only (check_search refuses choices)
         cfg["params"]["pool"] = "avg"
     c = validate(cfg, source="t.yaml")
-    study = optuna.create_study(direction="maximize", sampler=sampler(c))
+    with warnings.catch_warnings():  # Optuna's "experimental" warnings are not the user's to read
+        warnings.simplefilter("error", optuna.exceptions.ExperimentalWarning)
+        made = sampler(c)
+    study = optuna.create_study(direction="maximize", sampler=made)
     space = OptunaSpace(c)
     if algorithm != "cmaes":
         for p in ({"embed_dim": 16}, {"embed_dim": 32}):
@@ -243,12 +247,15 @@ def test_mlflow_keeps_an_exploited_trials_whole_history(tmp_path):
     from ray.tune.experiment import Trial
 
     client, cb = _pbt_callback(tmp_path)
-    trial = Trial("fn", config={"lr": 1e-3, "depth": 1}, trial_id="bbbb0001", stub=True)
+    old, new = {"lr": 1e-3, "depth": 1}, {"lr": 1.2e-3, "depth": 2}
+    trial = Trial("fn", config=dict(old), trial_id="bbbb0001", stub=True)
     for epoch in (1, 2):
-        cb.on_trial_result(0, [], trial, {"epoch": epoch, "val_auc": 0.5 + epoch / 100})
-    trial.set_config({"lr": 1.2e-3, "depth": 2})  # PBT: donor aaaa's epoch-1 weights and depth, lr x 1.2
+        if epoch == 2:  # Tune calls PBT's on_trial_result before the callbacks: PBT sets the next config first
+            trial.set_config(dict(new))  # donor aaaa's epoch-1 weights and depth, lr x 1.2
+        # Ray puts the config the trainable ran with into each result
+        cb.on_trial_result(0, [], trial, {"epoch": epoch, "val_auc": 0.5 + epoch / 100, "config": dict(old)})
     for epoch in (2, 3, 4):
-        cb.on_trial_result(0, [], trial, {"epoch": epoch, "val_auc": 0.7 + epoch / 100,
+        cb.on_trial_result(0, [], trial, {"epoch": epoch, "val_auc": 0.7 + epoch / 100, "config": dict(new),
                                           **({"pbt_source": "aaaa0001@1"} if epoch == 2 else {})})
     cb.on_trial_complete(0, [], trial)
     cb.drain()
@@ -275,9 +282,11 @@ def test_a_trial_exploited_from_a_donor_ahead_of_it_gets_the_donors_epochs_in_be
     for epoch in (1, 2, 3):
         cb.on_trial_result(0, [], donor, {"epoch": epoch, "val_auc": 0.8 + epoch / 100})
     for epoch in (1, 2):
-        cb.on_trial_result(0, [], trial, {"epoch": epoch, "val_auc": 0.5 + epoch / 100})
-    trial.set_config({"lr": 2.4e-3})
-    cb.on_trial_result(0, [], trial, {"epoch": 4, "val_auc": 0.9, "pbt_source": "aaaa0001@3"})
+        if epoch == 2:  # PBT decides on the epoch-2 result, before the callbacks see it
+            trial.set_config({"lr": 2.4e-3})
+        cb.on_trial_result(0, [], trial, {"epoch": epoch, "val_auc": 0.5 + epoch / 100, "config": {"lr": 1e-3}})
+    cb.on_trial_result(0, [], trial, {"epoch": 4, "val_auc": 0.9, "pbt_source": "aaaa0001@3",
+                                      "config": {"lr": 2.4e-3}})
     cb.on_trial_complete(0, [], trial)
     cb.on_trial_complete(0, [], donor)
     cb.drain()
