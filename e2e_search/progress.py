@@ -23,12 +23,14 @@ class Progress(Callback):
         done = counts.get("TERMINATED", 0)
         failed = counts.get("ERROR", 0)
         running = counts.get("RUNNING", 0)
-        pending = self.num_samples - done - failed - running
+        paused = counts.get("PAUSED", 0)  # hyperband and PBT pause trials part-trained: not "to go"
+        pending = self.num_samples - done - failed - running - paused
         best = "-"
         if self.best:
             v, tid, ep = self.best
             best = f"{self.metric}={v:.4f} (trial {tid}, epoch {ep})"
-        print(f"[{time.time() - self.t0:6.0f}s] {running} running, {done} done, {failed} failed, "
+        print(f"[{time.time() - self.t0:6.0f}s] {running} running, {f'{paused} paused, ' if paused else ''}"
+              f"{done} done, {failed} failed, "
               f"{max(pending, 0)} to go | best {best} | {event}", file=sys.stdout, flush=True)  # looked up per call: Tune pickles callbacks
 
     def on_trial_start(self, iteration, trials, trial, **info):

@@ -108,7 +108,9 @@ def experiment_of(client: MlflowClient, name: str, *, key: str = "EXPERIMENT"):
 
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        names = [e.name for e in client.search_experiments()]
+        # MLflow's own empty "Default" experiment is not a search to offer
+        names = [e.name for e in client.search_experiments()
+                 if not (e.experiment_id == "0" and not client.search_runs(["0"], max_results=1))]
         raise UserError(f"no experiment '{name}' in {client.tracking_uri}{did_you_mean(name, names)}; "
                         "give the name of a search (tracking.experiment, default its name)", key=key)
     if exp.lifecycle_stage == "deleted":

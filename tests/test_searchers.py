@@ -296,3 +296,19 @@ def test_a_trial_exploited_from_a_donor_ahead_of_it_gets_the_donors_epochs_in_be
     lrs = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "pbt/lr"))
     assert lrs == [(1, 1e-3), (2, 1e-3), (3, 2e-3), (4, 2.4e-3)]
     assert run.data.tags["e2e.pbt_copied_epochs"] == "3-3 from aaaa0001"
+
+
+def test_progress_counts_paused_trials_apart_from_those_to_go(capsys):
+    """HyperBand and PBT pause part-trained trials: the progress line says so instead of counting them 'to go'."""
+    from ray.tune.experiment import Trial
+
+    from e2e_search.progress import Progress
+
+    trials = [Trial("fn", config={}, trial_id=f"t{i}", stub=True) for i in range(3)]
+    for t, status in zip(trials, ("RUNNING", "PAUSED", "TERMINATED")):
+        t.set_status(status)
+    Progress(metric="val_auc", mode="max", num_samples=4, max_epochs=4)._line(trials, "t0 epoch 1")
+    assert "1 running, 1 paused, 1 done, 0 failed, 1 to go" in capsys.readouterr().out
+    trials[1].set_status("RUNNING")
+    Progress(metric="val_auc", mode="max", num_samples=4, max_epochs=4)._line(trials, "t1 epoch 2")
+    assert "2 running, 1 done, 0 failed, 1 to go" in capsys.readouterr().out

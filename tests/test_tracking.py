@@ -291,3 +291,20 @@ def test_a_run_whose_closing_the_killed_driver_never_finished_is_closed_on_resum
     run = client.get_run(rid)
     assert run.info.status == "FINISHED" and run.data.tags["e2e.checkpoint"] == str(folder)
     assert "best_checkpoint/metrics.json" in [a.path for a in client.list_artifacts(rid, "best_checkpoint")]
+
+
+def test_a_missing_experiment_is_refused_with_the_searches_there(tmp_path):
+    """The one-line refusal lists the store's experiments and suggests the closest, but not MLflow's own empty
+    "Default" experiment (no search of ours is in it)."""
+    from e2e_search.errors import UserError
+    from e2e_search.tracking import experiment_of
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_experiment("quickstart", artifact_location=(tmp_path / "art").as_uri())
+    with pytest.raises(UserError) as e:
+        experiment_of(client, "quickstrat", key="search.warm_start.experiment")
+    assert "(did you mean 'quickstart'?)" in e.value.message
+    client.create_experiment("vit_pareto", artifact_location=(tmp_path / "art2").as_uri())
+    with pytest.raises(UserError) as e:
+        experiment_of(client, "no-such-search", key="search.warm_start.experiment")
+    assert "(valid: quickstart, vit_pareto)" in e.value.message, e.value.message
