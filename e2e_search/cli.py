@@ -340,6 +340,7 @@ def _cmd_data(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # downloads stay off the terminal
     try:
         return {"run": _cmd_run, "resume": _cmd_resume, "confirm": _cmd_confirm, "validate": _cmd_validate, "best": _cmd_best, "report": _cmd_report,
                 "ui": _cmd_ui, "export": _cmd_export, "data": _cmd_data}[args.cmd](args)

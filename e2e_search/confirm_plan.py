@@ -12,7 +12,6 @@ from the finalists' test means and intervals. The run itself: e2e_search/confirm
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,7 +235,6 @@ def prepare(uri: str, experiment: str, *, search: str | None = None, top: int | 
     from .search import plan
     from .tracking import experiment_of
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # downloads stay off the terminal
     for flag, v in (("--top", top), ("--seeds", seeds)):
         if v is not None and v < 1:
             raise UserError(f"{flag} must be 1 or more (got {v}); e.g. {flag} 3", key=flag)

@@ -16,7 +16,6 @@ best epoch (``best_<metric>``) but observed with their last reported value, as t
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,7 +136,6 @@ def load(cfg: SearchSpace, uri: str) -> WarmStart | None:
     changed: dict[str, set] = {"clipped": set(), "dropped": set(), "missing": set()}
     # only a sampler that learns (and is used: PBT has none) needs the earlier trials beyond the queued ones
     learns = cfg.search.algorithm in LEARNING_SAMPLERS and cfg.scheduler.type != "pbt"
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # downloads stay off the terminal
     with tempfile.TemporaryDirectory() as tmp:
         for rank, r in enumerate(scored[: max(ws.top, OBSERVED_MAX) if learns else ws.top]):
             rid = r.info.run_id
