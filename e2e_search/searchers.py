@@ -232,15 +232,17 @@ class ClipToRanges:
 def scheduler(cfg: SearchSpace, metric: str, mode: str):
     """The Tune scheduler of ``scheduler.type``; epochs are its time unit (``epoch`` in every report)."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     s = cfg.scheduler
     if s.type == "asha":
         return ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=s.max_epochs,
                              grace_period=s.grace_period, reduction_factor=s.reduction_factor)
     if s.type == "hyperband":
-        return HyperBandScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=s.max_epochs,
-                                  reduction_factor=s.reduction_factor)
+        from .hyperband import HyperBand
+
+        return HyperBand(time_attr="epoch", metric=metric, mode=mode, max_t=s.max_epochs,
+                         reduction_factor=s.reduction_factor)
     if s.type == "pbt":
         dims = pbt_dims(cfg)
         mutations = {n: (tune.loguniform if isinstance(d, LogUniformDim) else tune.uniform)(d.low, d.high)

@@ -312,3 +312,39 @@ def test_progress_counts_paused_trials_apart_from_those_to_go(capsys):
     trials[1].set_status("RUNNING")
     Progress(metric="val_auc", mode="max", num_samples=4, max_epochs=4)._line(trials, "t1 epoch 2")
     assert "2 running, 1 done, 0 failed, 1 to go" in capsys.readouterr().out
+
+
+def test_hyperband_stops_a_paused_trial_when_its_bracket_ends_by_a_completion():
+    """A bracket of 2 trials, 2 epochs: A reaches the last rung first and is paused to wait for B; B's last
+    epoch reaches Tune as its completion (no result first). Ray's HyperBandScheduler left A PAUSED (the
+    search hung); ours stops it. The controller here does what Tune's ``stop_trial`` does for a paused trial
+    (tells the scheduler, marks it TERMINATED): a race that a real search hits only now and then."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from e2e_search.hyperband import HyperBand
+
+    class Controller:
+        def __init__(self, sched):
+            self.sched, self.stopped = sched, []
+
+        def stop_trial(self, trial):
+            if trial.status == Trial.PAUSED:
+                self.sched.on_trial_remove(self, trial)
+                trial.set_status(Trial.TERMINATED)
+                self.stopped.append(trial.trial_id)
+
+    sched = HyperBand(time_attr="epoch", metric="val_auc", mode="max", max_t=2, reduction_factor=2)
+    ctl = Controller(sched)
+    a, b = (Trial("fn", config={}, trial_id=t, stub=True) for t in ("A", "B"))
+    for t in (a, b):
+        sched.on_trial_add(ctl, t)
+        t.set_status(Trial.RUNNING)
+    for t in (a, b):
+        assert sched.on_trial_result(ctl, t, {"epoch": 1, "val_auc": 0.8}) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(ctl, a, {"epoch": 2, "val_auc": 0.9}) == TrialScheduler.PAUSE
+    a.set_status(Trial.PAUSED)
+    b.set_status(Trial.TERMINATED)
+    sched.on_trial_complete(ctl, b, {"epoch": 2, "val_auc": 0.85})
+    assert ctl.stopped == ["A"] and a.status == Trial.TERMINATED
+    assert sched.choose_trial_to_run(ctl) is None
