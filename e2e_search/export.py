@@ -17,6 +17,10 @@ with a dynamic batch axis:
 * object families: inputs ``objects`` float32 (batch, N, F), standardized per feature
   with the data's mean/std, padding rows zero, and ``mask`` **bool** (batch, N), True =
   real object;
+* hit-list families (``hit_transformer``): inputs ``hits`` float32 (batch, K, 4) = (channel, row,
+  column, energy) of the K most energetic non-empty pixels (K fixed, in the metadata), zero-padded,
+  and ``mask`` bool (batch, K), True = real hit (``e2e_search.families.hit_transformer.hit_list``
+  builds them from a preprocessed image); the model merges and caps them itself;
 * output ``output`` float32 (batch, outputs): classification logits (softmax gives the
   probabilities), a regression target standardized (physical = out * target_std +
   target_mean), or, for a joint task, the logits then the regression column.
@@ -165,7 +169,7 @@ class Trained:
 
     model: Any  # torch.nn.Module in eval mode
     family: str
-    inputs: str  # "image" or "objects"
+    inputs: str  # "image", "objects" or "hits" (hit-list families)
     params: dict[str, Any]
     data: dict[str, Any]  # the checkpoint's DataSetup dict (no split lists)
     setup: Any  # DataSetup
@@ -301,15 +305,16 @@ def load_trained(path: Path, desc: str) -> Trained:
         raise UserError(f"the weights of '{desc}' do not fit the {family} model rebuilt from its params "
                         f"({_first_line(e)[:300]})", key="SOURCE") from None
     model.eval()
-    inputs = get_family(params.get("family", family)).inputs
-    return Trained(model=model, family=params.get("family", family), inputs="objects" if inputs == "objects" else "image",
+    caps = get_family(params.get("family", family)).capabilities
+    inputs = "objects" if caps.inputs == "objects" else "hits" if caps.hits else "image"
+    return Trained(model=model, family=params.get("family", family), inputs=inputs,
                    params=params, data=data, setup=setup, epoch=ckpt.epoch, metrics=dict(ckpt.metrics),
                    source=desc)
 
 
 # --------------------------------------------------------------------------- inputs
 def input_names(t: Trained) -> list[str]:
-    return ["objects", "mask"] if t.inputs == "objects" else ["image"]
+    return ["objects", "mask"] if t.inputs == "objects" else ["hits", "mask"] if t.inputs == "hits" else ["image"]
 
 
 def random_inputs(t: Trained, n: int, seed: int = 0) -> list[np.ndarray]:
@@ -317,7 +322,8 @@ def random_inputs(t: Trained, n: int, seed: int = 0) -> list[np.ndarray]:
 
     Images: ~2% of the pixels of every channel hold exponential energies, the rest zero; the
     data's deterministic preprocessing (zero_suppress, clip, log1p, resize, normalization)
-    follows. Objects: standardized normal features, 1..N real objects per event, padding zeroed.
+    follows. Objects: standardized normal features, 1..N real objects per event, padding zeroed. Hit lists: the
+    hits of such images (e2e_search.families.hit_transformer.hit_list).
     """
     from .transforms import preprocess
 
@@ -346,7 +352,13 @@ def random_inputs(t: Trained, n: int, seed: int = 0) -> list[np.ndarray]:
         x = sparse((n, C, H, W))
         if s.mean is not None and s.std is not None:
             x = (x - np.asarray(s.mean, np.float32).reshape(1, C, 1, 1)) / np.asarray(s.std, np.float32).reshape(1, C, 1, 1)
-    return [np.ascontiguousarray(x, dtype=np.float32)]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if t.inputs == "hits":
+        from .core.model import empty_pixel
+        from .families.hit_transformer import hit_list, input_hits
+
+        return list(hit_list(x, empty_pixel(s), s.std, input_hits(t.model)))
+    return [x]
 
 
 def torch_forward(t: Trained, arrays: list[np.ndarray]) -> np.ndarray:
@@ -383,6 +395,17 @@ def input_layout(t: Trained) -> str:
         return (f"objects: float32 (batch, {s.img_size[0]}, {s.img_size[1]}) = (batch, objects, features), {norm}, "
                 "padding rows zero; mask: bool (batch, objects), true = real object")
     steps = inference_steps(s)
+    if t.inputs == "hits":
+        from .families.hit_transformer import input_hits
+
+        return (f"hits: float32 (batch, {input_hits(t.model)}, 4) = (channel, row, column, energy) of the most "
+                f"energetic non-empty pixels of the image, zero-padded, energy = (x - empty[c]) * std[c] with x the "
+                f"pixel after the preprocessing below and empty[c] that of an empty cell (the pixel after the "
+                f"per-pixel transforms, minus their value of 0; GeV for generated data), rows along eta, columns "
+                f"along phi of the {s.img_size[0]}x{s.img_size[1]} image; mask: bool (batch, {input_hits(t.model)}), "
+                f"true = real hit; channels {list(s.channels)} of '{s.image_key}' ({s.layout} in the file) in that "
+                f"order; preprocessing: {', '.join(steps) if steps else 'none'} "
+                "(e2e_search.families.hit_transformer.hit_list builds it from a preprocessed image)")
     return (f"image: float32 (batch, {s.in_chans}, {s.img_size[0]}, {s.img_size[1]}) channels first; channels "
             f"{list(s.channels)} of '{s.image_key}' ({s.layout} in the file) in that order; preprocessing: "
             f"{', '.join(steps) if steps else 'none'} (e2e_search.transforms.preprocess)")
@@ -677,6 +700,9 @@ def summary(r: ExportResult) -> str:
     n_params = sum(p.numel() for p in t.model.parameters())
     shapes = (f"objects (batch, {s.img_size[0]}, {s.img_size[1]}) float32 + mask (batch, {s.img_size[0]}) bool"
               if t.inputs == "objects" else f"image (batch, {s.in_chans}, {s.img_size[0]}, {s.img_size[1]}) float32")
+    if t.inputs == "hits":
+        n_hits = random_inputs(t, 1)[0].shape[1]
+        shapes = f"hits (batch, {n_hits}, 4) float32 + mask (batch, {n_hits}) bool"
     lines = [
         f"source: {t.source}: {t.family}, {n_params:,} parameters, epoch {t.epoch}, task {s.task}",
         f"wrote {r.out} ({r.size_bytes / 1e6:.2f} MB, {r.exporter} exporter, opset {r.opset}): "

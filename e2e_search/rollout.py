@@ -13,7 +13,8 @@ Supported: every timm ``Attention`` (vit with softmax, linear or window attentio
 encoding (rotary tables are applied to q and k as the layer does), registers, ``token_keep: nonempty``;
 hybrid_vit, mae's encoder) and CaiT (talking-heads self-attention over the patches, then
 class attention: the class token's attention over the patches, averaged over the
-class-attention layers, times the rollout of the self-attention layers). swin (shifted
+class-attention layers, times the rollout of the self-attention layers). hit_transformer: the class token's
+attention over the hits it kept (mean over heads and class-attention layers), at each hit's pixel. swin (shifted
 windows, no global token) and the object families have no map: :func:`attention_rollout`
 returns None for them.
 """
@@ -147,6 +148,14 @@ def attention_rollout(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     kept; the map puts each token's value on its grid patch, and the patches it dropped get zero."""
     from e2e_search.families._vit_model import grid_tokens, kept_grid
 
+    hit_map = next((m.hit_attention_map for m in model.modules() if hasattr(m, "hit_attention_map")), None)
+    if hit_map is not None:  # hit_transformer: the class token's attention over the hits, at their pixels
+        was_training = model.training
+        model.eval()
+        try:
+            return hit_map(x)
+        finally:
+            model.train(was_training)
     layout = _token_layout(model)
     if layout is None:
         return None

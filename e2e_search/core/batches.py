@@ -93,6 +93,7 @@ class SparseRows:
         else:
             self.mean = self.std = None
         self.bg = bg  # (C,) the value of an empty pixel of each channel, normalized
+        self.background = float(background)  # an empty pixel after the per-pixel transforms, not normalized
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -132,16 +133,53 @@ class SparseRows:
             out.view(-1)[row * CHW + flat] = vals
         return out.view(B, C, H, W)
 
+    def hits(self, pos: torch.Tensor, flip_h: torch.Tensor | None = None,
+             flip_w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hit lists of cache positions ``pos`` (B,), never a dense image: ``hits`` float32 (B, K, 4) = (channel,
+        row, column, energy above the empty pixel, not normalized), in the cache's (ascending pixel) order, and
+        ``mask`` bool (B, K), K the most stored pixels of an image in the batch (at least 1); padding is zero.
+        Flips mirror rows (H) and columns (W) as :meth:`dense` does."""
+        C, H, W = self.shape
+        HW = H * W
+        pos = pos.to(self.device)
+        B = len(pos)
+        start = self.offsets[pos]
+        lens = self.offsets[pos + 1] - start
+        total = int(lens.sum())
+        k = max(1, int(lens.max())) if B else 1
+        hits = torch.zeros((B, k, 4), dtype=torch.float32, device=self.device)
+        mask = torch.zeros((B, k), dtype=torch.bool, device=self.device)
+        if total:
+            row = torch.repeat_interleave(torch.arange(B, device=self.device), lens, output_size=total)
+            first = torch.cumsum(lens, 0) - lens
+            slot = torch.arange(total, device=self.device) - first[row]
+            flat = self.index[start[row] + slot].long()
+            vals = self.values[start[row] + slot] - self.background
+            ch = torch.div(flat, HW, rounding_mode="floor")
+            rest = flat - ch * HW
+            h, w = torch.div(rest, W, rounding_mode="floor"), torch.remainder(rest, W)
+            if flip_h is not None:
+                h = torch.where(flip_h.to(self.device)[row], H - 1 - h, h)
+            if flip_w is not None:
+                w = torch.where(flip_w.to(self.device)[row], W - 1 - w, w)
+            hits[row, slot] = torch.stack([ch.float(), h.float(), w.float(), vals], dim=1)
+            mask[row, slot] = True
+        return hits, mask
+
 
 class SparseBatches:
     """``DeviceBatches`` for ``data.cache: sparse``: the same iteration (``set_epoch``, ``__len__``, batches of
     (x float32 (B, C, H, W) on the device, y)), the same seeded order per epoch and rank stride and the same
     flips (drawn with the same ``torch.rand`` calls), so both give the same batches bit for bit; each batch
-    is built dense on the device from ``rows`` (only the batch is ever dense)."""
+    is built dense on the device from ``rows`` (only the batch is ever dense). With ``hits`` (families that
+    declare ``hits``) a batch is a hit list ``[hits (B, K, 4), mask (B, K)]`` instead (:meth:`SparseRows.hits`):
+    nothing dense is built."""
 
     def __init__(self, rows: SparseRows, positions, labels: torch.Tensor, batch_size: int, *, shuffle: bool,
-                 rank: int = 0, world: int = 1, flip: bool = False, seed: int = 0, drop_last: bool = False):
+                 rank: int = 0, world: int = 1, flip: bool = False, seed: int = 0, drop_last: bool = False,
+                 hits: bool = False):
         self.rows = rows
+        self.as_hits = hits
         self.device = rows.device
         self.pos = torch.as_tensor(positions, dtype=torch.int64).to(self.device)  # (n,) cache position per item
         self.y = labels.to(self.device)  # (n,)
@@ -168,4 +206,7 @@ class SparseBatches:
             if self.flip:  # eta (H) and phi (W) flips, each with p = 0.5 per sample (DeviceBatches' draws)
                 fh = torch.rand(len(idx), device=self.device) < 0.5
                 fw = torch.rand(len(idx), device=self.device) < 0.5
-            yield self.rows.dense(self.pos[idx], fh, fw), self.y[idx]
+            if self.as_hits:
+                yield list(self.rows.hits(self.pos[idx], fh, fw)), self.y[idx]
+            else:
+                yield self.rows.dense(self.pos[idx], fh, fw), self.y[idx]

@@ -111,17 +111,19 @@ class SparseSplit:
 
 
 def loaders(data: DataSetup, train_ds, val_ds, *, batch_size: int, device: torch.device, rank: int, world: int,
-            seed: int, loader_workers: int, session) -> tuple[Any, Any]:
+            seed: int, loader_workers: int, session, hits: bool = False) -> tuple[Any, Any]:
     """(train batches, validation batches). Cached images: batches cut from tensors on the device, no
     DataLoader (on the CPU a memory cache is already on the device; on a GPU it stays in host memory and a
-    pinned DataLoader with ``loader_workers`` feeds it). Each rank takes its stride of the training order."""
+    pinned DataLoader with ``loader_workers`` feeds it). Each rank takes its stride of the training order.
+    ``hits``: the family takes hit lists; from a sparse cache its batches are hit lists, not images."""
     drop_last = len(train_ds) > batch_size * world
     if data.cache == "sparse" and data.kind == "images":  # dense batches built on the device from the CSR rows
         labels = lambda ds: torch.as_tensor(ds.labels)  # noqa: E731
         train = SparseBatches(train_ds.rows(device), train_ds.positions, labels(train_ds), batch_size, shuffle=True,
-                              rank=rank, world=world, flip=data.flip_augment, seed=seed, drop_last=drop_last)
+                              rank=rank, world=world, flip=data.flip_augment, seed=seed, drop_last=drop_last,
+                              hits=hits)
         val = SparseBatches(val_ds.rows(device), val_ds.positions, labels(val_ds), max(batch_size, 128),
-                            shuffle=False)
+                            shuffle=False, hits=hits)
         return train, val
     on_device = data.cache == "device" or (data.cache == "memory" and device.type == "cpu")
     if on_device and data.kind == "images":

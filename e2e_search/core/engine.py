@@ -106,7 +106,7 @@ class Engine:
         self.data = data = cfg.setup()
         self.family = cfg.family
         self.tp, self.fp = split_params(cfg.family, cfg.params)
-        caps = get_family(cfg.family).capabilities
+        self.caps = caps = get_family(cfg.family).capabilities
         self.pretrain_epochs = int(getattr(self.fp, "pretrain_epochs", 0)) if caps.pretraining else 0
         torch.manual_seed(self.tp.seed + rank)
         np.random.seed(self.tp.seed + rank)
@@ -118,7 +118,7 @@ class Engine:
         self.val_ds = open_split(data, "val", data.val[rank::world])
         self.train_loader, self.val_loader = loaders(
             data, self.train_ds, self.val_ds, batch_size=self.tp.batch_size, device=self.device, rank=rank,
-            world=world, seed=self.tp.seed, loader_workers=cfg.loader_workers, session=session)
+            world=world, seed=self.tp.seed, loader_workers=cfg.loader_workers, session=session, hits=caps.hits)
 
         model = build_model(cfg.family, cfg.params, data)
         if self.tp.pretrained:

@@ -47,6 +47,11 @@ def renamed(metrics: dict[str, float], part: str) -> dict[str, float]:
 def _batches(eng, ds, batch_size: int):
     """The split's batches, in order: cut from cached tensors on the device, or a DataLoader (as validation)."""
     data, device = eng.data, eng.device
+    if data.cache == "sparse" and data.kind == "images":  # as validation: built on the device from the CSR rows
+        from .batches import SparseBatches
+
+        return SparseBatches(ds.rows(device), ds.positions, torch.as_tensor(ds.labels), batch_size, shuffle=False,
+                             hits=eng.caps.hits)
     on_device = data.cache == "device" or (data.cache == "memory" and device.type == "cpu")
     if on_device and data.kind == "images":
         from .batches import DeviceBatches
