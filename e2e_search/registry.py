@@ -61,10 +61,12 @@ class Capabilities(BaseModel):
     """``build`` also takes ``empty_pixel``: per channel, the value an empty detector cell (0 in the file) holds
     after the data's preprocessing (e.g. -mean/std after per-channel normalization), for models that tell
     empty patches from hits. Builders called without it (the shape check) take 0."""
+    pixel_std: bool = False
+    """``build`` also takes ``pixel_std``: the per-channel std of the data's normalization (None without one), so
+    that with ``empty_pixel`` a model can recover each pixel's energy, (x - empty) * std (pair features)."""
     hits: bool = False
-    """Image families whose tokens are the detector hits (e2e_search/families/hit_transformer.py): ``build`` also
-    takes ``pixel_std`` (the per-channel std of the data's normalization, or None) next to ``empty_pixel``, and
-    ``forward`` takes either images (B, C, H, W) or a hit list ``(hits (B, K, 4), mask (B, K))`` with hits =
+    """Image families whose tokens are the detector hits (e2e_search/families/hit_transformer.py; needs
+    ``empty_pixel`` and ``pixel_std``): ``forward`` takes either images (B, C, H, W) or a hit list ``(hits (B, K, 4), mask (B, K))`` with hits =
     (channel, row, column, energy above the empty value, not normalized). With ``data.cache: sparse`` the
     training core feeds hit lists built from the cache, never a dense image (e2e_search/core/batches.py)."""
 
@@ -108,9 +110,10 @@ def _check_declared(name: str, build: Callable[..., Any], params: type[BaseModel
                            f"{'does not take' if caps.task_heads else 'takes'} 'tasks'")
     if caps.empty_pixel and "empty_pixel" not in takes:
         raise RuntimeError(f"family '{name}' declares empty_pixel: its build must take 'empty_pixel'")
-    if caps.hits and (caps.inputs != "image" or not caps.empty_pixel or "pixel_std" not in takes):
-        raise RuntimeError(f"family '{name}' declares hits: it must take images, declare empty_pixel and its build "
-                           "must take 'pixel_std'")
+    if caps.pixel_std and "pixel_std" not in takes:
+        raise RuntimeError(f"family '{name}' declares pixel_std: its build must take 'pixel_std'")
+    if caps.hits and (caps.inputs != "image" or not caps.empty_pixel or not caps.pixel_std):
+        raise RuntimeError(f"family '{name}' declares hits: it must take images and declare empty_pixel and pixel_std")
     if (caps.task_attention or caps.masked_objects) and caps.inputs != "objects":
         raise RuntimeError(f"family '{name}': task_attention and masked_objects are for inputs='objects'")
     if caps.masked_objects and not caps.pretraining:

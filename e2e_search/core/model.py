@@ -36,8 +36,8 @@ def empty_pixel(data: DataSetup) -> list[float]:
 def build_model(family: str | None, params: dict[str, Any], data: DataSetup) -> torch.nn.Module:
     """The trial's model (CPU, float32). ``family`` None: the family is ``params["family"]`` (a search over
     families). Families declaring ``task_heads`` get the output blocks (one head per task), those declaring
-    ``empty_pixel`` the value of an empty cell per channel (:func:`empty_pixel`), those declaring ``hits`` also the
-    normalization std per channel (``pixel_std``).
+    ``empty_pixel`` the value of an empty cell per channel (:func:`empty_pixel`), those declaring ``pixel_std`` the
+    normalization std per channel (None without normalization).
     Raises UserError for an unknown family, pydantic's ValidationError or ValueError for params that do not fit."""
     fam = get_family(trial_family(family, params))
     _, fp = split_params(family, params)
@@ -47,7 +47,7 @@ def build_model(family: str | None, params: dict[str, Any], data: DataSetup) -> 
         kw["tasks"] = tasks
     if fam.capabilities.empty_pixel and fam.inputs == "image":
         kw["empty_pixel"] = empty_pixel(data)
-    if fam.capabilities.hits:
+    if fam.capabilities.pixel_std and fam.inputs == "image":
         kw["pixel_std"] = list(data.std) if getattr(data, "std", None) is not None else None
     if fam.inputs == "objects":
         return fam.build(fp, n_objects=data.img_size[0], n_features=data.img_size[1], **kw)

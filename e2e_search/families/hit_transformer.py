@@ -295,7 +295,7 @@ class HitTransformer(nn.Module):
 
 
 @register_family("hit_transformer", params=HitTransformerParams, shape_params=("merge",),
-                 capabilities=Capabilities(empty_pixel=True, hits=True, rollout=True))
+                 capabilities=Capabilities(empty_pixel=True, pixel_std=True, hits=True, rollout=True))
 def build_hit_transformer(p: HitTransformerParams, *, in_chans: int, img_size: tuple[int, int], num_outputs: int,
                           empty_pixel: Sequence[float] | None = None,
                           pixel_std: Sequence[float] | None = None) -> nn.Module:
