@@ -174,3 +174,50 @@ def test_export_takes_a_hit_list_with_a_mask_and_matches_pytorch(tmp_path, capsy
     assert np.abs(got - dense).max() <= 1e-4  # the ONNX hit-list form is the dense model
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert meta["e2e.inputs"] == "hits,mask" and "hit_list" in meta["e2e.input_layout"]
+
+
+# --------------------------------------------------------------------------- vit with the pair bias
+VIT_PAIR = {"depth": 1, "embed_dim": 16, "num_heads": 2, "patch_size": 4, "token_keep": "nonempty",
+            "pair_bias": True}
+
+
+@pytest.mark.parametrize("extra", [{}, {"pos_embed": "rope", "reg_tokens": 1, "pool": "avg"}], ids=str)
+def test_vit_pair_bias_changes_the_output_trains_and_ignores_the_batch(extra):
+    c, h, w = 3, 24, 24
+    setup = _setup(c, h, w, MEAN, STD)
+    x = torch.from_numpy(preprocess(_raw(3, c, h, w, occupancy=0.01, seed=4), setup, select=False))
+    torch.manual_seed(0)
+    with_bias = build_model("vit", {**VIT_PAIR, **extra}, setup)
+    torch.manual_seed(0)
+    without = build_model("vit", {**VIT_PAIR, **extra, "pair_bias": False}, setup)
+    assert {k for k in with_bias.state_dict()} - {k for k in without.state_dict()} == \
+        {k for k in with_bias.state_dict() if ".pair." in k}
+    without.load_state_dict({k: v for k, v in with_bias.state_dict().items() if ".pair." not in k})
+    with torch.no_grad():  # a bias of a few units per pair (at initialization it is close to 0)
+        with_bias[1].pair.mlp[-1].weight.normal_(0, 3.0)
+    with_bias.eval(), without.eval()
+    with torch.no_grad():
+        a, b = with_bias(x), without(x)
+        alone = torch.cat([with_bias(x[i : i + 1]) for i in range(3)])
+        tokens = [m[1].features(m[0](x))[0] for m in (with_bias, without)]
+    assert (tokens[0] - tokens[1]).abs().max() > 1e-3                   # the bias reaches the tokens
+    assert torch.allclose(a, alone, atol=1e-5)                          # padding of the batch changes nothing
+    with_bias.train()
+    with_bias(x).sum().backward()
+    assert all(q.grad is not None for n, q in with_bias.named_parameters() if ".pair." in n)
+    maps = attention_rollout(with_bias, x)
+    assert maps is not None and maps.shape == (3, h, w)
+
+
+@pytest.mark.parametrize("bad", [{"token_keep": "all"}, {"attention": "linear"}], ids=str)
+def test_vit_pair_bias_without_nonempty_softmax_attention_is_refused(bad):
+    with pytest.raises(ValueError, match="pair_bias needs"):
+        build_model("vit", {**VIT_PAIR, **bad}, _setup(2, 16, 16))
+
+
+def test_vit_pair_bias_exports_with_parity(tmp_path, capsys):
+    data = {**IMAGE, "img_size": [20, 20]}
+    ckpt, model = make_checkpoint(tmp_path / "trial", "vit", VIT_PAIR, data)
+    code, stdout, stderr = run_export(capsys, ckpt, tmp_path / "vit.onnx", "--runs", "0")
+    assert code == 0, stderr
+    assert "parity" in stdout

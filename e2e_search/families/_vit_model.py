@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from e2e_search.families._pair_bias import PairBias, masked_bias
 from e2e_search.families._vit_blocks import RopeBlock, SoftmaxAttention, rope_2d, sincos_2d, window_ids
 
 EMPTY_TOL = 1e-5
@@ -107,7 +108,9 @@ class Vit(VisionTransformer):
     """
 
     def __init__(self, *, pos_embed: str = "learned", token_keep: str = "all", window: int | None = None,
-                 real: torch.Tensor | None = None, empty_pixel: Sequence[float] | None = None, **kw):
+                 real: torch.Tensor | None = None, empty_pixel: Sequence[float] | None = None,
+                 pair_bias: bool = False, pair_width: int = 8, pixel_std: Sequence[float] | None = None,
+                 pixel_size: float = 0.0174, **kw):
         kw.setdefault("block_fn", RopeBlock)
         kw.setdefault("attn_layer", SoftmaxAttention)
         if pos_embed not in ("learned", "sincos", "rope", "none"):
@@ -132,11 +135,41 @@ class Vit(VisionTransformer):
             self.keep = NonEmptyPatches(self.patch_embed.patch_size[0], self.in_chans, real, empty_pixel)
         elif token_keep != "all":
             raise ValueError(f"token_keep '{token_keep}' is not one of all, nonempty")
+        self.pair = None
+        if pair_bias:
+            if self.keep is None or window:
+                raise ValueError("pair_bias needs token_keep: nonempty and attention: softmax; set them, or "
+                                 "pair_bias: false")
+            std = torch.ones(self.in_chans) if pixel_std is None else torch.as_tensor(list(pixel_std), dtype=torch.float32)
+            p = self.patch_embed.patch_size[0]
+            self.register_buffer("pair_std", std.to(self.keep.empty.device).repeat_interleave(p * p),
+                                 persistent=False)                                       # (C*p*p,)
+            self.pair = PairBias(heads, pair_width)
+            self.pixel_size = pixel_size
 
     # --- tokens
+    def _patch_energy(self, patches: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(B, K, C*p*p) kept patches at grid indices (B, K) -> (B, K): summed energy of their hits,
+        (x - empty) * std over their real pixels."""
+        d = patches - self.keep.empty
+        hit = (d.abs() > self.keep.tol) & self.keep.real[0][index]
+        return torch.where(hit, d * self.pair_std, torch.zeros_like(d)).sum(-1)
+
+    def _pair_mask(self, patches: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """ParT's pair bias over the kept patches (centres, summed energies) as a float attention mask
+        (B, heads, P + K, P + K): the prefix tokens get no bias; padded keys -inf."""
+        gh, gw = self.patch_embed.grid_size
+        p = self.patch_embed.patch_size[0]
+        eta = ((index // gw).to(patches.dtype) - (gh - 1) / 2) * p * self.pixel_size          # (B, K) rad
+        phi = ((index % gw).to(patches.dtype) - (gw - 1) / 2) * p * self.pixel_size
+        bias = self.pair(eta, phi, self._patch_energy(patches, index))                              # (B, h, K, K)
+        P = self.num_prefix_tokens
+        return masked_bias(F.pad(bias, (P, 0, P, 0)), F.pad(valid, (P, 0), value=True), bias.shape[1])
+
     def _kept_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, C, H', W') -> tokens (B, P + K, D), grid index (B, K), valid (B, K)."""
         patches, index, valid = self.keep(x)                                            # (B, K, C*p*p), (B, K) x2
+        self._kept_patches = patches
         proj = self.patch_embed.proj
         t = self.patch_embed.norm(F.linear(patches, proj.weight.flatten(1), proj.bias))  # (B, K, D)
         P = self.num_prefix_tokens
@@ -172,7 +205,8 @@ class Vit(VisionTransformer):
             rope = self.rope_table[None, None]                                          # (1, 1, L, 2d)
         else:
             x, index, valid = self._kept_tokens(x)
-            mask = self._kept_mask(index, valid)
+            mask = self._kept_mask(index, valid) if self.pair is None else \
+                self._pair_mask(self._kept_patches, index, valid)
             rope = self.rope_table[index][:, None] if self.rope_table is not None else None  # (B, 1, K, 2d)
         for blk in self.blocks:
             x = blk(x, attn_mask=mask, rope=rope)

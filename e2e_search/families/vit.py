@@ -23,7 +23,9 @@ Techniques shared with ``hybrid_vit`` (``TimmVitParams``; each default keeps tim
 same state dict): ``pos_embed`` (learned, sincos, rope, none), ``reg_tokens`` (Darcet et al. 2024),
 ``mlp`` (gelu or swiglu), ``qk_norm`` (Dehghani et al. 2023) and ``layer_scale`` (Touvron et al. 2021).
 Only ``vit`` has ``token_keep``: with ``nonempty`` only the patches holding a hit become tokens
-(e2e_search/families/_vit_model.py).
+(e2e_search/families/_vit_model.py); with ``pair_bias`` too, ParT's pair features of the kept patches (centres,
+summed hit energies) are embedded per head and added to the attention logits of every block, as the
+``hit_transformer`` family does for single hits (e2e_search/families/_pair_bias.py).
 """
 
 from __future__ import annotations
@@ -81,6 +83,11 @@ class VitParams(TimmVitParams):
     """Window side in patches (attention: window only); the last windows of a row/column may be smaller."""
     token_keep: Literal["all", "nonempty"] = "all"
     """Which patches become tokens: all, or only those holding a hit (variable length, padded and masked)."""
+    pair_bias: bool = False
+    """ParT's pair features (ln ΔR, ln kT, ln z, ln m²) of the kept patches' centres and summed energies, embedded
+    per head and added to every block's attention logits (needs token_keep: nonempty and attention: softmax)."""
+    pair_width: int = Field(default=8, ge=1)
+    """Hidden width of the pair-feature MLP (pair_bias)."""
 
 
 def fitted_size(size: int, patch: int, how: str) -> int:
@@ -159,9 +166,10 @@ def use_fused_attention(model: nn.Module) -> nn.Module:
 
 
 @register_family("vit", params=VitParams, shape_params=("patch_size", "patch_fit"),
-                 capabilities=Capabilities(task_heads=True, rollout=True, empty_pixel=True))
+                 capabilities=Capabilities(task_heads=True, rollout=True, empty_pixel=True, pixel_std=True))
 def build_vit(p: VitParams, *, in_chans: int, img_size: tuple[int, int], num_outputs: int,
-              tasks: dict[str, int] | None = None, empty_pixel: Sequence[float] | None = None) -> nn.Module:
+              tasks: dict[str, int] | None = None, empty_pixel: Sequence[float] | None = None,
+              pixel_std: Sequence[float] | None = None) -> nn.Module:
     """Vision transformer (timm) with searchable patch size, depth, width, heads, pooling, attention type,
     positions, registers, MLP, QK-norm, LayerScale, and empty-patch dropping."""
     fit = FitToPatches(img_size, p.patch_size, p.patch_fit)
@@ -169,6 +177,11 @@ def build_vit(p: VitParams, *, in_chans: int, img_size: tuple[int, int], num_out
     if p.token_keep == "nonempty":
         extra = {"token_keep": "nonempty", "real": fit(torch.ones(1, 1, *img_size))[0, 0] > 0,
                  "empty_pixel": empty_pixel, "window": p.window_size if p.attention == "window" else None}
+    if p.pair_bias:
+        if p.attention != "softmax":
+            raise ValueError(f"pair_bias needs attention: softmax (got {p.attention}); set attention: softmax or "
+                             "pair_bias: false")
+        extra.update(pair_bias=True, pair_width=p.pair_width, pixel_std=pixel_std)
     vit = timm_vit(p, img_size=fit.out_size, in_chans=in_chans, num_outputs=num_outputs,
                    attn_layer=ATTENTION[p.attention], **extra)
     if p.attention == "window" and p.token_keep == "all":
