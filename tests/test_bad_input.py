@@ -1329,3 +1329,30 @@ def test_warm_start_from_an_experiment_without_finished_trials(ws, capsys):
     cfg["search"]["warm_start"] = {"experiment": "earlier"}
     capsys.readouterr()  # MLflow's notes while this test made the store
     run_broken(ws, capsys, cfg, "search.warm_start.experiment", "no finished trial", cmd="run")
+
+
+# --------------------------------------------------------------------------- hit_transformer (issue 26)
+def _hit_cfg(**params) -> dict:
+    cfg = base_cfg()
+    cfg["family"] = "hit_transformer"
+    cfg["params"] = {"lr": 1e-3, "batch_size": 8, "depth": 1, "embed_dim": 16, **params}
+    return cfg
+
+
+@pytest.mark.parametrize("params,names", [
+    ({"max_hits": 0}, ("params.max_hits", ">= 1")),
+    ({"max_hits": {"type": "choice", "values": [16, -3]}}, ("params.max_hits", ">= 1")),
+    ({"merge": 17}, ("params.merge", "merge 17 is larger than the image", "at most 16")),
+    ({"merge": {"type": "choice", "values": [1, 40]}}, ("params.merge", "merge 40", "remove 40")),
+], ids=["cap-0", "cap-negative-choice", "merge-17", "merge-choice-40"])
+def test_hit_transformer_bad_cap_and_merge_are_refused_before_ray(ws, capsys, params, names):
+    run_broken(ws, capsys, _hit_cfg(**params), *names, cmd="run")
+
+
+def test_an_object_list_file_given_to_the_hit_family_is_refused(ws, capsys):
+    with h5py.File(ws / "objects.h5", "w") as f:
+        f["X_objects"] = np.zeros((20, 6, 4), np.float32)
+        f["y"] = np.arange(20) % 2
+    cfg = _hit_cfg()
+    cfg["data"].update(path="objects.h5", image_key="X_objects")
+    run_broken(ws, capsys, cfg, "data.image_key", "objects family", cmd="run")
