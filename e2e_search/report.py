@@ -3,8 +3,9 @@
 One row per trial of the latest search (or ``--search RUN_ID``): family, status, the search metric
 and the physics metrics at the trial's best epoch, parameters, FLOPs and CPU inference throughput
 of the best checkpoint (batch 64), epochs used. Plots (PNG, embedded): best metric per family,
-metric vs parameters, and for multi-objective searches the Pareto front over the first two
-metrics. After ``e2e-search confirm``, a section on the test split (the latest confirm of the search): per
+metric vs parameters, for multi-objective searches the Pareto front over the first two
+metrics, and the attention maps of the best trial of each family that saved them (for hit_transformer: which hits
+the class token reads). After ``e2e-search confirm``, a section on the test split (the latest confirm of the search): per
 finalist the test metrics' mean ± std over seeds and the 95% bootstrap interval, the matrix P(row beats
 column) of the paired bootstrap, and the test metric per finalist and per seed with error bars
 (e2e_search/confirm_record.py writes what it shows). Then what each technique buys (e2e_search/effects.py):
@@ -136,6 +137,29 @@ def _plots(rows: list[dict], metric: str, metrics: list[str], modes: list[str]) 
     return out
 
 
+def _attention_maps(client: MlflowClient, rows: list[dict]) -> list[tuple[str, str]]:
+    """(title, base64 PNG) of the attention maps (``plots/attention_rollout.png``) of the best finished trial of each
+    family that saved one, best family first (``rows`` sorted best first)."""
+    import base64 as b64
+
+    out, seen = [], set()
+    for r in rows:
+        if r["status"] != "FINISHED" or r["family"] in seen:
+            continue
+        try:
+            names = {a.path for a in client.list_artifacts(r["run"], "plots")}
+            if "plots/attention_rollout.png" not in names:
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                data = Path(client.download_artifacts(r["run"], "plots/attention_rollout.png", tmp)).read_bytes()
+        except Exception:  # noqa: BLE001 - an unreadable artifact leaves the map out, not the report
+            continue
+        seen.add(r["family"])
+        what = "the class token's attention over the hits" if r["family"] == "hit_transformer" else "attention rollout"
+        out.append((f"{r['family']}: {what} (trial {r['trial']}, best checkpoint)", b64.b64encode(data).decode()))
+    return out
+
+
 def build_report(uri: str, experiment: str, search_run: str | None = None, *, costs: bool = True) -> tuple[str, str]:
     """(HTML text, parent run id) for the latest search of ``experiment`` (or ``search_run``)."""
     from .tracking import experiment_of, search_run_of
@@ -184,7 +208,7 @@ def build_report(uri: str, experiment: str, search_run: str | None = None, *, co
         rows.append(row)
     key = lambda r: r.get(metric, -math.inf if mode == "max" else math.inf)  # noqa: E731
     rows.sort(key=key, reverse=(mode == "max"))
-    plots = _plots(rows, metric, metrics, modes)
+    plots = _plots(rows, metric, metrics, modes) + _attention_maps(client, rows)
     section = _confirm_section(confirmed) if confirmed else ""
     from .effects import effects_section
 
