@@ -98,6 +98,33 @@ class SparseRows:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    def _entries(self, pos: torch.Tensor):
+        """The stored pixels of cache positions ``pos`` (B,): (B, lens (B,), row (T,) image in the batch, slot (T,)
+        entry within its image, flat (T,) int64 pixel index, values (T,) float32 not normalized), T = total."""
+        pos = pos.to(self.device)
+        start = self.offsets[pos]
+        lens = self.offsets[pos + 1] - start
+        total = int(lens.sum())
+        row = torch.repeat_interleave(torch.arange(len(pos), device=self.device), lens, output_size=total)
+        first = torch.cumsum(lens, 0) - lens  # where each image's entries begin in this batch
+        slot = torch.arange(total, device=self.device) - first[row]
+        at = start[row] + slot
+        return len(pos), lens, row, slot, self.index[at].long(), self.values[at]
+
+    def _flipped(self, flat: torch.Tensor, row: torch.Tensor, flip_h: torch.Tensor | None,
+                 flip_w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flat (C, H, W) pixel indices (T,) of images ``row`` -> channel, row (H) and column (W), mirrored along H
+        where ``flip_h[row]`` and along W where ``flip_w[row]``."""
+        _, H, W = self.shape
+        ch = torch.div(flat, H * W, rounding_mode="floor")
+        rest = flat - ch * H * W
+        h, w = torch.div(rest, W, rounding_mode="floor"), torch.remainder(rest, W)
+        if flip_h is not None:
+            h = torch.where(flip_h.to(self.device)[row], H - 1 - h, h)
+        if flip_w is not None:
+            w = torch.where(flip_w.to(self.device)[row], W - 1 - w, w)
+        return ch, h, w
+
     def dense(self, pos: torch.Tensor, flip_h: torch.Tensor | None = None,
               flip_w: torch.Tensor | None = None) -> torch.Tensor:
         """Images of cache positions ``pos`` (B,) as float32 (B, C, H, W) on the device, normalized; image b
@@ -106,29 +133,15 @@ class SparseRows:
         into a batch filled with each channel's normalized empty pixel; flips move indices, not values."""
         C, H, W = self.shape
         HW, CHW = H * W, C * H * W
-        pos = pos.to(self.device)
-        B = len(pos)
-        start = self.offsets[pos]
-        lens = self.offsets[pos + 1] - start
-        total = int(lens.sum())
+        B, lens, row, _, flat, vals = self._entries(pos)
         out = torch.empty((B, C, HW), dtype=torch.float32, device=self.device)
         out.copy_(self.bg.view(1, C, 1).expand(B, C, HW))
-        if total:
-            row = torch.repeat_interleave(torch.arange(B, device=self.device), lens, output_size=total)
-            first = torch.cumsum(lens, 0) - lens  # where each image's entries begin in this batch
-            at = start[row] + (torch.arange(total, device=self.device) - first[row])
-            flat = self.index[at].long()
-            vals = self.values[at]
+        if len(flat):
             ch = torch.div(flat, HW, rounding_mode="floor")
             if self.mean is not None:
                 vals = (vals - self.mean[ch]) / self.std[ch]
             if flip_h is not None or flip_w is not None:
-                rest = flat - ch * HW
-                h, w = torch.div(rest, W, rounding_mode="floor"), torch.remainder(rest, W)
-                if flip_h is not None:
-                    h = torch.where(flip_h.to(self.device)[row], H - 1 - h, h)
-                if flip_w is not None:
-                    w = torch.where(flip_w.to(self.device)[row], W - 1 - w, w)
+                ch, h, w = self._flipped(flat, row, flip_h, flip_w)
                 flat = ch * HW + h * W + w
             out.view(-1)[row * CHW + flat] = vals
         return out.view(B, C, H, W)
@@ -139,30 +152,13 @@ class SparseRows:
         row, column, energy above the empty pixel, not normalized), in the cache's (ascending pixel) order, and
         ``mask`` bool (B, K), K the most stored pixels of an image in the batch (at least 1); padding is zero.
         Flips mirror rows (H) and columns (W) as :meth:`dense` does."""
-        C, H, W = self.shape
-        HW = H * W
-        pos = pos.to(self.device)
-        B = len(pos)
-        start = self.offsets[pos]
-        lens = self.offsets[pos + 1] - start
-        total = int(lens.sum())
+        B, lens, row, slot, flat, vals = self._entries(pos)
         k = max(1, int(lens.max())) if B else 1
         hits = torch.zeros((B, k, 4), dtype=torch.float32, device=self.device)
         mask = torch.zeros((B, k), dtype=torch.bool, device=self.device)
-        if total:
-            row = torch.repeat_interleave(torch.arange(B, device=self.device), lens, output_size=total)
-            first = torch.cumsum(lens, 0) - lens
-            slot = torch.arange(total, device=self.device) - first[row]
-            flat = self.index[start[row] + slot].long()
-            vals = self.values[start[row] + slot] - self.background
-            ch = torch.div(flat, HW, rounding_mode="floor")
-            rest = flat - ch * HW
-            h, w = torch.div(rest, W, rounding_mode="floor"), torch.remainder(rest, W)
-            if flip_h is not None:
-                h = torch.where(flip_h.to(self.device)[row], H - 1 - h, h)
-            if flip_w is not None:
-                w = torch.where(flip_w.to(self.device)[row], W - 1 - w, w)
-            hits[row, slot] = torch.stack([ch.float(), h.float(), w.float(), vals], dim=1)
+        if len(flat):
+            ch, h, w = self._flipped(flat, row, flip_h, flip_w)
+            hits[row, slot] = torch.stack([ch.float(), h.float(), w.float(), vals - self.background], dim=1)
             mask[row, slot] = True
         return hits, mask
 
