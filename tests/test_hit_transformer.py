@@ -221,3 +221,17 @@ def test_vit_pair_bias_exports_with_parity(tmp_path, capsys):
     code, stdout, stderr = run_export(capsys, ckpt, tmp_path / "vit.onnx", "--runs", "0")
     assert code == 0, stderr
     assert "parity" in stdout
+
+
+def test_jet_features_give_the_invariant_mass_of_the_kept_hits():
+    from e2e_search.families._pair_bias import pair_features
+    from e2e_search.families.hit_transformer import jet_features
+
+    eta, phi = torch.tensor([[0.1, -0.2, 0.0]]), torch.tensor([[0.3, 0.1, 0.0]])
+    e, ch = torch.tensor([[20.0, 50.0, 0.0]]), torch.tensor([[0, 1, 0]])  # the third: padding (E = 0)
+    f = jet_features(eta, phi, e, ch, 2) * 4                                     # ln E, ln E_c..., ln m, ln m_c...
+    m2_pair = pair_features(eta[:, :2], phi[:, :2], e[:, :2])[0, 0, 1, 3].exp()  # ParT's m² of the pair
+    assert math.isclose(f[0, 0].exp().item(), 20 * math.cosh(0.1) + 50 * math.cosh(0.2), rel_tol=1e-5)
+    assert math.isclose(f[0, 3].exp().item() ** 2, m2_pair.item(), rel_tol=1e-3)
+    assert math.isclose(f[0, 1].exp().item(), 20 * math.cosh(0.1), rel_tol=1e-5)  # one hit per channel: m = 0
+    assert f[0, 4].exp().item() < 1e-2

@@ -72,6 +72,9 @@ class HitTransformerParams(BaseModel):
     """The hit cap: keep the max_hits most energetic hits (or merged cells) of each jet."""
     merge: int = Field(default=1, ge=1)
     """Side in pixels of the cells merged into one token, per channel: 1 = every pixel, 5 = 5x5 towers."""
+    jet_features: bool = True
+    """Start the class token (or shift the mean of the hits) from the jet's own summed 4-vector: ln E_jet and ln
+    m_jet of all kept hits and of each channel's, the hits taken as massless (m² = (ΣE)² − |Σp|²)."""
     pixel_size: float = Field(default=0.0174, gt=0)
     """Pixel pitch in η and φ (rad); 0.0174 is the ECAL crystal of the E2E images."""
     drop_path: float = Field(default=0.0, ge=0, lt=1)
@@ -162,6 +165,20 @@ class HitTokens(nn.Module):
         return (*self._select(*cells[:2], *cells[2:]), total)
 
 
+def jet_features(eta: torch.Tensor, phi: torch.Tensor, e: torch.Tensor, ch: torch.Tensor, n_chans: int) -> torch.Tensor:
+    """Kept hits (B, K) as massless deposits (E taken as pT at Δη, Δφ from the centre; 0 for padding) -> (B,
+    2 * (n_chans + 1)): ln E (Σ E cosh Δη) and ln m of the sum of all hits, then of each channel's hits, scaled
+    by 1/4. The
+    invariant mass m² = (Σ E cosh Δη)² − (Σ E sinh Δη)² − (Σ E cos Δφ)² − (Σ E sin Δφ)² does not depend on
+    the jet's own η and φ."""
+    up, down = torch.exp(eta), torch.exp(-eta)  # cosh and sinh (ONNX opset 17 exports no Cosh/Sinh from PyTorch)
+    comps = torch.stack([e * (up + down) / 2, e * (up - down) / 2, e * torch.cos(phi), e * torch.sin(phi)], -1)
+    onehot = F.one_hot(ch.long().clamp(0, n_chans - 1), n_chans).to(e.dtype)                # (B, K, C)
+    per = torch.cat([comps.sum(1, keepdim=True), torch.einsum("bkc,bkv->bcv", onehot, comps)], 1)  # (B, 1+C, 4)
+    m2 = per[..., 0] ** 2 - (per[..., 1:] ** 2).sum(-1)
+    return torch.cat([per[..., 0].clamp_min(1e-6).log(), 0.5 * m2.clamp_min(1e-6).log()], -1) * 0.25
+
+
 # --------------------------------------------------------------------------- blocks
 class PairAttentionBlock(nn.Module):
     """ParT's particle-attention block: pre-LN multi-head self-attention whose logits get an additive bias
@@ -235,6 +252,8 @@ class HitTransformer(nn.Module):
         n_feat = 4 + in_chans
         self.embed = nn.Sequential(nn.Linear(n_feat, dim), nn.GELU(), nn.Linear(dim, dim))
         self.pair = PairBias(p.num_heads, p.pair_width) if p.pair_features else None
+        self.jet = nn.Sequential(nn.Linear(2 * (in_chans + 1), dim), nn.GELU(), nn.Linear(dim, dim)) \
+            if p.jet_features else None
         dpr = [p.drop_path * i / max(1, p.depth - 1) for i in range(p.depth)]
         self.blocks = nn.ModuleList(PairAttentionBlock(dim, p.num_heads, p.mlp_ratio, r) for r in dpr)
         if p.pool == "class_attention":
@@ -264,17 +283,23 @@ class HitTransformer(nn.Module):
             F.one_hot(ch.long().clamp(0, self.in_chans - 1), self.in_chans).to(e.dtype),
         ], dim=-1) * valid[..., None].to(e.dtype)                                               # (B, K, 4 + C)
         t = self.embed(feats)                                                                  # (B, K, D)
+        jet = self.jet(jet_features(eta, phi, e * valid.to(e.dtype), ch, self.in_chans)) \
+            if self.jet is not None else None                                                  # (B, D)
         bias = masked_bias(self.pair(eta, phi, e) if self.pair is not None else None, valid, self.heads)
         for blk in self.blocks:
             t = blk(t, bias)
         if self.cls_token is not None:
             cls = self.cls_token.expand(t.shape[0], -1, -1)
+            if jet is not None:
+                cls = cls + jet[:, None]
             for blk in self.class_blocks:
                 cls = blk(cls, t, valid)
             z = cls[:, 0]
         else:
             w = valid[..., None].to(t.dtype)
             z = (t * w).sum(1) / w.sum(1).clamp_min(1.0)
+            if jet is not None:
+                z = z + jet
         return self.head(self.norm(z))
 
     @torch.no_grad()
