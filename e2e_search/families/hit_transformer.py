@@ -72,9 +72,10 @@ class HitTransformerParams(BaseModel):
     """The hit cap: keep the max_hits most energetic hits (or merged cells) of each jet."""
     merge: int = Field(default=1, ge=1)
     """Side in pixels of the cells merged into one token, per channel: 1 = every pixel, 5 = 5x5 towers."""
-    jet_features: bool = True
+    jet_features: bool = False
     """Start the class token (or shift the mean of the hits) from the jet's own summed 4-vector: ln E_jet and ln
-    m_jet of all kept hits and of each channel's, the hits taken as massless (m² = (ΣE)² − |Σp|²)."""
+    m_jet of all kept hits and of each channel's, the hits taken as massless (m² = (ΣE)² − |Σp|²). Off by default:
+    on 8,000 top/QCD jets it did not help (BENCHMARKS.md, section 10)."""
     pixel_size: float = Field(default=0.0174, gt=0)
     """Pixel pitch in η and φ (rad); 0.0174 is the ECAL crystal of the E2E images."""
     drop_path: float = Field(default=0.0, ge=0, lt=1)
