@@ -185,13 +185,14 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=8, help="epochs of every trial (default 8)")
     ap.add_argument("--seeds", type=int, default=2, help="seeds per family in confirm (default 2)")
     ap.add_argument("--scaling", default="", help="also at these training-set sizes (data.limit), e.g. 2000,4000")
+    ap.add_argument("--skip-full", action="store_true", help="only the --scaling sizes, not the whole file")
     ap.add_argument("--name", default="bench_families")
     args = ap.parse_args()
     data = ROOT / f"e2e_runs/data/{args.data}_{args.n // 1000}k.h5"
     uri = f"sqlite:///{ROOT / 'e2e_runs/bench/mlflow.db'}"
     (ROOT / "e2e_runs/bench").mkdir(parents=True, exist_ok=True)
     exe = [sys.executable, "-m", "e2e_search.cli"]  # the CLI of this interpreter (.venv/bin/python)
-    results = [run_size(args, data, None, uri, exe)]
+    results = [] if args.skip_full else [run_size(args, data, None, uri, exe)]
     for size in [int(v) for v in args.scaling.split(",") if v]:
         results.append(run_size(args, data, size, uri, exe))
     main_res = results[0]

@@ -43,15 +43,17 @@ def test_raising_and_nan_trials_fail_alone(tmp_path, monkeypatch, ray_local):
 
 
 def _pids(title: bytes) -> list[int]:
-    """Pids of this machine's processes whose command line holds ``title`` (Ray sets ``ray::<actor class>``)."""
+    """Pids of this test's processes (descendants of this one: the Ray it started) whose command line holds
+    ``title`` (Ray sets ``ray::<actor class>``); another search on the same machine is never touched."""
+    import psutil
+
     pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if title in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                pass
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if title in (Path("/proc") / str(proc.pid) / "cmdline").read_bytes():
+                pids.append(proc.pid)
+        except OSError:
+            pass
     return pids
 
 
