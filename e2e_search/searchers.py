@@ -31,6 +31,37 @@ def startup_trials(num_samples: int) -> int:
     return min(10, max(2, num_samples // 3))
 
 
+def _picklable(cls: type) -> type:
+    """``cls`` (an Optuna sampler) with a pickle that leaves out its ``_thread_lock`` and makes a new one when
+    unpickled: Optuna 5.1's NSGA-II sampler holds a threading lock, and Ray Tune pickles the searcher (``Tuner``,
+    its experiment state). Samplers without one pickle as before."""
+    import threading
+
+    def getstate(self):
+        state = self.__dict__.copy()
+        state.pop("_thread_lock", None)
+        return state
+
+    def setstate(self, state):
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
+
+    return type(f"Picklable{cls.__name__}", (cls,), {"__getstate__": getstate, "__setstate__": setstate,
+                                                       "__module__": __name__})
+
+
+def __getattr__(name: str):
+    """``PicklableNSGAIISampler``, made on first use (Optuna is imported only when a search needs it); pickles
+    find it here by name in any process."""
+    if name == "PicklableNSGAIISampler":
+        import optuna
+
+        if name not in globals():
+            globals()[name] = _picklable(optuna.samplers.NSGAIISampler)
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def sampler(cfg: SearchSpace, after: int = 0):
     """The Optuna sampler of ``search.algorithm``, seeded with ``search.seed``.
 
@@ -48,7 +79,7 @@ def sampler(cfg: SearchSpace, after: int = 0):
     make = {
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+        "nsga2": lambda: __getattr__("PicklableNSGAIISampler")(seed=seed),
         "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup,
                                                 warn_independent_sampling=False),
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),

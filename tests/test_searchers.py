@@ -70,6 +70,26 @@ def test_each_sampler_draws_the_space_with_grid_points_first(tmp_path, algorithm
     assert len(study.trials) == 6
 
 
+@pytest.mark.parametrize("algorithm", ["tpe", "random", "nsga2", "gp", "cmaes", "qmc"])
+def test_every_sampler_pickles_as_ray_tune_saves_it(tmp_path, algorithm):
+    """Ray Tune pickles the searcher (Tuner, experiment state): every sampler must survive it (Optuna 5.1's
+    NSGA-II sampler holds a threading lock) and draw the same values after it."""
+    import pickle
+
+    cfg = _space(tmp_path, search={"algorithm": algorithm, "num_samples": 4, "seed": 1})
+    if algorithm == "cmaes":  # numeric dimensions only
+        cfg["params"].update(pool="avg", embed_dim=16)
+    c = validate(cfg, source="t.yaml")
+    s = sampler(c)
+    copy = pickle.loads(pickle.dumps(s))
+    draws = []
+    for smp in (s, copy):
+        study = optuna.create_study(sampler=smp, directions=["maximize", "minimize"] if algorithm == "nsga2"
+                                    else ["maximize"])
+        draws.append([study.ask().suggest_float("x", 0.0, 1.0) for _ in range(2)])
+    assert draws[0] == draws[1]
+
+
 def test_gp_and_cmaes_note_conditional_dimensions(tmp_path):
     cfg = base_config(tmp_path, tmp_path / "d.h5", search={"algorithm": "gp"})
     cfg["params"]["drop_path"] = {"type": "uniform", "low": 0.0, "high": 0.2, "when": {"embed_dim": 32}}
