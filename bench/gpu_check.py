@@ -5,6 +5,8 @@ prints, side by side, on the training device (the GPU when there is one):
   with the non-empty patches only (RoPE), and ``hit_transformer`` (defaults: 128 hits, pair features), each fed
   from the sparse cache's rows on the device as a trial feeds it (dense batches for the image families, hit lists
   for the hit family), AdamW, bf16 autocast on a GPU; best of 3 timed windows after warm-up;
+* ONNX Runtime latency per jet at batch 1 on the CPU of each model as exported (a hit list + mask for
+  ``hit_transformer``);
 * the sparse cache's batches per second on the device: dense (B, 3, 125, 125) batches and hit lists;
 * one warm trial's overhead: ``bench/orchestration.py --trials 2 --epochs 1 --runners auto`` (real Ray Tune +
   MLflow), its per-trial overhead line.
@@ -103,6 +105,47 @@ def train_rate(name: str, rows: SparseRows, batch: int, steps: int, device) -> f
     return best
 
 
+def onnx_latency_ms(name: str, rows: SparseRows, runs: int) -> float:
+    """ONNX Runtime CPU latency per jet at batch 1 (median of ``runs``, the machine's threads) of the model
+    exported as ``e2e-search export`` writes it (TorchScript exporter, opset 17): a dense image input for the
+    image families, a hit-list input (128 hits + mask) for hit_transformer."""
+    import os
+    import tempfile
+    import warnings
+
+    import onnxruntime as ort
+
+    warnings.filterwarnings("ignore")  # the TorchScript exporter's tracer warnings
+    from e2e_search.families.hit_transformer import input_hits
+
+    family, params = MODELS[name]
+    torch.manual_seed(0)
+    model = build_model(family, params, setup()).eval()
+    pos = torch.arange(1)
+    if family == "hit_transformer":
+        hits, mask = rows.hits(pos.cpu())
+        n = input_hits(model)
+        hits = torch.nn.functional.pad(hits.cpu(), (0, 0, 0, n - hits.shape[1]))
+        mask = torch.nn.functional.pad(mask.cpu(), (0, n - mask.shape[1]))
+        example, names = (hits, mask), ["hits", "mask"]
+    else:
+        example, names = (rows.dense(pos).cpu(),), ["image"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.onnx")
+        torch.onnx.export(model, example, path, dynamo=False, input_names=names, output_names=["output"],
+                          dynamic_axes={k: {0: "batch"} for k in [*names, "output"]}, opset_version=17)
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feed = {k: v.numpy() for k, v in zip(names, example)}
+    for _ in range(3):
+        sess.run(["output"], feed)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(["output"], feed)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
 def batch_rate(rows: SparseRows, batch: int, steps: int, device, hits: bool) -> float:
     n = len(rows)
     sync(device)
@@ -120,6 +163,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20, help="training steps per timed window (default 20)")
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--onnx-runs", type=int, default=50, help="ONNX Runtime batch-1 runs per model (0: skip)")
     ap.add_argument("--skip-orchestration", action="store_true")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -129,10 +173,12 @@ def main() -> int:
     rows = synthetic_rows(args.n, device)
     print(f"sparse rows on the device: {rows.offsets[-1].item() / args.n:.0f} hits per jet, built in "
           f"{time.time() - t0:.1f} s", flush=True)
-    print(f"\n{'model':18} {'train jets/s':>14}", flush=True)
+    print(f"\n{'model':18} {'train jets/s':>14} {'ONNX ms/jet (CPU, batch 1)':>28}", flush=True)
     for m in args.models.split(","):
         try:
-            print(f"{m:18} {train_rate(m, rows, args.batch, args.steps, device):>14,.0f}", flush=True)
+            rate = train_rate(m, rows, args.batch, args.steps, device)
+            ms = onnx_latency_ms(m, rows, args.onnx_runs) if args.onnx_runs else float("nan")
+            print(f"{m:18} {rate:>14,.0f} {ms:>28.2f}", flush=True)
         except Exception as e:  # noqa: BLE001 - one model failing (memory) must not hide the others
             print(f"{m:18} {'failed':>14}  {type(e).__name__}: {str(e)[:160]}", flush=True)
     print(f"\n{'sparse cache':18} {'batches/s':>14} {'jets/s':>14}", flush=True)
