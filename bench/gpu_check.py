@@ -2,7 +2,8 @@
 prints, side by side, on the training device (the GPU when there is one):
 
 * training jets/s at the E2E size (125x125x3) of ``resnet15`` (width 16), ``vit`` with all 625 5x5 patches, ``vit``
-  with the non-empty patches only (RoPE), and ``hit_transformer`` (defaults: 128 hits, pair features), each fed
+  with the non-empty patches only (RoPE), and ``hit_transformer`` (defaults: 128 hits, pair features; and with 64
+  hits, without pair features, with 5x5 towers), each fed
   from the sparse cache's rows on the device as a trial feeds it (dense batches for the image families, hit lists
   for the hit family), AdamW, bf16 autocast on a GPU; best of 3 timed windows after warm-up;
 * ONNX Runtime latency per jet at batch 1 on the CPU of each model as exported (a hit list + mask for
@@ -42,6 +43,9 @@ MODELS = {
     "vit nonempty p5": ("vit", {"patch_size": 5, "depth": 4, "embed_dim": 64, "num_heads": 4,
                                 "token_keep": "nonempty", "pos_embed": "rope"}),
     "hit_transformer": ("hit_transformer", {}),
+    "hit 64 hits": ("hit_transformer", {"max_hits": 64}),
+    "hit no pairs": ("hit_transformer", {"pair_features": False}),
+    "hit 5x5 towers": ("hit_transformer", {"merge": 5}),
 }
 
 
