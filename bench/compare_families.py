@@ -160,7 +160,8 @@ def table(args, res: dict) -> list[str]:
         ex = r["extra"]
         cells = [fam, f"{_fmt(r['main'])} [{_fmt(lo)}, {_fmt(hi)}]", _fmt(r["std"])]
         if regression:
-            bins = sorted(k for k in ex if k.startswith("test_bin/") and k.endswith("/resolution"))
+            bins = sorted((k for k in ex if k.startswith("test_bin/") and k.endswith("/resolution")),
+                          key=lambda k: float(k.split("/")[1].split("-")[0]))  # by the bin's lower edge (GeV)
             cells += [_fmt(ex.get("test_resolution"), ".3f"), _fmt(ex.get("test_bias"), "+.3f")]
         else:
             cells += [_fmt(ex.get(f"test_rej{e}"), ".1f") for e in (30, 50, 70)]
