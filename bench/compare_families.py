@@ -98,13 +98,14 @@ def run_size(args, data: Path, limit: int | None, uri: str, exe: list[str]) -> d
     regression = args.data == "boosted_scalar"
     fams = args.families.split(",")
     lrs = [float(v) for v in args.lrs.split(",")]
-    name = f"{args.name}_{args.data}" + (f"_{limit}" if limit else "")
+    name = f"{args.name}_{args.data}" + (f"_{limit}" if limit else "") + (f"_{args.tag}" if args.tag else "")
     sets = [f"name={name}", f"data.path={data}", f"data.generate.n={args.n}", "data.generate.seed=7",
             f"data.generate.recipe={args.data}", f"tracking.uri={uri}", f"family.values={json.dumps(fams)}",
             f"params.lr={{type: grid, values: {json.dumps(lrs)}}}", f"search.num_samples={len(fams) * len(lrs)}",
             f"scheduler.max_epochs={args.epochs}", *(REGRESSION if regression else [])]
     if limit:
         sets.append(f"data.limit={limit}")
+    sets += args.set
     cmd = [*exe, "run", str(ROOT / "search_spaces/compare_families.yaml")] + sum((["--set", s] for s in sets), [])
     print(" ".join(cmd), flush=True)
     t0 = time.time()
@@ -188,6 +189,9 @@ def main() -> int:
     ap.add_argument("--scaling", default="", help="also at these training-set sizes (data.limit), e.g. 2000,4000")
     ap.add_argument("--skip-full", action="store_true", help="only the --scaling sizes, not the whole file")
     ap.add_argument("--name", default="bench_families")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="passed to the search as --set (e.g. params.max_hits=64); give --tag too")
+    ap.add_argument("--tag", default="", help="suffix of the experiment and output names (a variant)")
     args = ap.parse_args()
     data = ROOT / f"e2e_runs/data/{args.data}_{args.n // 1000}k.h5"
     uri = f"sqlite:///{ROOT / 'e2e_runs/bench/mlflow.db'}"
@@ -216,8 +220,9 @@ def main() -> int:
             lines.append(f"| {res['limit'] or args.n} | {res['test_events']:,} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print(text)
-    (ROOT / f"e2e_runs/bench/compare_families_{args.data}.md").write_text(text + "\n")
-    (ROOT / f"e2e_runs/bench/compare_families_{args.data}.json").write_text(json.dumps(results, indent=1, default=str))
+    stem = f"compare_families_{args.data}" + (f"_{args.tag}" if args.tag else "")
+    (ROOT / f"e2e_runs/bench/{stem}.md").write_text(text + "\n")
+    (ROOT / f"e2e_runs/bench/{stem}.json").write_text(json.dumps(results, indent=1, default=str))
     return 0
 
 
