@@ -12,7 +12,7 @@ prints, side by side, on the training device (the GPU when there is one):
 * one warm trial's overhead: ``bench/orchestration.py --trials 2 --epochs 1 --runners auto`` (real Ray Tune +
   MLflow), its per-trial overhead line.
 
-    .venv/bin/python bench/gpu_check.py                          # on the device (about 4 min on an H100)
+    .venv/bin/python bench/gpu_check.py                          # on the device (sized for one call under 8 min)
     .venv/bin/python bench/gpu_check.py --n 512 --steps 3 --batch 32 --skip-orchestration   # on 2 CPU cores
 
 Jets are synthetic at the measured occupancy of generated top/QCD jets (0.29% of the pixels, about 136 hits per
