@@ -209,10 +209,15 @@ def test_vit_pair_bias_changes_the_output_trains_and_ignores_the_batch(extra):
     assert maps is not None and maps.shape == (3, h, w)
 
 
-@pytest.mark.parametrize("bad", [{"token_keep": "all"}, {"attention": "linear"}], ids=str)
-def test_vit_pair_bias_without_nonempty_softmax_attention_is_refused(bad):
-    with pytest.raises(ValueError, match="pair_bias needs"):
-        build_model("vit", {**VIT_PAIR, **bad}, _setup(2, 16, 16))
+@pytest.mark.parametrize("other", [{"token_keep": "all"}, {"attention": "linear"}, {"attention": "window"}], ids=str)
+def test_vit_pair_bias_is_ignored_without_nonempty_softmax_attention(other):
+    """As window_size without attention: window: the same model (state dict) as without pair_bias."""
+    torch.manual_seed(0)
+    with_bias = build_model("vit", {**VIT_PAIR, **other}, _setup(2, 16, 16))
+    torch.manual_seed(0)
+    without = build_model("vit", {**VIT_PAIR, **other, "pair_bias": False}, _setup(2, 16, 16))
+    assert with_bias.state_dict().keys() == without.state_dict().keys()
+    assert not any(".pair." in k for k in with_bias.state_dict())
 
 
 def test_vit_pair_bias_exports_with_parity(tmp_path, capsys):

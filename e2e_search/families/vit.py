@@ -85,7 +85,8 @@ class VitParams(TimmVitParams):
     """Which patches become tokens: all, or only those holding a hit (variable length, padded and masked)."""
     pair_bias: bool = False
     """ParT's pair features (ln ΔR, ln kT, ln z, ln m²) of the kept patches' centres and summed energies, embedded
-    per head and added to every block's attention logits (needs token_keep: nonempty and attention: softmax)."""
+    per head and added to every block's attention logits. Only with token_keep: nonempty and attention: softmax;
+    ignored otherwise (as window_size is without attention: window)."""
     pair_width: int = Field(default=8, ge=1)
     """Hidden width of the pair-feature MLP (pair_bias)."""
 
@@ -177,10 +178,7 @@ def build_vit(p: VitParams, *, in_chans: int, img_size: tuple[int, int], num_out
     if p.token_keep == "nonempty":
         extra = {"token_keep": "nonempty", "real": fit(torch.ones(1, 1, *img_size))[0, 0] > 0,
                  "empty_pixel": empty_pixel, "window": p.window_size if p.attention == "window" else None}
-    if p.pair_bias:
-        if p.attention != "softmax":
-            raise ValueError(f"pair_bias needs attention: softmax (got {p.attention}); set attention: softmax or "
-                             "pair_bias: false")
+    if p.pair_bias and p.token_keep == "nonempty" and p.attention == "softmax":  # ignored otherwise (window_size's rule)
         extra.update(pair_bias=True, pair_width=p.pair_width, pixel_std=pixel_std)
     vit = timm_vit(p, img_size=fit.out_size, in_chans=in_chans, num_outputs=num_outputs,
                    attn_layer=ATTENTION[p.attention], **extra)
