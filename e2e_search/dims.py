@@ -42,8 +42,9 @@ class GridDim(StrictModel):
 
 
 class _Range(StrictModel):
-    low: float
-    high: float
+    low: float = Field(allow_inf_nan=False)
+    high: float = Field(allow_inf_nan=False)
+    """Both ends finite: a sampler cannot draw from an infinite range (numpy overflows in the driver)."""
     when: dict[str, Any] | None = None
 
     @model_validator(mode="after")
@@ -81,7 +82,7 @@ class QUniformDim(_Range):
     """Uniform, rounded to a multiple of ``q`` (steps from ``low``)."""
 
     type: Literal["quniform"]
-    q: float = Field(gt=0)
+    q: float = Field(gt=0, allow_inf_nan=False)
 
 
 DIM_TYPES = ("fixed", "choice", "grid", "uniform", "loguniform", "randint", "quniform")

@@ -189,6 +189,10 @@ def check_params(cfg: SearchSpace) -> list[tuple[str, str]]:
         for model, field, fam in fields[name]:
             if fam is not None and given_to is not None and fam not in given_to:
                 continue  # when: {family: ...} keeps it from this family's trials
+            if isinstance(dim, QUniformDim) and field.annotation is int and not (
+                    float(dim.q).is_integer() and float(dim.low).is_integer()):
+                raise UserError(f"'{name}' takes whole numbers, but quniform steps from {dim.low:g} by q {dim.q:g} "
+                                f"give fractions; set q and low to whole numbers (or use randint)", key=f"{key}.q")
             for v in dim_values(dim):
                 if isinstance(dim, RandIntDim | UniformDim | LogUniformDim | QUniformDim) and field.annotation is int:
                     v = int(v) if float(v).is_integer() else v

@@ -1356,3 +1356,23 @@ def test_an_object_list_file_given_to_the_hit_family_is_refused(ws, capsys):
     cfg = _hit_cfg()
     cfg["data"].update(path="objects.h5", image_key="X_objects")
     run_broken(ws, capsys, cfg, "data.image_key", "objects family", cmd="run")
+
+
+# --------------------------------------------------------------------------- dimension values (issue 30, kind 4)
+@pytest.mark.parametrize("dim,names", [
+    ({"type": "loguniform", "low": 1e-4, "high": float("inf")}, ("params.lr", "finite")),
+    ({"type": "uniform", "low": float("-inf"), "high": 0.1}, ("params.lr", "finite")),
+    ({"type": "quniform", "low": 1e-4, "high": 1e-2, "q": float("nan")}, ("params.lr", "finite")),
+], ids=["loguniform-inf", "uniform-neg-inf", "quniform-nan-q"])
+def test_ranges_must_be_finite_before_ray(ws, capsys, dim, names):
+    cfg = base_cfg()
+    cfg["params"]["lr"] = dim
+    run_broken(ws, capsys, cfg, *names, cmd="run")
+
+
+@pytest.mark.parametrize("dim", [{"type": "quniform", "low": 1, "high": 3, "q": 0.3},
+                                 {"type": "quniform", "low": 1.5, "high": 3, "q": 1}], ids=["q-0.3", "low-1.5"])
+def test_quniform_fractions_on_an_integer_parameter_are_refused(ws, capsys, dim):
+    cfg = base_cfg()
+    cfg["params"]["depth"] = dim
+    run_broken(ws, capsys, cfg, "params.depth.q", "whole numbers", cmd="run")
