@@ -85,9 +85,24 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _unshared(v: Any, active: frozenset = frozenset()) -> Any:
+    """``v`` with every mapping and list rebuilt: YAML aliases (``*anchor``, ``<<: *anchor``) load as the same
+    object in several places, and a ``--set`` of one would change the others. A structure that contains itself
+    raises ValueError."""
+    if isinstance(v, (dict, list)):
+        if id(v) in active:
+            raise ValueError("an alias refers to a mapping or list that contains it")
+        inner = active | {id(v)}
+        if isinstance(v, dict):
+            return {k: _unshared(x, inner) for k, x in v.items()}
+        return [_unshared(x, inner) for x in v]
+    return v
+
+
 def parse_yaml(text: str) -> Any:
-    """``yaml.safe_load`` that refuses duplicate keys (:class:`DuplicateKey`)."""
-    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    """``yaml.safe_load`` that refuses duplicate keys (:class:`DuplicateKey`); aliases are expanded into
+    independent values (:func:`_unshared`)."""
+    return _unshared(yaml.load(text, Loader=UniqueKeyLoader))  # noqa: S506 - a SafeLoader subclass
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -99,6 +114,8 @@ def read_yaml(path: str | Path) -> dict:
     except DuplicateKey as e:
         raise UserError(f"this key is given twice, {e.where} (YAML would silently keep the last); {e.fix}",
                         source=str(path), key=e.path) from None
+    except ValueError as e:  # a recursive alias
+        raise UserError(f"{e}; write the value out instead of the alias", source=str(path)) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
@@ -128,6 +145,8 @@ def apply_overrides(raw: dict, sets: list[str], source: str | None = None) -> li
         except DuplicateKey as e:
             raise UserError(f"the value gives '{e.path}' twice ({e.columns}); give each key once in --set {key}=...",
                             source=src, key=key) from None
+        except ValueError as e:  # a recursive alias
+            raise UserError(f"{e}; write the value out in --set {key}=...", source=src, key=key) from None
         except yaml.YAMLError:
             value = text
         node = raw

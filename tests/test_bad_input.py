@@ -1376,3 +1376,23 @@ def test_quniform_fractions_on_an_integer_parameter_are_refused(ws, capsys, dim)
     cfg = base_cfg()
     cfg["params"]["depth"] = dim
     run_broken(ws, capsys, cfg, "params.depth.q", "whole numbers", cmd="run")
+
+
+# --------------------------------------------------------------------------- YAML aliases (issue 30, kind 3)
+def test_a_set_on_an_aliased_value_changes_only_that_key(ws, capsys):
+    """lr: &r {...} and weight_decay: *r load as one object; --set params.lr.low must not move weight_decay."""
+    text = Path(write_yaml(base_cfg())).read_text().replace(
+        "  lr:\n    type: loguniform\n    low: 0.0001\n    high: 0.01\n",
+        "  lr: &r\n    type: loguniform\n    low: 0.0001\n    high: 0.01\n  weight_decay: *r\n")
+    assert "*r" in text
+    Path(YAML).write_text(text)
+    from e2e_search.config import apply_overrides, read_yaml
+
+    raw = read_yaml(YAML)
+    apply_overrides(raw, ["params.lr.low=1.0e-5"], source=YAML)
+    assert raw["params"]["lr"]["low"] == 1e-5 and raw["params"]["weight_decay"]["low"] == 1e-4
+
+
+def test_a_recursive_alias_is_one_line(ws, capsys):
+    Path(YAML).write_text(Path(write_yaml(base_cfg())).read_text() + "loop: &a [1, *a]\n")
+    bad_run(ws, capsys, ["validate", YAML], YAML, "alias")
