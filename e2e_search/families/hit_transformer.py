@@ -43,10 +43,9 @@ from timm.layers import DropPath, Mlp
 from torch import nn
 
 from e2e_search.families._pair_bias import PairBias, masked_bias
+from e2e_search.families._vit_model import EMPTY_TOL  # the same test of an empty pixel as vit's token_keep
 from e2e_search.registry import Capabilities, register_family
 
-EMPTY_TOL = 1e-5
-"""A pixel is empty when within EMPTY_TOL * max(1, |empty value|) of its channel's empty value (as vit's)."""
 POS_SCALE = 0.4
 """Δη, Δφ (rad) are divided by this in the token features (a jet of R = 0.8 spans about ±1)."""
 
@@ -136,11 +135,12 @@ class HitTokens(nn.Module):
         hit = d.abs() > self.tol                                                              # (B, C, H, W)
         e = torch.where(hit, d * self.std, torch.zeros_like(d))
         total = e.flatten(1).sum(1)                                                           # (B,)
-        if self.m == 1:
-            rows = torch.arange(H, device=x.device, dtype=x.dtype).view(1, 1, H, 1).expand(B, C, H, W)
-            cols = torch.arange(W, device=x.device, dtype=x.dtype).view(1, 1, 1, W).expand(B, C, H, W)
-            chans = self.cell_ch.expand(B, -1)
-            return (*self._select(e.flatten(1), hit.flatten(1), rows.flatten(1), cols.flatten(1), chans), total)
+        if self.m == 1:  # every pixel is a cell: its channel, row and column follow from its flat index
+            score = torch.where(hit, e, torch.full_like(e, float("-inf"))).flatten(1)        # (B, C*H*W)
+            idx = torch.topk(score, min(self.k, score.shape[1]), dim=1).indices              # (B, k)
+            r, c = torch.div(idx % (H * W), W, rounding_mode="floor"), idx % W
+            take = lambda t: torch.gather(t.flatten(1), 1, idx)  # noqa: E731
+            return torch.div(idx, H * W, rounding_mode="floor"), r.to(x.dtype), c.to(x.dtype), take(e), take(hit), total
         m, Hm, Wm = self.m, self.Hm, self.Wm
         pad = (0, Wm * m - W, 0, Hm * m - H)
         e, hitf = F.pad(e, pad), F.pad(hit.to(x.dtype), pad)
@@ -169,9 +169,8 @@ class HitTokens(nn.Module):
 def jet_features(eta: torch.Tensor, phi: torch.Tensor, e: torch.Tensor, ch: torch.Tensor, n_chans: int) -> torch.Tensor:
     """Kept hits (B, K) as massless deposits (E taken as pT at Δη, Δφ from the centre; 0 for padding) -> (B,
     2 * (n_chans + 1)): ln E (Σ E cosh Δη) and ln m of the sum of all hits, then of each channel's hits, scaled
-    by 1/4. The
-    invariant mass m² = (Σ E cosh Δη)² − (Σ E sinh Δη)² − (Σ E cos Δφ)² − (Σ E sin Δφ)² does not depend on
-    the jet's own η and φ."""
+    by 1/4. The invariant mass m² = (Σ E cosh Δη)² − (Σ E sinh Δη)² − (Σ E cos Δφ)² − (Σ E sin Δφ)² does not
+    depend on the jet's own η and φ."""
     up, down = torch.exp(eta), torch.exp(-eta)  # cosh and sinh (ONNX opset 17 exports no Cosh/Sinh from PyTorch)
     comps = torch.stack([e * (up + down) / 2, e * (up - down) / 2, e * torch.cos(phi), e * torch.sin(phi)], -1)
     onehot = F.one_hot(ch.long().clamp(0, n_chans - 1), n_chans).to(e.dtype)                # (B, K, C)
