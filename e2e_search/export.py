@@ -701,7 +701,9 @@ def summary(r: ExportResult) -> str:
     shapes = (f"objects (batch, {s.img_size[0]}, {s.img_size[1]}) float32 + mask (batch, {s.img_size[0]}) bool"
               if t.inputs == "objects" else f"image (batch, {s.in_chans}, {s.img_size[0]}, {s.img_size[1]}) float32")
     if t.inputs == "hits":
-        n_hits = random_inputs(t, 1)[0].shape[1]
+        from .families.hit_transformer import input_hits
+
+        n_hits = input_hits(t.model)
         shapes = f"hits (batch, {n_hits}, 4) float32 + mask (batch, {n_hits}) bool"
     lines = [
         f"source: {t.source}: {t.family}, {n_params:,} parameters, epoch {t.epoch}, task {s.task}",
