@@ -70,7 +70,9 @@ def kill_driver_when(tmp_path: Path, cfg: dict, ready, address: str, poll: float
 def test_sigkill_driver_then_resume(tmp_path, ray_local):
     """Kill -9 the driver once one trial has finished and another is mid-way (epoch 1 of 2); ``resume`` ends the search with
     exactly num_samples trials, each finished once, one MLflow run per trial and none left RUNNING."""
-    data = write_e2e(tmp_path / "jets.h5", n=48)
+    # Enough jets that an epoch lasts about a second: on an idle machine 48 jets made a trial's 2 epochs shorter
+    # than the poll, and the search could end before a trial was ever seen mid-way.
+    data = write_e2e(tmp_path / "jets.h5", n=1200)
     cfg = base_config(tmp_path, data, name="killed", search={"num_samples": 3, "seed": 3, "max_concurrent": 1},
                       scheduler={"type": "none", "max_epochs": 2})
     uri = cfg["tracking"]["uri"]
@@ -81,7 +83,7 @@ def test_sigkill_driver_then_resume(tmp_path, ray_local):
         running = [r for r in trials if r.data.tags.get("e2e.status") == "RUNNING" and "val_auc" in r.data.metrics]
         return (done, running) if done and running else None
 
-    (done, running), client = kill_driver_when(tmp_path, cfg, mid_search, address)
+    (done, running), client = kill_driver_when(tmp_path, cfg, mid_search, address, poll=0.2)
     interrupted = running[0].data.tags["e2e.trial_id"]
     # Tune saves its experiment state every few seconds: a driver killed before the interrupted trial was in it
     # leaves a trial that resume cannot continue (it runs again under a new id, its old run deleted).
