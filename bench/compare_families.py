@@ -50,7 +50,7 @@ def _fmt(v, spec: str = ".4f") -> str:
 
 def _onnx_latency_ms(run_id: str, uri: str) -> float | None:
     """ONNX Runtime CPU latency per jet at batch 1 (median, ms) of a trial's best checkpoint; None if it fails."""
-    from e2e_search.export import export
+    from e2e_search.export.onnx import export
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -63,7 +63,7 @@ def _onnx_latency_ms(run_id: str, uri: str) -> float | None:
 
 def family_rows(client: MlflowClient, search, uri: str, regression: bool) -> tuple[dict[str, dict], dict]:
     """family -> its confirmed finalist's figures (from the search's confirm/<id>.json), and that payload."""
-    from e2e_search.report import _cost
+    from e2e_search.analysis.report import _cost
 
     cid = search.data.tags["e2e.confirm_id"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,7 +5,7 @@
 
 One run writes the same ``--n`` sparse 3x125x125 jets (float32, ~1.5% of pixels non-zero) in several HDF5
 layouts (compression x chunking x dtype), then measures with the trainable's own classes
-(``e2e_search.data.H5ImageDataset``, ``e2e_search.core.batches.DeviceBatches``):
+(``e2e_search.data.inspect.H5ImageDataset``, ``trainables.core.batches.DeviceBatches``):
 
 * ``readers=K``: ``data.cache: none``, a shuffled ``DataLoader`` of batch 256 with K worker processes
   (``data.loader_workers``; 0 = in the training process), one item read and preprocessed at a time
@@ -106,7 +106,7 @@ def main() -> int:
             print(f"-- {name}: {size:.1f} KiB/jet, written at {fmt(args.n / wrote)} jets/s", flush=True)
             _, setup = data_setup(path, cache="none", val_fraction=0.05)
             for k in readers:
-                from e2e_search.data import H5ImageDataset
+                from e2e_search.data.inspect import H5ImageDataset
 
                 ds = H5ImageDataset(setup, setup.train, train=True)
                 show(name, f"readers={k}", loader_rate(ds, k, args.batch, device, args.max_batches, args.max_seconds),
@@ -120,7 +120,7 @@ def main() -> int:
             else:
                 del ds
         if cached is not None:
-            from e2e_search.core.batches import DeviceBatches
+            from trainables.core.batches import DeviceBatches
 
             show("in-memory cache", "memory", loader_rate(cached, 0, args.batch, device, args.max_batches))
             xs, ys = cached.tensors()

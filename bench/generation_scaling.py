@@ -14,7 +14,7 @@ import tempfile
 
 import ray
 
-from e2e_search.physics.generate import GenSpec, generate
+from e2e_search.data.physics.generate import GenSpec, generate
 
 
 def main() -> None:

@@ -33,9 +33,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from e2e_search.core.batches import SparseRows  # noqa: E402
-from e2e_search.core.model import build_model  # noqa: E402
-from e2e_search.data import DataSetup  # noqa: E402
+from trainables.core.batches import SparseRows  # noqa: E402
+from trainables.core.model import build_model  # noqa: E402
+from e2e_search.data.inspect import DataSetup  # noqa: E402
 
 MODELS = {
     "resnet15": ("resnet15", {"width": 16}),
@@ -120,7 +120,7 @@ def onnx_latency_ms(name: str, rows: SparseRows, runs: int) -> float:
     import onnxruntime as ort
 
     warnings.filterwarnings("ignore")  # the TorchScript exporter's tracer warnings
-    from e2e_search.families.hit_transformer import input_hits
+    from trainables.families.hit_transformer import input_hits
 
     family, params = MODELS[name]
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/gpu_fraction.py --model vit_ti25 --trials 4 --fractions 1,0.5,0.25
 
-Runs the search's own trial function (``e2e_search.trial.run_trial``, a TorchTrainer per Tune trial) for
+Runs the search's own trial function (``trainables.trial.run_trial``, a TorchTrainer per Tune trial) for
 ``--trials`` trials of the same small model under Ray Tune, once per GPU fraction, and prints the wall time
 of the whole batch of trials, how many ran at once, and the summed training images/s. Needs a GPU.
 """
@@ -40,7 +40,7 @@ def main() -> int:
     import ray
     from ray import tune
 
-    from e2e_search.trial import run_trial
+    from trainables.trial import run_trial
 
     print(machine(), flush=True)
     tmp = tempfile.mkdtemp(prefix="e2e_frac_")

@@ -3,7 +3,7 @@
     .venv/bin/python bench/orchestration.py --trials 2,8,16 --epochs 2
     .venv/bin/python bench/orchestration.py --trials 2,8 --runners auto        # the warm path only
 
-Runs real searches (``e2e_search.search.execute``: Ray Tune, MLflow in SQLite) of a tiny ViT on a small
+Runs real searches (``e2e_search.search.run.execute``: Ray Tune, MLflow in SQLite) of a tiny ViT on a small
 generated toy dataset, so that training is short and the overhead shows, once per ``resources.runner``:
 
 - ``auto``: each one-worker trial trains in its own Tune process, reused for the next trial (``reuse_actors``);
@@ -70,8 +70,8 @@ def tune_results(storage: Path) -> dict[str, list[dict]]:
 def measure(data: str, tmp: str, n_trials: int, epochs: int, concurrent: int, runner: str) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from e2e_search.config import validate
-    from e2e_search.search import execute, plan
+    from e2e_search.spec.loader import validate
+    from e2e_search.search.run import execute, plan
 
     cfg = validate(search_config(data, tmp, n_trials, epochs, concurrent, runner), source="bench")
     p = plan(cfg)
@@ -117,8 +117,8 @@ def main() -> int:
     args = ap.parse_args()
     import ray
 
-    from e2e_search.search import _quiet_libraries
-    from e2e_search.toy import generate_toy_jets
+    from e2e_search.search.run import _quiet_libraries
+    from e2e_search.data.toy import generate_toy_jets
 
     print(machine(), flush=True)
     tmp = tempfile.mkdtemp(prefix="e2e_orch_")

@@ -5,7 +5,7 @@
 
 Both searches run the same ViT search space (learning rate over four decades, depth, width, patch size,
 pooling) on one fixed generated dataset (``--n`` Pythia top vs QCD jets, 4,000 by default, as
-``search_spaces/vit_pareto.yaml`` generates them, averaged down to 25x25), through ``e2e_search.search.execute`` as
+``search_spaces/vit_pareto.yaml`` generates them, averaged down to 25x25), through ``e2e_search.search.run.execute`` as
 ``e2e-search run`` does. ``--val-fraction`` of the jets (0.25 by default) form the validation split that scores
 every trial; the rest train. A larger validation split (``--n 16000 --val-fraction 0.75``: 12,000 jets) makes a
 high target a property of the configuration rather than of the split's noise:
@@ -143,8 +143,8 @@ def run_searches(args) -> tuple[dict[str, dict[str, Curves]], Curves]:
     dataset and one Ray -> ({kind: {seed: curves}}, random curves)."""
     import ray
 
-    from e2e_search.config import validate
-    from e2e_search.search import _quiet_libraries, execute, plan
+    from e2e_search.spec.loader import validate
+    from e2e_search.search.run import _quiet_libraries, execute, plan
 
     tmp = tempfile.mkdtemp(prefix="e2e_eff_")
     data = args.data

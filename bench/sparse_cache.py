@@ -10,10 +10,10 @@ what ``e2e-search data generate`` writes) at the measured occupancy of generated
 pixels non-zero, a mean of 136 per jet: ``--fill`` of random pixels plus class 1's bright centre), then for
 each ``data.cache``:
 
-* ``ingest``: the one-off build before the trials (``sparse`` only: ``e2e_search.sparse_ingest.ensure`` with
+* ``ingest``: the one-off build before the trials (``sparse`` only: ``trainables.data.sparse_ingest.ensure`` with
   Ray tasks over row blocks, ``--tasks`` of them at a time; each count builds its own copy);
 * ``setup``: what a trial spends on its data before the first step, in a fresh process: both splits opened
-  (``e2e_search.core.datasets.open_split``) and the batch sources made (``loaders``), i.e. the split read and
+  (``trainables.core.datasets.open_split``) and the batch sources made (``loaders``), i.e. the split read and
   preprocessed for ``memory``/``device``, the cache memory-mapped and put on the device for ``sparse``;
 * ``2 trials``: two such processes alive at once, each after set-up and ``--touch`` batches: the data memory
   of both, i.e. the PSS of the cache files they map (a page both map counts half in each: the node holds it
@@ -55,8 +55,8 @@ def trial_process(setup_json: str, batch: int, touch: int, seconds: float, max_b
     import psutil
     import torch
 
-    from e2e_search.core.datasets import loaders, open_split
-    from e2e_search.datasetup import DataSetup
+    from trainables.core.datasets import loaders, open_split
+    from trainables.data.setup import DataSetup
 
     torch.set_num_threads(1)
     s = DataSetup(**json.loads(Path(setup_json).read_text()))
@@ -195,10 +195,10 @@ def main() -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from _common import data_setup, machine, write_jets, write_result
 
-    from e2e_search.data import available_memory
-    from e2e_search.search import _init_ray
-    from e2e_search.sparse_cache import open_cache
-    from e2e_search.sparse_ingest import ensure
+    from e2e_search.data.inspect import available_memory
+    from e2e_search.search.run import _init_ray
+    from trainables.data.sparse_cache import open_cache
+    from trainables.data.sparse_ingest import ensure
 
     print(machine(), flush=True)
     tasks = [int(v) for v in args.tasks.split(",")]

@@ -11,7 +11,7 @@ like ``e2e-search data generate``; or reads ``--data``), then for each compile s
 * **bare**: the same model (built by the ``vit`` family from the same parameters), the same batch, random
   tensors already on the device, bf16 autocast on a GPU, fused AdamW on a GPU, gradient clipping 1.0 as the
   trainable does; best of 3 timed windows after warm-up.
-* **trainable**: ``ray.train.torch.TorchTrainer(e2e_search.trial.train_worker)`` with one worker, as a trial
+* **trainable**: ``ray.train.torch.TorchTrainer(trainables.trial.train_worker)`` with one worker, as a trial
   runs it (reading the file, caching it as ``--cache`` says, validating, checkpointing every epoch). Its
   figure is the loop's own ``train_samples_per_s`` (training steps only), median over the epochs after the
   first (the first pays compilation and warm-up); the epoch wall time (with validation, checkpoint, report)
@@ -63,8 +63,8 @@ def run_trainable(setup, params: dict, *, epochs: int, use_gpu: bool, cpus: floa
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from e2e_search.core.contract import TrialConfig
-    from e2e_search.trial import train_worker
+    from trainables.core.contract import TrialConfig
+    from trainables.trial import train_worker
 
     log = os.path.join(storage, f"metrics_{uuid.uuid4().hex[:8]}.jsonl")
     per = {"CPU": cpus, **({"GPU": 1} if use_gpu else {})}
@@ -141,7 +141,7 @@ def main() -> int:
     rows = []
     for comp in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
         p = {**params, "compile": comp}
-        from e2e_search.core.model import build_model
+        from trainables.core.model import build_model
 
         torch.manual_seed(0)
         model = build_model("vit", p, setup)

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from trainables.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,8 +106,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plan(args, cfg, **kwargs):
     """``plan()`` (data file, GPUs), its errors naming the YAML and the ``--set`` that led there."""
-    from .config import set_keys, source_of
-    from .search import plan
+    from e2e_search.spec.loader import set_keys, source_of
+    from e2e_search.search.run import plan
 
     try:
         p = plan(cfg, **kwargs)
@@ -124,8 +124,8 @@ def _print_notes(cfg) -> None:
 
 
 def _cmd_validate(args) -> int:
-    from .config import load
-    from .search import describe
+    from e2e_search.spec.loader import load
+    from e2e_search.search.run import describe
 
     cfg = load(args.file, args.sets)
     print(describe(_plan(args, cfg, generate=False)))
@@ -134,8 +134,8 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from .config import dump, load
-    from .search import describe, execute
+    from e2e_search.spec.loader import dump, load
+    from e2e_search.search.run import describe, execute
 
     cfg = load(args.file, args.sets)
     if args.dry_run:
@@ -147,9 +147,9 @@ def _cmd_run(args) -> int:
         return 0
     nothing = None
     if args.resume:  # continue the latest unfinished search, or start one when there is none
-        from .errors import NothingToResume
-        from .search import DEFAULT_WORKDIR
-        from .tracking import resolve_uri, sqlite_path
+        from trainables.errors import NothingToResume
+        from e2e_search.search.run import DEFAULT_WORKDIR
+        from e2e_search.record.store import resolve_uri, sqlite_path
 
         uri = resolve_uri(cfg.tracking.uri, DEFAULT_WORKDIR)[0]
         try:
@@ -171,7 +171,7 @@ def _cmd_resume(args) -> int:
 
 
 def _resume(uri: str, experiment: str, search: str | None, args) -> int:
-    from .search import describe, execute, resumable
+    from e2e_search.search.run import describe, execute, resumable
 
     p, r = resumable(uri, experiment, search, address=args.address)
     _print_notes(p.cfg)
@@ -181,11 +181,11 @@ def _resume(uri: str, experiment: str, search: str | None, args) -> int:
 
 def _then_confirm(cfg, out, args) -> int:
     """The search's outcome; then, with ``search.confirm`` in the YAML and a search that found a best trial,
-    ``confirm`` of that search (e2e_search/confirm.py)."""
+    ``confirm`` of that search (e2e_search/confirm/run.py)."""
     rc = _report_outcome(cfg, out)
     if rc != 0 or cfg.search.confirm is None:
         return rc
-    from .confirm import run_cli
+    from e2e_search.confirm.run import run_cli
 
     print(f"\nconfirm (search.confirm: top {cfg.search.confirm.top}, seeds {cfg.search.confirm.seeds}):", flush=True)
     return run_cli(out.tracking_uri, out.experiment, search=out.parent_run_id, address=args.address,
@@ -193,7 +193,7 @@ def _then_confirm(cfg, out, args) -> int:
 
 
 def _cmd_confirm(args) -> int:
-    from .confirm import run_cli
+    from e2e_search.confirm.run import run_cli
 
     for flag, v in (("--top", args.top), ("--seeds", args.seeds)):  # before the store is even opened
         if v is not None and v < 1:
@@ -235,7 +235,7 @@ def _report_outcome(cfg, out) -> int:
 
 
 def _print_best(uri: str, experiment: str, metric: str | None, mode: str | None, top: int) -> None:
-    from .tracking import top_trials
+    from e2e_search.record.store import top_trials
 
     metric, mode, runs = top_trials(uri, experiment, metric=metric, mode=mode, top=top)
     print(f"top {len(runs)} trials of '{experiment}' by {metric} ({mode}):")
@@ -250,8 +250,8 @@ def _print_best(uri: str, experiment: str, metric: str | None, mode: str | None,
 def _store(arg: str | None) -> str:
     """The MLflow tracking URI: --tracking-uri, else MLFLOW_TRACKING_URI, else the work directory's SQLite store;
     a SQLite store must exist (reading never creates one)."""
-    from .search import DEFAULT_WORKDIR
-    from .tracking import store_uri
+    from e2e_search.search.run import DEFAULT_WORKDIR
+    from e2e_search.record.store import store_uri
 
     return store_uri(arg, DEFAULT_WORKDIR)
 
@@ -264,9 +264,9 @@ def _cmd_best(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from .names import file_name
-    from .report import write_report
-    from .search import DEFAULT_WORKDIR
+    from trainables.names import file_name
+    from e2e_search.analysis.report import write_report
+    from e2e_search.search.run import DEFAULT_WORKDIR
 
     out = Path(args.out) if args.out else DEFAULT_WORKDIR / "reports" / f"{file_name(args.experiment)}.html"
     write_report(_store(args.tracking_uri), args.experiment, out, args.search)
@@ -278,7 +278,7 @@ def _latest_search_experiment(uri: str, experiment: str | None) -> str | None:
     """The id of ``experiment`` (default: the experiment of the latest e2e-search search in the store)."""
     from mlflow.tracking import MlflowClient
 
-    from .tracking import experiment_of
+    from e2e_search.record.store import experiment_of
 
     client = MlflowClient(tracking_uri=uri)
     if experiment:
@@ -290,7 +290,7 @@ def _latest_search_experiment(uri: str, experiment: str | None) -> str | None:
 
 
 def _cmd_ui(args) -> int:
-    from .tracking import registry_uri
+    from e2e_search.record.store import registry_uri
 
     uri = _store(args.tracking_uri)
     if not 0 < args.port < 65536:
@@ -312,7 +312,7 @@ def _cmd_ui(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .export import export, summary
+    from e2e_search.export.onnx import export, summary
 
     r = export(args.source, args.out, args.format, tracking_uri=args.tracking_uri, opset=args.opset,
                exporter=args.exporter, runs=args.runs)
@@ -321,7 +321,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_data(args) -> int:
-    from .physics.generate import GenSpec, generate
+    from e2e_search.data.physics.generate import GenSpec, generate
 
     try:
         lo, hi = (float(v) for v in args.mass_range.split(","))

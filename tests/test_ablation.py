@@ -12,18 +12,18 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from e2e_search.config import load, validate
-from e2e_search.core import layout
-from e2e_search.core.contract import TrialConfig
-from e2e_search.core.loop import train_trial
-from e2e_search.core.recon import masked_sums, recon_metrics
-from e2e_search.core.session import LocalSession
-from e2e_search.data import inspect
-from e2e_search.effects import dims_of, factors, importances
-from e2e_search.params import grid_points
-from e2e_search.plots import task_attention_plot
-from e2e_search.registry import get_family
-from e2e_search.task_attention import is_task_attention, query_means, task_attention_maps
+from e2e_search.spec.loader import load, validate
+from trainables.core import layout
+from trainables.core.contract import TrialConfig
+from trainables.core.loop import train_trial
+from trainables.core.recon import masked_sums, recon_metrics
+from trainables.core.session import LocalSession
+from e2e_search.data.inspect import inspect
+from e2e_search.analysis.effects import dims_of, factors, importances
+from e2e_search.spec.params import grid_points
+from e2e_search.record.figures import task_attention_plot
+from trainables.registry import get_family
+from trainables.attention.tasks import is_task_attention, query_means, task_attention_maps
 from tests.conftest import base_config, write_objects
 
 torch.set_num_threads(1)
@@ -233,7 +233,7 @@ def test_factors_label_values_bins_and_inactive():
 
 
 def test_report_shows_effects_importances_and_attention_with_and_without_pretraining(tmp_path):
-    from e2e_search.report import build_report
+    from e2e_search.analysis.report import build_report
 
     uri = _store(tmp_path)
     text, _ = build_report(uri, "abl", costs=False)
@@ -249,7 +249,7 @@ def test_report_shows_effects_importances_and_attention_with_and_without_pretrai
 
 
 def test_report_says_why_a_chart_is_absent(tmp_path):
-    from e2e_search.report import build_report
+    from e2e_search.analysis.report import build_report
 
     uri = _store(tmp_path, TRIALS[:2], confirm=False)
     text, _ = build_report(uri, "abl", costs=False)

@@ -608,7 +608,7 @@ def _checkpoint(ws: Path) -> Path:
 @pytest.mark.parametrize("opset", ["6", "0", "-1", "max+1", "1000"])
 def test_export_opset_out_of_range(ws, capsys, opset):
     """--opset outside 7..the newest opset onnx knows: refused before anything is loaded or exported."""
-    from e2e_search.export import opset_max
+    from e2e_search.export.onnx import opset_max
 
     ckpt = _checkpoint(ws)
     value = str(opset_max() + 1) if opset == "max+1" else opset
@@ -807,7 +807,7 @@ def test_path_override_never_generates(ws, capsys, yaml_name, cmd):
 
 def test_generate_recipe_still_writes_its_own_path(ws, capsys):
     """The YAML's own path (also when --set repeats it) and a recipe given with --set keep generating."""
-    from e2e_search.config import load
+    from e2e_search.spec.loader import load
 
     own = load(_shipped("quickstart.yaml"))
     assert own.data.generate is not None
@@ -933,7 +933,7 @@ def test_parquet_root_label_types_refused(ws, capsys, make, key, words, cmd):
 
 # --- issue 13: parameters, shapes, YAML
 # Case 4: every family's build-time constraint on the data's shape is checked, for every value a dimension
-# can take, at validate / --dry-run (e2e_search/shapes.py), naming params.<name> and the bad value(s).
+# can take, at validate / --dry-run (e2e_search/spec/shapes.py), naming params.<name> and the bad value(s).
 @pytest.mark.parametrize("cmd", [["validate"], ["run", "--dry-run"]], ids=["validate", "dry-run"])
 def test_patch_larger_than_the_image_with_crop(ws, capsys, cmd):
     cfg = base_cfg()  # 16x16 images
@@ -1095,8 +1095,8 @@ def test_narrowed_condition_makes_its_parameter_inactive(ws, capsys, cmd):
 def test_inactive_parameter_is_never_drawn(ws):
     import optuna
 
-    from e2e_search.config import load
-    from e2e_search.params import OptunaSpace, grid_points
+    from e2e_search.spec.loader import load
+    from e2e_search.spec.params import OptunaSpace, grid_points
 
     cfg = load(write_yaml(_windowed()), ["params.attention={type: choice, values: [softmax, linear]}"])
     assert grid_points(cfg) == [] and len(cfg.notes) == 1
@@ -1139,8 +1139,8 @@ def test_conditional_constant_and_a_dimension_without_type(ws, capsys):
     cfg = base_cfg()
     cfg["family"] = {"type": "choice", "values": ["vit", "resnet15"]}
     cfg["params"] = {"batch_size": 8, "mlp_ratio": {"value": 2.0, "when": {"family": "vit"}}}
-    from e2e_search.config import load
-    from e2e_search.dims import FixedDim
+    from e2e_search.spec.loader import load
+    from e2e_search.spec.dims import FixedDim
 
     dim = load(write_yaml(cfg)).params["mlp_ratio"]
     assert isinstance(dim, FixedDim) and dim.value == 2.0 and dim.when == {"family": "vit"}
@@ -1180,7 +1180,7 @@ def test_merge_keys_may_still_be_overridden(ws, capsys):
         "  lr:\n", "  lr: &lr\n").replace("  batch_size: 8\n", "  batch_size: 8\n  weight_decay:\n    <<: *lr\n"
                                           "    low: 1.0e-3\n")
     Path(YAML).write_text(text)
-    from e2e_search.config import load
+    from e2e_search.spec.loader import load
 
     cfg = load(YAML)
     assert cfg.params["weight_decay"].low == 1.0e-3 and cfg.params["weight_decay"].high == 1.0e-2
@@ -1199,7 +1199,7 @@ def test_narrowing_a_family_search_to_one_family(ws, capsys):
     assert len(notes) == 2 and all("(--set family): note: params." in n for n in notes), err
     assert "params.width is ignored: it is a parameter of resnet15" in notes[0]
     assert "params.lr is ignored: its condition family: resnet15 never holds" in notes[1]
-    from e2e_search.config import load
+    from e2e_search.spec.loader import load
 
     narrowed = load(path, ["family=vit"])
     assert narrowed.family.values == ["vit"] and narrowed.family.type == "grid"
@@ -1224,7 +1224,7 @@ def _bad_values(field) -> list:
 
 def _walk_fields():
     """(dotted key, bad value) for every constrained key of the YAML sections (pydantic's own checks)."""
-    from e2e_search.config import DataConfig, GenerateConfig, ResourcesConfig, SchedulerConfig, SearchConfig
+    from e2e_search.spec.loader import DataConfig, GenerateConfig, ResourcesConfig, SchedulerConfig, SearchConfig
 
     for section, model in (("search", SearchConfig), ("scheduler", SchedulerConfig), ("resources", ResourcesConfig),
                            ("data", DataConfig), ("data.generate", GenerateConfig)):
@@ -1235,8 +1235,8 @@ def _walk_fields():
 
 @pytest.mark.parametrize("key, value", list(_walk_fields()), ids=lambda x: str(x))
 def test_every_constrained_key_names_the_key_and_a_fix(tmp_path, key, value):
-    from e2e_search.config import validate
-    from e2e_search.errors import UserError
+    from e2e_search.spec.loader import validate
+    from trainables.errors import UserError
 
     raw = base_cfg()
     node = raw
@@ -1386,7 +1386,7 @@ def test_a_set_on_an_aliased_value_changes_only_that_key(ws, capsys):
         "  lr: &r\n    type: loguniform\n    low: 0.0001\n    high: 0.01\n  weight_decay: *r\n")
     assert "*r" in text
     Path(YAML).write_text(text)
-    from e2e_search.config import apply_overrides, read_yaml
+    from e2e_search.spec.loader import apply_overrides, read_yaml
 
     raw = read_yaml(YAML)
     apply_overrides(raw, ["params.lr.low=1.0e-5"], source=YAML)

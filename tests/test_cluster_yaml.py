@@ -240,7 +240,7 @@ def _e2e_commands(text: str) -> list[tuple[str, str]]:
 
 def test_documented_cluster_commands_use_flags_and_keys_that_exist():
     from e2e_search.cli import _parser
-    from e2e_search.config import load
+    from e2e_search.spec.loader import load
 
     mounts = {remote.rstrip("/"): (REPO / local).resolve() for remote, local in _raw()["file_mounts"].items()}
     runs = 0

@@ -1,7 +1,7 @@
 """``e2e-search confirm``: test scores of the finalists, repeated seeds, bootstrap intervals, champions by the
 test mean (issue 17).
 
-Ray-free: the bootstrap (agreement with e2e_search/metrics.py, coverage, paired probabilities), the champion
+Ray-free: the bootstrap (agreement with trainables/metrics.py, coverage, paired probabilities), the champion
 rule, the file hash, the core's seeded retraining and test scoring (reproducible on the CPU), and bad input
 against an MLflow store built here (one line, exit 2, nothing written). One real end-to-end test: a 2-trial
 search through a real local Ray, then ``confirm --top 2 --seeds 2``, and the MLflow record it leaves.
@@ -20,19 +20,19 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from e2e_search.bootstrap import (View, count_blocks, interval, prob_better, resampled, seed_mean, view, weighted,
+from e2e_search.analysis.bootstrap import (View, count_blocks, interval, prob_better, resampled, seed_mean, view, weighted,
                                   win_matrix)
 from e2e_search.cli import main
-from e2e_search.config import dump, validate
-from e2e_search.confirm_plan import Candidate, champion_metric, choose_champion, prepare
-from e2e_search.core import layout
-from e2e_search.core.contract import TrialConfig
-from e2e_search.core.loop import train_trial
-from e2e_search.core.scoring import load_scored
-from e2e_search.core.session import LocalSession
-from e2e_search.data import inspect
-from e2e_search.fileid import file_hash
-from e2e_search.metrics import classification_metrics, regression_metrics, softmax
+from e2e_search.spec.loader import dump, validate
+from e2e_search.confirm.plan import Candidate, champion_metric, choose_champion, prepare
+from trainables.core import layout
+from trainables.core.contract import TrialConfig
+from trainables.core.loop import train_trial
+from trainables.core.scoring import load_scored
+from trainables.core.session import LocalSession
+from e2e_search.data.inspect import inspect
+from e2e_search.data.fileid import file_hash
+from trainables.metrics import classification_metrics, regression_metrics, softmax
 from tests.conftest import base_config, write_e2e, write_yaml
 
 VIT = {"patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2, "batch_size": 16}

@@ -1,4 +1,4 @@
-"""The training core without Ray (e2e_search/core): epochs, checkpoints, resume, NaN/Inf stop, datasets kept
+"""The training core without Ray (trainables/core): epochs, checkpoints, resume, NaN/Inf stop, datasets kept
 for the next trial of a process, declared family capabilities; and the commands that must not import Ray."""
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from e2e_search.config import validate
-from e2e_search.core import layout
-from e2e_search.core.checkpoint import CheckpointError, TrialCheckpoint
-from e2e_search.core.contract import TrialConfig
-from e2e_search.core.datasets import forget, open_split
-from e2e_search.core.engine import NonFiniteLoss
-from e2e_search.core.loop import train_trial
-from e2e_search.core.session import LocalSession
-from e2e_search.data import inspect
-from e2e_search.registry import Capabilities, register_family
+from e2e_search.spec.loader import validate
+from trainables.core import layout
+from trainables.core.checkpoint import CheckpointError, TrialCheckpoint
+from trainables.core.contract import TrialConfig
+from trainables.core.datasets import forget, open_split
+from trainables.core.engine import NonFiniteLoss
+from trainables.core.loop import train_trial
+from trainables.core.session import LocalSession
+from e2e_search.data.inspect import inspect
+from trainables.registry import Capabilities, register_family
 from tests.conftest import base_config, write_e2e, write_yaml
 
 VIT = {"patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2, "batch_size": 16}
@@ -141,7 +141,7 @@ def test_validate_export_best_and_report_do_not_import_ray(setup, tmp_path):
         from e2e_search.cli import main
         assert main(["validate", {str(yml)!r}]) == 0
         assert main(["export", {str(ckpt)!r}, "--out", {str(tmp_path / "m.onnx")!r}]) == 0
-        import e2e_search.report, e2e_search.tracking  # best and report
+        import e2e_search.analysis.report, e2e_search.record.store  # best and report
         main(["best", "nothing_here", "--tracking-uri", "sqlite:///{tmp_path / 'mlflow.db'}"])
         loaded = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))
         print("RAY_MODULES", loaded)

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from e2e_search.registry import get_family
-from e2e_search.families.event_transformer import EventTransformerParams, hidden_counts
+from trainables.registry import get_family
+from trainables.families.event_transformer import EventTransformerParams, hidden_counts
 
 torch.set_num_threads(1)
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from e2e_search.cli import main
-from e2e_search.data import DataSetup
-from e2e_search.core.layout import CHECKPOINT_FILE
-from e2e_search.core.model import build_model
+from e2e_search.data.inspect import DataSetup
+from trainables.core.layout import CHECKPOINT_FILE
+from trainables.core.model import build_model
 
 IMAGE = dict(path="jets.h5", image_key="X_jets", label_key="y", layout="channels_last", channels=[0, 2], in_chans=2,
              img_size=(32, 32), task="classification", num_classes=2, mean=[0.05, 0.1], std=[0.5, 2.0])
@@ -222,7 +222,7 @@ def test_unknown_format(tmp_path, capsys):
 
 def test_exporter_failure_is_a_refusal(tmp_path, capsys, monkeypatch):
     """A model neither exporter can convert (an op without ONNX counterpart): one line naming family and reasons."""
-    import e2e_search.families.deepsets as ds
+    import trainables.families.deepsets as ds
 
     ckpt, _ = make_checkpoint(tmp_path / "trial", "deepsets", {"hidden": 8}, OBJECTS)
     out = tmp_path / "m.onnx"

@@ -115,7 +115,7 @@ def test_a_trial_slow_to_end_does_not_fail_the_next_trial_of_its_process(tmp_pat
 
     from ray import tune
 
-    from e2e_search.trial import wait_for_slow_trial_ends
+    from trainables.trial import wait_for_slow_trial_ends
 
     def trainable(config):
         wait_for_slow_trial_ends()

@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 import uproot
 
-from e2e_search import formats
+from e2e_search.data import formats
 from e2e_search.cli import main
-from e2e_search.config import validate
-from e2e_search.data import inspect
-from e2e_search.formats import materialize
+from e2e_search.spec.loader import validate
+from e2e_search.data.inspect import inspect
+from e2e_search.data.formats import materialize
 from tests.conftest import base_config, write_e2e, write_yaml
 
 N = 40
@@ -382,7 +382,7 @@ def test_bad_input_one_line_and_no_cache(ws, capsys, monkeypatch, cmd, case, mak
 @pytest.mark.parametrize("kind", ["bool", "float", "onehot", "column"])
 def test_label_types_become_class_indices(tmp_path, monkeypatch, fmt, kind):
     """bool, whole floats (1.0), one-hot rows and (n, 1) columns are what physicists store; the cache holds int64."""
-    from e2e_search.data import H5ImageDataset
+    from e2e_search.data.inspect import H5ImageDataset
 
     monkeypatch.chdir(tmp_path)
     _, arrays = reference(tmp_path)

@@ -11,14 +11,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from e2e_search.core.batches import SparseRows
-from e2e_search.core.model import build_model, empty_pixel
-from e2e_search.data import DataSetup
-from e2e_search.families._pair_bias import pair_features
-from e2e_search.families.hit_transformer import hit_list, input_hits
-from e2e_search.registry import get_family
-from e2e_search.rollout import attention_rollout
-from e2e_search.transforms import preprocess
+from trainables.core.batches import SparseRows
+from trainables.core.model import build_model, empty_pixel
+from e2e_search.data.inspect import DataSetup
+from trainables.families._pair_bias import pair_features
+from trainables.families.hit_transformer import hit_list, input_hits
+from trainables.registry import get_family
+from trainables.attention.rollout import attention_rollout
+from trainables.data.transforms import preprocess
 from tests.test_export import make_checkpoint, run_export
 
 TINY = {"depth": 1, "embed_dim": 16, "num_heads": 2, "class_attn_layers": 1}
@@ -229,8 +229,8 @@ def test_vit_pair_bias_exports_with_parity(tmp_path, capsys):
 
 
 def test_jet_features_give_the_invariant_mass_of_the_kept_hits():
-    from e2e_search.families._pair_bias import pair_features
-    from e2e_search.families.hit_transformer import jet_features
+    from trainables.families._pair_bias import pair_features
+    from trainables.families.hit_transformer import jet_features
 
     eta, phi = torch.tensor([[0.1, -0.2, 0.0]]), torch.tensor([[0.3, 0.1, 0.0]])
     e, ch = torch.tensor([[20.0, 50.0, 0.0]]), torch.tensor([[0, 1, 0]])  # the third: padding (E = 0)

@@ -13,15 +13,15 @@ from pydantic import BaseModel
 from timm.models.cait import Cait
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from e2e_search.core.model import build_model, empty_pixel
-from e2e_search.data import DataSetup
-from e2e_search.families._maxxvit import coatnet_size, maxvit_size
-from e2e_search.families._vit_model import NonEmptyPatches, Vit
-from e2e_search.families.coatnet import CoatnetParams, coatnet_blocks
-from e2e_search.families.vit import FitToPatches
-from e2e_search.registry import Capabilities, get_family, register_family
-from e2e_search.rollout import attention_rollout
-from e2e_search.transforms import preprocess
+from trainables.core.model import build_model, empty_pixel
+from e2e_search.data.inspect import DataSetup
+from trainables.families._maxxvit import coatnet_size, maxvit_size
+from trainables.families._vit_model import NonEmptyPatches, Vit
+from trainables.families.coatnet import CoatnetParams, coatnet_blocks
+from trainables.families.vit import FitToPatches
+from trainables.registry import Capabilities, get_family, register_family
+from trainables.attention.rollout import attention_rollout
+from trainables.data.transforms import preprocess
 from tests.test_export import IMAGE, check_onnx, make_checkpoint, run_export
 
 SHAPES = {"32x32x2": (2, 32, 32), "125x125x3": (3, 125, 125), "125x125x8": (8, 125, 125)}
@@ -106,7 +106,7 @@ def _old_vit(img: int, chans: int, p: BaseModel, **kw) -> torch.nn.Module:
 
 
 def test_default_vit_is_todays_model_and_old_checkpoints_load(tmp_path):
-    from e2e_search.export import load_trained
+    from e2e_search.export.onnx import load_trained
 
     fam = get_family("vit")
     p = fam.params()
@@ -171,7 +171,7 @@ def test_swiglu_keeps_the_parameter_count_and_sincos_rope_none_are_not_learned()
 
 # --------------------------------------------------------------------------- rotary positions
 def test_rope_rotates_patches_only_and_scores_depend_on_offsets():
-    from e2e_search.families._vit_blocks import apply_rope, rope_2d
+    from trainables.families._vit_blocks import apply_rope, rope_2d
 
     table = rope_2d(8, (4, 4))                                              # (16, 16)
     assert table.shape == (16, 16)

@@ -9,10 +9,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from e2e_search.cli import main
-from e2e_search.config import validate
-from e2e_search.data import inspect
-from e2e_search.formats import materialize
-from e2e_search.objects import ObjectDataset, higgs_objects
+from e2e_search.spec.loader import validate
+from e2e_search.data.inspect import inspect
+from e2e_search.data.formats import materialize
+from e2e_search.data.objects import ObjectDataset, higgs_objects
 from tests.conftest import base_config, write_objects, write_yaml
 
 
@@ -92,7 +92,7 @@ def test_family_and_data_kind_must_match(tmp_path, capsys):
 
 
 def test_deepsets_search_on_csv_and_generated_objects(tmp_path, monkeypatch, ray_local):
-    from e2e_search.physics.generate import GenSpec, generate
+    from e2e_search.data.physics.generate import GenSpec, generate
 
     monkeypatch.chdir(tmp_path)
     csv, _, _ = write_higgs_csv(tmp_path / "higgs.csv", n=60)
@@ -174,7 +174,7 @@ def test_csv_as_distributed_keeps_every_row(tmp_path, monkeypatch, compression, 
 
 def test_csv_header_rule(tmp_path):
     """A first line with no number is a header; one with any number is data (bad cells are refused, not skipped)."""
-    from e2e_search.objects import _sniff_csv
+    from e2e_search.data.objects import _sniff_csv
 
     for text, header in [("label,a,b\n1,2,3\n", True), ("1,2,3\n0,1,2\n", False), (",a,b\n0,1,2\n", True),
                          ("1.0e+00,nan,-inf\n", False), ("y,1,2\n0,1,2\n", False), ('"y","a"\n1,2\n', True),

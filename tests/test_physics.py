@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from e2e_search.cli import main
-from e2e_search.physics.generate import GenSpec, generate
+from e2e_search.data.physics.generate import GenSpec, generate
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +94,8 @@ def test_generate_bad_input(tmp_path, monkeypatch, capsys, args, key):
 def test_every_worker_count_keeps_the_classes_balanced(process):
     """Each class's count is spread over the tasks: any --n and --workers give half of each class (label 1 takes
     an odd one), no task gets more than one extra example of a class, and only tasks with work are started."""
-    from e2e_search.physics.generate import work_plan
-    from e2e_search.physics.processes import split_counts
+    from e2e_search.data.physics.generate import work_plan
+    from e2e_search.data.physics.processes import split_counts
 
     for n in range(2, 41):
         for workers in range(1, 13):
@@ -127,7 +127,7 @@ def test_disk_estimate_covers_what_generation_writes(tmp_path):
     """The disk checked before generating covers the task's shard plus the merged copy of it."""
     from dataclasses import asdict
 
-    from e2e_search.physics.generate import needs, run_task
+    from e2e_search.data.physics.generate import needs, run_task
 
     s = GenSpec(process="top_vs_qcd", n=8, out=str(tmp_path / "x.h5"), image_size=64)
     tasks, memory, disk = needs(s)

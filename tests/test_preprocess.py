@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from e2e_search.config import validate
-from e2e_search.data import DataSetup, H5ImageDataset, inspect, read_images
-from e2e_search.errors import UserError
-from e2e_search.transforms import preprocess, to_chw
+from e2e_search.spec.loader import validate
+from e2e_search.data.inspect import DataSetup, H5ImageDataset, inspect, read_images
+from trainables.errors import UserError
+from trainables.data.transforms import preprocess, to_chw
 from tests.conftest import base_config, write_e2e
 
 KNOWN = [-1.0, 0.0, 0.5, float(np.e - 1), 10.0]  # pixels (0, 0..4) of channel 0 of every image
@@ -211,7 +211,7 @@ def test_resize_larger_than_the_image_names_the_key(tmp_path, mode, size):
 
 
 def test_memory_cache_too_big_for_the_machine(tmp_path, monkeypatch):
-    import e2e_search.data as data
+    import e2e_search.data.inspect as data
 
     path = _file(tmp_path)
     s = _setup(tmp_path, path, cache="memory")

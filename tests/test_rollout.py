@@ -1,4 +1,4 @@
-"""Attention rollout (e2e_search/rollout.py): the recorded weights are the ones the layers apply,
+"""Attention rollout (trainables/attention/rollout.py): the recorded weights are the ones the layers apply,
 the rollout algebra, the pixel mapping through FitToPatches, and the plot."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import pytest
 import torch
 from timm.layers import Attention
 
-from e2e_search.plots import attention_plot
-from e2e_search.registry import get_family
-from e2e_search.rollout import (_class_probs, _talking_probs, _timm_probs, attention_rollout, pick_examples,
+from e2e_search.record.figures import attention_plot
+from trainables.registry import get_family
+from trainables.attention.rollout import (_class_probs, _talking_probs, _timm_probs, attention_rollout, pick_examples,
                                 save_attention)
 
 

@@ -165,11 +165,11 @@ def test_trial_resumes_from_its_latest_checkpoint(tmp_path, ray_local):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from e2e_search.config import validate
-    from e2e_search.data import inspect
-    from e2e_search.core.contract import TrialConfig
-    from e2e_search.core.layout import CHECKPOINT_FILE
-    from e2e_search.trial import train_worker
+    from e2e_search.spec.loader import validate
+    from e2e_search.data.inspect import inspect
+    from trainables.core.contract import TrialConfig
+    from trainables.core.layout import CHECKPOINT_FILE
+    from trainables.trial import train_worker
 
     data = write_e2e(tmp_path / "d.h5", n=40)
     setup = inspect(validate(base_config(tmp_path, data), source="t.yaml"))
@@ -208,7 +208,7 @@ def test_nsga2_over_quality_and_cost(tmp_path, monkeypatch, capsys, ray_local):
     assert len({r.data.metrics["num_params"] for r in children}) == 2  # two sizes: a real trade-off to plot
     for r in children:
         assert r.data.metrics["num_params"] > 0 and r.data.metrics["best_latency_ms"] > 0
-    from e2e_search.report import build_report
+    from e2e_search.analysis.report import build_report
 
     text, _ = build_report(cfg["tracking"]["uri"], "pareto", costs=False)
     assert "<figcaption>Pareto front</figcaption>" in text
@@ -277,8 +277,8 @@ def test_regression_target_in_mev_is_recorded_under_valid_names(tmp_path, monkey
 def test_outcome_without_a_best_trial_says_what_happened(tmp_path, capsys, trials, says, not_says):
     """Issue 13: the final line points at errors only when a trial failed (no Ray: the outcome as execute returns it)."""
     from e2e_search.cli import _report_outcome
-    from e2e_search.config import validate
-    from e2e_search.search import Outcome
+    from e2e_search.spec.loader import validate
+    from e2e_search.search.run import Outcome
 
     cfg = validate(base_config(tmp_path, tmp_path / "x.h5"), source="t")
     rc = _report_outcome(cfg, Outcome("t", "0" * 32, "sqlite:///x.db", None, None, trials))

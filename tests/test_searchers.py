@@ -13,19 +13,19 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from e2e_search.config import validate
-from e2e_search.core.checkpoint import TrialCheckpoint
-from e2e_search.core.contract import TrialConfig
-from e2e_search.core.engine import Engine
-from e2e_search.core.loop import train_trial
-from e2e_search.core.session import LocalSession
-from e2e_search.data import inspect
-from e2e_search.errors import UserError
-from e2e_search.params import OptunaSpace
-from e2e_search.searchers import (ClipToRanges, initial_population, observations, pbt_dims, sampler, searcher,
+from e2e_search.spec.loader import validate
+from trainables.core.checkpoint import TrialCheckpoint
+from trainables.core.contract import TrialConfig
+from trainables.core.engine import Engine
+from trainables.core.loop import train_trial
+from trainables.core.session import LocalSession
+from e2e_search.data.inspect import inspect
+from trainables.errors import UserError
+from e2e_search.spec.params import OptunaSpace
+from e2e_search.search.algorithms import (ClipToRanges, initial_population, observations, pbt_dims, sampler, searcher,
                                   startup_trials)
-from e2e_search.trial_record import MlflowTrials
-from e2e_search.warm_start import load as load_warm, to_space
+from e2e_search.record.trials import MlflowTrials
+from e2e_search.search.warm_start import load as load_warm, to_space
 from tests.conftest import base_config, write_e2e
 
 VIT = {"patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2, "batch_size": 16}
@@ -322,7 +322,7 @@ def test_progress_counts_paused_trials_apart_from_those_to_go(capsys):
     """HyperBand and PBT pause part-trained trials: the progress line says so instead of counting them 'to go'."""
     from ray.tune.experiment import Trial
 
-    from e2e_search.progress import Progress
+    from e2e_search.search.progress import Progress
 
     trials = [Trial("fn", config={}, trial_id=f"t{i}", stub=True) for i in range(3)]
     for t, status in zip(trials, ("RUNNING", "PAUSED", "TERMINATED")):
@@ -342,7 +342,7 @@ def test_hyperband_stops_a_paused_trial_when_its_bracket_ends_by_a_completion():
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
-    from e2e_search.hyperband import HyperBand
+    from e2e_search.search.hyperband import HyperBand
 
     class Controller:
         def __init__(self, sched):

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from e2e_search.config import validate
-from e2e_search.core.datasets import SparseSplit, forget, loaders, open_split
-from e2e_search.data import H5ImageDataset, inspect
-from e2e_search.errors import UserError
-from e2e_search.sparse_cache import MAX_FILL, open_cache
-from e2e_search.sparse_ingest import ensure
+from e2e_search.spec.loader import validate
+from trainables.core.datasets import SparseSplit, forget, loaders, open_split
+from e2e_search.data.inspect import H5ImageDataset, inspect
+from trainables.errors import UserError
+from trainables.data.sparse_cache import MAX_FILL, open_cache
+from trainables.data.sparse_ingest import ensure
 from tests.conftest import base_config, write_objects
 from tests.test_bad_input import YAML, base_cfg, bad_run, cli, write_yaml, ws  # noqa: F401 (ws: fixture)
 
@@ -146,9 +146,9 @@ def test_batches_equal_the_dense_path_for_every_layout_and_channel_subset(tmp_pa
 
 def test_regression_labels_and_a_trial_match_the_dense_path(tmp_path, monkeypatch):
     """Same trial metrics (no Ray: the core on a LocalSession) from the sparse and the device cache."""
-    from e2e_search.core.contract import TrialConfig
-    from e2e_search.core.loop import train_trial
-    from e2e_search.core.session import LocalSession
+    from trainables.core.contract import TrialConfig
+    from trainables.core.loop import train_trial
+    from trainables.core.session import LocalSession
 
     monkeypatch.chdir(tmp_path)
     path = write_sparse(tmp_path / "d.h5", n=48, h=16, w=16, c=3, fill=0.05)
@@ -251,8 +251,8 @@ def test_a_killed_ingest_leaves_nothing_usable_and_the_next_one_cleans_up(tmp_pa
     monkeypatch.chdir(tmp_path)
     path = write_sparse(tmp_path / "d.h5", n=1200, h=125, w=125, c=3, fill=0.003)
     s = setup_for(tmp_path, path, cache="sparse")
-    code = ("import sys, dataclasses, json; from e2e_search.datasetup import DataSetup; "
-            "from e2e_search.sparse_ingest import ensure; "
+    code = ("import sys, dataclasses, json; from trainables.data.setup import DataSetup; "
+            "from trainables.data.sparse_ingest import ensure; "
             "ensure(DataSetup(**json.loads(sys.stdin.read())), block_rows=256)")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, env=env, cwd=tmp_path)
@@ -273,7 +273,7 @@ def test_a_killed_ingest_leaves_nothing_usable_and_the_next_one_cleans_up(tmp_pa
 
 # --------------------------------------------------------------------------- choosing the cache, refusals
 def test_auto_picks_sparse_for_sparse_images_device_for_dense_and_none_when_nothing_fits(tmp_path, monkeypatch):
-    import e2e_search.data as data
+    import e2e_search.data.inspect as data
     from tests.conftest import write_e2e
 
     monkeypatch.chdir(tmp_path)
@@ -303,7 +303,7 @@ def test_a_dense_file_with_cache_sparse_is_refused_with_its_fill(ws, capsys):
 
 
 def test_a_sparse_cache_too_big_for_memory_is_refused_before_anything_starts(ws, capsys, monkeypatch):
-    import e2e_search.data as data
+    import e2e_search.data.inspect as data
 
     write_sparse(ws / "jets.h5", n=40)
     monkeypatch.setattr(data, "available_memory", lambda: 10_000)
@@ -359,7 +359,7 @@ def test_sparse_and_memory_searches_give_the_same_metrics(tmp_path, monkeypatch,
 def test_cache_rows_are_the_sorted_distinct_rows_of_the_splits_computed_once_per_split_lists():
     from types import SimpleNamespace
 
-    from e2e_search.sparse_cache import cache_rows
+    from trainables.data.sparse_cache import cache_rows
 
     rng = np.random.default_rng(0)
     rows = rng.permutation(5000)[:3000]

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from e2e_search.config import validate
-from e2e_search.errors import UserError
-from e2e_search.params import TrainParams
-from e2e_search.registry import get_family
-from e2e_search.core.engine import accumulation_groups, autocast, autocast_dtype, make_optimizer
-from e2e_search.core.model import channels_last as _channels_last
-from e2e_search.core.model import is_convnet, use_channels_last
+from e2e_search.spec.loader import validate
+from trainables.errors import UserError
+from e2e_search.spec.params import TrainParams
+from trainables.registry import get_family
+from trainables.core.engine import accumulation_groups, autocast, autocast_dtype, make_optimizer
+from trainables.core.model import channels_last as _channels_last
+from trainables.core.model import is_convnet, use_channels_last
 
 from tests.conftest import base_config
 
@@ -155,12 +155,12 @@ def test_options_in_a_search_space(tmp_path):
 
 def test_core_accumulating_two_half_batches_matches_full_batches(tmp_path):
     """grad_accum_steps=2 at batch 8 trains (up to rounding) the same weights as batch 16: same sample order."""
-    from e2e_search.data import inspect
+    from e2e_search.data.inspect import inspect
     from tests.conftest import write_e2e
-    from e2e_search.core.checkpoint import TrialCheckpoint
-    from e2e_search.core.contract import TrialConfig
-    from e2e_search.core.loop import train_trial
-    from e2e_search.core.session import LocalSession
+    from trainables.core.checkpoint import TrialCheckpoint
+    from trainables.core.contract import TrialConfig
+    from trainables.core.loop import train_trial
+    from trainables.core.session import LocalSession
 
     path = write_e2e(tmp_path / "d.h5", n=80, size=16)
     raw = base_config(tmp_path, path)

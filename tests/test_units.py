@@ -7,12 +7,12 @@ import optuna
 import pytest
 import torch
 
-from e2e_search.config import SearchSpace, validate
-from e2e_search.data import H5ImageDataset, inspect, split_indices
-from e2e_search.metrics import classification_metrics, regression_metrics
-from e2e_search.params import OptunaSpace, grid_points
+from e2e_search.spec.loader import SearchSpace, validate
+from e2e_search.data.inspect import H5ImageDataset, inspect, split_indices
+from trainables.metrics import classification_metrics, regression_metrics
+from e2e_search.spec.params import OptunaSpace, grid_points
 from tests.conftest import base_config, write_e2e
-from e2e_search.families.vit import VitParams, build_vit
+from trainables.families.vit import VitParams, build_vit
 
 
 def _cfg(tmp_path, **over) -> SearchSpace:
@@ -138,10 +138,10 @@ def test_metrics():
 
 @pytest.mark.parametrize("path", sorted(__import__("pathlib").Path("search_spaces").glob("*.yaml")), ids=str)
 def test_shipped_search_spaces_validate(path, tmp_path, monkeypatch):
-    from e2e_search.config import load
-    from e2e_search.search import plan
+    from e2e_search.spec.loader import load
+    from e2e_search.search.run import plan
 
-    from e2e_search.registry import get_family
+    from trainables.registry import get_family
     from tests.conftest import write_objects
 
     path = path.resolve()
@@ -160,7 +160,7 @@ def test_shipped_search_spaces_validate(path, tmp_path, monkeypatch):
 
 
 def test_device_batches_shard_shuffle_and_flip():
-    from e2e_search.core.batches import DeviceBatches
+    from trainables.core.batches import DeviceBatches
 
     x = torch.arange(10 * 1 * 2 * 2, dtype=torch.float32).reshape(10, 1, 2, 2)
     y = torch.arange(10)
@@ -212,7 +212,7 @@ def test_family_as_a_search_dimension(tmp_path):
     ("vit", {"width": 8}, "params.width", "not a parameter of family 'vit'"),
 ])
 def test_family_dimension_errors(tmp_path, family, params, key, words):
-    from e2e_search.errors import UserError
+    from trainables.errors import UserError
 
     data = write_e2e(tmp_path / "d.h5", n=40)
     raw = base_config(tmp_path, data, family=family)
@@ -223,7 +223,7 @@ def test_family_dimension_errors(tmp_path, family, params, key, words):
 
 
 def test_pretrain_epochs_must_leave_task_epochs(tmp_path):
-    from e2e_search.errors import UserError
+    from trainables.errors import UserError
 
     data = write_e2e(tmp_path / "d.h5", n=40)
     raw = base_config(tmp_path, data, family="mae", params={"pretrain_epochs": {"type": "choice", "values": [1, 2]}})
@@ -253,7 +253,7 @@ def test_joint_task_reads_label_and_target(tmp_path):
 
 
 def test_pareto_front_keeps_only_undominated_points():
-    from e2e_search.report import pareto_front
+    from e2e_search.analysis.report import pareto_front
 
     # (val_auc max, val_loss min): (0.9, 0.3) is beaten by (0.95, 0.2); (0.97, 0.25) and (0.95, 0.2) trade off.
     pts = [(0.9, 0.3), (0.95, 0.2), (0.97, 0.25), (0.8, 0.5)]

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from e2e_search.families.cait import CaitParams, build_cait
-from e2e_search.families.hybrid_vit import HybridVitParams, build_hybrid_vit
-from e2e_search.families.swin import SwinParams, build_swin, stage_windows, swin_grid
-from e2e_search.families.vit import LinearAttention, VitParams, WindowAttention, build_vit, window_mask
+from trainables.families.cait import CaitParams, build_cait
+from trainables.families.hybrid_vit import HybridVitParams, build_hybrid_vit
+from trainables.families.swin import SwinParams, build_swin, stage_windows, swin_grid
+from trainables.families.vit import LinearAttention, VitParams, WindowAttention, build_vit, window_mask
 
 FAMILIES = {
     "vit": (VitParams, build_vit),
@@ -85,7 +85,7 @@ def test_trains_one_step_for_every_task_layout(family, params, tasks):
 
 
 def test_families_are_registered_with_a_description():
-    from e2e_search.registry import get_family
+    from trainables.registry import get_family
 
     for name, (params_cls, build_fn) in FAMILIES.items():
         fam = get_family(name)

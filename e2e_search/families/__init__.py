@@ -1,3 +1,0 @@
-"""Model families, one module each. Every module here is imported by
-:func:`e2e_search.registry.get_family`, so a new family is one new file with one ``@register_family`` call
-(see the README's "Adding a model family"). This package imports nothing itself."""

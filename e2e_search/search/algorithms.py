@@ -1,0 +1,286 @@
+"""Which sampler draws the trials and which scheduler stops, pauses or perturbs them (``search.algorithm``,
+``scheduler.type``); docs/search_space.md, "Searchers and schedulers", says when to use which.
+
+Everything a searcher or scheduler cannot handle is refused by :func:`check_search` before Ray starts (one
+line naming the key and the fix). The samplers are Optuna's, behind Ray's ``OptunaSearch``; the schedulers
+are Ray Tune's. ``scheduler.type: pbt`` cannot run with a Tune searcher (Ray refuses the pair): its initial
+population is drawn up front by the same Optuna sampler (:func:`initial_population`, grid points first) and
+handed to Tune as fixed configurations; PBT then mutates the continuous training parameters
+(:data:`PBT_PARAMS`) within their YAML ranges.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+from e2e_search.spec.dims import ChoiceDim, FixedDim, GridDim, LogUniformDim, UniformDim
+from trainables.errors import UserError
+from e2e_search.spec.params import OptunaSpace, _schemas, grid_points, never_active, search_dims
+from e2e_search.spec.schema import SearchSpace
+
+# The training parameters PBT may change mid-trial: they take effect without rebuilding the model's shape.
+PBT_PARAMS = ("lr", "weight_decay", "drop_path")
+# Samplers that learn from finished trials and so can take an earlier search's results as prior observations.
+LEARNING_SAMPLERS = {"tpe", "gp"}
+
+
+def startup_trials(num_samples: int) -> int:
+    """Random trials before a model-based sampler (tpe, gp) starts modelling: a third of the search, 2 to 10."""
+    return min(10, max(2, num_samples // 3))
+
+
+def _picklable(cls: type) -> type:
+    """``cls`` (an Optuna sampler) with a pickle that leaves out its ``_thread_lock`` and makes a new one when
+    unpickled: Optuna 5.1's NSGA-II sampler holds a threading lock, and Ray Tune pickles the searcher (``Tuner``,
+    its experiment state). Samplers without one pickle as before."""
+    import threading
+
+    def getstate(self):
+        state = self.__dict__.copy()
+        state.pop("_thread_lock", None)
+        return state
+
+    def setstate(self, state):
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
+
+    return type(f"Picklable{cls.__name__}", (cls,), {"__getstate__": getstate, "__setstate__": setstate,
+                                                       "__module__": __name__})
+
+
+def __getattr__(name: str):
+    """``PicklableNSGAIISampler``, made on first use (Optuna is imported only when a search needs it); pickles
+    find it here by name in any process."""
+    if name == "PicklableNSGAIISampler":
+        import optuna
+
+        if name not in globals():
+            globals()[name] = _picklable(optuna.samplers.NSGAIISampler)
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def sampler(cfg: SearchSpace, after: int = 0):
+    """The Optuna sampler of ``search.algorithm``, seeded with ``search.seed``.
+
+    ``after``: how many trials the study holds or runs before this search's own draws (a warm start's prior
+    observations and queued points). tpe and gp still draw their :func:`startup_trials` random trials after
+    those, as a cold search does: Optuna counts every completed trial of the study towards ``n_startup_trials``,
+    and a sampler that starts modelling at once keeps to the earlier search's best region, blind spots included.
+
+    gp, cmaes and qmc model only the dimensions every trial has: conditional (``when``) ones are drawn at random
+    (Optuna's independent sampler; :func:`check_search` notes it); their per-trial warnings are turned off."""
+    import optuna
+
+    seed = cfg.search.seed
+    startup = startup_trials(cfg.search.num_samples) + after
+    make = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "nsga2": lambda: __getattr__("PicklableNSGAIISampler")(seed=seed),
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup,
+                                                warn_independent_sampling=False),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
+        "qmc": lambda: optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed,
+                                                  warn_independent_sampling=False),
+    }
+    with warnings.catch_warnings():  # QMCSampler (and, by Optuna version, others) warns it is experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return make[cfg.search.algorithm]()
+
+
+def _searched(cfg: SearchSpace) -> dict[str, Any]:
+    """The dimensions the sampler draws (inactive conditional ones left out)."""
+    ignored = never_active(cfg)
+    return {n: d for n, d in search_dims(cfg).items() if n not in ignored}
+
+
+def pbt_dims(cfg: SearchSpace) -> dict[str, UniformDim | LogUniformDim]:
+    """The continuous training parameters PBT mutates: ``lr``, ``weight_decay``, ``drop_path`` where the YAML
+    makes them uniform/loguniform dimensions without a condition that every trial of the search takes."""
+    owners = _schemas(cfg)
+    out = {}
+    for name in PBT_PARAMS:
+        dim = _searched(cfg).get(name)
+        if not isinstance(dim, UniformDim | LogUniformDim) or dim.when:
+            continue
+        fams = {fam for _, _, fam in owners.get(name, [])}
+        if None in fams or set(cfg.families) <= fams:
+            out[name] = dim
+    return out
+
+
+def check_search(cfg: SearchSpace) -> list[tuple[str, str]]:
+    """What the chosen sampler and scheduler cannot do with this space, refused before Ray starts; returns notes
+    as (key, text).
+
+    Raises:
+        UserError: cmaes with a categorical dimension (names it, suggests tpe); pbt with several metrics or
+        without a continuous lr / weight_decay / drop_path dimension."""
+    algo, sched = cfg.search.algorithm, cfg.scheduler.type
+    dims = _searched(cfg)
+    notes: list[tuple[str, str]] = []
+    if algo == "cmaes":
+        # every categorical dimension at once, so that fixing them takes one edit, not one run each
+        cats = {("family" if name == "family" else f"params.{name}"): dim for name, dim in dims.items()
+                if isinstance(dim, ChoiceDim | GridDim) and len(dim.values) > 1}
+        if cats:
+            listed = ", ".join(f"{key} (a {dim.type} of {len(dim.values)} values)" for key, dim in cats.items())
+            first = next(iter(cats))
+            raise UserError(f"CMA-ES samples numeric dimensions only; categorical here: {listed}. Set "
+                            f"search.algorithm: tpe (or gp, which takes categorical dimensions), or fix "
+                            f"{'it' if len(cats) == 1 else 'each'} to one value", key=first)
+    if algo in ("gp", "cmaes", "qmc"):
+        cond = [n for n, d in dims.items() if getattr(d, "when", None) and not isinstance(d, FixedDim)]
+        if cond:
+            notes.append((f"params.{cond[0]}", f"{algo} models only the dimensions every trial has: the conditional "
+                                                f"{', '.join('params.' + n for n in cond)} are drawn at random; use "
+                                                "search.algorithm: tpe to model them too"))
+    if sched == "pbt":
+        if len(cfg.metrics) > 1:
+            raise UserError("PBT ranks trials by one metric; give one search.metric (and search.algorithm: tpe) "
+                            "or set scheduler.type: asha for a multi-objective search", key="scheduler.type")
+        if not pbt_dims(cfg):
+            raise UserError(f"PBT mutates continuous training parameters ({', '.join(PBT_PARAMS)}) and this search "
+                            "has none as a uniform/loguniform dimension that every trial takes; add one (e.g. "
+                            "params.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}) or set scheduler.type: asha",
+                            key="scheduler.type")
+        if cfg.resources.workers != 1 or cfg.resources.runner != "auto":
+            raise UserError("PBT restores one trial's checkpoint into another through the Tune trial's own process; "
+                            "set resources.workers: 1 and resources.runner: auto (or set scheduler.type: asha)",
+                            key="resources.workers" if cfg.resources.workers != 1 else "resources.runner")
+        if cfg.search.max_concurrent == 1 or cfg.search.num_samples < 2:
+            raise UserError("PBT copies weights between trials that train side by side; set search.num_samples "
+                            "and search.max_concurrent to 2 or more (or set scheduler.type: asha)",
+                            key="search.num_samples" if cfg.search.num_samples < 2 else "search.max_concurrent")
+    return notes
+
+
+# --------------------------------------------------------------------------- searcher
+def searcher(cfg: SearchSpace, warm=None):
+    """Ray's ``OptunaSearch`` over the define-by-run :class:`OptunaSpace`: grid points first, then ``warm``'s
+    points (a :class:`~e2e_search.search.warm_start.WarmStart`), then the sampler's picks. For tpe and gp ``warm``'s
+    earlier results are also added to the study as completed trials (prior observations)."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    metric = cfg.search.metric if isinstance(cfg.search.metric, str) else list(cfg.search.metric)
+    mode = cfg.search.mode if isinstance(cfg.search.mode, str) else list(cfg.search.mode)
+    points = grid_points(cfg) + (list(warm.points) if warm is not None else [])
+    learned = observations(OptunaSpace(cfg), warm.observed) \
+        if warm is not None and cfg.search.algorithm in LEARNING_SAMPLERS else []
+    after = len(learned) + len(warm.points) if learned else 0
+    search = OptunaSearch(space=OptunaSpace(cfg), metric=metric, mode=mode, sampler=sampler(cfg, after),
+                          points_to_evaluate=points or None)
+    search._ot_study.add_trials(learned)
+    return search
+
+
+def observations(space: OptunaSpace, observed: list[tuple[dict[str, Any], float]]) -> list:
+    """Earlier (point, value) results as completed Optuna trials, to add to a study as prior observations
+    (``OptunaSearch(evaluated_rewards=)`` refuses define-by-run spaces); a point lacking a value the space needs
+    is left out (it is only queued)."""
+    import optuna
+    from optuna.trial import FixedTrial, create_trial
+
+    out = []
+    for point, value in observed:
+        fixed = FixedTrial(point)
+        try:
+            space(fixed)
+        except ValueError:  # a dimension the earlier search did not have: only queued, not observed
+            continue
+        out.append(create_trial(params=fixed.params, distributions=fixed.distributions, value=float(value),
+                                state=optuna.trial.TrialState.COMPLETE))
+    return out
+
+
+def initial_population(cfg: SearchSpace, warm=None) -> list[dict[str, Any]]:
+    """PBT's ``num_samples`` starting configurations, drawn by ``search.algorithm``'s sampler without results
+    (model-based samplers are then in their start-up phase): grid points first, then ``warm``'s points."""
+    import optuna
+
+    space = OptunaSpace(cfg)
+    study = optuna.create_study(direction="maximize" if cfg.modes[0] == "max" else "minimize", sampler=sampler(cfg))
+    for point in grid_points(cfg) + (list(warm.points) if warm is not None else []):
+        study.enqueue_trial(point)
+    out = []
+    for _ in range(cfg.search.num_samples):
+        trial = study.ask()
+        fixed = space(trial)  # suggests first: trial.params is filled by it
+        out.append({**trial.params, **fixed})
+    return out
+
+
+ABSENT = "__absent__"
+"""PBT: the value of a parameter a population member does not have (an inactive conditional one); dropped
+again by :func:`present` before the trial trains and by ``params.public_params`` before MLflow."""
+MEMBER = "pbt__member"
+
+
+class _Member:
+    """``tune.sample_from``: parameter ``key`` of population member ``config[MEMBER]`` (picklable)."""
+
+    def __init__(self, population: list[dict[str, Any]], key: str):
+        self.population, self.key = population, key
+
+    def __call__(self, config):
+        return self.population[config[MEMBER]].get(self.key, ABSENT)
+
+
+def pbt_param_space(population: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tune's ``param_space`` for PBT: one grid point per member of ``population`` (so ``num_samples`` is 1),
+    every parameter resolved from it. Ray refuses a searcher with PBT, and its ``points_to_evaluate`` need every
+    key (and list element) declared in the space, which conditional dimensions and list values do not give."""
+    from ray import tune
+
+    keys = list(dict.fromkeys(k for member in population for k in member))
+    return {MEMBER: tune.grid_search(list(range(len(population)))),
+            **{k: tune.sample_from(_Member(population, k)) for k in keys}}
+
+
+def present(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` without the PBT placeholders (:data:`ABSENT` values, the member index)."""
+    return {k: v for k, v in params.items() if k != MEMBER and not (isinstance(v, str) and v == ABSENT)}
+
+
+# --------------------------------------------------------------------------- schedulers
+class ClipToRanges:
+    """PBT's ``custom_explore_fn``: a perturbed value (x0.8 / x1.2) is clipped into its YAML range
+    (picklable: Tune saves the scheduler with the experiment)."""
+
+    def __init__(self, ranges: dict[str, tuple[float, float]]):
+        self.ranges = ranges
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        for name, (low, high) in self.ranges.items():
+            if name in config and isinstance(config[name], int | float) and math.isfinite(config[name]):
+                config[name] = min(max(float(config[name]), low), high)
+        return config
+
+
+def scheduler(cfg: SearchSpace, metric: str, mode: str):
+    """The Tune scheduler of ``scheduler.type``; epochs are its time unit (``epoch`` in every report)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    s = cfg.scheduler
+    if s.type == "asha":
+        return ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=s.max_epochs,
+                             grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    if s.type == "hyperband":
+        from e2e_search.search.hyperband import HyperBand
+
+        return HyperBand(time_attr="epoch", metric=metric, mode=mode, max_t=s.max_epochs,
+                         reduction_factor=s.reduction_factor)
+    if s.type == "pbt":
+        dims = pbt_dims(cfg)
+        mutations = {n: (tune.loguniform if isinstance(d, LogUniformDim) else tune.uniform)(d.low, d.high)
+                     for n, d in dims.items()}
+        return PopulationBasedTraining(
+            time_attr="epoch", metric=metric, mode=mode, perturbation_interval=s.perturbation_interval,
+            hyperparam_mutations=mutations, quantile_fraction=s.quantile_fraction, resample_probability=0.25,
+            custom_explore_fn=ClipToRanges({n: (d.low, d.high) for n, d in dims.items()}), log_config=False,
+            synch=False)
+    return FIFOScheduler()
