@@ -106,7 +106,7 @@ def main() -> int:
             print(f"-- {name}: {size:.1f} KiB/jet, written at {fmt(args.n / wrote)} jets/s", flush=True)
             _, setup = data_setup(path, cache="none", val_fraction=0.05)
             for k in readers:
-                from e2e_search.data.inspect import H5ImageDataset
+                from trainables.data.images import H5ImageDataset
 
                 ds = H5ImageDataset(setup, setup.train, train=True)
                 show(name, f"readers={k}", loader_rate(ds, k, args.batch, device, args.max_batches, args.max_seconds),

@@ -195,9 +195,10 @@ def main() -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from _common import data_setup, machine, write_jets, write_result
 
-    from e2e_search.data.inspect import available_memory
+    from trainables.data.images import available_memory
     from e2e_search.search.run import _init_ray
     from trainables.data.sparse_cache import open_cache
+    from e2e_search.data.ingest import ray_blocks
     from trainables.data.sparse_ingest import ensure
 
     print(machine(), flush=True)
@@ -221,7 +222,7 @@ def main() -> int:
                 _, s = data_setup(path, cache="sparse", val_fraction=0.1)
                 root = tmp / f"cache_{n}_{k}"
                 t0 = time.perf_counter()
-                folder = ensure(s, parallel=k, use_ray=True, root=root)
+                folder = ensure(s, parallel=k, run_blocks=ray_blocks(k), root=root)
                 ingest[k] = time.perf_counter() - t0
                 c = open_cache(folder)
                 print(f"ingest with {k} Ray task(s): {ingest[k]:.1f} s, {n / ingest[k]:,.0f} jets/s; cache "

@@ -40,7 +40,7 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from _common import machine  # noqa: E402
 from trainables.core.model import build_model  # noqa: E402
-from e2e_search.data.inspect import DataSetup  # noqa: E402
+from trainables.data.setup import DataSetup
 
 REPO = Path(__file__).resolve().parent.parent
 

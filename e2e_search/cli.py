@@ -106,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plan(args, cfg, **kwargs):
     """``plan()`` (data file, GPUs), its errors naming the YAML and the ``--set`` that led there."""
-    from e2e_search.spec.loader import set_keys, source_of
+    from e2e_search.spec.loader import set_keys
+    from trainables.errors import source_of
     from e2e_search.search.run import plan
 
     try:
@@ -148,7 +149,7 @@ def _cmd_run(args) -> int:
     nothing = None
     if args.resume:  # continue the latest unfinished search, or start one when there is none
         from trainables.errors import NothingToResume
-        from e2e_search.search.run import DEFAULT_WORKDIR
+        from trainables.workdir import DEFAULT_WORKDIR
         from e2e_search.record.store import resolve_uri, sqlite_path
 
         uri = resolve_uri(cfg.tracking.uri, DEFAULT_WORKDIR)[0]
@@ -250,7 +251,7 @@ def _print_best(uri: str, experiment: str, metric: str | None, mode: str | None,
 def _store(arg: str | None) -> str:
     """The MLflow tracking URI: --tracking-uri, else MLFLOW_TRACKING_URI, else the work directory's SQLite store;
     a SQLite store must exist (reading never creates one)."""
-    from e2e_search.search.run import DEFAULT_WORKDIR
+    from trainables.workdir import DEFAULT_WORKDIR
     from e2e_search.record.store import store_uri
 
     return store_uri(arg, DEFAULT_WORKDIR)
@@ -266,7 +267,7 @@ def _cmd_best(args) -> int:
 def _cmd_report(args) -> int:
     from trainables.names import file_name
     from e2e_search.analysis.report import write_report
-    from e2e_search.search.run import DEFAULT_WORKDIR
+    from trainables.workdir import DEFAULT_WORKDIR
 
     out = Path(args.out) if args.out else DEFAULT_WORKDIR / "reports" / f"{file_name(args.experiment)}.html"
     write_report(_store(args.tracking_uri), args.experiment, out, args.search)

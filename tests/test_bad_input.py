@@ -1224,7 +1224,7 @@ def _bad_values(field) -> list:
 
 def _walk_fields():
     """(dotted key, bad value) for every constrained key of the YAML sections (pydantic's own checks)."""
-    from e2e_search.spec.loader import DataConfig, GenerateConfig, ResourcesConfig, SchedulerConfig, SearchConfig
+    from e2e_search.spec.schema import DataConfig, GenerateConfig, ResourcesConfig, SchedulerConfig, SearchConfig
 
     for section, model in (("search", SearchConfig), ("scheduler", SchedulerConfig), ("resources", ResourcesConfig),
                            ("data", DataConfig), ("data.generate", GenerateConfig)):

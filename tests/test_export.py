@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from e2e_search.cli import main
-from e2e_search.data.inspect import DataSetup
+from trainables.data.setup import DataSetup
 from trainables.core.layout import CHECKPOINT_FILE
 from trainables.core.model import build_model
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from e2e_search.data.inspect import DataSetup, encode_labels
+from trainables.data.setup import DataSetup
+from trainables.data.targets import encode_labels
 from trainables.metrics import regression_metrics, rejection_at, task_metrics
 from trainables.registry import family_names, get_family
 from trainables.core.checkpoint import checkpoint_score

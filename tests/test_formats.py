@@ -382,7 +382,7 @@ def test_bad_input_one_line_and_no_cache(ws, capsys, monkeypatch, cmd, case, mak
 @pytest.mark.parametrize("kind", ["bool", "float", "onehot", "column"])
 def test_label_types_become_class_indices(tmp_path, monkeypatch, fmt, kind):
     """bool, whole floats (1.0), one-hot rows and (n, 1) columns are what physicists store; the cache holds int64."""
-    from e2e_search.data.inspect import H5ImageDataset
+    from trainables.data.images import H5ImageDataset
 
     monkeypatch.chdir(tmp_path)
     _, arrays = reference(tmp_path)

@@ -13,8 +13,8 @@ import torch
 
 from trainables.core.batches import SparseRows
 from trainables.core.model import build_model, empty_pixel
-from e2e_search.data.inspect import DataSetup
-from trainables.families._pair_bias import pair_features
+from trainables.data.setup import DataSetup
+from trainables.layers.pair_bias import pair_features
 from trainables.families.hit_transformer import hit_list, input_hits
 from trainables.registry import get_family
 from trainables.attention.rollout import attention_rollout
@@ -229,7 +229,7 @@ def test_vit_pair_bias_exports_with_parity(tmp_path, capsys):
 
 
 def test_jet_features_give_the_invariant_mass_of_the_kept_hits():
-    from trainables.families._pair_bias import pair_features
+    from trainables.layers.pair_bias import pair_features
     from trainables.families.hit_transformer import jet_features
 
     eta, phi = torch.tensor([[0.1, -0.2, 0.0]]), torch.tensor([[0.3, 0.1, 0.0]])

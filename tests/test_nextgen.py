@@ -14,11 +14,11 @@ from timm.models.cait import Cait
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from trainables.core.model import build_model, empty_pixel
-from e2e_search.data.inspect import DataSetup
-from trainables.families._maxxvit import coatnet_size, maxvit_size
-from trainables.families._vit_model import NonEmptyPatches, Vit
+from trainables.data.setup import DataSetup
+from trainables.layers.maxxvit import coatnet_size, maxvit_size
+from trainables.layers.vit_model import NonEmptyPatches, Vit
 from trainables.families.coatnet import CoatnetParams, coatnet_blocks
-from trainables.families.vit import FitToPatches
+from trainables.layers.vit_common import FitToPatches
 from trainables.registry import Capabilities, get_family, register_family
 from trainables.attention.rollout import attention_rollout
 from trainables.data.transforms import preprocess
@@ -171,7 +171,7 @@ def test_swiglu_keeps_the_parameter_count_and_sincos_rope_none_are_not_learned()
 
 # --------------------------------------------------------------------------- rotary positions
 def test_rope_rotates_patches_only_and_scores_depend_on_offsets():
-    from trainables.families._vit_blocks import apply_rope, rope_2d
+    from trainables.layers.vit_blocks import apply_rope, rope_2d
 
     table = rope_2d(8, (4, 4))                                              # (16, 16)
     assert table.shape == (16, 16)

@@ -12,7 +12,8 @@ from e2e_search.cli import main
 from e2e_search.spec.loader import validate
 from e2e_search.data.inspect import inspect
 from e2e_search.data.formats import materialize
-from e2e_search.data.objects import ObjectDataset, higgs_objects
+from trainables.data.object_lists import ObjectDataset
+from e2e_search.data.objects import higgs_objects
 from tests.conftest import base_config, write_objects, write_yaml
 
 

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from e2e_search.spec.loader import validate
-from e2e_search.data.inspect import DataSetup, H5ImageDataset, inspect, read_images
+from trainables.data.setup import DataSetup
+from trainables.data.images import H5ImageDataset
+from e2e_search.data.inspect import inspect
+from trainables.data.images import read_images
 from trainables.errors import UserError
 from trainables.data.transforms import preprocess, to_chw
 from tests.conftest import base_config, write_e2e

@@ -22,8 +22,8 @@ from trainables.core.session import LocalSession
 from e2e_search.data.inspect import inspect
 from trainables.errors import UserError
 from e2e_search.spec.params import OptunaSpace
-from e2e_search.search.algorithms import (ClipToRanges, initial_population, observations, pbt_dims, sampler, searcher,
-                                  startup_trials)
+from e2e_search.search.algorithms import ClipToRanges, initial_population, observations, sampler, searcher, startup_trials
+from e2e_search.spec.search_checks import pbt_dims
 from e2e_search.record.trials import MlflowTrials
 from e2e_search.search.warm_start import load as load_warm, to_space
 from tests.conftest import base_config, write_e2e

@@ -64,7 +64,7 @@ def test_parameters_outside_shape_params_never_break_a_build(family):
 def _real(family: str, params: dict, shape: DataShape, batch: int) -> str | None:
     """The same build and one training step's forward on the CPU with real tensors."""
     fam = get_family(family)
-    from e2e_search.spec.params import split_params
+    from trainables.params import split_params
 
     _, fp = split_params(family, params)
     n_out = sum(n for _, n in shape.tasks)
@@ -107,7 +107,7 @@ def test_the_meta_build_fails_exactly_where_a_real_build_fails(family, params, d
 
 
 def test_candidates_are_every_value_a_trial_can_get():
-    from e2e_search.spec.loader import ChoiceDim, FixedDim, LogUniformDim, QUniformDim, RandIntDim, UniformDim
+    from e2e_search.spec.dims import ChoiceDim, FixedDim, LogUniformDim, QUniformDim, RandIntDim, UniformDim
 
     assert candidates(RandIntDim(type="randint", low=3, high=7), True) == [3, 4, 5, 6, 7]
     assert candidates(RandIntDim(type="randint", low=3, high=7), True, ends_only=True) == [3, 7]

@@ -20,7 +20,8 @@ import torch
 
 from e2e_search.spec.loader import validate
 from trainables.core.datasets import SparseSplit, forget, loaders, open_split
-from e2e_search.data.inspect import H5ImageDataset, inspect
+from trainables.data.images import H5ImageDataset
+from e2e_search.data.inspect import inspect
 from trainables.errors import UserError
 from trainables.data.sparse_cache import MAX_FILL, open_cache
 from trainables.data.sparse_ingest import ensure

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from e2e_search.spec.loader import validate
 from trainables.errors import UserError
-from e2e_search.spec.params import TrainParams
+from trainables.params import TrainParams
 from trainables.registry import get_family
 from trainables.core.engine import accumulation_groups, autocast, autocast_dtype, make_optimizer
 from trainables.core.model import channels_last as _channels_last

@@ -7,8 +7,11 @@ import optuna
 import pytest
 import torch
 
-from e2e_search.spec.loader import SearchSpace, validate
-from e2e_search.data.inspect import H5ImageDataset, inspect, split_indices
+from e2e_search.spec.schema import SearchSpace
+from e2e_search.spec.loader import validate
+from trainables.data.images import H5ImageDataset
+from e2e_search.data.inspect import inspect
+from e2e_search.data.splits import split_indices
 from trainables.metrics import classification_metrics, regression_metrics
 from e2e_search.spec.params import OptunaSpace, grid_points
 from tests.conftest import base_config, write_e2e

@@ -10,8 +10,10 @@ import torch.nn.functional as F
 
 from trainables.families.cait import CaitParams, build_cait
 from trainables.families.hybrid_vit import HybridVitParams, build_hybrid_vit
-from trainables.families.swin import SwinParams, build_swin, stage_windows, swin_grid
-from trainables.families.vit import LinearAttention, VitParams, WindowAttention, build_vit, window_mask
+from trainables.families.swin import SwinParams, build_swin
+from trainables.layers.windows import stage_windows, swin_grid
+from trainables.layers.vit_blocks import LinearAttention, WindowAttention, window_mask
+from trainables.families.vit import VitParams, build_vit
 
 FAMILIES = {
     "vit": (VitParams, build_vit),

@@ -26,7 +26,6 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from trainables import families as _families_pkg
 from trainables.errors import UserError, did_you_mean
 
 
@@ -141,14 +140,20 @@ def register_family(name: str, *, params: type[BaseModel], capabilities: Capabil
     return deco
 
 
+FAMILIES_PACKAGE = "trainables.families"
+"""Every module of this package is a family (one file each, registered on import)."""
+
+
 def _load_all() -> None:
     """Import every module of trainables/families/ (each registers its family)."""
     global _LOADED
     if _LOADED:
         return
-    for mod in pkgutil.iter_modules(_families_pkg.__path__):
+    # By name, not by import: the families import this module (to register) and the registry sits below them.
+    package = importlib.import_module(FAMILIES_PACKAGE)
+    for mod in pkgutil.iter_modules(package.__path__):
         if not mod.name.startswith("_"):
-            importlib.import_module(f"{_families_pkg.__name__}.{mod.name}")
+            importlib.import_module(f"{FAMILIES_PACKAGE}.{mod.name}")
     _LOADED = True
 
 

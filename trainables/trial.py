@@ -25,7 +25,7 @@ from trainables.core import layout
 from trainables.core.contract import TrialConfig
 from trainables.core.loop import train_trial
 from trainables.core.session import OneProcess, as_folder
-from e2e_search.spec.params import trial_family
+from trainables.params import trial_family
 
 
 class TrialResources(BaseModel):
@@ -66,7 +66,7 @@ class TrialSetup(BaseModel):
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     """The Tune trainable: ``params`` are this trial's sampled values."""
-    from e2e_search.search.algorithms import present
+    from trainables.params import present
 
     trial_id = tune.get_context().get_trial_id()
     _run(setup.trial_config(present(params), trial_id), setup, trial_id)

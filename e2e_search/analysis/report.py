@@ -44,7 +44,7 @@ def _cost(client: MlflowClient, run_id: str) -> dict[str, float]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from e2e_search.export.onnx import load_trained, random_inputs
+    from e2e_search.record.checkpoints import load_trained, random_inputs
 
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -43,7 +43,7 @@ from e2e_search.confirm.plan import Candidate, ConfirmFailed, ConfirmOutcome, Co
 from trainables.core.layout import BEST_ARTIFACT, TEST_PREDICTIONS_FILE
 from trainables.core.scoring import load_scored
 from trainables.names import RUN_NAME_MAX, mlflow_key, param_value, tag_value, unique_keys
-from e2e_search.spec.params import public_params
+from trainables.params import public_params
 
 INTERVAL = (f"{LEVEL:.0%} percentile bootstrap, {REPLICATES} replicates: the test events resampled (the same "
             "events for every finalist) and, for a finalist, its seeds too")

@@ -12,14 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from e2e_search.spec.schema import DEFAULT_WORKDIR, DataConfig, SearchSpace
+from e2e_search.spec.schema import DataConfig, SearchSpace
+from trainables.workdir import cache_dir
 
 CACHE_VERSION = 1
 """Bumped when the cache layout changes: older caches are then rebuilt."""
-
-
-def cache_dir() -> Path:
-    return DEFAULT_WORKDIR / "cache"
 
 
 def identity(path: Path, fmt: str, d: DataConfig, layout: str) -> dict:

@@ -26,7 +26,8 @@ from trainables.data.setup import DataSetup
 from trainables.errors import UserError
 from e2e_search.data.h5cache import cache_ok, cache_path, cached_cfg, identity
 from trainables.data.h5file import need_dataset, open_h5
-from e2e_search.data.labels import check_labels, encode_labels, label_source, read_labels, target_source, target_stats
+from e2e_search.data.labels import check_labels, label_source, read_labels, target_source
+from trainables.data.targets import target_stats
 from e2e_search.spec.schema import SearchSpace
 from e2e_search.data.splits import split_checked
 
@@ -72,32 +73,6 @@ def inspect_objects(cfg: SearchSpace) -> DataSetup:
     return setup
 
 
-class ObjectDataset:
-    """Items: ((objects float32 (n_objects, n_features), mask bool (n_objects,)), label)."""
-
-    def __init__(self, setup: DataSetup | dict, indices: list[int], **_):
-        import h5py
-
-        s = setup if isinstance(setup, DataSetup) else DataSetup(**setup)
-        idx = np.asarray(indices, dtype=np.int64)
-        with h5py.File(s.path, "r") as f:
-            x = f[s.image_key][...][idx].astype(np.float32)
-            mask = f[s.mask_key][...][idx].astype(bool) if s.mask_key else np.ones(x.shape[:2], bool)
-            y = f[s.label_key][...][idx]
-            t = f[s.target_key][...][idx] if s.target_key else None
-        if s.mean is not None:
-            x = (x - np.asarray(s.mean, np.float32)) / np.asarray(s.std, np.float32)
-        self.x = np.where(mask[..., None], x, 0).astype(np.float32)
-        self.mask = mask
-        self.y = encode_labels(s, y, t)
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int):
-        import torch
-
-        return (torch.from_numpy(self.x[i]), torch.from_numpy(self.mask[i:i + 1][0])), torch.tensor(self.y[i])
 
 
 # --------------------------------------------------------------------------- HIGGS-style CSV

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from trainables.core.layout import ATTENTION_FILE, PREDICTIONS_FILE, ROLLOUT_PLOT, TASK_ATTENTION_PLOT  # reads and writes
 from trainables.metrics import softmax
 
 
@@ -33,10 +32,6 @@ def _plt():
     return plt
 
 
-def save_predictions(path: Path, out: np.ndarray, y: np.ndarray, *, task: str, num_classes: int,
-                     target_mean: float, target_std: float) -> None:
-    np.savez_compressed(path, out=out.astype(np.float32), y=y, task=task, num_classes=num_classes,
-                        target_mean=target_mean, target_std=target_std)
 
 
 def learning_curves(history: dict[str, list[tuple[int, float]]], metric: str, path: Path) -> Path:

@@ -245,7 +245,7 @@ def top_trials(uri: str, experiment: str, *, metric: str | None = None, mode: st
 
     Reads MLflow only; metric and mode default to those of the latest search.
     """
-    from e2e_search.spec.loader import MAXIMIZED
+    from e2e_search.spec.schema import MAXIMIZED
     from trainables.errors import UserError, did_you_mean
 
     client = MlflowClient(tracking_uri=uri)

@@ -26,7 +26,7 @@ from ray.tune import Callback
 
 from trainables.core.layout import BEST_ARTIFACT, METRICS_FILE, PLOTS_ARTIFACT, epoch_checkpoints
 from trainables.names import mlflow_key, param_value, tag_value, unique_keys
-from e2e_search.spec.params import public_params
+from trainables.params import public_params
 from e2e_search.record.store import is_better
 
 # Result keys that are bookkeeping, not metrics.
@@ -233,7 +233,8 @@ class MlflowTrials(Callback):
 
         from ray.train import Checkpoint
 
-        from e2e_search.record.figures import ATTENTION_FILE, PREDICTIONS_FILE, ROLLOUT_PLOT, TASK_ATTENTION_PLOT, attention_plot, learning_curves, prediction_plots, task_attention_plot
+        from trainables.core.layout import ATTENTION_FILE, PREDICTIONS_FILE, ROLLOUT_PLOT, TASK_ATTENTION_PLOT
+        from e2e_search.record.figures import attention_plot, learning_curves, prediction_plots, task_attention_plot
         from trainables.attention.tasks import is_task_attention
 
         try:

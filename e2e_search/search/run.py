@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from e2e_search.spec.loader import DEFAULT_WORKDIR, SearchSpace, dump
-from e2e_search.data.inspect import DataSetup, inspect
+from trainables.workdir import DEFAULT_WORKDIR
+from e2e_search.spec.schema import SearchSpace
+from e2e_search.spec.loader import dump
+from trainables.data.setup import DataSetup
+from e2e_search.data.inspect import inspect
 from trainables.errors import NothingToResume, UserError
 from e2e_search.data.formats import materialize
 from e2e_search.spec.shapes import check_shapes
@@ -272,7 +275,8 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
     from ray import tune
 
     from e2e_search.search.progress import Progress
-    from e2e_search.search.algorithms import initial_population, pbt_dims, pbt_param_space
+    from e2e_search.search.algorithms import initial_population, pbt_param_space
+    from e2e_search.spec.search_checks import pbt_dims
     from e2e_search.search.algorithms import scheduler as make_scheduler
     from e2e_search.record.store import get_experiment_id, start_parent_run
     from e2e_search.record.trials import MlflowTrials
@@ -298,7 +302,7 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
             f"gives Ray {have:g}; lower resources.cpus_per_worker or resources.workers "
             f"(--set resources.cpus_per_worker=1)", key="resources.cpus_per_worker")
     if p.data is not None and p.data.cache == "sparse":  # once per dataset, before any trial: Ray tasks over blocks
-        from trainables.data.sparse_ingest import ingest_for_search
+        from e2e_search.data.ingest import ingest_for_search
 
         ingest_for_search(p.data, use_ray=True)
     p.workdir.mkdir(parents=True, exist_ok=True)

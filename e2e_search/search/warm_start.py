@@ -23,7 +23,7 @@ from typing import Any
 
 from e2e_search.spec.dims import ChoiceDim, FixedDim, GridDim, LogUniformDim, QUniformDim, RandIntDim, UniformDim
 from trainables.errors import UserError
-from e2e_search.spec.params import _categorical, never_active, search_dims
+from e2e_search.spec.params import is_categorical, never_active, search_dims
 from e2e_search.spec.schema import SearchSpace
 from e2e_search.search.algorithms import LEARNING_SAMPLERS
 
@@ -65,7 +65,7 @@ def to_space(cfg: SearchSpace, params: dict[str, Any], family: str | None) -> tu
         if isinstance(dim, ChoiceDim | GridDim):
             if v not in dim.values:
                 changes["dropped"].add(name)
-            elif _categorical(dim.values):
+            elif is_categorical(dim.values):
                 point[name] = v
             else:
                 point[f"{name}__index"] = dim.values.index(v)

@@ -1,7 +1,7 @@
 """The search-space YAML: loading, ``--set`` overrides, validation.
 
 The models are :mod:`e2e_search.spec.dims` (search dimensions) and :mod:`e2e_search.spec.schema`
-(sections, :class:`SearchSpace`); they are importable from here too. Everything here
+(sections, :class:`SearchSpace`). Everything here
 runs before Ray starts and writes nothing. Errors come out as
 :class:`~trainables.errors.UserError` with the file and the dotted key.
 """
@@ -15,23 +15,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-# The models are importable from here as before; imports run one way: dims <- schema <- params <- searchers <- config.
-from e2e_search.spec.dims import DIM_TYPES, ChoiceDim, Dimension, FixedDim, GridDim, LogUniformDim, QUniformDim, RandIntDim, UniformDim, dim_values
-from trainables.errors import UserError, did_you_mean, error_text, fix_for, source_of
+from e2e_search.spec.dims import DIM_TYPES
+from trainables.errors import UserError, did_you_mean, error_text, source_of
 from e2e_search.spec.params import check_params
-from e2e_search.search.algorithms import check_search
-from e2e_search.spec.schema import DEFAULT_WORKDIR, MAXIMIZED, MINIMIZED, DataConfig, FamilyDim, GenerateConfig, ResourcesConfig, SchedulerConfig, SearchConfig, SearchSpace, TaskConfig, TrackingConfig
+from e2e_search.spec.search_checks import check_search
+from e2e_search.spec.schema import SearchSpace
 
-__all__ = [
-    # loading and validation (this module)
-    "DuplicateKey", "UniqueKeyLoader", "parse_yaml", "read_yaml", "apply_overrides", "set_keys", "REPORTED_ANY",
-    "REPORTED_CLASSIFICATION", "REPORTED_REGRESSION", "reported_metrics", "check_metrics", "validate", "load", "dump",
-    # re-exported from dims, schema and errors
-    "DIM_TYPES", "ChoiceDim", "Dimension", "FixedDim", "GridDim", "LogUniformDim", "QUniformDim", "RandIntDim",
-    "UniformDim", "dim_values", "DEFAULT_WORKDIR", "MAXIMIZED", "MINIMIZED", "DataConfig", "FamilyDim",
-    "GenerateConfig", "ResourcesConfig", "SchedulerConfig", "SearchConfig", "SearchSpace", "TaskConfig",
-    "TrackingConfig", "error_text", "fix_for", "source_of",
-]
 
 
 # --------------------------------------------------------------------------- loading

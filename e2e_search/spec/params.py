@@ -10,44 +10,17 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from e2e_search.spec.dims import ChoiceDim, FixedDim, GridDim, LogUniformDim, QUniformDim, RandIntDim, UniformDim, dim_values
 from trainables.errors import UserError, did_you_mean, error_text
 from trainables.registry import family_names, get_family
 from e2e_search.spec.schema import SearchSpace
+from trainables.params import TrainParams
 
 
-class TrainParams(BaseModel):
-    """Training hyperparameters every family shares."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=0.05, ge=0)
-    batch_size: int = Field(default=64, gt=0)
-    warmup_epochs: int = Field(default=0, ge=0)
-    grad_clip: float = Field(default=1.0, ge=0)
-    """Max gradient norm (0 turns clipping off)."""
-    loss: Literal["auto", "cross_entropy", "mse", "huber", "relative"] = "auto"
-    """auto: cross_entropy for classification, mse for regression; in a joint task, the regression part's loss."""
-    loss_weight: float = Field(default=1.0, ge=0)
-    """Joint task: weight of the regression loss (the classification loss has weight 1)."""
-    pretrained: str | None = None
-    """A checkpoint.pt (of an earlier trial, e.g. a masked-autoencoder pretraining) whose weights with
-    matching names and shapes initialize the model before training."""
-    seed: int = 0
-    # Speed options (docs/search_space.md, "Training speed options"); the defaults keep CPU training as it was.
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """auto: bf16 autocast on a GPU, fp32 on the CPU; bf16: autocast to bfloat16 on any device; fp32: no autocast."""
-    compile: bool = False
-    """torch.compile the model for training and validation (costs compile time at the start of each trial)."""
-    grad_accum_steps: int = Field(default=1, ge=1)
-    """Optimizer step every this many batches of ``batch_size`` (effective batch = batch_size x this x workers)."""
-    channels_last: Literal["auto"] | bool = "auto"
-    """Images and conv weights in channels-last memory format. auto: on a GPU, for convolutional networks only."""
 
 
 def search_dims(cfg: SearchSpace) -> dict[str, Any]:
@@ -60,7 +33,7 @@ def search_dims(cfg: SearchSpace) -> dict[str, Any]:
     return dims
 
 
-def _schemas(cfg: SearchSpace) -> dict[str, list[tuple[type[BaseModel], Any, str | None]]]:
+def param_owners(cfg: SearchSpace) -> dict[str, list[tuple[type[BaseModel], Any, str | None]]]:
     """name -> [(pydantic model, field, owning family or None for training)] over every family searched."""
     fields: dict[str, list] = {n: [(TrainParams, f, None)] for n, f in TrainParams.model_fields.items()}
     for fam_name in cfg.families:
@@ -146,13 +119,13 @@ def never_active(cfg: SearchSpace) -> dict[str, tuple[str, str]]:
     e.g. ``attention=softmax`` under ``window_size: {when: {attention: window}}``), each with the reason. They
     are never drawn: the family default applies. name -> (the condition's parameter, why)."""
     dims = search_dims(cfg)
-    fields = _schemas(cfg)
+    fields = param_owners(cfg)
     out: dict[str, tuple[str, str]] = {}
     for name in cfg.params:
         if name not in fields:  # only of families a --set took out of the list (check_params refuses others)
             owners = [f for f in family_names() if name in get_family(f).params.model_fields]
             out[name] = ("family", f"it is a parameter of {', '.join(owners)}, which this search no longer includes")
-    for name in _condition_order(dims):  # conditions first
+    for name in condition_order(dims):  # conditions first
         if name in out:
             continue
         for other, wanted in (dims[name].when or {}).items():
@@ -171,7 +144,7 @@ def check_params(cfg: SearchSpace) -> list[tuple[str, str]]:
     """Check ``params`` against the families and training schema; returns notes (inactive parameters) as
     (the key that caused it, text)."""
     _check_families(cfg)
-    fields = _schemas(cfg)
+    fields = param_owners(cfg)
     dims = search_dims(cfg)
     multi = not isinstance(cfg.family, str)
     fam_text = f"family '{cfg.family}'" if not multi else f"any of the families {cfg.families}"
@@ -234,7 +207,7 @@ def check_params(cfg: SearchSpace) -> list[tuple[str, str]]:
                             f"{cfg.scheduler.max_epochs}); lower params.pretrain_epochs below "
                             f"{cfg.scheduler.max_epochs} or raise scheduler.max_epochs",
                             key="params.pretrain_epochs")
-    _condition_order(dims)
+    condition_order(dims)
     combos = len(grid_points(cfg))
     if combos > cfg.search.num_samples:
         raise UserError(
@@ -251,7 +224,7 @@ def check_params(cfg: SearchSpace) -> list[tuple[str, str]]:
     return notes
 
 
-def _condition_order(params: dict[str, Any]) -> list[str]:
+def condition_order(params: dict[str, Any]) -> list[str]:
     """Parameter names ordered so every condition comes after what it depends on."""
     order: list[str] = []
     state: dict[str, int] = {}
@@ -284,7 +257,7 @@ def grid_points(cfg: SearchSpace) -> list[dict[str, Any]]:
     if not grids:
         return []
     names = list(grids)
-    order = [n for n in _condition_order(dims) if n in grids]
+    order = [n for n in condition_order(dims) if n in grids]
     out: list[dict[str, Any]] = []
     for combo in itertools.product(*(grids[n] for n in names)):
         point = dict(zip(names, combo))
@@ -299,7 +272,7 @@ def grid_points(cfg: SearchSpace) -> list[dict[str, Any]]:
     return out
 
 
-def _active(dim: Any, chosen: dict[str, Any]) -> bool:
+def is_active(dim: Any, chosen: dict[str, Any]) -> bool:
     for other, wanted in (dim.when or {}).items():
         if other not in chosen:
             return False
@@ -309,7 +282,7 @@ def _active(dim: Any, chosen: dict[str, Any]) -> bool:
     return True
 
 
-def _categorical(values: list[Any]) -> bool:
+def is_categorical(values: list[Any]) -> bool:
     return all(v is None or isinstance(v, (bool, int, float, str)) for v in values)
 
 
@@ -322,8 +295,8 @@ class OptunaSpace:
 
     def __init__(self, cfg: SearchSpace):
         self.params = search_dims(cfg)
-        self.order = _condition_order(self.params)
-        schemas = _schemas(cfg)
+        self.order = condition_order(self.params)
+        schemas = param_owners(cfg)
         self.int_fields = {n for n, owners in schemas.items() if any(f.annotation is int for _, f, _ in owners)}
         # Searching over families: a family's own parameter is drawn only in that family's trials.
         self.owners = {n: {fam for _, _, fam in owners} for n, owners in schemas.items()}
@@ -340,12 +313,12 @@ class OptunaSpace:
         fixed: dict[str, Any] = {}
         for name in self.order:
             dim = self.params[name]
-            if not _active(dim, chosen) or not self._applies(name, chosen):
+            if not is_active(dim, chosen) or not self._applies(name, chosen):
                 continue
             if isinstance(dim, FixedDim):
                 value = fixed[name] = dim.value
             elif isinstance(dim, ChoiceDim | GridDim):
-                if _categorical(dim.values):
+                if is_categorical(dim.values):
                     value = trial.suggest_categorical(name, dim.values)
                 else:  # lists etc.: suggest the index, return the value
                     idx = trial.suggest_categorical(f"{name}__index", list(range(len(dim.values))))
@@ -366,23 +339,9 @@ class OptunaSpace:
         return fixed
 
 
-def trial_family(cfg_family: str, params: dict[str, Any]) -> str:
-    """The family a trial trains: its sampled ``family`` when the search is over families."""
-    return params.get("family", cfg_family)
 
 
-def split_params(cfg_family: str, params: dict[str, Any]) -> tuple[TrainParams, BaseModel]:
-    """Trial params → (training params, family params), defaults filled in."""
-    fam = get_family(trial_family(cfg_family, params))
-    clean = {k: v for k, v in params.items() if "__" not in k}
-    return TrainParams.model_validate(clean), fam.params.model_validate(
-        {k: v for k, v in clean.items() if k in fam.params.model_fields}
-    )
 
 
-def public_params(params: dict[str, Any]) -> dict[str, Any]:
-    """The trial's parameters without Optuna's helper entries (``name__index`` ...) and PBT's placeholders of
-    parameters a trial does not have (e2e_search/search/algorithms.py)."""
-    return {k: v for k, v in params.items() if "__" not in k and not (isinstance(v, str) and v == "__absent__")}
 
 

@@ -7,7 +7,6 @@ reading the file, ``--set`` overrides and the checks against the family registry
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
@@ -19,7 +18,6 @@ from trainables.errors import source_of
 MAXIMIZED = {"val_auc", "val_acc", "val_rej30", "val_rej50", "val_rej70"}
 MINIMIZED = {"val_loss", "train_loss", "val_mae", "val_resolution", "val_abs_bias",
              "num_params", "latency_ms"}  # the last two: costs for multi-objective (nsga2) searches
-DEFAULT_WORKDIR = Path("e2e_runs")
 
 
 # --------------------------------------------------------------------------- sections

@@ -75,9 +75,9 @@ def data_shape(cfg: SearchSpace, data: Any) -> DataShape | None:
     if g is None or Path(d.path).exists():
         return None
     if g.recipe == "event_objects":
-        from e2e_search.data.physics.events import N_FEATURES, N_OBJECTS
+        from trainables.data.object_names import EVENT_FEATURES, EVENT_OBJECTS  # the generator's layout
 
-        return DataShape("objects", (N_OBJECTS, N_FEATURES), _tasks(cfg), "recipe")
+        return DataShape("objects", (len(EVENT_OBJECTS), len(EVENT_FEATURES)), _tasks(cfg), "recipe")
     chans = g.channels if isinstance(g.channels, int) else len(g.channels)
     if d.channels is not None:
         chans = len(d.channels)
@@ -117,14 +117,14 @@ def _cheapest(values: list[Any]) -> Any:
 def combinations(cfg: SearchSpace, family: str, ends_only: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
     """Trial parameters to build ``family`` with (every value of its shape parameters, the cheapest of the
     rest; conditions applied as the sampler applies them) and the names varied. Stops past MAX_BUILDS."""
-    from e2e_search.spec.params import _active, _condition_order, _schemas, never_active, search_dims
+    from e2e_search.spec.params import is_active, condition_order, param_owners, never_active, search_dims
     from trainables.registry import get_family
 
     fam = get_family(family)
     dims = search_dims(cfg)
-    fields = _schemas(cfg)
+    fields = param_owners(cfg)
     ignored = never_active(cfg)
-    order = _condition_order(dims)
+    order = condition_order(dims)
     varied = set(fam.shape_params) & set(dims)
     for name in list(varied):  # what a varied parameter's condition depends on varies too
         stack = [name]
@@ -144,7 +144,7 @@ def combinations(cfg: SearchSpace, family: str, ends_only: bool = False) -> tupl
         vals = vals if name in varied else [_cheapest(vals)]
         nxt = []
         for c in combos:
-            if _active(dims[name], c):
+            if is_active(dims[name], c):
                 nxt += [{**c, name: v} for v in vals]
             else:
                 nxt.append(c)
@@ -177,7 +177,7 @@ def try_build(family: str, params: dict[str, Any], shape: DataShape) -> str | No
     it cannot run) count as fitting: only the family's own constraints are reported."""
     import torch
 
-    from e2e_search.spec.params import split_params
+    from trainables.params import split_params
     from trainables.registry import get_family
 
     fam = get_family(family)
@@ -273,11 +273,11 @@ def check_shapes(cfg: SearchSpace, data: Any) -> float:
 def _explain(cfg: SearchSpace, family: str, shape: DataShape, failed: list, varied: list[str]) -> UserError:
     """The parameter to blame for the first failing combination: one whose change (to another of its values,
     preferably one the YAML gives, else the family's default) makes the model build."""
-    from e2e_search.spec.params import _schemas, search_dims
+    from e2e_search.spec.params import param_owners, search_dims
 
     combo, reason = failed[0]
     dims = search_dims(cfg)
-    fields = _schemas(cfg)
+    fields = param_owners(cfg)
     given = [n for n in combo if n != "family"]
     names = sorted(given, key=lambda n: (n not in varied, given.index(n)))
     blame = None

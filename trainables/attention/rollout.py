@@ -39,7 +39,7 @@ def _timm_probs(m: Attention, x: torch.Tensor, attn_mask: torch.Tensor | None,
                 rope: torch.Tensor | None = None) -> torch.Tensor:
     """timm Attention (and the vit subclasses) on x (B, N, D) -> (B, N, N) head-averaged attention, with the
     mask (bool: True = may attend; a key padding mask leaves padded keys at zero) and rotary table it got."""
-    from trainables.families._vit_blocks import LinearAttention, apply_rope  # vit imports nothing from here
+    from trainables.layers.vit_blocks import LinearAttention, apply_rope  # vit imports nothing from here
 
     B, N, _ = x.shape
     qkv = m.qkv(x).reshape(B, N, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
@@ -122,7 +122,7 @@ def _token_layout(model: nn.Module) -> tuple[tuple[int, int], int, bool] | None:
 
 def _to_pixels(model: nn.Module, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, gh, gw) per-token maps -> (B, H, W) on the input image: undo the FitToPatches pad/crop."""
-    from trainables.families.vit import FitToPatches
+    from trainables.layers.vit_common import FitToPatches
 
     fit = next((m for m in model.modules() if isinstance(m, FitToPatches)), None)
     out = tuple(fit.out_size) if fit is not None else size
@@ -146,7 +146,7 @@ def attention_rollout(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 
     A ViT that keeps only its non-empty patches (``token_keep: nonempty``) rolls out over the tokens it
     kept; the map puts each token's value on its grid patch, and the patches it dropped get zero."""
-    from trainables.families._vit_model import grid_tokens, kept_grid
+    from trainables.layers.vit_model import grid_tokens, kept_grid
 
     hit_map = next((m.hit_attention_map for m in model.modules() if hasattr(m, "hit_attention_map")), None)
     if hit_map is not None:  # hit_transformer: the class token's attention over the hits, at their pixels

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from e2e_search.data.inspect import DataSetup, H5ImageDataset
-from e2e_search.data.labels import encode_labels
-from e2e_search.data.objects import ObjectDataset
+from trainables.data.setup import DataSetup
+from trainables.data.images import H5ImageDataset
+from trainables.data.targets import encode_labels
+from trainables.data.object_lists import ObjectDataset
 from trainables.core.batches import DeviceBatches, SparseBatches, SparseRows
 
 _KEPT: dict[str, Any] = {}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from e2e_search.spec.params import split_params
+from trainables.params import split_params
 from trainables.registry import get_family
 from trainables.core.checkpoint import TrialCheckpoint, model_data
 from trainables.core.contract import TrialConfig

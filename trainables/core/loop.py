@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from trainables.metrics import task_metrics
-from e2e_search.record.figures import save_predictions
+from trainables.core.predictions import save_predictions
 from trainables.registry import get_family
 from trainables.core.checkpoint import TrialCheckpoint, checkpoint_score
 from trainables.core.contract import TrialConfig

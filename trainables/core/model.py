@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from trainables.data.setup import DataSetup
-from e2e_search.spec.params import split_params, trial_family
+from trainables.params import split_params, trial_family
 from trainables.registry import get_family
 
 

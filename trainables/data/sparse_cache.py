@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from trainables.errors import UserError
-from e2e_search.data.h5cache import cache_dir
+from trainables.workdir import cache_dir
 
 SPARSE_VERSION = 1
 """Bumped when the layout or the values change: older sparse caches are then rebuilt."""

@@ -5,7 +5,7 @@ The cached rows are cut into blocks; each block is read with the dense path's ow
 :func:`trainables.data.transforms.preprocess`) in chunks of ``READ_CHUNK`` images and reduced to its stored pixels, written as three ``.npy`` files into the temporary folder. ``ingest`` then merges the blocks
 in row order into the final arrays, writes ``meta.json`` and renames the folder into place.
 
-Blocks run as Ray tasks (``use_ray=True``: one CPU each, at most ``parallel`` at a time, on this node, where the
+Blocks run as Ray tasks (``run_blocks`` of e2e_search/data/ingest.py: one CPU each, at most ``parallel`` at a time, on this node, where the
 folder is) or in this process, one after the other (no Ray: unit tests, a trial that finds no cache on its
 node). A file lock makes concurrent callers on a node build it once: the others wait and reuse it. Any error
 (a bad chunk, NaN in the file, Ctrl-C) removes the temporary folder; a killed process leaves a ``.tmp`` folder
@@ -18,17 +18,18 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from e2e_search.data.inspect import READ_CHUNK, DataSetup, _check_finite, _read_rows
+from trainables.data.images import READ_CHUNK, check_finite, read_rows
+from trainables.data.setup import DataSetup
 from trainables.errors import UserError
-from e2e_search.data.h5cache import cache_dir
-from trainables.data.sparse_cache import META, background, cache_rows, folder_name, identity, is_complete, open_cache, stored_mask
+from trainables.workdir import cache_dir
+from trainables.data.sparse_cache import META, background, cache_rows, folder_name, identity, is_complete, stored_mask
 from trainables.data.transforms import preprocess, to_chw
+from typing import Callable
 
 BLOCK_ROWS = 8192
 """Most rows in one block (one Ray task)."""
@@ -51,8 +52,8 @@ def encode_rows(spec: dict, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
         X = f[setup.image_key]
         for a in range(0, len(rows), READ_CHUNK):
             # read_images' steps for one sorted chunk, without its output copy: the same values bit for bit
-            raw = to_chw(_read_rows(X, rows[a : a + READ_CHUNK]), setup.layout)[:, setup.channels]
-            _check_finite(raw, "data.image_key")
+            raw = to_chw(read_rows(X, rows[a : a + READ_CHUNK]), setup.layout)[:, setup.channels]
+            check_finite(raw, "data.image_key")
             flat = preprocess(raw, setup, normalize=False, select=False).reshape(len(raw), -1)
             mask = stored_mask(flat, bg)
             lens.append(mask.sum(axis=1, dtype=np.int64))
@@ -83,36 +84,6 @@ def _run_local(spec: dict, rows: np.ndarray, parts: list[tuple[int, int]], tmp: 
     return [write_block(spec, i, rows[a:b], str(tmp)) for i, (a, b) in enumerate(parts)]
 
 
-def _run_ray(spec: dict, rows: np.ndarray, parts: list[tuple[int, int]], tmp: Path,
-             parallel: int) -> list[tuple[int, int]]:
-    """The blocks as Ray tasks on this node (the folder is on its disk), at most ``parallel`` at a time."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    task = ray.remote(num_cpus=1, max_retries=0)(write_block).options(scheduling_strategy=here)
-    spec_ref = ray.put(spec)
-    todo = list(enumerate(parts))
-    pending, done = [], []
-    try:
-        while todo or pending:
-            while todo and len(pending) < parallel:
-                i, (a, b) = todo.pop(0)
-                pending.append(task.remote(spec_ref, i, rows[a:b], str(tmp)))
-            ready, pending = ray.wait(pending, num_returns=1)
-            done.extend(ray.get(ready))
-    except ray.exceptions.RayTaskError as e:
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, UserError):
-            raise cause from None
-        raise
-    except BaseException:
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        raise
-    return sorted(done)
 
 
 def _merge(tmp: Path, rows: np.ndarray, done: list[tuple[int, int]], meta: dict) -> None:
@@ -181,9 +152,15 @@ def _image_shape(setup: DataSetup) -> list[int]:
     return [len(setup.channels), int(setup.img_size[0]), int(setup.img_size[1])]
 
 
-def build(setup: DataSetup, final: Path, ident: dict, *, parallel: int = 1, use_ray: bool = False,
+BlockRunner = Callable[[dict, np.ndarray, list[tuple[int, int]], Path], list[tuple[int, int]]]
+"""Writes the blocks ``parts`` ([start, stop) ranges of ``rows``) of a cache with :func:`write_block` into the
+temporary folder -> [(block, stored pixels)]; e2e_search/data/ingest.py has one that runs them as Ray tasks."""
+
+
+def build(setup: DataSetup, final: Path, ident: dict, *, parallel: int = 1, run_blocks: BlockRunner | None = None,
           block_rows: int | None = None) -> dict:
-    """Write the cache of ``setup`` to ``final`` (temporary folder + rename). -> its meta."""
+    """Write the cache of ``setup`` to ``final`` (temporary folder + rename) in blocks for ``parallel`` tasks, run by
+    ``run_blocks`` (None: one after the other in this process). -> its meta."""
     rows = cache_rows(setup)
     parts = blocks(len(rows), parallel, block_rows)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
@@ -192,10 +169,10 @@ def build(setup: DataSetup, final: Path, ident: dict, *, parallel: int = 1, use_
     t0 = time.perf_counter()
     try:
         spec = block_spec(setup)
-        done = _run_ray(spec, rows, parts, tmp, parallel) if use_ray else _run_local(spec, rows, parts, tmp)
+        done = (run_blocks or _run_local)(spec, rows, parts, tmp)
         bg = background(setup)
         meta = {**ident, "shape": _image_shape(setup), "background": float(bg), "blocks": len(parts),
-                "tasks": parallel if use_ray else 1, "ray": use_ray}
+                "tasks": parallel if run_blocks else 1, "ray": run_blocks is not None}
         _merge(tmp, rows, done, meta)
         meta = json.loads((tmp / META).read_text())
         meta["seconds"] = time.perf_counter() - t0
@@ -212,10 +189,10 @@ def build(setup: DataSetup, final: Path, ident: dict, *, parallel: int = 1, use_
     return meta
 
 
-def ensure(setup: DataSetup, *, parallel: int = 1, use_ray: bool = False, root: Path | None = None,
+def ensure(setup: DataSetup, *, parallel: int = 1, run_blocks: BlockRunner | None = None, root: Path | None = None,
            block_rows: int | None = None, log=None) -> Path:
     """The folder of the sparse cache of ``setup`` as its source is now: reused when complete, else built
-    (``use_ray``: blocks as Ray tasks, ``parallel`` at a time). ``log``: a callable for one line of progress.
+    (in blocks for ``parallel`` tasks run by ``run_blocks``; None: in this process). ``log``: a callable for one line of progress.
     Raises UserError for NaN/Inf in the images."""
     if root is None:
         root = Path(setup.sparse_dir).parent if setup.sparse_dir else cache_dir()
@@ -237,8 +214,8 @@ def ensure(setup: DataSetup, *, parallel: int = 1, use_ray: bool = False, root: 
             shutil.rmtree(final)
         if log:
             log(f"data: building the sparse cache of {setup.path} ({ident['n_rows']} images"
-                + (f", {parallel} Ray tasks" if use_ray else "") + f") in {final}")
-        meta = build(setup, final, ident, parallel=parallel, use_ray=use_ray, block_rows=block_rows)
+                + (f", {parallel} {getattr(run_blocks, 'tasks', 'tasks')}" if run_blocks else "") + f") in {final}")
+        meta = build(setup, final, ident, parallel=parallel, run_blocks=run_blocks, block_rows=block_rows)
         if log:
             log(f"data: sparse cache built in {meta['seconds']:.1f} s ({meta['n_rows'] / max(meta['seconds'], 1e-9):,.0f}"
                 f" images/s): {meta['fill']:.2%} of pixels non-zero, {_size(final) / 2**20:,.1f} MiB")
@@ -249,24 +226,3 @@ def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
-def ingest_for_search(setup: DataSetup, *, use_ray: bool = True) -> Path | None:
-    """What ``e2e-search run`` does before the trials start: for ``cache: sparse``, build the cache with Ray
-    tasks (one per CPU of this node) unless it exists; prints one line either way. None for other caches."""
-    if setup is None or setup.cache != "sparse" or setup.kind != "images":
-        return None
-    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    parallel = 1
-    if use_ray:  # one task per CPU of this node (the blocks run here, where the folder is)
-        import ray
-
-        here = ray.get_runtime_context().get_node_id()
-        cpus = [n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == here and n["Alive"]]
-        parallel = max(1, int(cpus[0] if cpus else 1))
-    t0 = time.perf_counter()
-    built: list[str] = []
-    folder = ensure(setup, parallel=parallel, use_ray=use_ray, log=lambda s: (built.append(s), log(s)))
-    if not built:
-        c = open_cache(folder)
-        log(f"data: sparse cache {folder} reused ({len(c.rows)} images, {c.meta['fill']:.2%} of pixels non-zero, "
-            f"{c.nbytes / 2**20:,.1f} MiB, checked in {time.perf_counter() - t0:.2f} s)")
-    return folder

@@ -17,8 +17,8 @@ from timm.models.cait import Cait
 from torch import nn
 
 from trainables.registry import Capabilities, register_family
-from trainables.families._vit_blocks import MLP
-from trainables.families.vit import FitToPatches, heads_multiple, use_fused_attention
+from trainables.layers.vit_blocks import MLP
+from trainables.layers.vit_common import FitToPatches, heads_multiple, use_fused_attention
 
 
 class CaitParams(BaseModel):

@@ -3,7 +3,7 @@
 A convolutional stem, then ``len(depths)`` stages: the first ``conv_stages`` of MBConv blocks (depthwise
 convolutions with squeeze-excitation), the rest of transformer blocks (self-attention over the whole
 feature map of the stage, with a relative position bias), each stage halving the map and doubling the
-width. The image is zero-padded to a multiple of ``stem_stride * 2^stages`` (trainables/families/_maxxvit.py).
+width. The image is zero-padded to a multiple of ``stem_stride * 2^stages`` (trainables/layers/maxxvit.py).
 
     x (B, C, H, W) -> pad -> stem -> C x conv_stages -> T x (stages - conv_stages) -> norm, pool -> (B, outputs)
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import nn
 
-from trainables.families._maxxvit import MAX_STAGES, MaxxNet, MaxxParams
+from trainables.layers.maxxvit import MAX_STAGES, MaxxNet, MaxxParams
 from trainables.registry import Capabilities, register_family
 
 

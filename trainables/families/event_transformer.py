@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from trainables.registry import Capabilities, register_family
-from trainables.families.vit import heads_multiple
+from trainables.layers.vit_common import heads_multiple
 
 
 class EventTransformerParams(BaseModel):

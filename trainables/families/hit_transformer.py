@@ -10,7 +10,7 @@ the summed energy of all hits of the jet. Energies are the pixel values after th
 data (zero_suppress, clip, log1p) minus the empty-cell value, not normalized (GeV for generated data).
 
 Sources: ParT (Qu, Li, Qian 2022, arXiv 2202.03772): particle-attention blocks whose logits get a per-head bias
-embedded from ln ΔR, ln kT, ln z, ln m² of every pair (trainables/families/_pair_bias.py), then class-attention
+embedded from ln ΔR, ln kT, ln z, ln m² of every pair (trainables/layers/pair_bias.py), then class-attention
 blocks (Touvron et al. 2021, CaiT) in which a class token reads the hit tokens::
 
     image (B, C, H, W) or hit list [hits (B, K0, 4), mask (B, K0)]
@@ -42,8 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from timm.layers import DropPath, Mlp
 from torch import nn
 
-from trainables.families._pair_bias import PairBias, masked_bias
-from trainables.families._vit_model import EMPTY_TOL  # the same test of an empty pixel as vit's token_keep
+from trainables.layers.pair_bias import PairBias, masked_bias
+from trainables.layers.vit_model import EMPTY_TOL  # the same test of an empty pixel as vit's token_keep
 from trainables.registry import Capabilities, register_family
 
 POS_SCALE = 0.4

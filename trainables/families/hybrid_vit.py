@@ -20,7 +20,7 @@ from timm.layers import HybridEmbed
 from torch import nn
 
 from trainables.registry import Capabilities, register_family
-from trainables.families.vit import FitToPatches, TimmVitParams, timm_vit
+from trainables.layers.vit_common import FitToPatches, TimmVitParams, timm_vit
 
 
 class HybridVitParams(TimmVitParams):

@@ -57,8 +57,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from trainables.registry import Capabilities, register_family
-from trainables.families._vit_blocks import MLP, sincos_2d
-from trainables.families.vit import FitToPatches, heads_multiple
+from trainables.layers.vit_blocks import MLP, sincos_2d
+from trainables.layers.vit_common import FitToPatches, heads_multiple
 
 EMPTY_TOL = 1e-6
 """A patch channel is constant when max - min over its real pixels is at most this."""

@@ -4,7 +4,7 @@ A convolutional stem, then ``len(depths)`` stages of MaxViT blocks, each stage h
 and doubling the width. A block is an MBConv, then *block* attention (inside non-overlapping
 ``window`` x ``window`` windows: local) and *grid* attention (over a ``window`` x ``window`` grid spread
 across the whole map: global, dilated), each with a relative position bias and an MLP. The image is
-zero-padded so that every stage's map is a multiple of its window (trainables/families/_maxxvit.py);
+zero-padded so that every stage's map is a multiple of its window (trainables/layers/maxxvit.py);
 ``window_size`` is the largest window side, a stage may use a smaller one.
 
     x (B, C, H, W) -> pad -> stem -> [MBConv, block attn, grid attn] x depths -> norm, pool -> (B, outputs)
@@ -15,7 +15,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import nn
 
-from trainables.families._maxxvit import MaxxNet, MaxxParams
+from trainables.layers.maxxvit import MaxxNet, MaxxParams
 from trainables.registry import Capabilities, register_family
 
 

@@ -18,7 +18,6 @@ times their size when ``window_size * 2^(stages-1)`` does not divide the grid.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -27,7 +26,8 @@ from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
 from trainables.registry import Capabilities, register_family
-from trainables.families.vit import FitToPatches, heads_multiple, use_fused_attention
+from trainables.layers.vit_common import FitToPatches, heads_multiple, use_fused_attention
+from trainables.layers.windows import swin_grid
 
 
 class SwinParams(BaseModel):
@@ -49,26 +49,8 @@ class SwinParams(BaseModel):
     pool: Literal["avg", "max"] = "avg"
 
 
-def stage_windows(grid: int, window: int, stages: int) -> list[int] | None:
-    """Window side per stage that tiles a grid of ``grid`` tokens exactly along one axis, or None."""
-    if grid % 2 ** (stages - 1):  # every patch merging halves an even grid
-        return None
-    sides = []
-    for i in range(stages):
-        res = grid // 2**i
-        fits = [w for w in range(window, math.ceil(window / 2) - 1, -1) if res % w == 0]
-        if res > window and not fits:
-            return None
-        sides.append(res if res <= window else fits[0])
-    return sides
 
 
-def swin_grid(size: int, patch: int, window: int, stages: int) -> tuple[int, list[int]]:
-    """Smallest patch grid >= ceil(size / patch) with exact windows at every stage, and those windows."""
-    g = math.ceil(size / patch)
-    while stage_windows(g, window, stages) is None:  # terminates: multiples of window * 2^(stages-1) fit
-        g += 1
-    return g, stage_windows(g, window, stages)
 
 
 class Swin(nn.Module):

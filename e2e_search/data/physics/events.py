@@ -17,9 +17,10 @@ import numpy as np
 from e2e_search.data.physics.clustering import Batch
 from e2e_search.data.physics.detector import wrap
 from e2e_search.data.physics.sample import COMMON, Sample
+from trainables.data.object_names import EVENT_FEATURES, EVENT_OBJECTS
 
-N_OBJECTS = 6
-N_FEATURES = 4
+N_OBJECTS = len(EVENT_OBJECTS)
+N_FEATURES = len(EVENT_FEATURES)
 TTBAR = ["Top:gg2ttbar = on", "Top:qqbar2ttbar = on"]
 WJETS = ["WeakBosonAndParton:qqbar2Wg = on", "WeakBosonAndParton:qg2Wq = on", "PhaseSpace:pTHatMin = 40.",
          "24:onMode = off", "24:onIfAny = 11 13"]

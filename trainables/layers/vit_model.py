@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from trainables.families._pair_bias import PairBias, masked_bias
-from trainables.families._vit_blocks import RopeBlock, SoftmaxAttention, rope_2d, sincos_2d, window_ids
+from trainables.layers.pair_bias import PairBias, masked_bias
+from trainables.layers.vit_blocks import RopeBlock, SoftmaxAttention, rope_2d, sincos_2d, window_ids
 
 EMPTY_TOL = 1e-5
 """A pixel is empty when it is within EMPTY_TOL * max(1, |empty value|) of its channel's empty value."""
