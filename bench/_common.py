@@ -96,8 +96,8 @@ def write_jets(path: str | Path, n: int, *, size: int = 125, channels: int = 3, 
 def data_setup(path: str | Path, *, cache: str = "none", val_fraction: float = 0.05, loader_workers: int = 0,
                batch_size: int = 256, family: str = "vit", params: dict | None = None, limit: int | None = None):
     """(SearchSpace, DataSetup) for a classification search on ``path`` (the checks ``e2e-search run`` does)."""
-    from e2e_search.spec.loader import validate
     from e2e_search.data.inspect import inspect
+    from e2e_search.spec.loader import validate
 
     raw = {
         "name": "bench", "family": family, "task": {"type": "classification", "num_classes": 2},
@@ -117,10 +117,10 @@ def local_tracking(tmp: str | Path) -> dict[str, str]:
 
 def start_ray() -> float:
     """A local Ray as ``e2e-search run`` starts it; the seconds it took."""
-    from e2e_search.search.run import _init_ray
+    from e2e_search.search.ray_env import init_ray
 
     t0 = time.perf_counter()
-    _init_ray(None, verbose=False)
+    init_ray(None, verbose=False)
     return time.perf_counter() - t0
 
 

@@ -19,10 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from timm.models.vision_transformer import VisionTransformer  # noqa: E402
-
-from _common import VIT, bare_loop, fmt, machine, release, write_result  # noqa: E402
+import torch
+from _common import VIT, bare_loop, fmt, machine, release, write_result
+from timm.models.vision_transformer import VisionTransformer
 
 # The figures (H100, img/s): (batch, eager, compiled).
 REFERENCE = {"vit_ti5": (256, 3563, 5548), "vit_s5": (256, 1930, 2591), "vit_s25": (1024, 31423, 43596),

@@ -31,11 +31,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from _common import data_setup, fmt, machine, write_jets, write_result  # noqa: E402
+import numpy as np
+import torch
+from _common import data_setup, fmt, machine, write_jets, write_result
+from torch.utils.data import DataLoader
 
 LAYOUTS = {
     # name: write_jets keywords

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import VIT, data_setup, fmt, machine, vit_params, write_jets, write_result  # noqa: E402
+from _common import VIT, data_setup, fmt, machine, vit_params, write_jets, write_result
 
 
 def main() -> int:

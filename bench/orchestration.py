@@ -41,7 +41,7 @@ from statistics import mean
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import local_tracking, machine, start_ray, write_result  # noqa: E402
+from _common import local_tracking, machine, start_ray, write_result
 
 
 def search_config(data: str, tmp: str, n_trials: int, epochs: int, concurrent: int, runner: str) -> dict:
@@ -70,8 +70,8 @@ def tune_results(storage: Path) -> dict[str, list[dict]]:
 def measure(data: str, tmp: str, n_trials: int, epochs: int, concurrent: int, runner: str) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from e2e_search.spec.loader import validate
     from e2e_search.search.run import execute, plan
+    from e2e_search.spec.loader import validate
 
     cfg = validate(search_config(data, tmp, n_trials, epochs, concurrent, runner), source="bench")
     p = plan(cfg)
@@ -117,14 +117,14 @@ def main() -> int:
     args = ap.parse_args()
     import ray
 
-    from e2e_search.search.run import _quiet_libraries
     from e2e_search.data.toy import generate_toy_jets
+    from e2e_search.search.ray_env import quiet_libraries
 
     print(machine(), flush=True)
     tmp = tempfile.mkdtemp(prefix="e2e_orch_")
     data = os.path.join(tmp, "toy.h5")
     generate_toy_jets(data, n=args.n, image_size=32, channels=3, seed=0)
-    _quiet_libraries(False)
+    quiet_libraries(False)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # what e2e-search sets
     rows = []
     try:

@@ -51,7 +51,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import local_tracking, machine, start_ray, write_result  # noqa: E402
+from _common import local_tracking, machine, start_ray, write_result
 
 SPACE = {
     "lr": {"type": "loguniform", "low": 1.0e-5, "high": 1.0e-1},
@@ -143,12 +143,13 @@ def run_searches(args) -> tuple[dict[str, dict[str, Curves]], Curves]:
     dataset and one Ray -> ({kind: {seed: curves}}, random curves)."""
     import ray
 
+    from e2e_search.search.ray_env import quiet_libraries
+    from e2e_search.search.run import execute, plan
     from e2e_search.spec.loader import validate
-    from e2e_search.search.run import _quiet_libraries, execute, plan
 
     tmp = tempfile.mkdtemp(prefix="e2e_eff_")
     data = args.data
-    _quiet_libraries(False)
+    quiet_libraries(False)
     start_ray()
     kinds = [k.strip() for k in args.searches.split(",") if k.strip()]
 

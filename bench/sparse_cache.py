@@ -112,7 +112,7 @@ def batch_rate(batches, device, seconds: float, max_batches: int) -> float:
     next(it)  # warm-up
     sync()
     n, t0 = 0, time.perf_counter()
-    for i, (x, _y) in enumerate(it):  # noqa: B007
+    for i, (x, _y) in enumerate(it):
         x = x.to(device, non_blocking=True)
         n += len(x)
         if i + 1 >= max_batches or time.perf_counter() - t0 > seconds:
@@ -195,10 +195,10 @@ def main() -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from _common import data_setup, machine, write_jets, write_result
 
-    from trainables.data.images import available_memory
-    from e2e_search.search.run import _init_ray
-    from trainables.data.sparse_cache import open_cache
     from e2e_search.data.ingest import ray_blocks
+    from e2e_search.search.ray_env import init_ray
+    from trainables.data.images import available_memory
+    from trainables.data.sparse_cache import open_cache
     from trainables.data.sparse_ingest import ensure
 
     print(machine(), flush=True)
@@ -209,7 +209,7 @@ def main() -> int:
         tmp = Path(tmp)
         os.chdir(tmp)
         t0 = time.perf_counter()
-        _init_ray(None, verbose=False)
+        init_ray(None, verbose=False)
         print(f"ray.init: {time.perf_counter() - t0:.1f} s", flush=True)
         for n in (int(v) for v in args.rows.split(",")):
             path = tmp / f"jets_{n}.h5"

@@ -50,9 +50,8 @@ def main() -> int:
     ap.add_argument("--fill", type=float, default=0.00175)
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from mlflow.tracking import MlflowClient
-
     from _common import machine, write_jets
+    from mlflow.tracking import MlflowClient
 
     print(machine(), flush=True)
     rows = []

@@ -35,10 +35,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from _common import VIT, bare_loop, data_setup, fmt, machine, release, vit_params, write_jets, write_result  # noqa: E402
+import numpy as np
+import torch
+from _common import VIT, bare_loop, data_setup, fmt, machine, release, vit_params, write_jets, write_result
 
 
 class _Collect:

@@ -32,14 +32,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from sklearn.metrics import roc_auc_score  # noqa: E402
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from _common import machine
+from sklearn.metrics import roc_auc_score
 
-from _common import machine  # noqa: E402
-from trainables.core.model import build_model  # noqa: E402
+from trainables.core.model import build_model
 from trainables.data.setup import DataSetup
 
 REPO = Path(__file__).resolve().parent.parent

@@ -106,9 +106,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plan(args, cfg, **kwargs):
     """``plan()`` (data file, GPUs), its errors naming the YAML and the ``--set`` that led there."""
+    from e2e_search.search.run import plan
     from e2e_search.spec.loader import set_keys
     from trainables.errors import source_of
-    from e2e_search.search.run import plan
 
     try:
         p = plan(cfg, **kwargs)
@@ -125,8 +125,8 @@ def _print_notes(cfg) -> None:
 
 
 def _cmd_validate(args) -> int:
-    from e2e_search.spec.loader import load
     from e2e_search.search.run import describe
+    from e2e_search.spec.loader import load
 
     cfg = load(args.file, args.sets)
     print(describe(_plan(args, cfg, generate=False)))
@@ -135,8 +135,8 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from e2e_search.spec.loader import dump, load
     from e2e_search.search.run import describe, execute
+    from e2e_search.spec.loader import dump, load
 
     cfg = load(args.file, args.sets)
     if args.dry_run:
@@ -148,9 +148,9 @@ def _cmd_run(args) -> int:
         return 0
     nothing = None
     if args.resume:  # continue the latest unfinished search, or start one when there is none
+        from e2e_search.record.store import resolve_uri, sqlite_path
         from trainables.errors import NothingToResume
         from trainables.workdir import DEFAULT_WORKDIR
-        from e2e_search.record.store import resolve_uri, sqlite_path
 
         uri = resolve_uri(cfg.tracking.uri, DEFAULT_WORKDIR)[0]
         try:
@@ -251,8 +251,8 @@ def _print_best(uri: str, experiment: str, metric: str | None, mode: str | None,
 def _store(arg: str | None) -> str:
     """The MLflow tracking URI: --tracking-uri, else MLFLOW_TRACKING_URI, else the work directory's SQLite store;
     a SQLite store must exist (reading never creates one)."""
-    from trainables.workdir import DEFAULT_WORKDIR
     from e2e_search.record.store import store_uri
+    from trainables.workdir import DEFAULT_WORKDIR
 
     return store_uri(arg, DEFAULT_WORKDIR)
 
@@ -265,8 +265,8 @@ def _cmd_best(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from trainables.names import file_name
     from e2e_search.analysis.report import write_report
+    from trainables.names import file_name
     from trainables.workdir import DEFAULT_WORKDIR
 
     out = Path(args.out) if args.out else DEFAULT_WORKDIR / "reports" / f"{file_name(args.experiment)}.html"

@@ -12,19 +12,19 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from e2e_search.analysis.effects import dims_of, factors, importances
+from e2e_search.data.inspect import inspect
+from e2e_search.record.figures import task_attention_plot
 from e2e_search.spec.loader import load, validate
+from e2e_search.spec.params import grid_points
+from tests.conftest import base_config, write_objects
+from trainables.attention.tasks import is_task_attention, query_means, task_attention_maps
 from trainables.core import layout
 from trainables.core.contract import TrialConfig
 from trainables.core.loop import train_trial
 from trainables.core.recon import masked_sums, recon_metrics
 from trainables.core.session import LocalSession
-from e2e_search.data.inspect import inspect
-from e2e_search.analysis.effects import dims_of, factors, importances
-from e2e_search.spec.params import grid_points
-from e2e_search.record.figures import task_attention_plot
 from trainables.registry import get_family
-from trainables.attention.tasks import is_task_attention, query_means, task_attention_maps
-from tests.conftest import base_config, write_objects
 
 torch.set_num_threads(1)
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"

@@ -1139,8 +1139,8 @@ def test_conditional_constant_and_a_dimension_without_type(ws, capsys):
     cfg = base_cfg()
     cfg["family"] = {"type": "choice", "values": ["vit", "resnet15"]}
     cfg["params"] = {"batch_size": 8, "mlp_ratio": {"value": 2.0, "when": {"family": "vit"}}}
-    from e2e_search.spec.loader import load
     from e2e_search.spec.dims import FixedDim
+    from e2e_search.spec.loader import load
 
     dim = load(write_yaml(cfg)).params["mlp_ratio"]
     assert isinstance(dim, FixedDim) and dim.value == 2.0 and dim.when == {"family": "vit"}

@@ -20,20 +20,29 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from e2e_search.analysis.bootstrap import (View, count_blocks, interval, prob_better, resampled, seed_mean, view, weighted,
-                                  win_matrix)
+from e2e_search.analysis.bootstrap import (
+    View,
+    count_blocks,
+    interval,
+    prob_better,
+    resampled,
+    seed_mean,
+    view,
+    weighted,
+    win_matrix,
+)
 from e2e_search.cli import main
-from e2e_search.spec.loader import dump, validate
 from e2e_search.confirm.plan import Candidate, champion_metric, choose_champion, prepare
+from e2e_search.data.fileid import file_hash
+from e2e_search.data.inspect import inspect
+from e2e_search.spec.loader import dump, validate
+from tests.conftest import base_config, write_e2e, write_yaml
 from trainables.core import layout
 from trainables.core.contract import TrialConfig
 from trainables.core.loop import train_trial
 from trainables.core.scoring import load_scored
 from trainables.core.session import LocalSession
-from e2e_search.data.inspect import inspect
-from e2e_search.data.fileid import file_hash
 from trainables.metrics import classification_metrics, regression_metrics, softmax
-from tests.conftest import base_config, write_e2e, write_yaml
 
 VIT = {"patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2, "batch_size": 16}
 

@@ -14,7 +14,9 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from e2e_search.data.inspect import inspect
 from e2e_search.spec.loader import validate
+from tests.conftest import base_config, write_e2e, write_yaml
 from trainables.core import layout
 from trainables.core.checkpoint import CheckpointError, TrialCheckpoint
 from trainables.core.contract import TrialConfig
@@ -22,9 +24,7 @@ from trainables.core.datasets import forget, open_split
 from trainables.core.engine import NonFiniteLoss
 from trainables.core.loop import train_trial
 from trainables.core.session import LocalSession
-from e2e_search.data.inspect import inspect
 from trainables.registry import Capabilities, register_family
-from tests.conftest import base_config, write_e2e, write_yaml
 
 VIT = {"patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2, "batch_size": 16}
 

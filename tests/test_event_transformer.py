@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainables.registry import get_family
 from trainables.families.event_transformer import EventTransformerParams, hidden_counts
+from trainables.registry import get_family
 
 torch.set_num_threads(1)
 

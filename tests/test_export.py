@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from e2e_search.cli import main
-from trainables.data.setup import DataSetup
 from trainables.core.layout import CHECKPOINT_FILE
 from trainables.core.model import build_model
+from trainables.data.setup import DataSetup
 
 IMAGE = dict(path="jets.h5", image_key="X_jets", label_key="y", layout="channels_last", channels=[0, 2], in_chans=2,
              img_size=(32, 32), task="classification", num_classes=2, mean=[0.05, 0.1], std=[0.5, 2.0])

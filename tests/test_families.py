@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from trainables.core.checkpoint import checkpoint_score
+from trainables.core.model import build_model, task_loss
 from trainables.data.setup import DataSetup
 from trainables.data.targets import encode_labels
 from trainables.metrics import regression_metrics, rejection_at, task_metrics
 from trainables.registry import family_names, get_family
-from trainables.core.checkpoint import checkpoint_score
-from trainables.core.model import build_model, task_loss
 
 IMAGE_SHAPES = {"125x125x3": (3, 125, 125), "32x32x2": (2, 32, 32), "125x125x8": (8, 125, 125)}
 OBJECT_SHAPES = {"6x4": (6, 4), "20x7": (20, 7)}

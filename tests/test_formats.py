@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 import uproot
 
-from e2e_search.data import formats
 from e2e_search.cli import main
-from e2e_search.spec.loader import validate
-from e2e_search.data.inspect import inspect
+from e2e_search.data import formats
 from e2e_search.data.formats import materialize
+from e2e_search.data.inspect import inspect
+from e2e_search.spec.loader import validate
 from tests.conftest import base_config, write_e2e, write_yaml
 
 N = 40

@@ -11,15 +11,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from tests.test_export import make_checkpoint, run_export
+from trainables.attention.rollout import attention_rollout
 from trainables.core.batches import SparseRows
 from trainables.core.model import build_model, empty_pixel
 from trainables.data.setup import DataSetup
-from trainables.layers.pair_bias import pair_features
-from trainables.families.hit_transformer import hit_list, input_hits
-from trainables.registry import get_family
-from trainables.attention.rollout import attention_rollout
 from trainables.data.transforms import preprocess
-from tests.test_export import make_checkpoint, run_export
+from trainables.families.hit_transformer import hit_list, input_hits
+from trainables.layers.pair_bias import pair_features
+from trainables.registry import get_family
 
 TINY = {"depth": 1, "embed_dim": 16, "num_heads": 2, "class_attn_layers": 1}
 
@@ -229,8 +229,8 @@ def test_vit_pair_bias_exports_with_parity(tmp_path, capsys):
 
 
 def test_jet_features_give_the_invariant_mass_of_the_kept_hits():
-    from trainables.layers.pair_bias import pair_features
     from trainables.families.hit_transformer import jet_features
+    from trainables.layers.pair_bias import pair_features
 
     eta, phi = torch.tensor([[0.1, -0.2, 0.0]]), torch.tensor([[0.3, 0.1, 0.0]])
     e, ch = torch.tensor([[20.0, 50.0, 0.0]]), torch.tensor([[0, 1, 0]])  # the third: padding (E = 0)

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainables.registry import get_family
 from trainables.families.mae import MaeParams, build_mae, patchify, random_masking, unpatchify
+from trainables.registry import get_family
 
 SMALL = dict(patch_size=5, embed_dim=16, depth=1, num_heads=2, decoder_dim=8, decoder_heads=2)
 

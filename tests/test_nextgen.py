@@ -13,16 +13,16 @@ from pydantic import BaseModel
 from timm.models.cait import Cait
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from tests.test_export import IMAGE, check_onnx, make_checkpoint, run_export
+from trainables.attention.rollout import attention_rollout
 from trainables.core.model import build_model, empty_pixel
 from trainables.data.setup import DataSetup
-from trainables.layers.maxxvit import coatnet_size, maxvit_size
-from trainables.layers.vit_model import NonEmptyPatches, Vit
-from trainables.families.coatnet import CoatnetParams, coatnet_blocks
-from trainables.layers.vit_common import FitToPatches
-from trainables.registry import Capabilities, get_family, register_family
-from trainables.attention.rollout import attention_rollout
 from trainables.data.transforms import preprocess
-from tests.test_export import IMAGE, check_onnx, make_checkpoint, run_export
+from trainables.families.coatnet import CoatnetParams, coatnet_blocks
+from trainables.layers.maxxvit import coatnet_size, maxvit_size
+from trainables.layers.vit_common import FitToPatches
+from trainables.layers.vit_model import NonEmptyPatches, Vit
+from trainables.registry import Capabilities, get_family, register_family
 
 SHAPES = {"32x32x2": (2, 32, 32), "125x125x3": (3, 125, 125), "125x125x8": (8, 125, 125)}
 TINY = {"depth": 1, "embed_dim": 16, "num_heads": 2}
@@ -397,5 +397,5 @@ def test_a_family_declaring_empty_pixel_must_take_it():
 
     with pytest.raises(RuntimeError, match="empty_pixel"):
         @register_family("_no_empty_pixel", params=P, capabilities=Capabilities(empty_pixel=True))
-        def build(p, *, in_chans, img_size, num_outputs):  # noqa: ANN001
+        def build(p, *, in_chans, img_size, num_outputs):
             return None

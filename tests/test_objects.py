@@ -9,12 +9,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from e2e_search.cli import main
-from e2e_search.spec.loader import validate
-from e2e_search.data.inspect import inspect
 from e2e_search.data.formats import materialize
-from trainables.data.object_lists import ObjectDataset
+from e2e_search.data.inspect import inspect
 from e2e_search.data.objects import higgs_objects
+from e2e_search.spec.loader import validate
 from tests.conftest import base_config, write_objects, write_yaml
+from trainables.data.object_lists import ObjectDataset
 
 
 def write_higgs_csv(path, n=60, seed=0, header=False):

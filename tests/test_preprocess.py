@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from e2e_search.spec.loader import validate
-from trainables.data.setup import DataSetup
-from trainables.data.images import H5ImageDataset
 from e2e_search.data.inspect import inspect
-from trainables.data.images import read_images
-from trainables.errors import UserError
-from trainables.data.transforms import preprocess, to_chw
+from e2e_search.spec.loader import validate
 from tests.conftest import base_config, write_e2e
+from trainables.data.images import H5ImageDataset, read_images
+from trainables.data.setup import DataSetup
+from trainables.data.transforms import preprocess, to_chw
+from trainables.errors import UserError
 
 KNOWN = [-1.0, 0.0, 0.5, float(np.e - 1), 10.0]  # pixels (0, 0..4) of channel 0 of every image
 

@@ -9,9 +9,15 @@ import torch
 from timm.layers import Attention
 
 from e2e_search.record.figures import attention_plot
+from trainables.attention.rollout import (
+    _class_probs,
+    _talking_probs,
+    _timm_probs,
+    attention_rollout,
+    pick_examples,
+    save_attention,
+)
 from trainables.registry import get_family
-from trainables.attention.rollout import (_class_probs, _talking_probs, _timm_probs, attention_rollout, pick_examples,
-                                save_attention)
 
 
 def _build(family: str, size=(20, 20), chans: int = 3, **kw) -> torch.nn.Module:

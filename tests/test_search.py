@@ -165,8 +165,8 @@ def test_trial_resumes_from_its_latest_checkpoint(tmp_path, ray_local):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from e2e_search.spec.loader import validate
     from e2e_search.data.inspect import inspect
+    from e2e_search.spec.loader import validate
     from trainables.core.contract import TrialConfig
     from trainables.core.layout import CHECKPOINT_FILE
     from trainables.trial import train_worker
@@ -277,8 +277,8 @@ def test_regression_target_in_mev_is_recorded_under_valid_names(tmp_path, monkey
 def test_outcome_without_a_best_trial_says_what_happened(tmp_path, capsys, trials, says, not_says):
     """Issue 13: the final line points at errors only when a trial failed (no Ray: the outcome as execute returns it)."""
     from e2e_search.cli import _report_outcome
-    from e2e_search.spec.loader import validate
     from e2e_search.search.run import Outcome
+    from e2e_search.spec.loader import validate
 
     cfg = validate(base_config(tmp_path, tmp_path / "x.h5"), source="t")
     rc = _report_outcome(cfg, Outcome("t", "0" * 32, "sqlite:///x.db", None, None, trials))

@@ -13,20 +13,28 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from e2e_search.data.inspect import inspect
+from e2e_search.record.trials import MlflowTrials
+from e2e_search.search.algorithms import (
+    ClipToRanges,
+    initial_population,
+    observations,
+    sampler,
+    searcher,
+    startup_trials,
+)
+from e2e_search.search.warm_start import load as load_warm
+from e2e_search.search.warm_start import to_space
 from e2e_search.spec.loader import validate
+from e2e_search.spec.params import OptunaSpace
+from e2e_search.spec.search_checks import pbt_dims
+from tests.conftest import base_config, write_e2e
 from trainables.core.checkpoint import TrialCheckpoint
 from trainables.core.contract import TrialConfig
 from trainables.core.engine import Engine
 from trainables.core.loop import train_trial
 from trainables.core.session import LocalSession
-from e2e_search.data.inspect import inspect
 from trainables.errors import UserError
-from e2e_search.spec.params import OptunaSpace
-from e2e_search.search.algorithms import ClipToRanges, initial_population, observations, sampler, searcher, startup_trials
-from e2e_search.spec.search_checks import pbt_dims
-from e2e_search.record.trials import MlflowTrials
-from e2e_search.search.warm_start import load as load_warm, to_space
-from tests.conftest import base_config, write_e2e
 
 VIT = {"patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2, "batch_size": 16}
 

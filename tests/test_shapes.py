@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from e2e_search.spec.loader import load
-from trainables.registry import family_names, get_family
 from e2e_search.spec.shapes import DataShape, candidates, check_shapes, combinations, try_build
+from trainables.registry import family_names, get_family
 
 SHIPPED = sorted(Path("search_spaces").glob("*.yaml"))
 IMAGE = DataShape("images", (3, 7, 9), (("classification", 2),))

@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 import torch
 
+from e2e_search.data.inspect import inspect
 from e2e_search.spec.loader import validate
+from tests.conftest import base_config, write_objects
+from tests.test_bad_input import YAML, bad_run, base_cfg, cli, write_yaml, ws  # noqa: F401 (ws: fixture)
 from trainables.core.datasets import SparseSplit, forget, loaders, open_split
 from trainables.data.images import H5ImageDataset
-from e2e_search.data.inspect import inspect
-from trainables.errors import UserError
 from trainables.data.sparse_cache import MAX_FILL, open_cache
 from trainables.data.sparse_ingest import ensure
-from tests.conftest import base_config, write_objects
-from tests.test_bad_input import YAML, base_cfg, bad_run, cli, write_yaml, ws  # noqa: F401 (ws: fixture)
+from trainables.errors import UserError
 
 CPU = torch.device("cpu")
 

@@ -18,9 +18,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import _validate_metric_name, _validate_param_name, _validate_tag_name
 from ray.tune.experiment import Trial
 
+from e2e_search.record.trials import MlflowTrials
 from trainables.metrics import regression_metrics
 from trainables.names import KEY_MAX, edge_labels, mlflow_key, number, unique_keys
-from e2e_search.record.trials import MlflowTrials
 
 PORTABLE = re.compile(r"^[/\w.\- ]*$")  # MLflow's rule on Windows (no ':'): valid on every platform
 
@@ -210,8 +210,8 @@ def test_a_failure_at_the_end_of_a_search_closes_its_run_failed(client, tmp_path
     """Case 13: registering `tt/W+jets-classifier` failed after every trial had trained and left the search's
     run RUNNING. (plan() now refuses that name; here the end of the search is run on it directly.) The run is
     closed FAILED with the reason, and the caller gets the reason instead of a traceback."""
+    from e2e_search.record.search_run import finish_search_run
     from e2e_search.spec.loader import validate
-    from e2e_search.search.run import _finish
     from tests.conftest import base_config
 
     cfg = validate(base_config(tmp_path, tmp_path / "jets.h5", tracking={"experiment": "tt/W+jets"}), source="t")
@@ -222,7 +222,7 @@ def test_a_failure_at_the_end_of_a_search_closes_its_run_failed(client, tmp_path
     cb.on_trial_result(iteration=1, trials=[t], trial=t, result=_result(t, 1, val_auc=0.8))
     cb.on_trial_complete(iteration=2, trials=[t], trial=t)
     cb.drain()  # runs are closed on the callback's closing thread
-    end = _finish(client, cb.parent, cb, cfg, "tt-search", "FINISHED", None)
+    end = finish_search_run(client, cb.parent, cb, cfg, "tt-search", "FINISHED", None)
     parent = client.get_run(cb.parent)
     assert parent.info.status == "FAILED"
     assert "Names cannot contain '/'" in end["end_error"] and parent.data.tags["e2e.error"] == end["end_error"]
@@ -239,8 +239,8 @@ def test_a_store_being_migrated_by_another_process_is_waited_for(tmp_path):
 
     from mlflow.store.db.utils import _get_latest_schema_revision
 
-    from trainables.errors import UserError
     from e2e_search.record.store import check_store
+    from trainables.errors import UserError
 
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
@@ -296,8 +296,8 @@ def test_a_run_whose_closing_the_killed_driver_never_finished_is_closed_on_resum
 def test_a_missing_experiment_is_refused_with_the_searches_there(tmp_path):
     """The one-line refusal lists the store's experiments and suggests the closest, but not MLflow's own empty
     "Default" experiment (no search of ours is in it)."""
-    from trainables.errors import UserError
     from e2e_search.record.store import experiment_of
+    from trainables.errors import UserError
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     client.create_experiment("quickstart", artifact_location=(tmp_path / "art").as_uri())

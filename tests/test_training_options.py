@@ -10,14 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from e2e_search.spec.loader import validate
-from trainables.errors import UserError
-from trainables.params import TrainParams
-from trainables.registry import get_family
+from tests.conftest import base_config
 from trainables.core.engine import accumulation_groups, autocast, autocast_dtype, make_optimizer
 from trainables.core.model import channels_last as _channels_last
 from trainables.core.model import is_convnet, use_channels_last
-
-from tests.conftest import base_config
+from trainables.errors import UserError
+from trainables.params import TrainParams
+from trainables.registry import get_family
 
 
 def _vit(**over):

@@ -7,15 +7,15 @@ import optuna
 import pytest
 import torch
 
-from e2e_search.spec.schema import SearchSpace
-from e2e_search.spec.loader import validate
-from trainables.data.images import H5ImageDataset
 from e2e_search.data.inspect import inspect
 from e2e_search.data.splits import split_indices
-from trainables.metrics import classification_metrics, regression_metrics
+from e2e_search.spec.loader import validate
 from e2e_search.spec.params import OptunaSpace, grid_points
+from e2e_search.spec.schema import SearchSpace
 from tests.conftest import base_config, write_e2e
+from trainables.data.images import H5ImageDataset
 from trainables.families.vit import VitParams, build_vit
+from trainables.metrics import classification_metrics, regression_metrics
 
 
 def _cfg(tmp_path, **over) -> SearchSpace:
@@ -141,11 +141,10 @@ def test_metrics():
 
 @pytest.mark.parametrize("path", sorted(__import__("pathlib").Path("search_spaces").glob("*.yaml")), ids=str)
 def test_shipped_search_spaces_validate(path, tmp_path, monkeypatch):
-    from e2e_search.spec.loader import load
     from e2e_search.search.run import plan
-
-    from trainables.registry import get_family
+    from e2e_search.spec.loader import load
     from tests.conftest import write_objects
+    from trainables.registry import get_family
 
     path = path.resolve()
     monkeypatch.chdir(tmp_path)

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from trainables.families.cait import CaitParams, build_cait
 from trainables.families.hybrid_vit import HybridVitParams, build_hybrid_vit
 from trainables.families.swin import SwinParams, build_swin
-from trainables.layers.windows import stage_windows, swin_grid
-from trainables.layers.vit_blocks import LinearAttention, WindowAttention, window_mask
 from trainables.families.vit import VitParams, build_vit
+from trainables.layers.vit_blocks import LinearAttention, WindowAttention, window_mask
+from trainables.layers.windows import stage_windows, swin_grid
 
 FAMILIES = {
     "vit": (VitParams, build_vit),

@@ -16,12 +16,12 @@ from pathlib import Path
 
 def main(yml: str, out: str) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Head: 2 CPUs (one trial worker + the trial drivers' slivers); second node: 1 CPU (one trial worker).
+    import socket
+
     import ray
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
-
-    # Head: 2 CPUs (one trial worker + the trial drivers' slivers); second node: 1 CPU (one trial worker).
-    import socket
 
     with socket.socket() as sock:  # a free port for this cluster's dashboard (the state API goes through it)
         sock.bind(("127.0.0.1", 0))

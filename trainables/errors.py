@@ -28,7 +28,7 @@ class UserError(Exception):
         text = f"{prefix}: {self.message}" if prefix else self.message
         return " ".join(text.split())  # always one line
 
-    def with_source(self, source: str) -> "UserError":
+    def with_source(self, source: str) -> UserError:
         if self.source is None:
             self.source = source
             self.args = (self.format(),)

@@ -16,8 +16,8 @@ Seeds: a finalist trained with S seeds gets, per replicate, the mean over S seed
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 

@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from trainables.core.layout import BEST_ATTENTION_ARTIFACT
 from e2e_search.spec.dims import ChoiceDim, FixedDim, GridDim, LogUniformDim, QUniformDim, RandIntDim, UniformDim
+from trainables.core.layout import BEST_ATTENTION_ARTIFACT
 
 NOT_ACTIVE = "not active"
 MIN_TRIALS = 3

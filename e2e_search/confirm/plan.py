@@ -232,8 +232,8 @@ def prepare(uri: str, experiment: str, *, search: str | None = None, top: int | 
     the search's ``search.confirm`` values, else 3, 3 and False. Raises UserError (one line) on bad input."""
     from mlflow.tracking import MlflowClient
 
-    from e2e_search.search.run import plan
     from e2e_search.record.store import experiment_of
+    from e2e_search.search.run import plan
 
     for flag, v in (("--top", top), ("--seeds", seeds)):
         if v is not None and v < 1:

@@ -30,8 +30,9 @@ import contextlib
 import math
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from mlflow.entities import Metric, Param

@@ -19,12 +19,11 @@ upward. Here:
 
 from __future__ import annotations
 
-import math
-import os
 import sys
 import time
 
 from e2e_search.confirm.plan import ConfirmFailed, ConfirmOutcome, ConfirmPlan, SeedResult, describe, prepare
+from e2e_search.search import ray_env
 from trainables.errors import UserError
 
 __all__ = ["prepare", "train", "confirm", "run_cli", "ConfirmFailed"]
@@ -34,13 +33,11 @@ __all__ = ["prepare", "train", "confirm", "run_cli", "ConfirmFailed"]
 def _check_cluster(cfg, address: str | None) -> None:
     import ray
 
-    from e2e_search.search.run import trial_cpus
-
     res = cfg.resources
     if res.gpus_per_worker > 0 and ray.cluster_resources().get("GPU", 0) == 0:
         raise UserError(f"the search asks for GPUs but the Ray cluster at {address or 'local'} has none; "
                         "run confirm where the search ran (--address)", key="resources.gpus_per_worker")
-    need, have = trial_cpus(res), ray.cluster_resources().get("CPU", 0)
+    need, have = ray_env.trial_cpus(res), ray.cluster_resources().get("CPU", 0)
     if address is None and need > have:
         raise UserError(f"a trial of the search needs {need:g} CPUs but this machine gives Ray {have:g}; run confirm "
                         "where the search ran (--address)", key="resources.cpus_per_worker")
@@ -56,48 +53,32 @@ def _error_line(err: BaseException) -> str:
 
 def train(cp: ConfirmPlan, *, address: str | None = None, verbose: bool = False, name: str) -> list[SeedResult]:
     """One Ray Tune trial per finalist and seed on the search's resources; their last reports and checkpoints."""
-    import ray
     from ray import tune
 
     from e2e_search.search.progress import ConfirmProgress
-    from e2e_search.search.run import DRIVER_CPU, _init_ray, _quiet_libraries, _trial_dirname, runs_in_process, trial_cpus
-    from trainables.trial import TrialResources, TrialSetup, run_confirm_trial
+    from trainables.trial import run_confirm_trial
 
     cfg = cp.cfg
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    _quiet_libraries(verbose)
-    _init_ray(address, verbose, drivers=not runs_in_process(cfg.resources))
+    ray_env.start(cfg, address, verbose)
     _check_cluster(cfg, address)
-    res = cfg.resources
     storage = cp.plan.storage
     storage.mkdir(parents=True, exist_ok=True)
-    setup = TrialSetup(
-        family=cfg.family if isinstance(cfg.family, str) else None, data=cp.plan.data.to_dict(),
-        max_epochs=cfg.scheduler.max_epochs, metric=cfg.metrics[0], mode=cfg.modes[0], metrics=list(cfg.metrics),
-        loader_workers=cfg.data.loader_workers, search_dir=str(storage / name),
-        resources=TrialResources(workers=res.workers, cpus_per_worker=res.cpus_per_worker,
-                                 gpus_per_worker=res.gpus_per_worker, max_failures=res.max_failures,
-                                 in_process=runs_in_process(res)))
+    setup = ray_env.trial_setup(cfg, cp.plan.data, storage / name)
     jobs = [{"finalist": i, "seed": s, "epochs": f.epochs, "params": {**f.params, "seed": s}}
             for i, f in enumerate(cp.finalists) for s in cp.seeds]
-    concurrent = cfg.search.max_concurrent or max(1, math.floor(ray.cluster_resources().get("CPU", 1)
-                                                                   / trial_cpus(res)))
+    concurrent = min(ray_env.concurrency(cfg), len(jobs))
     in_process = setup.resources.in_process
-    trainable = tune.with_resources(
-        tune.with_parameters(run_confirm_trial, setup=setup),
-        {"cpu": res.cpus_per_worker, "gpu": res.gpus_per_worker} if in_process else {"cpu": DRIVER_CPU})
     labels = {(j["finalist"], j["seed"]): f"{cp.finalists[j['finalist']].label} seed {j['seed']}" for j in jobs}
     tuner = tune.Tuner(
-        trainable, param_space={"job": tune.grid_search(jobs)},
-        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=min(concurrent, len(jobs)),
-                                    reuse_actors=in_process, trial_dirname_creator=_trial_dirname),
+        ray_env.trainable(run_confirm_trial, setup), param_space={"job": tune.grid_search(jobs)},
+        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrent,
+                                    reuse_actors=in_process, trial_dirname_creator=ray_env.trial_dirname),
         run_config=tune.RunConfig(
             name=name, storage_path=str(storage), verbose=0,
             callbacks=[ConfirmProgress(labels=labels, total=len(jobs), metrics=[r.test_metric for r in cp.rankings])],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the latest: the scored epoch
-            failure_config=tune.FailureConfig(max_failures=res.max_failures if in_process else 0)))
-    print(f"confirm started: {len(jobs)} trials, up to {min(concurrent, len(jobs))} at a time", flush=True)
+            failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures if in_process else 0)))
+    print(f"confirm started: {len(jobs)} trials, up to {concurrent} at a time", flush=True)
     grid = tuner.fit()
     out = []
     for r in grid:

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from trainables.errors import UserError
 from e2e_search.data.h5cache import cache_ok, cache_path, cached_cfg, identity
 from e2e_search.data.labels import check_labels, label_source, target_source
 from e2e_search.data.objects import csv_cache
-from e2e_search.spec.schema import DataConfig, SearchSpace
 from e2e_search.data.splits import split_checked
+from e2e_search.spec.schema import DataConfig, SearchSpace
+from trainables.errors import UserError
 
 EXTENSIONS = {".h5": "hdf5", ".hdf5": "hdf5", ".hdf": "hdf5", ".parquet": "parquet", ".pq": "parquet",
               ".root": "root", ".csv": "csv"}

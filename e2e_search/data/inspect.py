@@ -14,28 +14,25 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from trainables.data.setup import DataSetup
-from trainables.errors import UserError
-from trainables.data.h5file import need_dataset, open_h5
 from e2e_search.data.labels import label_source, read_labels
-from trainables.data.targets import target_stats
 from e2e_search.data.objects import inspect_objects
-from e2e_search.spec.schema import SearchSpace
-from trainables.data.sparse_cache import MAX_FILL, background, cache_rows, check_sparse_fits, device_memory, fill_fraction, planned_folder, refuse_dense
 from e2e_search.data.splits import split_checked
+from e2e_search.spec.schema import SearchSpace
+from trainables.data.h5file import need_dataset, open_h5
 from trainables.data.images import available_memory, check_cache_fits, read_images
-
-
-
-
-
-
-
-
-
-
-
-
+from trainables.data.setup import DataSetup
+from trainables.data.sparse_cache import (
+    MAX_FILL,
+    background,
+    cache_rows,
+    check_sparse_fits,
+    device_memory,
+    fill_fraction,
+    planned_folder,
+    refuse_dense,
+)
+from trainables.data.targets import target_stats
+from trainables.errors import UserError
 
 
 def check_layout(shape: tuple, layout: str, image_key: str) -> None:

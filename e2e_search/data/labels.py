@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from trainables.errors import UserError
 from e2e_search.spec.schema import SearchSpace
 from trainables.data.targets import class_indices, target_values
+from trainables.errors import UserError
 
 
 def label_source(cfg: SearchSpace) -> tuple[str, str]:

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from trainables.data.setup import DataSetup
-from trainables.errors import UserError
 from e2e_search.data.h5cache import cache_ok, cache_path, cached_cfg, identity
-from trainables.data.h5file import need_dataset, open_h5
 from e2e_search.data.labels import check_labels, label_source, read_labels, target_source
-from trainables.data.targets import target_stats
-from e2e_search.spec.schema import SearchSpace
 from e2e_search.data.splits import split_checked
+from e2e_search.spec.schema import SearchSpace
+from trainables.data.h5file import need_dataset, open_h5
+from trainables.data.setup import DataSetup
+from trainables.data.targets import target_stats
+from trainables.errors import UserError
 
 
 def inspect_objects(cfg: SearchSpace) -> DataSetup:

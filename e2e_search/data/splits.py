@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainables.errors import UserError
 from e2e_search.data.labels import label_source, target_source
 from e2e_search.spec.schema import SearchSpace
+from trainables.errors import UserError
 
 
 def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int, limit: int | None = None,

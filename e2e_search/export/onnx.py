@@ -47,13 +47,23 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from e2e_search.record.checkpoints import ANSI, Trained, fetch_checkpoint, first_line, input_names, load_trained, random_inputs, torch_forward
+from e2e_search.record.checkpoints import (
+    ANSI,
+    Trained,
+    fetch_checkpoint,
+    first_line,
+    input_names,
+    load_trained,
+    random_inputs,
+    torch_forward,
+)
 from trainables.errors import UserError, did_you_mean
 
 FORMATS = ("onnx",)

@@ -15,7 +15,6 @@ import numpy as np
 from trainables.core.layout import BEST_CHECKPOINT_ARTIFACT
 from trainables.errors import UserError
 
-
 OCCUPANCY = 0.02
 """Fraction of non-zero pixels of the random parity images (detector images are ~98% empty)."""
 
@@ -52,8 +51,8 @@ class Trained:
 # --------------------------------------------------------------------------- source -> checkpoint.pt
 def _store_uri(tracking_uri: str | None) -> str:
     """--tracking-uri > MLFLOW_TRACKING_URI > the work directory's store, which must exist (never created)."""
-    from trainables.workdir import DEFAULT_WORKDIR
     from e2e_search.record.store import store_uri
+    from trainables.workdir import DEFAULT_WORKDIR
 
     return store_uri(tracking_uri, DEFAULT_WORKDIR)
 

@@ -32,6 +32,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from trainables.core.layout import BEST_ARTIFACT
 from trainables.names import mlflow_key, param_value, tag_value, unique_keys
 
+
 def tracking_uri(uri: str | None, workdir: Path) -> str:
     """MLflow's convention: ``uri`` (--tracking-uri or the YAML's tracking.uri), else ``MLFLOW_TRACKING_URI``,
     else the work directory's SQLite store."""

@@ -24,10 +24,11 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray.tune import Callback
 
+from e2e_search.record.live_callbacks import Live
+from e2e_search.record.store import is_better
 from trainables.core.layout import BEST_ARTIFACT, METRICS_FILE, PLOTS_ARTIFACT, epoch_checkpoints
 from trainables.names import mlflow_key, param_value, tag_value, unique_keys
 from trainables.params import public_params
-from e2e_search.record.store import is_better
 
 # Result keys that are bookkeeping, not metrics.
 _SKIP = {"epoch", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "time_since_restore",
@@ -79,7 +80,7 @@ def _guarded(hook):
     return wrapper
 
 
-class MlflowTrials(Callback):
+class MlflowTrials(Live, Callback):
     """Tune callback: one nested MLflow run per trial, keyed on the trial id (reused on resume)."""
 
     def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str, *, search_name: str,
@@ -233,9 +234,9 @@ class MlflowTrials(Callback):
 
         from ray.train import Checkpoint
 
-        from trainables.core.layout import ATTENTION_FILE, PREDICTIONS_FILE, ROLLOUT_PLOT, TASK_ATTENTION_PLOT
         from e2e_search.record.figures import attention_plot, learning_curves, prediction_plots, task_attention_plot
         from trainables.attention.tasks import is_task_attention
+        from trainables.core.layout import ATTENTION_FILE, PREDICTIONS_FILE, ROLLOUT_PLOT, TASK_ATTENTION_PLOT
 
         try:
             with Checkpoint(path).as_directory() as d:

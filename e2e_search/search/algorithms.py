@@ -16,10 +16,10 @@ import warnings
 from typing import Any
 
 from e2e_search.spec.dims import LogUniformDim
-from trainables.params import ABSENT, MEMBER
 from e2e_search.spec.params import OptunaSpace, grid_points
-from e2e_search.spec.search_checks import pbt_dims
 from e2e_search.spec.schema import SearchSpace
+from e2e_search.spec.search_checks import pbt_dims
+from trainables.params import ABSENT, MEMBER
 
 # Samplers that learn from finished trials and so can take an earlier search's results as prior observations.
 LEARNING_SAMPLERS = {"tpe", "gp"}

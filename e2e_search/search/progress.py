@@ -7,10 +7,11 @@ import time
 
 from ray.tune import Callback
 
+from e2e_search.record.live_callbacks import Live
 from e2e_search.record.store import is_better
 
 
-class Progress(Callback):
+class Progress(Live, Callback):
     def __init__(self, *, metric: str, mode: str, num_samples: int, max_epochs: int):
         self.metric, self.mode, self.num_samples, self.max_epochs = metric, mode, num_samples, max_epochs
         self.t0 = time.time()

@@ -1,4 +1,4 @@
-"""Layer 3 of three: the ``Tuner`` (Ray Tune + Optuna + ASHA) and the search's MLflow parent run.
+"""The search: ``plan()`` then ``execute()``, a ``Tuner`` (Ray Tune + Optuna + a scheduler) recorded in MLflow.
 
 ``plan()`` checks everything that can be checked without starting Ray (config,
 data file, GPUs) and writes nothing; ``execute()`` starts Ray and runs the search.
@@ -6,25 +6,21 @@ data file, GPUs) and writes nothing; ``execute()`` starts Ray and runs the searc
 
 from __future__ import annotations
 
-import math
-import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainables.workdir import DEFAULT_WORKDIR
-from e2e_search.spec.schema import SearchSpace
-from e2e_search.spec.loader import dump
-from trainables.data.setup import DataSetup
-from e2e_search.data.inspect import inspect
-from trainables.errors import NothingToResume, UserError
 from e2e_search.data.formats import materialize
+from e2e_search.data.inspect import inspect
+from e2e_search.record import live_callbacks as live
+from e2e_search.search import ray_env
+from e2e_search.search.ray_env import init_ray, runs_in_process
+from e2e_search.spec.schema import SearchSpace
 from e2e_search.spec.shapes import check_shapes
-
-# A trial's own process only builds the TorchTrainer and waits: give it a sliver of a CPU.
-DRIVER_CPU = 0.01
+from trainables.data.setup import DataSetup
+from trainables.errors import NothingToResume, UserError
+from trainables.workdir import DEFAULT_WORKDIR
 
 
 @dataclass
@@ -134,7 +130,7 @@ def generate_data(path: str, g, *, address: str | None = None, drivers: bool = T
         return
     from e2e_search.data.physics.generate import YAML_KEYS, generate
 
-    _init_ray(address, verbose=False, drivers=drivers)  # the search reuses this Ray
+    init_ray(address, verbose=False, drivers=drivers)  # the search reuses this Ray
     generate(_gen_spec(path, g), address=address, keys=YAML_KEYS)
 
 
@@ -155,61 +151,16 @@ def describe(p: Plan) -> str:
     return "\n".join(lines)
 
 
-def _searcher(cfg: SearchSpace, warm=None):
-    """Ray's OptunaSearch for ``cfg`` (e2e_search/search/algorithms.py), with ``warm``'s earlier trials first."""
-    from e2e_search.search.algorithms import searcher
-
-    return searcher(cfg, warm)
 
 
-def _quiet_libraries(verbose: bool) -> None:
-    """Keep the terminal to our progress lines: MLflow's DB set-up and Optuna's study notes are noise."""
-    import logging
-
-    import optuna
-
-    if not verbose:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        for name in ("mlflow", "alembic"):
-            logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _init_ray(address: str | None, verbose: bool, drivers: bool = True) -> None:
-    """Connect to ``address`` or start a local Ray on this machine's cores (``drivers``: one logical CPU more,
-    for the Tune processes that only drive multi-worker TorchTrainers)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"log_to_driver": verbose, "configure_logging": True,
-                              "logging_level": "INFO" if verbose else "WARNING"}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        # Ray Train's controller collects each report (and notices a finished or dead worker) every this many
-        # seconds, 2 by default; a worker's next report waits for it. 0.5 s cut a trial's overhead from
-        # 31.8 s to 28.1 s (bench/orchestration.py, BENCHMARKS.md section 5). Ray's processes inherit it.
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-        # Multi-worker trials: one logical CPU more than the machine has carries the trial drivers
-        # (DRIVER_CPU each, idle while their workers train), so N cores still run N one-CPU workers at once.
-        ray.init(num_cpus=(os.cpu_count() or 1) + (1 if drivers else 0), dashboard_host="127.0.0.1", include_dashboard=True, **kwargs)
 
 
-def runs_in_process(res) -> bool:
-    """True when each trial trains in its own Tune process (resources.runner, trainables/trial.py)."""
-    return res.workers == 1 and res.runner == "auto"
 
 
-def trial_cpus(res) -> float:
-    """CPUs one trial holds: its workers', plus the Tune process driving a TorchTrainer."""
-    return res.workers * res.cpus_per_worker + (0 if runs_in_process(res) else DRIVER_CPU)
 
 
-def _trial_dirname(trial) -> str:
-    from trainables.core.layout import trial_dirname
-
-    return trial_dirname(trial.trial_id)
 
 
 @dataclass
@@ -232,8 +183,8 @@ def resumable(uri: str, experiment: str, search_run: str | None = None, *, addre
     from mlflow.tracking import MlflowClient
     from ray.tune import Tuner
 
-    from e2e_search.spec.loader import validate
     from e2e_search.record.store import find_resumable
+    from e2e_search.spec.loader import validate
 
     client = MlflowClient(tracking_uri=uri)
     run = find_resumable(client, experiment, search_run)
@@ -266,137 +217,32 @@ class Outcome:
     """Why recording the end of the search in MLflow failed (the parent run is then closed FAILED)."""
 
 
+
+
+
+
 def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resume: Resume | None = None) -> Outcome:
     """Run the search of ``p``, or continue the interrupted one ``resume`` names (``Tuner.restore``: finished
     trials kept, running ones restarted from their latest checkpoint, the searcher's state restored; the
     trials' MLflow runs are taken over, not duplicated)."""
-    import ray
     from mlflow.tracking import MlflowClient
-    from ray import tune
 
-    from e2e_search.search.progress import Progress
-    from e2e_search.search.algorithms import initial_population, pbt_param_space
-    from e2e_search.spec.search_checks import pbt_dims
-    from e2e_search.search.algorithms import scheduler as make_scheduler
-    from e2e_search.record.store import get_experiment_id, start_parent_run
-    from e2e_search.record.trials import MlflowTrials
-    from trainables.trial import TrialResources, TrialSetup, run_trial
+    from e2e_search.record.search_run import finish_search_run
+    from e2e_search.record.store import get_experiment_id
 
     cfg = p.cfg
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # Tune snapshots the experiment after each kept checkpoint (consistent resume); on every-epoch checkpoints
-    # it warns that this happens often. It is expected here, and cheap on local storage.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    _quiet_libraries(verbose)
-    _init_ray(address, verbose, drivers=not runs_in_process(cfg.resources))
-    if cfg.resources.gpus_per_worker > 0 and ray.cluster_resources().get("GPU", 0) == 0:
-        raise UserError(
-            f"asks for GPUs but the Ray cluster at {address or 'local'} has none; set resources.gpus_per_worker: 0",
-            key="resources.gpus_per_worker",
-        )
-    need = trial_cpus(cfg.resources)
-    have = ray.cluster_resources().get("CPU", 0)
-    if address is None and need > have:  # a cluster may autoscale; a local Ray never grows
-        raise UserError(
-            f"a trial needs {cfg.resources.workers} worker(s) x {cfg.resources.cpus_per_worker:g} CPU but this machine "
-            f"gives Ray {have:g}; lower resources.cpus_per_worker or resources.workers "
-            f"(--set resources.cpus_per_worker=1)", key="resources.cpus_per_worker")
-    if p.data is not None and p.data.cache == "sparse":  # once per dataset, before any trial: Ray tasks over blocks
-        from e2e_search.data.ingest import ingest_for_search
-
-        ingest_for_search(p.data, use_ray=True)
+    _start_ray(p, address, verbose)
     p.workdir.mkdir(parents=True, exist_ok=True)
     p.storage.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(tracking_uri=p.tracking_uri)
     exp_id = get_experiment_id(client, cfg.tracking.experiment, p.artifact_root)
-    metric, mode = cfg.metrics[0], cfg.modes[0]
-    if resume is None:
-        from e2e_search.data.fileid import TAG, data_hash
-
-        run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # RUN_STAMP in tracking.check_names
-        warm_tags = {} if p.warm is None else {  # where the search started from
-            "e2e.warm_start": p.warm.experiment, "e2e.warm_start_runs": ",".join(p.warm.run_ids)}
-        parent = start_parent_run(
-            client, exp_id, name=run_name, resolved_yaml=dump(cfg),
-            tags={"e2e.family": cfg.family_label, "e2e.task": cfg.task.type, "e2e.metric": metric, "e2e.mode": mode,
-                  "e2e.tune_path": str(p.storage / run_name),
-                  TAG: data_hash(cfg.data.path) or "",  # the data file's identity: confirm checks it
-                  **warm_tags},
-            params={"family": cfg.family_label, "task": cfg.task.type, "algorithm": cfg.search.algorithm,
-                    "num_samples": cfg.search.num_samples, "scheduler": cfg.scheduler.type,
-                    "max_epochs": cfg.scheduler.max_epochs, "workers": cfg.resources.workers,
-                    "data_path": cfg.data.path, "train_size": len(p.data.train), "val_size": len(p.data.val),
-                    **({"warm_start": p.warm.experiment} if p.warm is not None else {})},
-        )
-    else:
-        run_name, parent = resume.run_name, resume.parent_run_id
-        client.update_run(parent, status="RUNNING")
-        client.set_tag(parent, "e2e.resumed", str(resume.times))
+    run_name, parent = _open_search_run(p, client, exp_id, resume)
     print(f"MLflow: experiment '{cfg.tracking.experiment}', search run {parent} ({p.tracking_uri})", flush=True)
-
-    status = "FAILED"
-    trials_cb = MlflowTrials(client, exp_id, parent, search_name=run_name, family=cfg.family_label, metric=metric,
-                             mode=mode, max_epochs=cfg.scheduler.max_epochs,
-                             mutable=tuple(pbt_dims(cfg)) if cfg.scheduler.type == "pbt" else ())
-    end: dict[str, Any] = {}
+    status, end = "FAILED", {}
+    trials_cb = _trial_recorder(p, client, exp_id, parent, run_name)
     try:
-        if resume is not None:
-            seen = trials_cb.rehydrate(str(p.storage / run_name))
-            print(f"resuming search {run_name}: {seen['finished']} trials finished, {seen['failed']} failed, "
-                  f"{seen['interrupted']} interrupted (they continue from their latest checkpoint)", flush=True)
-        res = cfg.resources
-        search_dir = p.storage / run_name
-        setup = TrialSetup(
-            family=cfg.family if isinstance(cfg.family, str) else None,  # else each trial's sampled one
-            data=p.data.to_dict(), max_epochs=cfg.scheduler.max_epochs, metric=metric, mode=mode,
-            metrics=list(cfg.metrics), loader_workers=cfg.data.loader_workers, search_dir=str(search_dir),
-            resources=TrialResources(workers=res.workers, cpus_per_worker=res.cpus_per_worker,
-                                     gpus_per_worker=res.gpus_per_worker, max_failures=res.max_failures,
-                                     in_process=runs_in_process(res)))
-        in_process = setup.resources.in_process
-        concurrent = cfg.search.max_concurrent
-        if concurrent is None:
-            cpus = ray.cluster_resources().get("CPU", 1)
-            concurrent = max(1, math.floor(cpus / trial_cpus(res)))
-        scheduler = make_scheduler(cfg, metric, mode)
-        # One worker: the trial trains in its own Tune process, which holds the worker's CPUs and GPU.
-        # Several: the Tune process only drives a TorchTrainer, whose workers hold them.
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, setup=setup),
-            {"cpu": res.cpus_per_worker, "gpu": res.gpus_per_worker} if in_process else {"cpu": DRIVER_CPU})
-        callbacks = [trials_cb, Progress(metric=metric, mode=mode, num_samples=cfg.search.num_samples,
-                                         max_epochs=cfg.scheduler.max_epochs)]
-        if resume is None:
-            pbt = cfg.scheduler.type == "pbt"
-            # Ray refuses a searcher with PBT: the sampler's initial population, one grid point per member.
-            space = pbt_param_space(initial_population(cfg, p.warm)) if pbt else None
-            tuner = tune.Tuner(
-                trainable, param_space=space,
-                tune_config=tune.TuneConfig(search_alg=None if pbt else _searcher(cfg, p.warm), scheduler=scheduler,
-                                            num_samples=1 if pbt else cfg.search.num_samples,
-                                            max_concurrent_trials=concurrent,
-                                            reuse_actors=in_process, trial_dirname_creator=_trial_dirname),
-                run_config=tune.RunConfig(
-                    name=run_name, storage_path=str(p.storage), verbose=0, callbacks=callbacks,
-                    # PBT would exploit a trial on its last report and train that epoch again: stop it there
-                    stop={"epoch": cfg.scheduler.max_epochs} if pbt else None,
-                    # One-worker trials: Tune keeps their checkpoints and retries them from the latest;
-                    # a TorchTrainer retries its own workers (resources.max_failures there). PBT keeps every
-                    # checkpoint: a donor's latest must outlive its next report until the receiver loaded it.
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None if pbt else 1,
-                                                            checkpoint_score_attribute="checkpoint_score",
-                                                            checkpoint_score_order="max"),
-                    failure_config=tune.FailureConfig(max_failures=res.max_failures if in_process else 0)),
-            )
-            print(f"search started: {cfg.search.num_samples} trials, up to {concurrent} at a time", flush=True)
-        else:
-            # Searcher, scheduler and trials come back from the experiment directory; errored trials stay failed.
-            tuner = tune.Tuner.restore(resume.tune_path, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False)
-            # The callbacks pickled with the old Tuner hold the dead driver's state: use this process's.
-            tuner._local_tuner.get_run_config().callbacks = callbacks
-        grid = tuner.fit()
-        trials_cb.close_leftovers(grid)
+        tuner = _tuner(p, run_name, trials_cb, resume)
+        trials_cb.close_leftovers(tuner.fit())
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -405,7 +251,7 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
         end["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
-        end.update(_finish(client, parent, trials_cb, cfg, run_name, status, end.get("error")))
+        end.update(finish_search_run(client, parent, trials_cb, cfg, run_name, status, end.get("error")))
     winner = end["winner"]
     early = sum(1 for tid, s in trials_cb.status.items()
                 if s == "FINISHED" and int(trials_cb.last.get(tid, {}).get("epoch", 0)) < cfg.scheduler.max_epochs)
@@ -413,52 +259,118 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
                    dict(trials_cb.status), early, error=end.get("end_error"))
 
 
-def _finish(client, parent: str, trials_cb, cfg: SearchSpace, run_name: str, status: str,
-            error: str | None) -> dict[str, Any]:
-    """Record the end of a search on its parent run: best trial, champions, counts; the run is always closed
-    (FAILED, with tag ``e2e.error``, when any of this fails: it never stays RUNNING).
-    Returns {"winner", "best_rid", "end_error"}."""
-    from mlflow.entities import RunTag
+def _start_ray(p: Plan, address: str | None, verbose: bool) -> None:
+    """Ray started or connected and checked to hold a trial; the sparse cache built (once per dataset)."""
+    ray_env.start(p.cfg, address, verbose)
+    check_cluster(p.cfg, address)
+    if p.data is not None and p.data.cache == "sparse":  # once per dataset, before any trial: Ray tasks over blocks
+        from e2e_search.data.ingest import ingest_for_search
 
-    from trainables.names import mlflow_key, tag_value
-    from e2e_search.record.store import register_champions
+        ingest_for_search(p.data, use_ray=True)
 
-    metric, mode = cfg.metrics[0], cfg.modes[0]
-    try:
-        trials_cb.drain()  # every trial's run closed, its best checkpoint uploaded (champions point at it)
-    except Exception:  # noqa: BLE001 - a run that cannot be closed is recorded FAILED by the closing thread
-        pass
-    winner = trials_cb.best_trial()
-    best_rid = trials_cb.runs.get(winner[0]) if winner else None
-    end_error = None
-    try:
-        if winner:
-            tid, rec = winner
-            for k, v in rec["metrics"].items():
-                client.log_metric(parent, mlflow_key(f"best_{k}"), v, step=rec["epoch"])
-            client.set_tag(parent, "e2e.best_run_id", best_rid or "")
-            client.set_tag(parent, "e2e.best_trial_id", tid)
-        if status == "FINISHED":
-            finished = [(trials_cb.runs[tid], rec["metrics"]) for tid, rec in trials_cb.best.items()
-                        if trials_cb.status.get(tid) == "FINISHED" and tid in trials_cb.runs]
-            for name, rid in register_champions(client, cfg.tracking.experiment, cfg.task.type, finished,
-                                                search=run_name, metric=metric, mode=mode).items():
-                print(f"registered model '{name}' (alias champion) from run {rid}", flush=True)
-                client.set_tag(parent, mlflow_key(f"e2e.champion.{name}"), rid)
-        client.log_metric(parent, "tracking_s", trials_cb.busy_s)  # driver time in MLflow logging
-        n_failed = sum(1 for s in trials_cb.status.values() if s == "FAILED")
-        client.set_tag(parent, "e2e.trials_failed", str(n_failed))
-    except Exception as e:  # noqa: BLE001 - the trials are recorded; the parent run must still be closed
-        end_error = " ".join(f"{type(e).__name__}: {e}".split())[:2000]
-        status = "FAILED"
-    finally:
-        if error or end_error:
-            try:
-                client.log_batch(parent, tags=[RunTag("e2e.error", tag_value(end_error or error))])
-            except Exception:  # noqa: BLE001
-                pass
-        try:
-            client.set_terminated(parent, status=status)
-        except Exception as e:  # noqa: BLE001 - the store itself is gone
-            end_error = end_error or " ".join(f"{type(e).__name__}: {e}".split())[:2000]
-    return {"winner": winner, "best_rid": best_rid, "end_error": end_error}
+
+def check_cluster(cfg: SearchSpace, address: str | None) -> None:
+    """Raise a UserError when the Ray cluster has no GPU for a GPU search, or (a local Ray, which never grows)
+    fewer CPUs than one trial needs."""
+    import ray
+
+    if cfg.resources.gpus_per_worker > 0 and ray.cluster_resources().get("GPU", 0) == 0:
+        raise UserError(
+            f"asks for GPUs but the Ray cluster at {address or 'local'} has none; set resources.gpus_per_worker: 0",
+            key="resources.gpus_per_worker",
+        )
+    need = ray_env.trial_cpus(cfg.resources)
+    have = ray.cluster_resources().get("CPU", 0)
+    if address is None and need > have:  # a cluster may autoscale; a local Ray never grows
+        raise UserError(
+            f"a trial needs {cfg.resources.workers} worker(s) x {cfg.resources.cpus_per_worker:g} CPU but this machine "
+            f"gives Ray {have:g}; lower resources.cpus_per_worker or resources.workers "
+            f"(--set resources.cpus_per_worker=1)", key="resources.cpus_per_worker")
+
+
+def _open_search_run(p: Plan, client, exp_id: str, resume: Resume | None) -> tuple[str, str]:
+    """(run name, parent run id): a new parent run, or the interrupted search's, re-opened."""
+    from e2e_search.record.search_run import reopen_search_run, start_search_run
+
+    if resume is None:
+        return start_search_run(client, exp_id, p.cfg, p.data, p.storage, p.warm)
+    reopen_search_run(client, resume.parent_run_id, resume.times)
+    return resume.run_name, resume.parent_run_id
+
+
+def _trial_recorder(p: Plan, client, exp_id: str, parent: str, run_name: str):
+    """The Tune callback that records every trial in MLflow (e2e_search/record/trials.py)."""
+    from e2e_search.record.trials import MlflowTrials
+    from e2e_search.spec.search_checks import pbt_dims
+
+    cfg = p.cfg
+    return MlflowTrials(client, exp_id, parent, search_name=run_name, family=cfg.family_label, metric=cfg.metrics[0],
+                        mode=cfg.modes[0], max_epochs=cfg.scheduler.max_epochs,
+                        mutable=tuple(pbt_dims(cfg)) if cfg.scheduler.type == "pbt" else ())
+
+
+def _tuner(p: Plan, run_name: str, trials_cb, resume: Resume | None):
+    """The Tuner of a new search, or the interrupted one restored (searcher, scheduler and trials come back from
+    its experiment directory; errored trials stay failed; the recorder takes over the trials' MLflow runs)."""
+    from ray import tune
+
+    from e2e_search.search.progress import Progress
+    from trainables.trial import run_trial
+
+    cfg = p.cfg
+    setup = ray_env.trial_setup(cfg, p.data, p.storage / run_name)
+    trainable = ray_env.trainable(run_trial, setup)
+    callbacks = [trials_cb, Progress(metric=cfg.metrics[0], mode=cfg.modes[0], num_samples=cfg.search.num_samples,
+                                     max_epochs=cfg.scheduler.max_epochs)]
+    if resume is not None:
+        seen = trials_cb.rehydrate(str(p.storage / run_name))
+        print(f"resuming search {run_name}: {seen['finished']} trials finished, {seen['failed']} failed, "
+              f"{seen['interrupted']} interrupted (they continue from their latest checkpoint)", flush=True)
+        # The callbacks pickled with the old Tuner stand for this driver's (e2e_search/search/live.py).
+        live.register(callbacks)
+        return tune.Tuner.restore(resume.tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    live.register(callbacks)
+    concurrent = ray_env.concurrency(cfg)
+    tuner = tune.Tuner(trainable, param_space=_pbt_population(p),
+                       tune_config=_tune_config(p, concurrent, setup.resources.in_process),
+                       run_config=_run_config(p, run_name, callbacks, setup.resources.in_process))
+    print(f"search started: {cfg.search.num_samples} trials, up to {concurrent} at a time", flush=True)
+    return tuner
+
+
+def _pbt_population(p: Plan) -> dict[str, Any] | None:
+    """PBT: the sampler's initial population, one grid point per member (Ray refuses a searcher with PBT)."""
+    from e2e_search.search.algorithms import initial_population, pbt_param_space
+
+    return pbt_param_space(initial_population(p.cfg, p.warm)) if p.cfg.scheduler.type == "pbt" else None
+
+
+def _tune_config(p: Plan, concurrent: int, in_process: bool):
+    from ray import tune
+
+    from e2e_search.search.algorithms import scheduler, searcher
+
+    cfg = p.cfg
+    pbt = cfg.scheduler.type == "pbt"
+    return tune.TuneConfig(search_alg=None if pbt else searcher(cfg, p.warm),
+                           scheduler=scheduler(cfg, cfg.metrics[0], cfg.modes[0]),
+                           num_samples=1 if pbt else cfg.search.num_samples, max_concurrent_trials=concurrent,
+                           reuse_actors=in_process, trial_dirname_creator=ray_env.trial_dirname)
+
+
+def _run_config(p: Plan, run_name: str, callbacks: list, in_process: bool):
+    from ray import tune
+
+    cfg = p.cfg
+    pbt = cfg.scheduler.type == "pbt"
+    return tune.RunConfig(
+        name=run_name, storage_path=str(p.storage), verbose=0, callbacks=callbacks,
+        # PBT would exploit a trial on its last report and train that epoch again: stop it there
+        stop={"epoch": cfg.scheduler.max_epochs} if pbt else None,
+        # One-worker trials: Tune keeps their checkpoints and retries them from the latest; a TorchTrainer
+        # retries its own workers (resources.max_failures there). PBT keeps every checkpoint: a donor's latest
+        # must outlive its next report until the receiver loaded it.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None if pbt else 1,
+                                                checkpoint_score_attribute="checkpoint_score",
+                                                checkpoint_score_order="max"),
+        failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures if in_process else 0))

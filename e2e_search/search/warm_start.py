@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from e2e_search.search.algorithms import LEARNING_SAMPLERS
 from e2e_search.spec.dims import ChoiceDim, FixedDim, GridDim, LogUniformDim, QUniformDim, RandIntDim, UniformDim
-from trainables.errors import UserError
 from e2e_search.spec.params import is_categorical, never_active, search_dims
 from e2e_search.spec.schema import SearchSpace
-from e2e_search.search.algorithms import LEARNING_SAMPLERS
+from trainables.errors import UserError
 
 KEY = "search.warm_start.experiment"
 # At most this many earlier trials (best first) become prior observations of a tpe/gp sampler.

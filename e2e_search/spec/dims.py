@@ -6,7 +6,7 @@ Pydantic models only (no loading, no registry): :mod:`e2e_search.spec.schema` an
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
@@ -105,7 +105,7 @@ def _as_dim(v: Any) -> Any:
 
 
 Dimension = Annotated[
-    Union[FixedDim, ChoiceDim, GridDim, UniformDim, LogUniformDim, RandIntDim, QUniformDim],
+    FixedDim | ChoiceDim | GridDim | UniformDim | LogUniformDim | RandIntDim | QUniformDim,
     Field(discriminator="type"),
     BeforeValidator(_as_dim),
 ]

@@ -16,11 +16,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from e2e_search.spec.dims import DIM_TYPES
-from trainables.errors import UserError, did_you_mean, error_text, source_of
 from e2e_search.spec.params import check_params
-from e2e_search.spec.search_checks import check_search
 from e2e_search.spec.schema import SearchSpace
-
+from e2e_search.spec.search_checks import check_search
+from trainables.errors import UserError, did_you_mean, error_text, source_of
 
 
 # --------------------------------------------------------------------------- loading
@@ -89,7 +88,7 @@ def _unshared(v: Any, active: frozenset = frozenset()) -> Any:
 def parse_yaml(text: str) -> Any:
     """``yaml.safe_load`` that refuses duplicate keys (:class:`DuplicateKey`); aliases are expanded into
     independent values (:func:`_unshared`)."""
-    return _unshared(yaml.load(text, Loader=UniqueKeyLoader))  # noqa: S506 - a SafeLoader subclass
+    return _unshared(yaml.load(text, Loader=UniqueKeyLoader))
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -220,7 +219,7 @@ REPORTED_CLASSIFICATION = {"val_auc", "val_acc", "val_rej30", "val_rej50", "val_
 REPORTED_REGRESSION = {"val_mae", "val_bias", "val_resolution", "val_abs_bias"}
 
 
-def reported_metrics(cfg: "SearchSpace") -> set[str]:
+def reported_metrics(cfg: SearchSpace) -> set[str]:
     """The metric names a trial of this task reports each epoch (the values ``search.metric`` can take)."""
     out = set(REPORTED_ANY)
     if cfg.task.classifies:
@@ -230,7 +229,7 @@ def reported_metrics(cfg: "SearchSpace") -> set[str]:
     return out
 
 
-def check_metrics(cfg: "SearchSpace") -> None:
+def check_metrics(cfg: SearchSpace) -> None:
     """Every ``search.metric`` is one the trials report (else Tune fails every trial inside Ray).
 
     Raises:

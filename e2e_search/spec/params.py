@@ -14,13 +14,20 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from e2e_search.spec.dims import ChoiceDim, FixedDim, GridDim, LogUniformDim, QUniformDim, RandIntDim, UniformDim, dim_values
-from trainables.errors import UserError, did_you_mean, error_text
-from trainables.registry import family_names, get_family
+from e2e_search.spec.dims import (
+    ChoiceDim,
+    FixedDim,
+    GridDim,
+    LogUniformDim,
+    QUniformDim,
+    RandIntDim,
+    UniformDim,
+    dim_values,
+)
 from e2e_search.spec.schema import SearchSpace
+from trainables.errors import UserError, did_you_mean, error_text
 from trainables.params import TrainParams
-
-
+from trainables.registry import family_names, get_family
 
 
 def search_dims(cfg: SearchSpace) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from e2e_search.spec.params import never_active, param_owners, search_dims
 from e2e_search.spec.schema import SearchSpace
 from trainables.errors import UserError
 
-
 # The training parameters PBT may change mid-trial: they take effect without rebuilding the model's shape.
 PBT_PARAMS = ("lr", "weight_decay", "drop_path")
 

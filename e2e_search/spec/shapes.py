@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from e2e_search.spec.dims import ChoiceDim, FixedDim, GridDim, QUniformDim, RandIntDim
-from trainables.errors import UserError
 from e2e_search.spec.schema import SearchSpace
+from trainables.errors import UserError
 
 MAX_BUILDS = 256
 """Most combinations checked per family; beyond it, ranges are reduced to their ends (and a note says so)."""
@@ -117,7 +117,7 @@ def _cheapest(values: list[Any]) -> Any:
 def combinations(cfg: SearchSpace, family: str, ends_only: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
     """Trial parameters to build ``family`` with (every value of its shape parameters, the cheapest of the
     rest; conditions applied as the sampler applies them) and the names varied. Stops past MAX_BUILDS."""
-    from e2e_search.spec.params import is_active, condition_order, param_owners, never_active, search_dims
+    from e2e_search.spec.params import condition_order, is_active, never_active, param_owners, search_dims
     from trainables.registry import get_family
 
     fam = get_family(family)

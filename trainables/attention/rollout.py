@@ -31,6 +31,7 @@ from timm.layers import Attention
 from timm.models.cait import ClassAttn, TalkingHeadAttn
 from torch import nn
 
+
 def _x_of(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["x"]
 
@@ -178,7 +179,7 @@ def attention_rollout(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     B, N = rec.self_attn[0].shape[:2]
     n_patches = picked["index"].shape[1] if kept is not None else gh * gw
-    if any(a.shape[1] != N for a in rec.self_attn) or N != prefix + n_patches:
+    if any(a.shape[1] != N for a in rec.self_attn) or prefix + n_patches != N:
         return None  # tokens that are not the patch grid (an unexpected layout): no map rather than a wrong one
     valid = picked["valid"].float() if kept is not None else torch.ones(B, n_patches, device=x.device)  # (B, K)
     eye = torch.eye(N, device=x.device)

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainables.data.setup import DataSetup
 from trainables.core.layout import CHECKPOINT_FILE, METRICS_FILE
+from trainables.data.setup import DataSetup
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -71,7 +71,7 @@ class TrialCheckpoint:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, map_location: Any = "cpu") -> "TrialCheckpoint":
+    def load(cls, path: str | Path, map_location: Any = "cpu") -> TrialCheckpoint:
         """Read ``checkpoint.pt`` (a file, or a folder holding one) with ``torch.load(weights_only=True)``.
         Raises CheckpointError when it is not a PyTorch file or not written by a trial of this version."""
         import torch

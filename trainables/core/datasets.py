@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from trainables.data.setup import DataSetup
-from trainables.data.images import H5ImageDataset
-from trainables.data.targets import encode_labels
-from trainables.data.object_lists import ObjectDataset
 from trainables.core.batches import DeviceBatches, SparseBatches, SparseRows
+from trainables.data.images import H5ImageDataset
+from trainables.data.object_lists import ObjectDataset
+from trainables.data.setup import DataSetup
+from trainables.data.targets import encode_labels
 
 _KEPT: dict[str, Any] = {}
 """The last datasets this process opened, by key: a trial after it on the same data reuses them."""

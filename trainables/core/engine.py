@@ -17,12 +17,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainables.params import split_params
-from trainables.registry import get_family
 from trainables.core.checkpoint import TrialCheckpoint, model_data
 from trainables.core.contract import TrialConfig
 from trainables.core.datasets import loaders, open_split
-from trainables.core.model import build_model, channels_last, forward, load_pretrained, task_loss, to_device, unwrap, use_channels_last
+from trainables.core.model import (
+    build_model,
+    channels_last,
+    forward,
+    load_pretrained,
+    task_loss,
+    to_device,
+    unwrap,
+    use_channels_last,
+)
+from trainables.params import split_params
+from trainables.registry import get_family
 
 
 class NonFiniteLoss(RuntimeError):

@@ -26,14 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainables.metrics import task_metrics
-from trainables.core.predictions import save_predictions
-from trainables.registry import get_family
 from trainables.core.checkpoint import TrialCheckpoint, checkpoint_score
 from trainables.core.contract import TrialConfig
 from trainables.core.engine import Engine, NonFiniteLoss, gather
 from trainables.core.layout import ATTENTION_FILE, PREDICTIONS_FILE, TEST_PREDICTIONS_FILE
 from trainables.core.model import first_item, inference_latency_ms, to_device, unwrap
+from trainables.core.predictions import save_predictions
+from trainables.metrics import task_metrics
+from trainables.registry import get_family
 
 __all__ = ["NonFiniteLoss", "train_trial"]
 

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainables.names import mlflow_key
-from trainables.data.object_names import slot_names
 from trainables.core.model import unwrap
+from trainables.data.object_names import slot_names
+from trainables.names import mlflow_key
 
 PREFIX = "val_recon"
 SEED = 20260519

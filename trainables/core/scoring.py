@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainables.metrics import task_metrics
 from trainables.core.datasets import open_split
 from trainables.core.engine import NonFiniteLoss, autocast, gather
 from trainables.core.model import channels_last, forward, to_device
+from trainables.metrics import task_metrics
 
 
 @dataclass

@@ -19,7 +19,6 @@ from trainables.data.targets import encode_labels
 from trainables.data.transforms import output_size, preprocess, random_flip, to_chw
 from trainables.errors import UserError
 
-
 READ_CHUNK = 256
 """Images read per h5py call when a whole split (or the statistics sample) is read."""
 

@@ -19,17 +19,17 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from trainables.data.images import READ_CHUNK, check_finite, read_rows
 from trainables.data.setup import DataSetup
-from trainables.errors import UserError
-from trainables.workdir import cache_dir
 from trainables.data.sparse_cache import META, background, cache_rows, folder_name, identity, is_complete, stored_mask
 from trainables.data.transforms import preprocess, to_chw
-from typing import Callable
+from trainables.errors import UserError
+from trainables.workdir import cache_dir
 
 BLOCK_ROWS = 8192
 """Most rows in one block (one Ray task)."""

@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from timm.models.cait import Cait
 from torch import nn
 
-from trainables.registry import Capabilities, register_family
 from trainables.layers.vit_blocks import MLP
 from trainables.layers.vit_common import FitToPatches, heads_multiple, use_fused_attention
+from trainables.registry import Capabilities, register_family
 
 
 class CaitParams(BaseModel):

@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from trainables.registry import Capabilities, register_family
 from trainables.layers.vit_common import heads_multiple
+from trainables.registry import Capabilities, register_family
 
 
 class EventTransformerParams(BaseModel):

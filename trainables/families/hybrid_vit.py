@@ -19,8 +19,8 @@ from pydantic import Field
 from timm.layers import HybridEmbed
 from torch import nn
 
-from trainables.registry import Capabilities, register_family
 from trainables.layers.vit_common import FitToPatches, TimmVitParams, timm_vit
+from trainables.registry import Capabilities, register_family
 
 
 class HybridVitParams(TimmVitParams):

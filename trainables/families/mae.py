@@ -56,9 +56,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from trainables.registry import Capabilities, register_family
 from trainables.layers.vit_blocks import MLP, sincos_2d
 from trainables.layers.vit_common import FitToPatches, heads_multiple
+from trainables.registry import Capabilities, register_family
 
 EMPTY_TOL = 1e-6
 """A patch channel is constant when max - min over its real pixels is at most this."""

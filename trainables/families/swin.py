@@ -25,9 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
-from trainables.registry import Capabilities, register_family
 from trainables.layers.vit_common import FitToPatches, heads_multiple, use_fused_attention
 from trainables.layers.windows import swin_grid
+from trainables.registry import Capabilities, register_family
 
 
 class SwinParams(BaseModel):

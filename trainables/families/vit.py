@@ -37,12 +37,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from trainables.layers.vit_blocks import (ATTENTION)
+from trainables.layers.vit_blocks import ATTENTION
 from trainables.layers.vit_common import FitToPatches, TimmVitParams, timm_vit
 from trainables.registry import Capabilities, register_family
-
-
-
 
 
 class VitParams(TimmVitParams):

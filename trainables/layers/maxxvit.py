@@ -37,8 +37,8 @@ from timm.models._manipulate import named_apply
 from timm.models.maxxvit import MaxxVitConvCfg, MaxxVitStage, MaxxVitTransformerCfg, Stem
 from torch import nn
 
-from trainables.layers.windows import swin_grid
 from trainables.layers.vit_common import FitToPatches
+from trainables.layers.windows import swin_grid
 
 MAX_STAGES = 4
 

@@ -7,10 +7,9 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-
-import torch.nn.functional as F
 
 from trainables.layers.vit_blocks import MLP
 from trainables.layers.vit_model import Vit

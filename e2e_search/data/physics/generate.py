@@ -19,8 +19,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from trainables.errors import UserError
 from e2e_search.data.physics.detector import CHANNELS
+from trainables.errors import UserError
 
 PYTHIA_SEED_MAX = 900_000_000
 BATCH_EVENTS = 64
@@ -100,7 +100,6 @@ def check_spec(s: GenSpec, *, keys: dict[str, str] = CLI_KEYS, local: bool = Tru
     """Every option's range, then the memory (``local``: the tasks run on this machine) and the disk the output
     needs; UserError naming ``keys[field]`` otherwise. Nothing is simulated or written."""
     from e2e_search.data.physics.processes import CLASSIFICATION, PROCESSES
-
     from trainables.errors import did_you_mean
 
     k = keys
@@ -278,8 +277,8 @@ def _examples(s: GenSpec, smp, events, rng) -> dict[str, np.ndarray] | None:
         return event_rows(smp, events, rng)
     import awkward as ak
 
-    from e2e_search.data.physics.detector import jet_images
     from e2e_search.data.physics.clustering import Batch, jet_at
+    from e2e_search.data.physics.detector import jet_images
 
     b = Batch(events)
     sel = smp.select(b)

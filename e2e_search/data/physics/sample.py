@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,6 +22,6 @@ class Sample:
     name: str
     settings: list[str]
     count: int
-    select: Callable[["Batch"], dict[str, np.ndarray]]
+    select: Callable[[Batch], dict[str, np.ndarray]]
     """-> {"keep": bool mask over events, "jet": index of the chosen jet, "y": label, ...extra truth}."""
     extra: dict = field(default_factory=dict)
