@@ -54,7 +54,7 @@ def loader_rate(ds, readers: int, batch: int, device, max_batches: int, max_seco
     dl = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=readers, persistent_workers=readers > 0,
                     pin_memory=torch.device(device).type == "cuda", drop_last=True)
     rate = 0.0
-    for epoch in range(2):
+    for _epoch in range(2):
         t0, n = time.perf_counter(), 0
         for i, (x, _) in enumerate(dl):
             x = x.to(device, non_blocking=True)

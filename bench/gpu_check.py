@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from trainables.core.batches import SparseRows  # noqa: E402
 from trainables.core.model import build_model  # noqa: E402
-from trainables.data.setup import DataSetup
+from trainables.data.setup import DataSetup  # noqa: E402
 
 MODELS = {
     "resnet15": ("resnet15", {"width": 16}),

@@ -102,7 +102,8 @@ def measure(data: str, tmp: str, n_trials: int, epochs: int, concurrent: int, ru
     per = {k: mean(r[k] for r in rows) for k in rows[0]} if rows else {}
     per["mlflow"] = tracking / max(1, len(rows))
     train_total = sum(r["train"] for r in rows)
-    return {"runner": runner, "trials": n_trials, "finished": len(rows), "wall_s": wall, "train_share": train_total / (wall * concurrent),
+    return {"runner": runner, "trials": n_trials, "finished": len(rows), "wall_s": wall,
+            "train_share": train_total / (wall * concurrent),
             "overhead_per_trial_s": (wall * concurrent - train_total) / max(1, len(rows)), "per_trial": per}
 
 

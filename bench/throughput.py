@@ -80,7 +80,8 @@ def run_trainable(setup, params: dict, *, epochs: int, use_gpu: bool, cpus: floa
     t0 = time.perf_counter()
     trainer.fit()
     wall = time.perf_counter() - t0
-    rows = [json.loads(line) for line in open(log)]
+    with open(log) as f:
+        rows = [json.loads(line) for line in f]
     n, bs = len(setup.train), params["batch_size"]
     seen = n // bs * bs if n > bs else n  # the loop drops the last partial batch
     later = rows[1:] or rows

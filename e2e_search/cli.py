@@ -21,7 +21,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="e2e-search", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{run,resume,confirm,validate,best,report,ui,export,data}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd", required=True,
+                           metavar="{run,resume,confirm,validate,best,report,ui,export,data}", parser_class=_Parser)
 
     r = sub.add_parser("run", help="run a search from a search-space YAML")
     r.add_argument("file", help="search-space YAML (see search_spaces/)")
@@ -95,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("source", metavar="SOURCE", help="RUN_ID | models:/NAME@ALIAS | PATH/checkpoint.pt")
     x.add_argument("--format", default="onnx", help="output format: onnx (default)")
     x.add_argument("--out", required=True, help="output file (written atomically; nothing is left on failure)")
-    x.add_argument("--tracking-uri", help="MLflow tracking URI for RUN_ID and models:/ (default: $MLFLOW_TRACKING_URI, else sqlite:///e2e_runs/mlflow.db; the registry: $MLFLOW_REGISTRY_URI, else the tracking URI)")
+    x.add_argument("--tracking-uri", help="MLflow tracking URI for RUN_ID and models:/ (default: $MLFLOW_TRACKING_URI, "
+                   "else sqlite:///e2e_runs/mlflow.db; the registry: $MLFLOW_REGISTRY_URI, else the tracking URI)")
     x.add_argument("--opset", type=int, help="ONNX opset to write, exactly (7 up to the newest onnx knows); refused, "
                    "naming the operator and the lowest opset that works, when the model needs a newer one "
                    "(default: the exporter's: 17 for torchscript, 20 for dynamo in torch 2.14)")
@@ -343,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # downloads stay off the terminal
     try:
-        return {"run": _cmd_run, "resume": _cmd_resume, "confirm": _cmd_confirm, "validate": _cmd_validate, "best": _cmd_best, "report": _cmd_report,
+        return {"run": _cmd_run, "resume": _cmd_resume, "confirm": _cmd_confirm, "validate": _cmd_validate,
+                "best": _cmd_best, "report": _cmd_report,
                 "ui": _cmd_ui, "export": _cmd_export, "data": _cmd_data}[args.cmd](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

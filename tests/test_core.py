@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from torch import nn
 
 from e2e_search.data.inspect import inspect
@@ -126,7 +126,7 @@ class _P(BaseModel):
 def test_declared_capabilities_are_checked_at_registration(caps, build, match):
     with pytest.raises(RuntimeError, match=match):
         register_family("not_registered", params=_P, capabilities=caps)(build)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         Capabilities(inputs="graph")
 
 

@@ -25,6 +25,7 @@ from e2e_search.spec.loader import validate
 from tests.conftest import base_config, write_e2e, write_yaml
 
 N = 40
+FLOAT32 = pa.float32()  # the default leaf type of the writers
 
 
 # --------------------------------------------------------------------------- writers
@@ -36,7 +37,7 @@ def reference(tmp: Path, n: int = N, size: int = 16, channels: int = 3, seed: in
     return h5, arrays
 
 
-def nested(x: np.ndarray, leaf=pa.float32()) -> pa.Array:
+def nested(x: np.ndarray, leaf=FLOAT32) -> pa.Array:
     """(n, a, b, c) -> list<list<list<leaf>>> per row (what pandas/pyarrow write for the CMS release)."""
     t = leaf
     for _ in range(x.ndim - 1):
@@ -45,7 +46,7 @@ def nested(x: np.ndarray, leaf=pa.float32()) -> pa.Array:
 
 
 def write_parquet(path: Path, X: np.ndarray, cols: dict, *, image_key: str = "X_jets", row_group_size: int = 16,
-                  leaf=pa.float32()) -> Path:
+                  leaf=FLOAT32) -> Path:
     table = pa.table({image_key: nested(X, leaf), **{k: pa.array(v) for k, v in cols.items()}})
     pq.write_table(table, path, row_group_size=row_group_size)
     return path

@@ -197,7 +197,7 @@ def test_vit_pair_bias_changes_the_output_trains_and_ignores_the_batch(extra):
         with_bias[1].pair.mlp[-1].weight.normal_(0, 3.0)
     with_bias.eval(), without.eval()
     with torch.no_grad():
-        a, b = with_bias(x), without(x)
+        a, _ = with_bias(x), without(x)
         alone = torch.cat([with_bias(x[i : i + 1]) for i in range(3)])
         tokens = [m[1].features(m[0](x))[0] for m in (with_bias, without)]
     assert (tokens[0] - tokens[1]).abs().max() > 1e-3                   # the bias reaches the tokens

@@ -213,11 +213,11 @@ def test_resize_larger_than_the_image_names_the_key(tmp_path, mode, size):
 
 
 def test_memory_cache_too_big_for_the_machine(tmp_path, monkeypatch):
-    import e2e_search.data.inspect as data
+    import trainables.data.images as images
 
     path = _file(tmp_path)
     s = _setup(tmp_path, path, cache="memory")
-    monkeypatch.setattr(data, "available_memory", lambda: 10_000)
+    monkeypatch.setattr(images, "available_memory", lambda: 10_000)  # the check before Ray starts and the trial's
     for build in (lambda: _setup(tmp_path, path, cache="memory"), lambda: H5ImageDataset(s, s.train)):
         with pytest.raises(UserError) as e:
             build()

@@ -56,7 +56,7 @@ def kill_driver_when(tmp_path: Path, cfg: dict, ready, address: str, poll: float
     def cond():
         try:
             _, trials = trial_runs(client, cfg["name"])
-        except Exception:  # the store or experiment is not there yet
+        except Exception:  # noqa: BLE001 - the store or experiment is not there yet
             return None
         return ready(trials)
 

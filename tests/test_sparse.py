@@ -274,7 +274,7 @@ def test_a_killed_ingest_leaves_nothing_usable_and_the_next_one_cleans_up(tmp_pa
 
 # --------------------------------------------------------------------------- choosing the cache, refusals
 def test_auto_picks_sparse_for_sparse_images_device_for_dense_and_none_when_nothing_fits(tmp_path, monkeypatch):
-    import e2e_search.data.inspect as data
+    import trainables.data.images as images
     from tests.conftest import write_e2e
 
     monkeypatch.chdir(tmp_path)
@@ -285,7 +285,7 @@ def test_auto_picks_sparse_for_sparse_images_device_for_dense_and_none_when_noth
     assert dense.cache == "device" and dense.fill == 1.0 and dense.sparse_dir is None
     assert setup_for(tmp_path, tmp_path / "e.h5", cache="none").cache == "none"
     assert setup_for(tmp_path, tmp_path / "e.h5", cache="memory").cache == "memory"
-    monkeypatch.setattr(data, "available_memory", lambda: 10_000)
+    monkeypatch.setattr(images, "available_memory", lambda: 10_000)
     assert setup_for(tmp_path, tmp_path / "e.h5").cache == "none"
     assert setup_for(tmp_path, tmp_path / "s.h5").cache == "none"  # neither form fits: read from the file
     assert not (tmp_path / "e2e_runs").exists()  # inspect decides and writes nothing
@@ -297,17 +297,18 @@ def test_auto_picks_sparse_for_sparse_images_device_for_dense_and_none_when_noth
     assert o.kind == "objects" and o.cache == "none"
 
 
-def test_a_dense_file_with_cache_sparse_is_refused_with_its_fill(ws, capsys):
+def test_a_dense_file_with_cache_sparse_is_refused_with_its_fill(ws, capsys):  # noqa: F811 - the imported fixture
     line = bad_run(ws, capsys, ["validate", write_yaml(base_cfg()), "--set", "data.cache=sparse"],
                    YAML, "data.cache", "100.0% of the pixels", "under 20%", "--set data.cache")
     assert "set data.cache: auto" in line
 
 
-def test_a_sparse_cache_too_big_for_memory_is_refused_before_anything_starts(ws, capsys, monkeypatch):
-    import e2e_search.data.inspect as data
+def test_a_sparse_cache_too_big_for_memory_is_refused_before_anything_starts(
+        ws, capsys, monkeypatch):  # noqa: F811 - the imported fixture
+    import trainables.data.images as images
 
     write_sparse(ws / "jets.h5", n=40)
-    monkeypatch.setattr(data, "available_memory", lambda: 10_000)
+    monkeypatch.setattr(images, "available_memory", lambda: 10_000)
     line = bad_run(ws, capsys, ["run", write_yaml(base_cfg()), "--set", "data.cache=sparse"],
                    YAML, "data.cache", "40 images of 2x32x32", "GiB", "data.limit")
     assert "0.00 GiB of memory is available" in line
@@ -315,7 +316,7 @@ def test_a_sparse_cache_too_big_for_memory_is_refused_before_anything_starts(ws,
     assert rc == 0 and "valid" in out and "sparse cache (" not in out and "cache in" not in out, err
 
 
-def test_validate_shows_the_sparse_choice_and_writes_nothing(ws, capsys):
+def test_validate_shows_the_sparse_choice_and_writes_nothing(ws, capsys):  # noqa: F811 - the imported fixture
     write_sparse(ws / "jets.h5", n=40)
     rc, out, err = cli(["validate", write_yaml(base_cfg())], capsys)
     assert rc == 0, err

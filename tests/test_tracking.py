@@ -276,12 +276,12 @@ def test_a_run_whose_closing_the_killed_driver_never_finished_is_closed_on_resum
     cb.on_trial_start(iteration=0, trials=[t], trial=t)
     cb.on_trial_result(iteration=1, trials=[t], trial=t, result=_result(t, 1, checkpoint_path=str(folder)))
     busy = threading.Event()
-    cb._closer.submit(busy.wait)  # the closing thread is busy with another run when the driver dies
+    cb.closer._pool.submit(busy.wait)  # the closing thread is busy with another run when the driver dies
     cb.on_trial_complete(iteration=2, trials=[t], trial=t)
     rid = cb.runs[t.trial_id]
     run = client.get_run(rid)
     assert run.info.status == "RUNNING" and run.data.tags["e2e.closing"] == str(folder)
-    assert all(f.cancel() for f in cb._pending)  # the driver is gone: its queued closing never runs
+    assert all(f.cancel() for f in cb.closer._pending)  # the driver is gone: its queued closing never runs
     busy.set()
 
     resumed = MlflowTrials(client, cb.experiment_id, cb.parent, search_name=cb.search_name, family="vit",

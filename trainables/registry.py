@@ -66,9 +66,10 @@ class Capabilities(BaseModel):
     that with ``empty_pixel`` a model can recover each pixel's energy, (x - empty) * std (pair features)."""
     hits: bool = False
     """Image families whose tokens are the detector hits (trainables/families/hit_transformer.py; needs
-    ``empty_pixel`` and ``pixel_std``): ``forward`` takes either images (B, C, H, W) or a hit list ``(hits (B, K, 4), mask (B, K))`` with hits =
-    (channel, row, column, energy above the empty value, not normalized). With ``data.cache: sparse`` the
-    training core feeds hit lists built from the cache, never a dense image (trainables/core/batches.py)."""
+    ``empty_pixel`` and ``pixel_std``): ``forward`` takes either images (B, C, H, W) or a hit list
+    ``(hits (B, K, 4), mask (B, K))`` with hits = (channel, row, column, energy above the empty value, not normalized).
+    With ``data.cache: sparse`` the training core feeds hit lists built from the cache, never a dense image
+    (trainables/core/batches.py)."""
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,7 @@ def factors(dims: dict[str, Any], params: list[dict[str, str]]) -> list[Factor]:
                 edges = np.quantile(np.asarray([float(v) for v in values if v is not None]), [1 / 3, 2 / 3])
                 names = ["low", "mid", "high"]
 
-                def bin_of(v: float) -> int:
+                def bin_of(v: float, edges=edges) -> int:
                     return int(np.searchsorted(edges, v, side="right"))
 
                 ranges = {}
@@ -354,7 +354,7 @@ def _attention_maps(client, trials: list) -> tuple[dict, list[str], list[str]] |
 
     maps: dict[str, list] = {}
     objects = groups = None
-    for i, t in enumerate(trials):
+    for t in trials:
         if t.data.tags.get("e2e.family") != "event_transformer":
             continue
         p = t.data.params.get("pretrain_epochs")
@@ -383,9 +383,9 @@ def _recon_table(trials: list, scores: list[float], mode: str) -> str:
 
     best = None
     for t, s in zip(trials, scores):
-        if "best_val_recon" in t.data.metrics and math.isfinite(s):
-            if best is None or (s > best[1] if mode == "max" else s < best[1]):
-                best = (t, s)
+        if "best_val_recon" in t.data.metrics and math.isfinite(s) and (
+                best is None or (s > best[1] if mode == "max" else s < best[1])):
+            best = (t, s)
     if best is None:
         return ""
     m = best[0].data.metrics

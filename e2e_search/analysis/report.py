@@ -50,7 +50,7 @@ def _cost(client: MlflowClient, run_id: str) -> dict[str, float]:
         with tempfile.TemporaryDirectory() as tmp:
             path = client.download_artifacts(run_id, BEST_CHECKPOINT_ARTIFACT, tmp)
             t = load_trained(Path(path), run_id)
-    except Exception:
+    except Exception:  # noqa: BLE001 - no best checkpoint, or one that does not load: no cost columns
         return {}
     t.model.requires_grad_(False)  # FlopCounterMode's module hooks trip over parameters that want grads
     out: dict[str, float] = {}
@@ -185,7 +185,7 @@ def build_report(uri: str, experiment: str, search_run: str | None = None, *, co
                                                                      tmp)).read_text())
         metrics = resolved["search"]["metric"] if isinstance(resolved["search"]["metric"], list) else [metric]
         modes = resolved["search"]["mode"] if isinstance(resolved["search"]["mode"], list) else [mode]
-    except Exception:
+    except Exception:  # noqa: BLE001 - search_space.yaml missing or unreadable: use the parent's tags
         metrics, modes = [metric], [mode]
     trials = client.search_runs([exp.experiment_id], max_results=5000,
                                 filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
@@ -365,7 +365,8 @@ def _html(experiment: str, parent, rows: list[dict], metric: str, mode: str, plo
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 6px;
 font-size:13px}}th{{background:#eee}}figure{{display:inline-block;margin:1em}}</style></head><body>
 <h1>e2e-search report: {html.escape(experiment)}</h1>
-<p>search run <code>{parent.info.run_id}</code> ({html.escape(parent.data.tags.get('mlflow.runName', ''))}), status {parent.info.status};
+<p>search run <code>{parent.info.run_id}</code> \
+({html.escape(parent.data.tags.get('mlflow.runName', ''))}), status {parent.info.status};
 ranked by <b>{html.escape(metric)}</b> ({mode}) at each trial's best epoch. {html.escape(params)}</p>
 <table><tr><th>rank</th>{''.join(f'<th>{html.escape(heads.get(c, c))}</th>' for c in cols)}<th>MLflow run</th></tr>
 {''.join(body)}</table>

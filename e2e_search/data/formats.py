@@ -110,7 +110,8 @@ class _Source:
         """A whole one-value-per-row column (``which``: the config key naming it, for errors)."""
         raise NotImplementedError
 
-    def batches(self, image_key: str, scalars: list[str], rows: int, limit: int | None = None) -> Iterator[tuple[np.ndarray, dict]]:
+    def batches(self, image_key: str, scalars: list[str], rows: int,
+                limit: int | None = None) -> Iterator[tuple[np.ndarray, dict]]:
         """(images (k, a, b, c) as stored, {scalar: (k,)}) of consecutive rows, ``rows`` at a time."""
         raise NotImplementedError
 
@@ -502,7 +503,8 @@ def materialize(cfg: SearchSpace, *, generate: bool = True) -> SearchSpace | Non
     if path.is_dir():
         raise UserError(f"'{d.path}' is a directory; give the path of a {fmt} file", key="data.path")
     if not path.is_file():
-        raise UserError(f"file '{d.path}' not found; fix the path (e.g. --set data.path=FILE.{'parquet' if fmt == 'parquet' else 'root'})",
+        raise UserError(f"file '{d.path}' not found; fix the path "
+                        f"(e.g. --set data.path=FILE.{'parquet' if fmt == 'parquet' else 'root'})",
                         key="data.path")
     if path.stat().st_size == 0:
         raise UserError(f"'{d.path}' is empty (0 bytes); give a complete {'Parquet' if fmt == 'parquet' else 'ROOT'} file",

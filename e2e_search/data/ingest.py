@@ -73,7 +73,8 @@ def ingest_for_search(setup: DataSetup, *, use_ray: bool = True) -> Path | None:
         parallel = max(1, int(cpus[0] if cpus else 1))
     t0 = time.perf_counter()
     built: list[str] = []
-    folder = ensure(setup, parallel=parallel, run_blocks=ray_blocks(parallel) if use_ray else None, log=lambda s: (built.append(s), log(s)))
+    folder = ensure(setup, parallel=parallel, run_blocks=ray_blocks(parallel) if use_ray else None,
+                    log=lambda s: (built.append(s), log(s)))
     if not built:
         c = open_cache(folder)
         log(f"data: sparse cache {folder} reused ({len(c.rows)} images, {c.meta['fill']:.2%} of pixels non-zero, "

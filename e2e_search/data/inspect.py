@@ -18,8 +18,9 @@ from e2e_search.data.labels import label_source, read_labels
 from e2e_search.data.objects import inspect_objects
 from e2e_search.data.splits import split_checked
 from e2e_search.spec.schema import SearchSpace
+from trainables.data import images  # its memory checks are the trial's own (one place to change, or patch)
 from trainables.data.h5file import need_dataset, open_h5
-from trainables.data.images import available_memory, check_cache_fits, read_images
+from trainables.data.images import read_images
 from trainables.data.setup import DataSetup
 from trainables.data.sparse_cache import (
     MAX_FILL,
@@ -160,14 +161,14 @@ def choose_cache(cfg: SearchSpace, setup: DataSetup, n_sample: int) -> str:
     copies = max(1, int(1 / gpu)) if 0 < gpu < 1 else 1  # trials sharing one GPU, each with its own copy
 
     def sparse_fits() -> None:
-        check_sparse_fits(n_cached, setup, setup.fill, available_memory(), device_total, copies)
+        check_sparse_fits(n_cached, setup, setup.fill, images.available_memory(), device_total, copies)
 
     if asked == "sparse":
         refuse_dense(setup.fill, n_sample)
         sparse_fits()
         return "sparse"
     if asked in ("memory", "device"):
-        check_cache_fits(n_worker, setup)
+        images.check_cache_fits(n_worker, setup)
         return asked
     if asked != "auto":
         return asked
@@ -178,7 +179,7 @@ def choose_cache(cfg: SearchSpace, setup: DataSetup, n_sample: int) -> str:
         except UserError:
             pass
     try:
-        check_cache_fits(n_worker, setup)
+        images.check_cache_fits(n_worker, setup)
     except UserError:
         return "none"
     dense = n_worker * setup.in_chans * setup.img_size[0] * setup.img_size[1] * 4

@@ -128,7 +128,8 @@ def generate_toy_jets(out: str | Path, *, n: int, image_size: int = 32, channels
             f["m0"] = m0
             f["pt"] = pt
             f.attrs.update(recipe="toy_jets", n=n, image_size=image_size, channels=channels, seed=seed,
-                           channel_names=",".join(["ECAL", "HCAL", "Tracks"][:channels] + [f"extra{k}" for k in range(3, channels)]))
+                           channel_names=",".join(["ECAL", "HCAL", "Tracks"][:channels]
+                                                  + [f"extra{k}" for k in range(3, channels)]))
         os.replace(tmp, out)
     finally:
         if tmp.exists():

@@ -30,7 +30,8 @@ the dynamo exporter (``torch.export`` + onnxscript) when the first one fails; ``
 picks one. ``--opset N`` is written exactly or refused: the file's default-domain opset is
 checked after export (the dynamo exporter builds opset 18 and down-converts, falling back to
 18 silently when it cannot), and a refusal names the operator that needs a newer opset and
-the lowest opset that works (found by exporting again at the opsets the failures point to). The file is accepted only when onnxruntime (CPUExecutionProvider) reproduces
+the lowest opset that works (found by exporting again at the opsets the failures point to).
+The file is accepted only when onnxruntime (CPUExecutionProvider) reproduces
 PyTorch within ``PARITY_TOL`` on ``PARITY_EVENTS`` realistic random events (and on batch 1);
 otherwise nothing is written. The file is written to a temporary name in the output's
 folder and renamed at the end.

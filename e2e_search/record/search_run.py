@@ -56,7 +56,7 @@ def finish_search_run(client, parent: str, trials_cb, cfg: SearchSpace, run_name
     metric, mode = cfg.metrics[0], cfg.modes[0]
     try:
         trials_cb.drain()  # every trial's run closed, its best checkpoint uploaded (champions point at it)
-    except Exception:
+    except Exception:  # noqa: BLE001 - the parent run must still be closed
         pass
     winner = trials_cb.best_trial()
     best_rid = trials_cb.runs.get(winner[0]) if winner else None
@@ -78,17 +78,17 @@ def finish_search_run(client, parent: str, trials_cb, cfg: SearchSpace, run_name
         client.log_metric(parent, "tracking_s", trials_cb.busy_s)  # driver time in MLflow logging
         n_failed = sum(1 for s in trials_cb.status.values() if s == "FAILED")
         client.set_tag(parent, "e2e.trials_failed", str(n_failed))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - recorded as the end error: the run is closed FAILED
         end_error = " ".join(f"{type(e).__name__}: {e}".split())[:2000]
         status = "FAILED"
     finally:
         if error or end_error:
             try:
                 client.log_batch(parent, tags=[RunTag("e2e.error", tag_value(end_error or error))])
-            except Exception:
+            except Exception:  # noqa: BLE001 - closing the run matters more than the tag
                 pass
         try:
             client.set_terminated(parent, status=status)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - returned as the end error to the caller
             end_error = end_error or " ".join(f"{type(e).__name__}: {e}".split())[:2000]
     return {"winner": winner, "best_rid": best_rid, "end_error": end_error}

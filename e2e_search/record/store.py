@@ -190,7 +190,7 @@ def set_champion(client: MlflowClient, name: str, run, tags: dict[str, str], *, 
     and the alias ``champion`` moved to it (the model is created first if needed). Returns the version."""
     try:
         client.get_registered_model(name)
-    except Exception:
+    except Exception:  # noqa: BLE001 - not registered yet: create it (a store error recurs there)
         client.create_registered_model(name, description=description)
     version = client.create_model_version(name, source=f"{run.info.artifact_uri}/{BEST_ARTIFACT}",
                                          run_id=run.info.run_id, tags={k: tag_value(v) for k, v in tags.items()})

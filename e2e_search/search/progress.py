@@ -32,7 +32,8 @@ class Progress(Live, Callback):
             best = f"{self.metric}={v:.4f} (trial {tid}, epoch {ep})"
         print(f"[{time.time() - self.t0:6.0f}s] {running} running, {f'{paused} paused, ' if paused else ''}"
               f"{done} done, {failed} failed, "
-              f"{max(pending, 0)} to go | best {best} | {event}", file=sys.stdout, flush=True)  # looked up per call: Tune pickles callbacks
+              f"{max(pending, 0)} to go | best {best} | {event}",
+              file=sys.stdout, flush=True)  # looked up per call: Tune pickles callbacks
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._line(trials, f"{trial.trial_id} started")

@@ -183,7 +183,7 @@ def try_build(family: str, params: dict[str, Any], shape: DataShape) -> str | No
     fam = get_family(family)
     try:
         tp, fp = split_params(family, params)
-    except Exception as e:  # a value the schema refuses (check_params has refused it already)
+    except Exception as e:  # noqa: BLE001 - a value the schema refuses (check_params has refused it already)
         return " ".join(str(e).split())
     import inspect
 

@@ -206,10 +206,9 @@ class Engine:
                         loss = self.loss_fn(forward(self.step_model, x), y)
                 loss_sum += loss.detach().double() * len(y)
                 n_seen += len(y)
-                if (i + 1) % self.check_every == 0 or i + 1 == n_batches:
-                    if not torch.isfinite(loss_sum):
-                        raise NonFiniteLoss(f"non-finite {'pretraining' if pretraining else 'training'} loss "
-                                            f"({loss.item()}) at epoch {epoch}")
+                if ((i + 1) % self.check_every == 0 or i + 1 == n_batches) and not torch.isfinite(loss_sum):
+                    raise NonFiniteLoss(f"non-finite {'pretraining' if pretraining else 'training'} loss "
+                                        f"({loss.item()}) at epoch {epoch}")
                 (loss / size if size > 1 else loss).backward()
             if last:
                 if self.tp.grad_clip > 0:

@@ -20,7 +20,8 @@ def open_h5(d) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as e:
-        raise UserError(f"'{d.path}' is not a readable HDF5 file ({str(e).split('(')[0].strip()}); check the file", key="data.path") from None
+        raise UserError(f"'{d.path}' is not a readable HDF5 file ({str(e).split('(')[0].strip()}); check the file",
+                        key="data.path") from None
 
 
 def need_dataset(f: h5py.File, key: str, which: str, path: str) -> h5py.Dataset:

@@ -2,14 +2,15 @@
 
 The cached rows are cut into blocks; each block is read with the dense path's own steps (those of
 :func:`e2e_search.data.inspect.read_images` with ``normalize=False``: the same reads, channel selection and
-:func:`trainables.data.transforms.preprocess`) in chunks of ``READ_CHUNK`` images and reduced to its stored pixels, written as three ``.npy`` files into the temporary folder. ``ingest`` then merges the blocks
+:func:`trainables.data.transforms.preprocess`) in chunks of ``READ_CHUNK`` images and reduced to its stored pixels,
+written as three ``.npy`` files into the temporary folder. ``ingest`` then merges the blocks
 in row order into the final arrays, writes ``meta.json`` and renames the folder into place.
 
-Blocks run as Ray tasks (``run_blocks`` of e2e_search/data/ingest.py: one CPU each, at most ``parallel`` at a time, on this node, where the
-folder is) or in this process, one after the other (no Ray: unit tests, a trial that finds no cache on its
-node). A file lock makes concurrent callers on a node build it once: the others wait and reuse it. Any error
-(a bad chunk, NaN in the file, Ctrl-C) removes the temporary folder; a killed process leaves a ``.tmp`` folder
-that no run uses and that the next ingest of the same cache removes.
+Blocks run as Ray tasks (``run_blocks`` of e2e_search/data/ingest.py: one CPU each, at most ``parallel`` at a time,
+on this node, where the folder is) or in this process, one after the other (no Ray: unit tests, a trial that finds
+no cache on its node). A file lock makes concurrent callers on a node build it once: the others wait and reuse it.
+Any error (a bad chunk, NaN in the file, Ctrl-C) removes the temporary folder; a killed process leaves a ``.tmp``
+folder that no run uses and that the next ingest of the same cache removes.
 """
 
 from __future__ import annotations

@@ -408,7 +408,8 @@ def generate(s: GenSpec, *, address: str | None = None, progress: bool = True,
                  "workers": len(plan), "channel_names": ",".join(s.channels), "image_size": s.image_size,
                  "pixel_eta": 0.0174, "pixel_phi": 2 * np.pi / 360, "jet_algorithm": "anti-kt",
                  "jet_radius": 0.4 if events else 0.8, "sqrt_s_gev": 13000.0,
-                 "pthat_min_gev": "ttbar: none, W+jets: 40" if events else 400.0, "mass_range": list(s.mass_range), "decay": s.decay,
+                 "pthat_min_gev": "ttbar: none, W+jets: 40" if events else 400.0, "mass_range": list(s.mass_range),
+                 "decay": s.decay,
                  "per_mass": s.per_mass, "events_generated": int(n_events),
                  "layout": "objects" if events else "channels_last"}
         _merge(shards, tmp, attrs)
