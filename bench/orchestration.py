@@ -70,7 +70,8 @@ def tune_results(storage: Path) -> dict[str, list[dict]]:
 def measure(data: str, tmp: str, n_trials: int, epochs: int, concurrent: int, runner: str) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from e2e_search.search.run import execute, plan
+    from e2e_search.search.plan import plan
+    from e2e_search.search.run import execute
     from e2e_search.spec.loader import validate
 
     cfg = validate(search_config(data, tmp, n_trials, epochs, concurrent, runner), source="bench")

@@ -143,8 +143,9 @@ def run_searches(args) -> tuple[dict[str, dict[str, Curves]], Curves]:
     dataset and one Ray -> ({kind: {seed: curves}}, random curves)."""
     import ray
 
+    from e2e_search.search.plan import plan
     from e2e_search.search.ray_env import quiet_libraries
-    from e2e_search.search.run import execute, plan
+    from e2e_search.search.run import execute
     from e2e_search.spec.loader import validate
 
     tmp = tempfile.mkdtemp(prefix="e2e_eff_")

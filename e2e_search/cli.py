@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plan(args, cfg, **kwargs):
     """``plan()`` (data file, GPUs), its errors naming the YAML and the ``--set`` that led there."""
-    from e2e_search.search.run import plan
+    from e2e_search.search.plan import plan
     from e2e_search.spec.loader import set_keys
     from trainables.errors import source_of
 
@@ -127,7 +127,7 @@ def _print_notes(cfg) -> None:
 
 
 def _cmd_validate(args) -> int:
-    from e2e_search.search.run import describe
+    from e2e_search.search.plan import describe
     from e2e_search.spec.loader import load
 
     cfg = load(args.file, args.sets)
@@ -137,7 +137,8 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from e2e_search.search.run import describe, execute
+    from e2e_search.search.plan import describe
+    from e2e_search.search.run import execute
     from e2e_search.spec.loader import dump, load
 
     cfg = load(args.file, args.sets)
@@ -159,6 +160,7 @@ def _cmd_run(args) -> int:
             db = sqlite_path(uri)
             if db is not None and not db.is_file():  # reading never creates a store
                 raise NothingToResume(f"no experiment '{cfg.tracking.experiment}' (no MLflow store at {uri} yet)")
+            assert cfg.tracking.experiment is not None  # SearchSpace's validator defaults it to the search's name
             return _resume(uri, cfg.tracking.experiment, None, args)
         except NothingToResume as e:
             nothing = e.message
@@ -174,7 +176,8 @@ def _cmd_resume(args) -> int:
 
 
 def _resume(uri: str, experiment: str, search: str | None, args) -> int:
-    from e2e_search.search.run import describe, execute, resumable
+    from e2e_search.search.plan import describe
+    from e2e_search.search.run import execute, resumable
 
     p, r = resumable(uri, experiment, search, address=args.address)
     _print_notes(p.cfg)

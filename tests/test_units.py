@@ -141,7 +141,7 @@ def test_metrics():
 
 @pytest.mark.parametrize("path", sorted(__import__("pathlib").Path("search_spaces").glob("*.yaml")), ids=str)
 def test_shipped_search_spaces_validate(path, tmp_path, monkeypatch):
-    from e2e_search.search.run import plan
+    from e2e_search.search.plan import plan
     from e2e_search.spec.loader import load
     from tests.conftest import write_objects
     from trainables.registry import get_family

@@ -8,7 +8,7 @@ search space against them live in e2e_search/spec/params.py.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,13 +46,14 @@ class TrainParams(BaseModel):
 
 
 
-def trial_family(cfg_family: str, params: dict[str, Any]) -> str:
+def trial_family(cfg_family: str | None, params: dict[str, Any]) -> str:
     """The family a trial trains: its sampled ``family`` when the search is over families."""
-    return params.get("family", cfg_family)
+    # cfg_family is None only in a search over families, whose trials all sample ``family``
+    return cast(str, params.get("family", cfg_family))
 
 
 
-def split_params(cfg_family: str, params: dict[str, Any]) -> tuple[TrainParams, BaseModel]:
+def split_params(cfg_family: str | None, params: dict[str, Any]) -> tuple[TrainParams, BaseModel]:
     """Trial params → (training params, family params), defaults filled in."""
     fam = get_family(trial_family(cfg_family, params))
     clean = {k: v for k, v in params.items() if "__" not in k}

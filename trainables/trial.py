@@ -15,7 +15,7 @@ import gc
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -58,7 +58,9 @@ class TrialSetup(BaseModel):
 
     def trial_config(self, params: dict[str, Any], trial_id: str) -> TrialConfig:
         return TrialConfig(family=trial_family(self.family, params), params=params, data=self.data,
-                           max_epochs=self.max_epochs, metric=self.metric, mode=self.mode, metrics=self.metrics,
+                           max_epochs=self.max_epochs, metric=self.metric,
+                           mode=cast(Literal["min", "max"], self.mode),  # TrialConfig validates it
+                           metrics=self.metrics,
                            cpus=self.resources.cpus_per_worker, loader_workers=self.loader_workers,
                            nonfinite_flag=str(layout.nonfinite_flag(self.search_dir, trial_id)),
                            launched_at=time.time(), trial_id=trial_id)
@@ -190,7 +192,7 @@ def _torch_trainer(cfg: TrialConfig, setup: TrialSetup, trial_id: str) -> None:
         run_config=RunConfig(
             name=layout.trial_dirname(trial_id),
             storage_path=str(layout.train_storage(setup.search_dir)),
-            callbacks=[TuneReportCallback()],
+            callbacks=[TuneReportCallback()],  # type: ignore[list-item]  # a Train V2 RunConfig at runtime
             # Keeps the best checkpoint by the search metric (and always the latest, for resuming);
             # ``checkpoint_score`` is the metric signed so higher is better, lowest while pretraining.
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="checkpoint_score",

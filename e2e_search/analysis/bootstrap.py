@@ -54,11 +54,15 @@ class View:
     _groups: dict = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
-        return len(self.labels) if self.labels is not None else len(self.true)
+        if self.labels is not None:
+            return len(self.labels)
+        assert self.true is not None  # a View holds labels (classification) or true values (regression)
+        return len(self.true)
 
     def groups(self, score_col: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(order ascending by score, start of each group of equal scores in that order, positives in order)."""
         if score_col not in self._groups:
+            assert self.prob is not None and self.labels is not None  # only a classification View is grouped
             s = self.prob[:, score_col]
             order = np.argsort(s, kind="mergesort")
             ss = s[order]
@@ -134,20 +138,25 @@ def weighted(metric: str, v: View, c: np.ndarray) -> np.ndarray:
     the value trainables/metrics.py computes. Raises ValueError for a metric without a bootstrap."""
     name = base_name(metric)
     if name == "auc":
+        assert v.prob is not None  # view() gives a classification metric a classification View
         k = v.prob.shape[1]
         if k == 2:
             return _binary_auc(v, 1, c)
         return np.mean([_binary_auc(v, j, c) for j in range(k)], axis=0)  # one-vs-rest macro
     if name == "acc":
+        assert v.prob is not None
         correct = (v.prob.argmax(1) == v.labels).astype(np.float64)
         return (c @ correct) / c.sum(1)
     if name.startswith("rej") and name in CLASSIFICATION:
+        assert v.prob is not None
         if v.prob.shape[1] != 2:
             raise ValueError(f"{metric} needs two classes")
         return _rejection(v, int(name[3:]) / 100, c)
     if name == "mae":
+        assert v.pred is not None and v.true is not None  # view() gives a regression metric a regression View
         return (c @ np.abs(v.pred - v.true)) / c.sum(1)
     if name in ("bias", "abs_bias", "resolution"):
+        assert v.pred is not None and v.true is not None
         ok = np.abs(v.true) > 1e-12
         r = np.where(ok, (v.pred - v.true) / np.where(ok, v.true, 1.0), 0.0)
         w = c * ok

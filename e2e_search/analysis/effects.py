@@ -119,7 +119,7 @@ def factors(dims: dict[str, Any], params: list[dict[str, str]]) -> list[Factor]:
                 def bin_of(v: float, edges=edges) -> int:
                     return int(np.searchsorted(edges, v, side="right"))
 
-                ranges = {}
+                ranges: dict[int, tuple[float, float]] = {}
                 for v in arr:
                     b = bin_of(v)
                     lo, hi = ranges.get(b, (v, v))
@@ -240,8 +240,8 @@ def effects_figure(facs: list[Factor], scores: list[float], metric: str, tested:
         if not tested:
             continue
         ax = axes[r + 1, c]
-        for x, g in enumerate(f.order):
-            fins = [t for t in tested if (t["labels"].get(f.name) or NOT_ACTIVE) == g and t.get("mean") is not None]
+        for x, lab in enumerate(f.order):
+            fins = [t for t in tested if (t["labels"].get(f.name) or NOT_ACTIVE) == lab and t.get("mean") is not None]
             if fins:
                 ax.hlines(np.mean([t["mean"] for t in fins]), x - 0.35, x + 0.35, color="C0", lw=2,
                           label="mean over the value's finalists" if (k == 0 and x == 0) else None)
@@ -372,7 +372,7 @@ def _attention_maps(client, trials: list) -> tuple[dict, list[str], list[str]] |
                     objects, groups = [str(o) for o in z["objects"]], [str(g) for g in z["groups"]]
         except Exception:  # noqa: BLE001 - a trial without maps is left out
             continue
-    if not maps or objects is None:
+    if not maps or objects is None or groups is None:  # (set together)
         return None
     return dict(sorted(maps.items())), objects, groups
 

@@ -25,12 +25,15 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow.tracking import MlflowClient
 
 from trainables.core.layout import BEST_CHECKPOINT_ARTIFACT
 from trainables.errors import UserError
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 PHYSICS = ["val_auc", "val_rej30", "val_rej50", "val_rej70", "val_acc", "val_mae", "val_bias", "val_resolution"]
 
@@ -97,7 +100,7 @@ def _plots(rows: list[dict], metric: str, metrics: list[str], modes: list[str]) 
     import matplotlib.pyplot as plt
 
     done = [r for r in rows if _finite(r.get(metric))]
-    out = []
+    out: list[tuple[str, str]] = []
     if not done:
         return out
     fams = sorted({r["family"] for r in done})
@@ -114,7 +117,8 @@ def _plots(rows: list[dict], metric: str, metrics: list[str], modes: list[str]) 
     for f in fams:
         sel = [r for r in done if r["family"] == f and r.get("num_params")]
         ax.scatter([r["num_params"] for r in sel], [r[metric] for r in sel], label=f)
-    ax.set_xscale("log"), ax.set_xlabel("parameters"), ax.set_ylabel(metric), ax.legend(fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters"), ax.set_ylabel(metric), ax.legend(fontsize=8)
     fig.tight_layout()
     out.append((f"{metric} vs parameters", _png(fig)))
     if len(metrics) >= 2:
@@ -187,8 +191,8 @@ def build_report(uri: str, experiment: str, search_run: str | None = None, *, co
         modes = resolved["search"]["mode"] if isinstance(resolved["search"]["mode"], list) else [mode]
     except Exception:  # noqa: BLE001 - search_space.yaml missing or unreadable: use the parent's tags
         metrics, modes = [metric], [mode]
-    trials = client.search_runs([exp.experiment_id], max_results=5000,
-                                filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    trials: list[Run] = client.search_runs([exp.experiment_id], max_results=5000,
+                                           filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     trials = [t for t in trials if t.data.tags.get("e2e.phase") != "confirm"]  # retrainings: their own section
     confirmed = _confirm_payload(client, parent)
     rows: list[dict[str, Any]] = []

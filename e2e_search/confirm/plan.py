@@ -233,7 +233,7 @@ def prepare(uri: str, experiment: str, *, search: str | None = None, top: int | 
     from mlflow.tracking import MlflowClient
 
     from e2e_search.record.store import experiment_of
-    from e2e_search.search.run import plan
+    from e2e_search.search.plan import plan
 
     for flag, v in (("--top", top), ("--seeds", seeds)):
         if v is not None and v < 1:

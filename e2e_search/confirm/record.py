@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from mlflow.entities import Metric, Param
@@ -80,6 +80,8 @@ def _read_predictions(results: list[SeedResult]) -> dict[tuple[int, int], dict]:
             continue
         try:
             with _folder(r.checkpoint) as d:
+                if d is None:
+                    raise FileNotFoundError("no checkpoint was reported")
                 out[(r.finalist, r.seed)] = load_scored(d / TEST_PREDICTIONS_FILE)
         except Exception as e:  # noqa: BLE001 - recorded on the seed's run
             r.status, r.error = "FAILED", f"test predictions unreadable: {type(e).__name__}: {e}"[:2000]
@@ -128,7 +130,8 @@ def _start(client: MlflowClient, exp_id: str, name: str, tags: dict[str, str]) -
 def _log(client: MlflowClient, rid: str, *, params: dict[str, Any], metrics: dict[str, float], step: int) -> None:
     now = int(time.time() * 1000)
     ps = [Param(k, param_value(v)) for k, v in unique_keys(dict(sorted(params.items()))).items()]
-    ms = [Metric(k, float(v), now, step) for k, v in unique_keys(metrics).items()]
+    named = cast("dict[str, float]", unique_keys(cast("dict[str, object]", metrics)))  # (keys renamed only)
+    ms = [Metric(k, float(v), now, step) for k, v in named.items()]
     for i in range(0, len(ps), 100):  # MLflow takes at most 100 params and 1000 metrics per batch
         client.log_batch(rid, params=ps[i:i + 100])
     for i in range(0, len(ms), 1000):

@@ -21,10 +21,15 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, cast
 
 from e2e_search.confirm.plan import ConfirmFailed, ConfirmOutcome, ConfirmPlan, SeedResult, describe, prepare
 from e2e_search.search import ray_env
 from trainables.errors import UserError
+
+if TYPE_CHECKING:
+    from ray.tune import Result
 
 __all__ = ["prepare", "train", "confirm", "run_cli", "ConfirmFailed"]
 
@@ -64,6 +69,7 @@ def train(cp: ConfirmPlan, *, address: str | None = None, verbose: bool = False,
     storage = cp.plan.storage
     storage.mkdir(parents=True, exist_ok=True)
     setup = ray_env.trial_setup(cfg, cp.plan.data, storage / name)
+    jobs: list[dict[str, Any]]
     jobs = [{"finalist": i, "seed": s, "epochs": f.epochs, "params": {**f.params, "seed": s}}
             for i, f in enumerate(cp.finalists) for s in cp.seeds]
     concurrent = min(ray_env.concurrency(cfg), len(jobs))
@@ -81,7 +87,8 @@ def train(cp: ConfirmPlan, *, address: str | None = None, verbose: bool = False,
     print(f"confirm started: {len(jobs)} trials, up to {concurrent} at a time", flush=True)
     grid = tuner.fit()
     out = []
-    for r in grid:
+    for r in cast("Iterable[Result]", grid):  # a ResultGrid iterates through __getitem__
+        assert r.config is not None  # Tune gives every trial's result its config
         job = r.config["job"]
         metrics = dict(r.metrics or {})
         ckpt = metrics.get("checkpoint_path") or (r.checkpoint.path if r.checkpoint is not None else None)

@@ -35,7 +35,8 @@ def _run_ray(spec: dict, rows: np.ndarray, parts: list[tuple[int, int]], tmp: Pa
     task = ray.remote(num_cpus=1, max_retries=0)(write_block).options(scheduling_strategy=here)
     spec_ref = ray.put(spec)
     todo = list(enumerate(parts))
-    pending, done = [], []
+    pending: list[ray.ObjectRef] = []
+    done: list[tuple[int, int]] = []
     try:
         while todo or pending:
             while todo and len(pending) < parallel:
@@ -73,8 +74,12 @@ def ingest_for_search(setup: DataSetup, *, use_ray: bool = True) -> Path | None:
         parallel = max(1, int(cpus[0] if cpus else 1))
     t0 = time.perf_counter()
     built: list[str] = []
-    folder = ensure(setup, parallel=parallel, run_blocks=ray_blocks(parallel) if use_ray else None,
-                    log=lambda s: (built.append(s), log(s)))
+
+    def note(line: str) -> None:
+        built.append(line)
+        log(line)
+
+    folder = ensure(setup, parallel=parallel, run_blocks=ray_blocks(parallel) if use_ray else None, log=note)
     if not built:
         c = open_cache(folder)
         log(f"data: sparse cache {folder} reused ({len(c.rows)} images, {c.meta['fill']:.2%} of pixels non-zero, "

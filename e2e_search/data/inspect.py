@@ -138,8 +138,7 @@ def inspect(cfg: SearchSpace) -> DataSetup:
         # Statistics of what the model sees: after the deterministic transforms, before normalization.
         imgs = read_images(X, sample, setup, normalize=False, check_key="data.image_key")
         if d.normalize == "per_channel" and d.mean is None:
-            setup.mean = imgs.mean(axis=(0, 2, 3), dtype=np.float64).tolist()
-            setup.std = [float(s) if s > 0 else 1.0 for s in imgs.std(axis=(0, 2, 3), dtype=np.float64)]
+            setup.mean, setup.std = images.channel_stats(imgs)
         elif d.normalize == "none":
             setup.mean = setup.std = None
         setup.fill = fill_fraction(imgs, background(setup))
@@ -159,12 +158,14 @@ def choose_cache(cfg: SearchSpace, setup: DataSetup, n_sample: int) -> str:
     n_cached = len(cache_rows(setup))
     device_total = device_memory() if gpu > 0 else None
     copies = max(1, int(1 / gpu)) if 0 < gpu < 1 else 1  # trials sharing one GPU, each with its own copy
+    fill = setup.fill
+    assert fill is not None  # inspect() measures it before it calls this
 
     def sparse_fits() -> None:
-        check_sparse_fits(n_cached, setup, setup.fill, images.available_memory(), device_total, copies)
+        check_sparse_fits(n_cached, setup, fill, images.available_memory(), device_total, copies)
 
     if asked == "sparse":
-        refuse_dense(setup.fill, n_sample)
+        refuse_dense(fill, n_sample)
         sparse_fits()
         return "sparse"
     if asked in ("memory", "device"):
@@ -172,7 +173,7 @@ def choose_cache(cfg: SearchSpace, setup: DataSetup, n_sample: int) -> str:
         return asked
     if asked != "auto":
         return asked
-    if setup.fill < MAX_FILL:
+    if fill < MAX_FILL:
         try:
             sparse_fits()
             return "sparse"

@@ -25,7 +25,9 @@ def label_source(cfg: SearchSpace) -> tuple[str, str]:
 
 def target_source(cfg: SearchSpace) -> tuple[str, str]:
     """(HDF5 key of the regression target, the config key that names it)."""
-    return cfg.target_key, "data.target_key" if cfg.data.target_key else "task.target"
+    key = cfg.target_key
+    assert key is not None  # called for regression tasks only, whose task.target TaskConfig always sets
+    return key, "data.target_key" if cfg.data.target_key else "task.target"
 
 
 
@@ -46,6 +48,7 @@ def check_labels(cfg: SearchSpace, y: np.ndarray, label_key: str, which: str, pa
     if target:
         return target_values(y, label_key, which, where)
     C = cfg.task.num_classes
+    assert C is not None  # TaskConfig sets num_classes for a task that classifies
     yi = class_indices(y, label_key, which, where)
     if np.asarray(y).ndim == 2 and np.asarray(y).shape[1] > 1 and np.asarray(y).shape[1] != C:
         raise UserError(f"'{label_key}'{where} is one-hot with {np.asarray(y).shape[1]} classes but task.num_classes is "

@@ -18,7 +18,9 @@ import bz2
 import gzip
 import lzma
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -112,7 +114,8 @@ def _open_csv_bytes(path: Path):
             raise UserError(f"'{path}' is a zip archive of {len(names)} files ({', '.join(names[:5])}); extract the "
                             "CSV and set data.path to it", key="data.path")
         return z.open(names[0]), comp
-    opener = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open, None: open}[comp]
+    openers: dict[str | None, Callable[..., Any]] = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open, None: open}
+    opener = openers[comp]
     return opener(path, "rb"), comp
 
 
@@ -137,7 +140,7 @@ def _sniff_csv(path: Path) -> tuple[str, str, bool, list[str]]:
     lines = [ln.strip("\r") for ln in text.split("\n")]
     first = next((ln for ln in lines if ln.strip()), "")
     counts = {sep: first.count(sep) for sep in (",", ";", "\t")}
-    sep = max(counts, key=counts.get) if max(counts.values()) else r"\s+"
+    sep = max(counts, key=counts.__getitem__) if max(counts.values()) else r"\s+"
     fields = [v.strip().strip("\"'").strip() for v in (first.split() if sep == r"\s+" else first.split(sep))]
 
     def number(v: str) -> bool:
@@ -222,12 +225,12 @@ def csv_cache(cfg: SearchSpace, *, generate: bool = True) -> SearchSpace | None:
         raise UserError(f"'{d.path}' has no data rows; give a CSV with a label and {HIGGS_LOW_LEVEL}+ feature "
                         "columns per row", key="data.path")
     header = names is not None
-    li = names.index(label) if header and label in names else 0
+    li = names.index(label) if names is not None and label in names else 0
     cols = [li]
     if target:
-        if not header or target[0] not in names:
+        if names is None or target[0] not in names:
             raise UserError(f"a joint task needs a target column named '{target[0]}' in the CSV's header (it has "
-                            f"{'no header' if not header else ', '.join(names[:30])}); add it, or set task.type: "
+                            f"{'no header' if names is None else ', '.join(names[:30])}); add it, or set task.type: "
                             "classification", key=target[1])
         cols.append(names.index(target[0]))
     if rows.shape[1] - len(cols) < HIGGS_LOW_LEVEL:
@@ -238,14 +241,15 @@ def csv_cache(cfg: SearchSpace, *, generate: bool = True) -> SearchSpace | None:
     if len(bad):
         raise UserError(f"'{d.path}' data row {bad[0] + 1} (line {bad[0] + 1 + header}) has NaN, Inf or non-numeric "
                         "values; clean the file or drop that row", key="data.path")
-    col_name = f"column {li + 1}" + (f" ('{names[li]}')" if header else "")
+    col_name = f"column {li + 1}" + (f" ('{names[li]}')" if names is not None else "")
     try:
         y = check_labels(cfg, rows[:, li], col_name, which, path.name)
     except UserError as e:
-        if e.key != which or (header and label in names) or not cfg.task.classifies:
+        if e.key != which or (names is not None and label in names) or not cfg.task.classifies:
             raise
         # The label was taken by position: say so, and where the labels seem to be.
         C = cfg.task.num_classes
+        assert C is not None  # TaskConfig sets num_classes for a task that classifies
         first, last = rows[:, 0], rows[:, -1]
         frac = np.flatnonzero(first != np.round(first))
         reason = (f"holds non-integer values (e.g. {first[frac[0]]:g} in data row {frac[0] + 1})" if len(frac)

@@ -68,6 +68,7 @@ def split_checked(cfg: SearchSpace, n: int, y: np.ndarray, t: np.ndarray | None 
           + (f", data.limit={d.limit}" if d.limit else ""))
     if cfg.task.classifies:
         C = cfg.task.num_classes
+        assert C is not None  # TaskConfig sets num_classes for a task that classifies
         used = np.concatenate([np.asarray(idx, np.int64) for _, idx in parts])
         in_use = np.bincount(y[used], minlength=C)
         label_key, which = label_source(cfg)

@@ -129,7 +129,7 @@ _OPSET_MESSAGES: list[tuple[re.Pattern, Callable[[re.Match], tuple[str, int | No
 ]
 
 
-def _opset_cause(e: BaseException) -> tuple[str, int | None] | None:
+def _opset_cause(e: BaseException | None) -> tuple[str, int | None] | None:
     """(operator, first opset that has it) when an exporter's or converter's error says which operator failed."""
     seen = set()
     while e is not None and id(e) not in seen:
@@ -292,6 +292,7 @@ def _export_dynamo(t: Trained, example: tuple, path: Path, opset: int | None):
     batch = torch.export.Dim("batch", min=1)
     prog = torch.onnx.export(t.model, example, None, dynamo=True, input_names=input_names(t), output_names=["output"],
                              dynamic_shapes=tuple({0: batch} for _ in example), opset_version=opset, optimize=True)
+    assert prog is not None  # dynamo=True returns the ONNXProgram
     return prog.model_proto
 
 

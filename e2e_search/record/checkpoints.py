@@ -194,6 +194,7 @@ def random_inputs(t: Trained, n: int, seed: int = 0) -> list[np.ndarray]:
 
     s = t.setup
     rng = np.random.default_rng(seed)
+    x: np.ndarray | None  # (images: None when the preprocessing refuses the settings)
     if t.inputs == "objects":
         n_obj, n_feat = (int(v) for v in s.img_size)
         x = rng.normal(0.0, 1.0, (n, n_obj, n_feat)).astype(np.float32)

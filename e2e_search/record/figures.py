@@ -91,7 +91,9 @@ def _regression(pred: np.ndarray, true: np.ndarray, folder: Path, bins: int = 10
         sel = ok & (true >= a) & ((true < b) | (b == edges[-1]))
         if sel.sum() >= 2:
             r = pred[sel] / true[sel]
-            centres.append((a + b) / 2), response.append(r.mean()), resolution.append(((pred[sel] - true[sel]) / true[sel]).std())
+            centres.append((a + b) / 2)
+            response.append(r.mean())
+            resolution.append(((pred[sel] - true[sel]) / true[sel]).std())
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     a1.plot(centres, response, marker="o"), a1.axhline(1.0, color="gray", lw=1)
     a1.set_xlabel("true"), a1.set_ylabel("mean response pred/true")

@@ -54,6 +54,7 @@ def finish_search_run(client, parent: str, trials_cb, cfg: SearchSpace, run_name
     from trainables.names import mlflow_key, tag_value
 
     metric, mode = cfg.metrics[0], cfg.modes[0]
+    assert cfg.tracking.experiment is not None  # SearchSpace's validator defaults it to the search's name
     try:
         trials_cb.drain()  # every trial's run closed, its best checkpoint uploaded (champions point at it)
     except Exception:  # noqa: BLE001 - the parent run must still be closed

@@ -258,6 +258,7 @@ def top_trials(uri: str, experiment: str, *, metric: str | None = None, mode: st
             raise UserError(f"experiment '{experiment}' holds no e2e-search run; give --metric", key="--metric")
         metric = searches[0].data.tags.get("e2e.metric")
         mode = mode or searches[0].data.tags.get("e2e.mode")
+    assert metric is not None  # a search run is tagged with its metric when it opens (record/search_run.py)
     mode = mode or ("max" if metric in MAXIMIZED else "min")
     runs = client.search_runs([exp.experiment_id],
                               filter_string="tags.`e2e.kind` = 'trial' and attributes.status = 'FINISHED'",

@@ -4,7 +4,7 @@ results, status, learning curves, the (metric, epoch) pairs already logged, PBT'
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from trainables.names import unique_keys
 
@@ -15,8 +15,9 @@ SKIP = {"epoch", "training_iteration", "timestamp", "time_this_iter_s", "time_to
 
 def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
     """The result's numbers under names MLflow accepts (see trainables/names.py)."""
-    return unique_keys({k: float(v) for k, v in result.items()
-                        if k not in SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return cast("dict[str, float]", unique_keys({k: float(v) for k, v in result.items()  # (keys renamed only)
+                                                 if k not in SKIP and isinstance(v, (int, float))
+                                                 and not isinstance(v, bool)}))
 
 
 def checkpoint_of(trial, result: dict[str, Any]) -> str | None:

@@ -96,4 +96,5 @@ def result_values(trial, result: dict[str, Any]) -> dict[str, Any]:
     """The parameter values epoch ``result`` trained with: the config Ray put in the result (the trainable's own).
     Not trial.config: Tune calls the scheduler before the callbacks, so at the epoch where PBT exploits,
     trial.config already holds the values the next epochs will use."""
-    return result.get("config") if isinstance(result.get("config"), dict) else trial.config
+    config = result.get("config")
+    return config if isinstance(config, dict) else trial.config

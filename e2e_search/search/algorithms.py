@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from e2e_search.spec.dims import LogUniformDim
 from e2e_search.spec.params import OptunaSpace, grid_points
 from e2e_search.spec.schema import SearchSpace
 from e2e_search.spec.search_checks import pbt_dims
 from trainables.params import ABSENT, MEMBER
+
+if TYPE_CHECKING:
+    import optuna
 
 # Samplers that learn from finished trials and so can take an earlier search's results as prior observations.
 LEARNING_SAMPLERS = {"tpe", "gp"}
@@ -103,15 +106,17 @@ def searcher(cfg: SearchSpace, warm=None):
     earlier results are also added to the study as completed trials (prior observations)."""
     from ray.tune.search.optuna import OptunaSearch
 
+    assert cfg.search.metric is not None and cfg.search.mode is not None  # filled in by SearchSpace's validator
     metric = cfg.search.metric if isinstance(cfg.search.metric, str) else list(cfg.search.metric)
-    mode = cfg.search.mode if isinstance(cfg.search.mode, str) else list(cfg.search.mode)
+    mode: str | list[str] = cfg.search.mode if isinstance(cfg.search.mode, str) else list(cfg.search.mode)
     points = grid_points(cfg) + (list(warm.points) if warm is not None else [])
     learned = observations(OptunaSpace(cfg), warm.observed) \
         if warm is not None and cfg.search.algorithm in LEARNING_SAMPLERS else []
     after = len(learned) + len(warm.points) if learned else 0
     search = OptunaSearch(space=OptunaSpace(cfg), metric=metric, mode=mode, sampler=sampler(cfg, after),
                           points_to_evaluate=points or None)
-    search._ot_study.add_trials(learned)
+    # The study exists once OptunaSearch has a space; Ray types the attribute by its initial None.
+    cast("optuna.study.Study", search._ot_study).add_trials(learned)
     return search
 
 

@@ -1,166 +1,18 @@
-"""The search: ``plan()`` then ``execute()``, a ``Tuner`` (Ray Tune + Optuna + a scheduler) recorded in MLflow.
-
-``plan()`` checks everything that can be checked without starting Ray (config,
-data file, GPUs) and writes nothing; ``execute()`` starts Ray and runs the search.
+"""The search: ``execute()`` runs a checked plan (e2e_search/search/plan.py) as a ``Tuner`` (Ray Tune + Optuna + a
+scheduler) recorded in MLflow, or resumes an interrupted one.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from e2e_search.data.formats import materialize
-from e2e_search.data.inspect import inspect
 from e2e_search.record import live_callbacks as live
 from e2e_search.search import ray_env
-from e2e_search.search.ray_env import init_ray, runs_in_process
+from e2e_search.search.plan import Plan, plan
 from e2e_search.spec.schema import SearchSpace
-from e2e_search.spec.shapes import check_shapes
-from trainables.data.setup import DataSetup
 from trainables.errors import NothingToResume, UserError
-from trainables.workdir import DEFAULT_WORKDIR
-
-
-@dataclass
-class Plan:
-    cfg: SearchSpace
-    data: DataSetup
-    workdir: Path
-    storage: Path
-    tracking_uri: str
-    artifact_root: str
-    needs_generation: bool = False
-    warm: Any = None
-    """The earlier trials ``search.warm_start`` queues (e2e_search/search/warm_start.py), read in plan()."""
-
-
-def _local_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def plan(cfg: SearchSpace, *, address: str | None = None, generate: bool = True) -> Plan:
-    """Validate data and resources; generate the data first if the YAML names a recipe."""
-    from e2e_search.record.store import tracking_uri
-
-    workdir = DEFAULT_WORKDIR
-    needs_gen = cfg.data.generate is not None and not Path(cfg.data.path).exists()
-    if needs_gen:  # the recipe's values, memory and disk, before anything else reads its shape
-        check_generation(cfg.data.path, cfg.data.generate, address=address)
-    # A file data.generate will write: the models must fit the shape it will have, before anything is simulated.
-    check_shapes(cfg, None)
-    if cfg.resources.gpus_per_worker > 0 and address is None and _local_gpus() == 0:
-        raise UserError(
-            f"asks for {cfg.resources.gpus_per_worker:g} GPU per worker but this machine has no GPU; "
-            "set resources.gpus_per_worker: 0 (--set resources.gpus_per_worker=0) or use --address of a GPU cluster",
-            key="resources.gpus_per_worker",
-        )
-    check_tracking(cfg, workdir)
-    warm = _warm_start(cfg, workdir)
-    if needs_gen and generate:
-        generate_data(cfg.data.path, cfg.data.generate, address=address, drivers=not runs_in_process(cfg.resources))
-    # Parquet/ROOT: converted once to an HDF5 cache (not in a dry run: then None, and nothing is written).
-    source = None if (needs_gen and not generate) else materialize(cfg, generate=generate)
-    data = inspect(source) if source is not None else None
-    if data is not None:  # every family's model fits the data's shape for every parameter value
-        check_shapes(cfg, data)
-    storage = Path(cfg.tracking.storage) if cfg.tracking.storage else workdir / "ray_results"
-    artifacts = Path(cfg.tracking.artifacts) if cfg.tracking.artifacts else workdir / "mlartifacts"
-    return Plan(cfg=cfg, data=data, workdir=workdir, storage=storage.resolve(),
-                tracking_uri=tracking_uri(cfg.tracking.uri, workdir), artifact_root=artifacts.resolve().as_uri(),
-                needs_generation=needs_gen, warm=warm)
-
-
-def _warm_start(cfg: SearchSpace, workdir: Path):
-    """``search.warm_start``'s earlier trials, read from this search's tracking store (reads only); what the
-    mapping onto the new space changed becomes a note, said once."""
-    if cfg.search.warm_start is None:
-        return None
-    from e2e_search.record.store import resolve_uri
-    from e2e_search.search.warm_start import load
-
-    warm = load(cfg, resolve_uri(cfg.tracking.uri, workdir, flag="tracking.uri")[0])
-    if warm.note:
-        cfg.note("search.warm_start", warm.note)
-    return warm
-
-
-def check_tracking(cfg: SearchSpace, workdir: Path) -> None:
-    """The MLflow store (``tracking.uri`` > ``MLFLOW_TRACKING_URI`` > the work directory's) is usable and every
-    name the search derives is one MLflow and the file system accept; reads only (see tracking.check_store)."""
-    from e2e_search.record.store import check_names, check_store, resolve_uri
-
-    check_names(cfg.name, cfg.tracking.experiment, cfg.task.type)
-    uri, key = resolve_uri(cfg.tracking.uri, workdir, flag="tracking.uri")
-    check_store(uri, key, cfg.tracking.experiment)
-
-
-def _gen_spec(path: str, g):
-    from e2e_search.data.physics.generate import GenSpec
-
-    return GenSpec(process=g.recipe, n=g.n, out=path, seed=g.seed, workers=g.workers, channels=list(g.channels),
-                   image_size=g.image_size, mass_range=tuple(g.mass_range), decay=g.decay, per_mass=g.per_mass)
-
-
-def check_generation(path: str, g, *, address: str | None = None) -> None:
-    """The ``data.generate`` recipe's values and the memory and disk its file needs, before anything runs
-    (errors name ``data.generate.<key>``)."""
-    if g.recipe == "toy_jets":
-        from e2e_search.data.toy import check_toy
-
-        check_toy(Path(path), n=g.n, image_size=g.image_size, channels=g.channels, seed=g.seed)
-        return
-    from e2e_search.data.physics.generate import YAML_KEYS, check_spec
-
-    check_spec(_gen_spec(path, g), keys=YAML_KEYS, local=address is None)
-
-
-def generate_data(path: str, g, *, address: str | None = None, drivers: bool = True) -> None:
-    """Write ``path`` from the YAML's ``data.generate`` recipe (atomically; cached for later runs)."""
-    check_generation(path, g, address=address)
-    print(f"data file {path} not found: generating it with recipe '{g.recipe}' (cached for later runs)",
-          file=sys.stderr)
-    if g.recipe == "toy_jets":
-        from e2e_search.data.toy import generate_toy_jets
-
-        generate_toy_jets(path, n=g.n, image_size=g.image_size, channels=g.channels, seed=g.seed)
-        return
-    from e2e_search.data.physics.generate import YAML_KEYS, generate
-
-    init_ray(address, verbose=False, drivers=drivers)  # the search reuses this Ray
-    generate(_gen_spec(path, g), address=address, keys=YAML_KEYS)
-
-
-def describe(p: Plan) -> str:
-    c = p.cfg
-    lines = [
-        f"search '{c.name}': family {c.family_label}, task {c.task.type}, {c.search.algorithm} x {c.search.num_samples} trials, "
-        f"metric {c.search.metric} ({c.search.mode}), scheduler {c.scheduler.type} up to {c.scheduler.max_epochs} epochs",
-        f"data: {p.data.summary()}" if p.data else f"data: {c.data.path} will be generated ({c.data.generate.n} samples)"
-        if p.needs_generation else f"data: {c.data.path} checked without converting it; run converts it once to an HDF5 cache",
-        f"resources: {c.resources.workers} worker(s) x {c.resources.cpus_per_worker:g} CPU"
-        + (f" + {c.resources.gpus_per_worker:g} GPU" if c.resources.gpus_per_worker else "") + " per trial",
-        f"tracking: {p.tracking_uri} (experiment '{c.tracking.experiment}'), storage {p.storage}",
-    ]
-    if p.warm is not None:
-        lines.append(f"warm start: the {len(p.warm.points)} best trials of experiment '{p.warm.experiment}' first"
-                     + (" (and as prior observations)" if c.search.algorithm in ("tpe", "gp") else ""))
-    return "\n".join(lines)
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 @dataclass
@@ -231,6 +83,7 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
     from e2e_search.record.store import get_experiment_id
 
     cfg = p.cfg
+    assert cfg.tracking.experiment is not None  # SearchSpace's validator defaults it to the search's name
     _start_ray(p, address, verbose)
     p.workdir.mkdir(parents=True, exist_ok=True)
     p.storage.mkdir(parents=True, exist_ok=True)
@@ -238,6 +91,7 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
     exp_id = get_experiment_id(client, cfg.tracking.experiment, p.artifact_root)
     run_name, parent = _open_search_run(p, client, exp_id, resume)
     print(f"MLflow: experiment '{cfg.tracking.experiment}', search run {parent} ({p.tracking_uri})", flush=True)
+    end: dict[str, Any]
     status, end = "FAILED", {}
     trials_cb = _trial_recorder(p, client, exp_id, parent, run_name)
     try:
@@ -293,6 +147,7 @@ def _open_search_run(p: Plan, client, exp_id: str, resume: Resume | None) -> tup
     from e2e_search.record.search_run import reopen_search_run, start_search_run
 
     if resume is None:
+        assert p.data is not None  # None only in a dry run's plan, which runs nothing
         return start_search_run(client, exp_id, p.cfg, p.data, p.storage, p.warm)
     reopen_search_run(client, resume.parent_run_id, resume.times)
     return resume.run_name, resume.parent_run_id
@@ -318,6 +173,7 @@ def _tuner(p: Plan, run_name: str, trials_cb, resume: Resume | None):
     from trainables.trial import run_trial
 
     cfg = p.cfg
+    assert p.data is not None  # None only in a dry run's plan, which runs nothing
     setup = ray_env.trial_setup(cfg, p.data, p.storage / run_name)
     trainable = ray_env.trainable(run_trial, setup)
     callbacks = [trials_cb, Progress(metric=cfg.metrics[0], mode=cfg.modes[0], num_samples=cfg.search.num_samples,

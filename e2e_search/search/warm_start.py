@@ -19,7 +19,7 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from e2e_search.search.algorithms import LEARNING_SAMPLERS
 from e2e_search.spec.dims import ChoiceDim, FixedDim, GridDim, LogUniformDim, QUniformDim, RandIntDim, UniformDim
@@ -127,8 +127,9 @@ def load(cfg: SearchSpace, uri: str) -> WarmStart | None:
     same = [r for r in runs if r.data.tags.get("e2e.family") in families]
     scored = [r for r in same if math.isfinite(r.data.metrics.get(f"best_{metric}", math.nan))]
     if not scored:
+        had = cast("set[str]", {r.data.tags.get("e2e.family") for r in runs})  # every trial run names its family
         why = ("no finished trial" if not runs else
-               f"no finished trial of family {cfg.family_label} (it has {sorted({r.data.tags.get('e2e.family') for r in runs})})"
+               f"no finished trial of family {cfg.family_label} (it has {sorted(had)})"
                if not same else f"no finished trial reporting {metric}")
         raise UserError(f"experiment '{ws.experiment}' has {why} to start from; {fix}", key=KEY)
     scored.sort(key=lambda r: r.data.metrics[f"best_{metric}"], reverse=(mode == "max"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -20,6 +20,9 @@ from e2e_search.spec.params import check_params
 from e2e_search.spec.schema import SearchSpace
 from e2e_search.spec.search_checks import check_search
 from trainables.errors import UserError, did_you_mean, error_text, source_of
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 
 # --------------------------------------------------------------------------- loading
@@ -186,7 +189,7 @@ def _dotted(loc: tuple) -> str:
     return ".".join(parts)
 
 
-def _explain(err: dict) -> tuple[str, str]:
+def _explain(err: ErrorDetails) -> tuple[str, str]:
     loc = tuple(err["loc"])
     key = _dotted(loc)
     kind = err["type"]
@@ -202,7 +205,7 @@ def _explain(err: dict) -> tuple[str, str]:
         return key, f"unknown key '{loc[-1]}'{did_you_mean(str(loc[-1]), options)}; remove or rename it"
     if kind == "missing":
         return key, "required key is missing; add it"
-    return key, error_text(err, key)
+    return key, error_text(cast("dict[str, Any]", err), key)  # a TypedDict, read as a dict
 
 
 

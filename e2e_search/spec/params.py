@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel, ValidationError
 
@@ -34,8 +34,9 @@ def search_dims(cfg: SearchSpace) -> dict[str, Any]:
     """The dimensions the sampler draws: ``family`` first when the search is over families, then ``params``."""
     dims: dict[str, Any] = {}
     if not isinstance(cfg.family, str):
-        cls = GridDim if cfg.family.type == "grid" else ChoiceDim
-        dims["family"] = cls(type=cfg.family.type, values=list(cfg.family.values))
+        values = list(cfg.family.values)
+        dims["family"] = (GridDim(type="grid", values=values) if cfg.family.type == "grid"
+                          else ChoiceDim(type="choice", values=values))
     dims.update(cfg.params)
     return dims
 
@@ -57,7 +58,7 @@ def _check_value(model: type[BaseModel], name: str, value: Any) -> str | None:
         model.model_validate({**defaults, name: value})
     except ValidationError as e:
         err = next((x for x in e.errors() if x["loc"] and x["loc"][0] == name), e.errors()[0])
-        return error_text(err, f"params.{name}")
+        return error_text(cast("dict[str, Any]", err), f"params.{name}")  # a TypedDict, read as a dict
     return None
 
 
@@ -188,12 +189,12 @@ def check_params(cfg: SearchSpace) -> list[tuple[str, str]]:
                     raise UserError(reason, key=key)
         _check_conditions(name, dim, dims, fields)
     loss = cfg.params.get("loss")
-    fits = {"classification": {"auto", "cross_entropy"}, "regression": {"auto", "mse", "huber", "relative"},
-            "joint": {"auto", "mse", "huber", "relative"}}[cfg.task.type]
+    losses = {"classification": {"auto", "cross_entropy"}, "regression": {"auto", "mse", "huber", "relative"},
+              "joint": {"auto", "mse", "huber", "relative"}}[cfg.task.type]
     for v in dim_values(loss) if loss is not None else []:
-        if v not in fits:
-            raise UserError(f"loss '{v}' does not fit a {cfg.task.type} task; set params.loss to one of {sorted(fits)}",
-                            key="params.loss")
+        if v not in losses:
+            raise UserError(f"loss '{v}' does not fit a {cfg.task.type} task; set params.loss to one of "
+                            f"{sorted(losses)}", key="params.loss")
     pretrained = cfg.params.get("pretrained")
     for v in dim_values(pretrained) if pretrained is not None else []:
         if v is not None and not Path(v).is_file():

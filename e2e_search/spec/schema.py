@@ -317,11 +317,13 @@ class SearchSpace(StrictModel):
     @property
     def metrics(self) -> list[str]:
         m = self.search.metric
+        assert m is not None  # filled in by _defaults
         return [m] if isinstance(m, str) else list(m)
 
     @property
     def modes(self) -> list[str]:
         m = self.search.mode
+        assert m is not None  # filled in by _defaults
         return [m] if isinstance(m, str) else list(m)
 
     @property

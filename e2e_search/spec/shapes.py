@@ -81,6 +81,7 @@ def data_shape(cfg: SearchSpace, data: Any) -> DataShape | None:
     chans = g.channels if isinstance(g.channels, int) else len(g.channels)
     if d.channels is not None:
         chans = len(d.channels)
+    assert g.image_size is not None  # GenerateConfig's validator fills it in
     h, w = d.resize if d.resize else (g.image_size, g.image_size)
     return DataShape("images", (int(chans), int(h), int(w)), _tasks(cfg), "recipe")
 

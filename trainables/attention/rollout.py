@@ -22,7 +22,8 @@ returns None for them.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -101,7 +102,8 @@ class _Recorder:
         elif isinstance(m, TalkingHeadAttn):
             self.self_attn.append(_talking_probs(m, x))
         else:
-            self.self_attn.append(_timm_probs(m, x, kwargs.get("attn_mask"), kwargs.get("rope")))
+            # hooked on timm's Attention (its subclasses included) besides the two CaiT kinds above
+            self.self_attn.append(_timm_probs(cast(Attention, m), x, kwargs.get("attn_mask"), kwargs.get("rope")))
 
     def close(self) -> None:
         for h in self.handles:
@@ -110,6 +112,7 @@ class _Recorder:
 
 def _token_layout(model: nn.Module) -> tuple[tuple[int, int], int, bool] | None:
     """(patch grid (gh, gw), prefix tokens before the patches, pooled by the class token) or None."""
+    m: Any  # recognized by its attributes (hasattr) below
     for m in model.modules():
         if hasattr(m, "encoder") and hasattr(m, "grid") and hasattr(m, "pool"):  # mae
             return tuple(m.grid), 1, m.pool == "token"
@@ -149,7 +152,8 @@ def attention_rollout(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     kept; the map puts each token's value on its grid patch, and the patches it dropped get zero."""
     from trainables.layers.vit_model import grid_tokens, kept_grid
 
-    hit_map = next((m.hit_attention_map for m in model.modules() if hasattr(m, "hit_attention_map")), None)
+    hit_map = cast("Callable[[torch.Tensor], torch.Tensor | None] | None",
+                   next((m.hit_attention_map for m in model.modules() if hasattr(m, "hit_attention_map")), None))
     if hit_map is not None:  # hit_transformer: the class token's attention over the hits, at their pixels
         was_training = model.training
         model.eval()
@@ -198,7 +202,7 @@ def attention_rollout(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         tokens = grid_tokens(picked["index"], picked["valid"], tokens, gh * gw)  # (B, L), dropped patches 0
     maps = tokens.reshape(B, gh, gw).float()
     maps = maps / maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-    return _to_pixels(model, maps, tuple(x.shape[-2:]))
+    return _to_pixels(model, maps, (x.shape[-2], x.shape[-1]))
 
 
 def pick_examples(labels: list[int] | None, n_total: int, k: int = 4) -> list[int]:

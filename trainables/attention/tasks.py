@@ -28,7 +28,7 @@ absent slot gets less on average. The MLflow callback draws it as ``plots/task_a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -40,6 +40,14 @@ EXAMPLES = 4
 MAX_EVENTS = 20_000
 """Validation events the maps average over at most (the first of rank 0's share): one more forward pass of
 the heads per epoch, bounded on large files."""
+
+
+class _TaskQueries(Protocol):
+    """What a family declaring ``task_attention`` provides (trainables/families/event_transformer.py)."""
+
+    def task_attention(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
+
+    def query_labels(self) -> list[str]: ...
 
 
 def groups_of(task: str, num_classes: int, labels: np.ndarray) -> tuple[list[str], list[np.ndarray]]:
@@ -66,15 +74,16 @@ def task_attention_maps(model: torch.nn.Module, x: np.ndarray, mask: np.ndarray,
 
     if len(x) == 0:
         raise ValueError("no validation event to compute task attention on")
+    heads = cast(_TaskQueries, model)
     weights = []
     for i in range(0, len(x), batch):
         xb = torch.as_tensor(x[i:i + batch], dtype=torch.float32, device=device)
         mb = torch.as_tensor(mask[i:i + batch], dtype=torch.bool, device=device)
-        weights.append(model.task_attention(xb, mb).float().cpu().numpy())   # (b, Q, N)
+        weights.append(heads.task_attention(xb, mb).float().cpu().numpy())   # (b, Q, N)
     w = np.concatenate(weights)                                                # (n, Q, N)
     n, N, F = x.shape
     objects, features = slot_names(N, F)
-    queries = list(model.query_labels())
+    queries = list(heads.query_labels())
     tasks = [q.split(" q")[0] for q in queries]
     names, sel = groups_of(task, num_classes, labels)
     keep = [i for i, s in enumerate(sel) if s.any()]

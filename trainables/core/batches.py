@@ -86,6 +86,8 @@ class SparseRows:
         self.device = device
         C = self.shape[0]
         bg = torch.full((C,), float(background), dtype=torch.float32, device=device)
+        self.mean: torch.Tensor | None
+        self.std: torch.Tensor | None
         if mean is not None and std is not None:  # float32 ops in the dense path's order: x -= mean; x /= std
             self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
             self.std = torch.tensor(std, dtype=torch.float32, device=device)
@@ -138,7 +140,7 @@ class SparseRows:
         out.copy_(self.bg.view(1, C, 1).expand(B, C, HW))
         if len(flat):
             ch = torch.div(flat, HW, rounding_mode="floor")
-            if self.mean is not None:
+            if self.mean is not None and self.std is not None:  # both or neither
                 vals = (vals - self.mean[ch]) / self.std[ch]
             if flip_h is not None or flip_w is not None:
                 ch, h, w = self._flipped(flat, row, flip_h, flip_w)

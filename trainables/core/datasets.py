@@ -128,13 +128,15 @@ def loaders(data: DataSetup, train_ds, val_ds, *, batch_size: int, device: torch
         return train, val
     on_device = data.cache == "device" or (data.cache == "memory" and device.type == "cpu")
     if on_device and data.kind == "images":
-        train = DeviceBatches(*train_ds.tensors(), batch_size, device, shuffle=True, rank=rank, world=world,
-                              flip=data.flip_augment, seed=seed, drop_last=drop_last)
-        val = DeviceBatches(*val_ds.tensors(), max(batch_size, 128), device, shuffle=False)
-        return train, val
+        images, targets = train_ds.tensors()
+        train_dev = DeviceBatches(images, targets, batch_size, device, shuffle=True, rank=rank, world=world,
+                                  flip=data.flip_augment, seed=seed, drop_last=drop_last)
+        images, targets = val_ds.tensors()
+        val_dev = DeviceBatches(images, targets, max(batch_size, 128), device, shuffle=False)
+        return train_dev, val_dev
     pin = device.type == "cuda"  # page-locked batches: asynchronous host->GPU copies
-    train = DataLoader(train_ds, batch_size=batch_size, shuffle=True, drop_last=drop_last,
-                       num_workers=loader_workers, persistent_workers=loader_workers > 0, pin_memory=pin)
-    val = DataLoader(val_ds, batch_size=max(batch_size, 128), shuffle=False, num_workers=loader_workers,
-                     pin_memory=pin)
-    return session.prepare_loader(train), val
+    train_dl = DataLoader(train_ds, batch_size=batch_size, shuffle=True, drop_last=drop_last,
+                          num_workers=loader_workers, persistent_workers=loader_workers > 0, pin_memory=pin)
+    val_dl = DataLoader(val_ds, batch_size=max(batch_size, 128), shuffle=False, num_workers=loader_workers,
+                        pin_memory=pin)
+    return session.prepare_loader(train_dl), val_dl

@@ -54,7 +54,7 @@ def autocast(dtype: torch.dtype | None, device):
 
 def make_optimizer(params, lr: float, weight_decay: float, device) -> torch.optim.Optimizer:
     """AdamW; the fused CUDA kernel on a GPU (one launch for all parameters), PyTorch's default on the CPU."""
-    kw = {"fused": True} if torch.device(device).type == "cuda" else {}
+    kw: dict[str, Any] = {"fused": True} if torch.device(device).type == "cuda" else {}
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kw)
 
 
@@ -89,7 +89,7 @@ def mean_across_ranks(total: float, count: int, device) -> float:
     t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
-    return float(t[0] / max(t[1], 1.0))
+    return float(t[0] / max(float(t[1]), 1.0))
 
 
 @dataclass
@@ -182,7 +182,7 @@ class Engine:
         """One pass over this rank's training batches. Raises NonFiniteLoss on a NaN/Inf loss."""
         t0 = time.time()
         for epoch_aware in (self.train_loader, getattr(self.train_loader, "sampler", None)):
-            if hasattr(epoch_aware, "set_epoch"):
+            if epoch_aware is not None and hasattr(epoch_aware, "set_epoch"):
                 epoch_aware.set_epoch(epoch)
         model, device = self.model, self.device
         model.train()
@@ -243,6 +243,6 @@ class Engine:
             raise NonFiniteLoss(f"non-finite validation loss ({loss}) at epoch {epoch}")
         if pretraining:
             return EpochResult(loss, n, time.time() - t0)
-        out = torch.cat(outs).cpu().numpy() if outs else np.zeros((0, 1), np.float32)  # one device->host copy
+        outputs = torch.cat(outs).cpu().numpy() if outs else np.zeros((0, 1), np.float32)  # one device->host copy
         y = torch.cat(ys).cpu().numpy() if ys else np.zeros((0,), np.float32)
-        return EpochResult(loss, n, time.time() - t0, out, y)
+        return EpochResult(loss, n, time.time() - t0, outputs, y)

@@ -97,7 +97,7 @@ def _epochs(cfg: TrialConfig, session) -> None:
     # Where a trial's time goes, reported with the first epoch this process trains (bench/orchestration.py):
     # startup_s: the trial's start -> this process training (placement, worker processes, process group);
     # setup_s: -> the first step (data opened and cached, model built, checkpoint restored).
-    startup = {"startup_s": entered - cfg.launched_at} if cfg.launched_at else {}
+    startup: dict[str, Any] = {"startup_s": entered - cfg.launched_at} if cfg.launched_at else {}
     torch.set_num_threads(max(1, int(cfg.cpus)))
     rank, world, device = session.rank, session.world, session.device
     eng = Engine(cfg, session)
@@ -144,6 +144,7 @@ def _epochs(cfg: TrialConfig, session) -> None:
                 recon = validation_recon(eng.model, eng.val_loader, device)
         else:
             metrics.update({"train_loss": train.loss, "val_loss": val.loss})
+            assert val.outputs is not None and val.targets is not None  # a task epoch's evaluate() returns them
             out_all, y_all = gather(val.outputs), gather(val.targets)
             metrics.update(task_metrics(data.task, data.num_classes, out_all, y_all, data.target_mean,
                                         data.target_std))
@@ -167,7 +168,7 @@ def _epochs(cfg: TrialConfig, session) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 saving = time.time()
                 eng.checkpoint(epoch, metrics).save(tmp)
-                if out_all is not None:  # for the trial's plots (e2e_search/record/figures.py)
+                if out_all is not None and y_all is not None:  # for the trial's plots (e2e_search/record/figures.py)
                     save_predictions(os.path.join(tmp, PREDICTIONS_FILE), out_all, y_all, task=data.task,
                                      num_classes=data.num_classes, target_mean=data.target_mean,
                                      target_std=data.target_std)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -48,7 +49,8 @@ def build_model(family: str | None, params: dict[str, Any], data: DataSetup) -> 
     if fam.capabilities.empty_pixel and fam.inputs == "image":
         kw["empty_pixel"] = empty_pixel(data)
     if fam.capabilities.pixel_std and fam.inputs == "image":
-        kw["pixel_std"] = list(data.std) if getattr(data, "std", None) is not None else None
+        std = getattr(data, "std", None)
+        kw["pixel_std"] = list(std) if std is not None else None
     if fam.inputs == "objects":
         return fam.build(fp, n_objects=data.img_size[0], n_features=data.img_size[1], **kw)
     return fam.build(fp, in_chans=data.in_chans, img_size=tuple(data.img_size), **kw)
@@ -67,7 +69,7 @@ def load_pretrained(model: torch.nn.Module, path: str) -> int:
     return len(match)
 
 
-def forward(model: torch.nn.Module, x, **kw) -> torch.Tensor:
+def forward(model: Callable[..., Any], x, **kw) -> torch.Tensor:
     """Images (B, C, H, W): ``model(x)``; object lists [objects (B, N, F), mask (B, N)]: ``model(objects, mask)``."""
     return model(*x, **kw) if isinstance(x, (list, tuple)) else model(x, **kw)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 
-def save_predictions(path: Path, out: np.ndarray, y: np.ndarray, *, task: str, num_classes: int,
+def save_predictions(path: str | Path, out: np.ndarray, y: np.ndarray, *, task: str, num_classes: int,
                      target_mean: float, target_std: float) -> None:
     """Write ``out`` (n, outputs) float32 and encoded labels ``y`` (n,) or (n, 2) to ``path`` with what reading them needs
     (task, class count, the target's standardization in its physical units)."""

@@ -17,7 +17,7 @@ trained any more), so the best epoch of a trial carries them (``best_val_recon_*
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,14 @@ SEED = 20260519
 """The validation draw of hidden objects (fixed: epochs and trials see the same draw for the same ratio)."""
 
 
+class _MaskedObjects(Protocol):
+    """What a family declaring ``masked_objects`` provides (e.g. trainables/families/event_transformer.py)."""
+
+    def sample_hidden(self, mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+    def masked_errors(self, x: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
@@ -41,16 +49,17 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
 def masked_sums(model: torch.nn.Module, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Over ``loader``'s batches (((x (B, N, F), mask (B, N)), y)): summed squared errors of the hidden real
     objects (N, F) float64 and how many objects each slot had hidden (N,) float64, summed over ranks."""
-    m = unwrap(model)
+    m = cast(_MaskedObjects, unwrap(model))
     gen = torch.Generator(device="cpu").manual_seed(SEED)
-    sq = cnt = None
+    sq: torch.Tensor | None = None
+    cnt: torch.Tensor | None = None
     for (x, mask), _ in loader:
         x, mask = x.to(device), mask.to(device).bool()
         hidden = m.sample_hidden(mask, gen)                                    # (B, N)
         err = m.masked_errors(x, mask, hidden).double()                       # (B, N, F)
         s, c = err.sum(0), hidden.double().sum(0)                              # (N, F), (N,)
-        sq, cnt = (s, c) if sq is None else (sq + s, cnt + c)
-    if sq is None:
+        sq, cnt = (s, c) if sq is None or cnt is None else (sq + s, cnt + c)
+    if sq is None or cnt is None:
         raise ValueError("the validation loader gave no batch")
     return _all_reduce(sq), _all_reduce(cnt)
 

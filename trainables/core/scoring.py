@@ -56,7 +56,8 @@ def _batches(eng, ds, batch_size: int):
     if on_device and data.kind == "images":
         from trainables.core.batches import DeviceBatches
 
-        return DeviceBatches(*ds.tensors(), batch_size, device, shuffle=False)
+        images, labels = ds.tensors()
+        return DeviceBatches(images, labels, batch_size, device, shuffle=False)
     from torch.utils.data import DataLoader
 
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=eng.cfg.loader_workers,
@@ -91,13 +92,13 @@ def score_split(eng, part: str = "test") -> Scored:
     loss = mean_across_ranks(float(total), len(mine), eng.device)
     if not np.isfinite(loss):
         raise NonFiniteLoss(f"non-finite {part} loss ({loss})")
-    out = gather(torch.cat(outs).cpu().numpy() if outs else np.zeros((0, 1), np.float32))
+    outputs = gather(torch.cat(outs).cpu().numpy() if outs else np.zeros((0, 1), np.float32))
     y = gather(torch.cat(ys).cpu().numpy() if ys else np.zeros((0,), np.float32))
     index = gather(np.asarray(mine, dtype=np.int64))
     metrics = {f"{part}_loss": loss}
-    metrics.update(renamed(task_metrics(data.task, data.num_classes, out, y, data.target_mean, data.target_std),
+    metrics.update(renamed(task_metrics(data.task, data.num_classes, outputs, y, data.target_mean, data.target_std),
                            part))
-    return Scored(part, metrics, out, y, index, time.time() - t0)
+    return Scored(part, metrics, outputs, y, index, time.time() - t0)
 
 
 def save_scored(path: str | Path, s: Scored, data) -> None:

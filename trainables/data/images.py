@@ -10,6 +10,7 @@ Layout of an E2E file (keys configurable in the YAML ``data`` section)::
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -184,3 +185,47 @@ class H5ImageDataset:
         state = self.__dict__.copy()
         state["_file"] = None
         return state
+
+
+def channel_stats(imgs: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of images (n, C, H, W) (a std of 0 becomes 1): the ``per_channel`` normalization."""
+    mean = imgs.mean(axis=(0, 2, 3), dtype=np.float64).tolist()
+    std = [float(s) if s > 0 else 1.0 for s in imgs.std(axis=(0, 2, 3), dtype=np.float64)]
+    return mean, std
+
+
+def setup_for_file(path: str | os.PathLike, *, image_key: str = "X_jets", label_key: str = "y",
+                   task: str = "classification", layout: str = "channels_last", val_fraction: float = 0.2,
+                   test_fraction: float = 0.1, seed: int = 0, stats_samples: int = 512) -> DataSetup:
+    """A :class:`DataSetup` for training on an E2E HDF5 image file without a search (trainables.train_one):
+    every channel, random train/val/test splits of the given fractions, per-channel mean/std of up to
+    ``stats_samples`` training images; a regression target standardized on the training split.
+    ``e2e_search.data.inspect`` is the checked path a search takes (preprocessing, stratified splits, caches).
+
+    Raises:
+        UserError: labels that are not class indices (classification) or not finite numbers (regression).
+    """
+    from trainables.data.targets import class_indices, target_stats, target_values
+
+    with h5py.File(path, "r") as f:
+        X, y = f[image_key], np.asarray(f[label_key][...])
+        if X.ndim != 4:
+            raise UserError(f"'{image_key}' has shape {X.shape}; image files hold (N, H, W, C) or (N, C, H, W)",
+                            key="data.image_key")
+        H, W, C = X.shape[1:] if layout == "channels_last" else (*X.shape[2:], X.shape[1])
+        perm = np.random.default_rng(seed).permutation(len(X))
+        n_val, n_test = int(len(X) * val_fraction), int(len(X) * test_fraction)
+        val, test, train = (sorted(perm[:n_val].tolist()), sorted(perm[n_val:n_val + n_test].tolist()),
+                            sorted(perm[n_val + n_test:].tolist()))
+        classes = class_indices(y, label_key, "data.label_key") if task == "classification" else None
+        setup = DataSetup(path=str(Path(path).resolve()), image_key=image_key, label_key=label_key, layout=layout,
+                          channels=list(range(C)), in_chans=C, img_size=(H, W), src_size=(H, W), task=task,
+                          num_classes=int(classes.max()) + 1 if classes is not None else 0,
+                          train=train, val=val, test=test, mean=None, std=None)
+        if classes is None:
+            setup.target_mean, setup.target_std = target_stats(target_values(y, label_key, "task.target"), train)
+        sample = sorted(np.random.default_rng(seed + 1).choice(train, min(len(train), stats_samples),
+                                                                replace=False).tolist())
+        setup.mean, setup.std = channel_stats(read_images(X, sample, setup, normalize=False,
+                                                          check_key="data.image_key"))
+    return setup

@@ -33,7 +33,7 @@ import os
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -117,7 +117,8 @@ def identity(setup: Any, rows: np.ndarray | None = None) -> dict:
             "clip": [float(v) for v in setup.clip] if setup.clip is not None else None, "log1p": bool(setup.log1p),
             "resize": [int(v) for v in setup.resize] if resized else None,
             "resize_mode": setup.resize_mode if resized else None,
-            "n_rows": int(len(rows)), "rows_sha256": hashlib.sha256(np.ascontiguousarray(rows, np.int64)).hexdigest(),
+            "n_rows": int(len(rows)),
+            "rows_sha256": hashlib.sha256(np.ascontiguousarray(rows, np.int64).data).hexdigest(),
             **_versions()}
 
 
@@ -178,7 +179,8 @@ def open_cache(folder: str | Path) -> SparseCache:
     folder = Path(folder)
     meta = json.loads((folder / META).read_text())
     arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in FILES}
-    return SparseCache(folder=folder, **arrays, shape=tuple(int(v) for v in meta["shape"]),
+    shape = cast("tuple[int, int, int]", tuple(int(v) for v in meta["shape"]))  # (C, H, W) as written
+    return SparseCache(folder=folder, **arrays, shape=shape,
                        background=np.float32(meta["background"]), meta=meta)
 
 

@@ -118,6 +118,7 @@ def encode_labels(s: DataSetup, labels: np.ndarray, targets: np.ndarray | None =
     if s.task == "regression":
         t = target_values(labels, s.label_key, "task.target")
         return ((t - s.target_mean) / s.target_std).astype(np.float32)
+    assert targets is not None and s.target_key is not None  # a joint task always reads its target_key
     t = (target_values(targets, s.target_key, "task.target") - s.target_mean) / s.target_std
     return np.stack([class_indices(labels, s.label_key, "data.label_key").astype(np.float32), t.astype(np.float32)],
                     axis=-1)

@@ -48,7 +48,7 @@ def build_cait(p: CaitParams, *, in_chans: int, img_size: tuple[int, int], num_o
     fit = FitToPatches(img_size, p.patch_size, "pad")
     embed_dim = heads_multiple(p.embed_dim, p.num_heads)
     cait = Cait(
-        img_size=fit.out_size,
+        img_size=fit.out_size,  # type: ignore[arg-type]  # timm annotates int; (H, W) works (to_2tuple)
         patch_size=p.patch_size,
         in_chans=in_chans,
         num_classes=num_outputs,

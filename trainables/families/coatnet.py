@@ -10,6 +10,8 @@ width. The image is zero-padded to a multiple of ``stem_stride * 2^stages`` (tra
 
 from __future__ import annotations
 
+from typing import cast
+
 from pydantic import Field
 from torch import nn
 
@@ -35,4 +37,4 @@ def coatnet_blocks(p: CoatnetParams) -> list[str]:
 def build_coatnet(p: CoatnetParams, *, in_chans: int, img_size: tuple[int, int], num_outputs: int,
                   tasks: dict[str, int] | None = None) -> nn.Module:
     """CoAtNet (timm maxxvit): MBConv stages, then relative-attention transformer stages."""
-    return MaxxNet(p, coatnet_blocks(p), in_chans, tuple(img_size), num_outputs)
+    return MaxxNet(p, coatnet_blocks(p), in_chans, cast("tuple[int, int]", tuple(img_size)), num_outputs)

@@ -156,7 +156,7 @@ class QueryBlock(nn.Module):
     def forward(self, q: torch.Tensor, tokens: torch.Tensor, key_mask: torch.Tensor,
                 record: list[torch.Tensor] | None = None) -> torch.Tensor:
         """``record``: a list that gets this layer's cross-attention weights (B, Q, N), head-averaged."""
-        if self.self_attn is not None:                                          # all tasks' queries mix
+        if self.self_attn is not None and self.norm_self is not None:           # all tasks' queries mix
             h = self.norm_self(q)                                               # (B, Q, D)
             q = q + self.self_attn(h, h)
         hq, hk = self.norm_q(q), self.norm_kv(tokens)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -88,6 +88,13 @@ class HitTokens(nn.Module):
     ``empty``: per channel, the value of an empty cell in the images the model gets; ``std``: the per-channel
     normalization std of those images (energy = (x - empty) * std); both None for raw images.
     """
+
+    empty: torch.Tensor
+    tol: torch.Tensor
+    std: torch.Tensor
+    cell_ch: torch.Tensor
+    cell_r: torch.Tensor
+    cell_c: torch.Tensor
 
     def __init__(self, in_chans: int, img_size: tuple[int, int], merge: int, max_hits: int,
                  empty: Sequence[float] | None, std: Sequence[float] | None):
@@ -241,6 +248,9 @@ class HitTransformer(nn.Module):
     placed on the pixel grid (B, H, W), each map scaled to max 1.
     """
 
+    centre: torch.Tensor
+    cls_token: nn.Parameter | None
+
     def __init__(self, p: HitTransformerParams, *, in_chans: int, img_size: tuple[int, int], num_outputs: int,
                  empty_pixel: Sequence[float] | None = None, pixel_std: Sequence[float] | None = None):
         super().__init__()
@@ -310,7 +320,9 @@ class HitTransformer(nn.Module):
         if self.cls_token is None:
             return None
         self.forward(x)
-        a = torch.stack([blk.attn for blk in self.class_blocks]).mean(0)                     # (B, K)
+        # (B, K); the forward above set every class block's attn and last_hits
+        a = torch.stack([cast(torch.Tensor, blk.attn) for blk in self.class_blocks]).mean(0)
+        assert self.last_hits is not None
         r, c, valid = self.last_hits
         H, W = self.img_size
         at = r.round().long().clamp(0, H - 1) * W + c.round().long().clamp(0, W - 1)          # (B, K)

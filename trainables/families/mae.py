@@ -49,7 +49,7 @@ blocks, norm), so a fine-tune model picks them up from a pretraining checkpoint 
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -192,6 +192,8 @@ def _blocks(dim: int, depth: int, heads: int, mlp_ratio: float, mlp: str = "gelu
 class MaeEncoder(nn.Module):
     """ViT encoder over (a subset of) patch tokens plus a class token."""
 
+    pos_embed: torch.Tensor
+
     def __init__(self, patch_dim: int, grid: tuple[int, int], dim: int, depth: int, heads: int, mlp_ratio: float,
                  mlp: str = "gelu", qk_norm: bool = False, layer_scale: float | None = None):
         super().__init__()
@@ -212,6 +214,8 @@ class MaeEncoder(nn.Module):
 
 class MaeDecoder(nn.Module):
     """Lightweight transformer: visible tokens + mask tokens -> pixels of every patch."""
+
+    pos_embed: torch.Tensor
 
     def __init__(self, enc_dim: int, patch_dim: int, grid: tuple[int, int], dim: int, depth: int, heads: int,
                  mlp_ratio: float):
@@ -327,4 +331,4 @@ class MaskedAutoencoder(nn.Module):
 def build_mae(p: MaeParams, *, in_chans: int, img_size: tuple[int, int], num_outputs: int,
               tasks: dict[str, int] | None = None) -> nn.Module:
     """Masked autoencoder (ViT) pretrained on the images, then fine-tuned or linearly probed."""
-    return MaskedAutoencoder(p, in_chans, tuple(img_size), num_outputs)
+    return MaskedAutoencoder(p, in_chans, cast("tuple[int, int]", tuple(img_size)), num_outputs)

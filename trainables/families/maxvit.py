@@ -12,6 +12,8 @@ zero-padded so that every stage's map is a multiple of its window (trainables/la
 
 from __future__ import annotations
 
+from typing import cast
+
 from pydantic import Field
 from torch import nn
 
@@ -29,4 +31,5 @@ class MaxvitParams(MaxxParams):
 def build_maxvit(p: MaxvitParams, *, in_chans: int, img_size: tuple[int, int], num_outputs: int,
                  tasks: dict[str, int] | None = None) -> nn.Module:
     """MaxViT (timm maxxvit): MBConv + window and grid attention in every block."""
-    return MaxxNet(p, ["M"] * len(p.depths), in_chans, tuple(img_size), num_outputs, window=p.window_size)
+    return MaxxNet(p, ["M"] * len(p.depths), in_chans, cast("tuple[int, int]", tuple(img_size)), num_outputs,
+                   window=p.window_size)

@@ -68,7 +68,8 @@ class Swin(nn.Module):
             embed_dim=embed_dim,
             depths=(p.depth,) * p.stages,
             num_heads=tuple(p.num_heads * 2**i for i in range(p.stages)),
-            window_size=[(h, w) for h, w in zip(wh, ww)],  # one (h, w) window per stage
+            # one (h, w) window per stage (timm's docstring allows it, its annotation does not)
+            window_size=[(h, w) for h, w in zip(wh, ww)],  # type: ignore[arg-type]
             mlp_ratio=p.mlp_ratio,
             drop_path_rate=p.drop_path,
         )

@@ -31,13 +31,13 @@ summed hit energies) are embedded per head and added to the attention logits of 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from trainables.layers.vit_blocks import ATTENTION
+from trainables.layers.vit_blocks import ATTENTION, WindowAttention
 from trainables.layers.vit_common import FitToPatches, TimmVitParams, timm_vit
 from trainables.registry import Capabilities, register_family
 
@@ -87,5 +87,6 @@ def build_vit(p: VitParams, *, in_chans: int, img_size: tuple[int, int], num_out
                    attn_layer=ATTENTION[p.attention], **extra)
     if p.attention == "window" and p.token_keep == "all":
         for blk in vit.blocks:
-            blk.attn.set_window(tuple(vit.patch_embed.grid_size), p.window_size, vit.num_prefix_tokens)
+            cast(WindowAttention, blk.attn).set_window(tuple(vit.patch_embed.grid_size), p.window_size,
+                                                       vit.num_prefix_tokens)
     return nn.Sequential(fit, vit)

@@ -84,8 +84,10 @@ class MaxxNet(nn.Module):
                  num_outputs: int, window: int | None = None):
         super().__init__()
         stages = len(p.depths)
+        windows: list[tuple[int, int] | None]
         if window is None:
-            out = tuple(coatnet_size(s, p.stem_stride, stages) for s in img_size)
+            h, w = img_size
+            out = (coatnet_size(h, p.stem_stride, stages), coatnet_size(w, p.stem_stride, stages))
             windows = [None] * stages
         else:
             (oh, wh), (ow, ww) = (maxvit_size(s, p.stem_stride, stages, window) for s in img_size)
@@ -97,15 +99,16 @@ class MaxxNet(nn.Module):
         self.windows = windows
         conv_cfg = MaxxVitConvCfg(expand_ratio=p.mlp_ratio)
         attn_cfg = MaxxVitTransformerCfg(dim_head=dh, expand_ratio=p.mlp_ratio)
-        self.stem = Stem(in_chans, (p.stem_width, p.stem_width), act_layer=conv_cfg.act_layer,
+        assert conv_cfg.norm_eps is not None  # MaxxVitConvCfg.__post_init__ sets it
+        self.stem = Stem(in_chans, p.stem_width, act_layer=conv_cfg.act_layer,  # int: both convolutions
                          norm_layer=conv_cfg.norm_layer, norm_eps=conv_cfg.norm_eps)
         if p.stem_stride == 1:  # same padding (1) for both strides: the map keeps the image's size
             self.stem.conv1.stride = (1, 1)
-        feat = tuple(s // p.stem_stride for s in out)
+        feat = (out[0] // p.stem_stride, out[1] // p.stem_stride)
         dpr = calculate_drop_path_rates(p.drop_path, list(p.depths), stagewise=True)
         blocks, in_chs = [], p.stem_width
         for i in range(stages):
-            feat = tuple(f // 2 for f in feat)
+            feat = (feat[0] // 2, feat[1] // 2)
             cfg = attn_cfg if windows[i] is None else replace(attn_cfg, window_size=windows[i], grid_size=windows[i])
             blocks.append(MaxxVitStage(in_chs, widths[i], depth=p.depths[i], feat_size=feat,
                                        block_types=block_types[i], transformer_cfg=cfg, conv_cfg=conv_cfg,
@@ -124,8 +127,9 @@ class MaxxNet(nn.Module):
 
 def _init(module: nn.Module, name: str, scheme: str = "") -> None:
     """timm MaxxVit's weight initialization: each block's own ``init_weights``."""
-    if hasattr(module, "init_weights"):
+    init_weights = getattr(module, "init_weights", None)
+    if init_weights is not None:
         try:
-            module.init_weights(scheme=scheme)
+            init_weights(scheme=scheme)
         except TypeError:
-            module.init_weights()
+            init_weights()

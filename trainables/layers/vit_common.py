@@ -4,7 +4,7 @@ counts, fused attention."""
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,8 @@ class TimmVitParams(BaseModel):
     """LayerNorm of every head's queries and keys before attention (Dehghani et al. 2023)."""
     layer_scale: float | None = Field(default=None, gt=0)
     """Initial LayerScale of both residual branches of every block (Touvron et al. 2021); None: none."""
+    if TYPE_CHECKING:  # declared by each family's subclass, with its own default and bounds (not a field here)
+        patch_size: int
 
 
 
@@ -60,7 +62,7 @@ class FitToPatches(nn.Module):
     def __init__(self, img_size: tuple[int, int], patch: int, how: str, out_size: tuple[int, int] | None = None):
         super().__init__()
         self.how = how
-        self.out_size = tuple(out_size or (fitted_size(s, patch, how) for s in img_size))
+        self.out_size = cast("tuple[int, int]", tuple(out_size or (fitted_size(s, patch, how) for s in img_size)))
         wrong_way = [o < s if how == "pad" else o > s for o, s in zip(self.out_size, img_size)]
         if any(wrong_way):
             raise ValueError(f"cannot {how} images of {tuple(img_size)} pixels to {self.out_size}; choose a patch "
@@ -112,9 +114,12 @@ def timm_vit(p: TimmVitParams, *, img_size: tuple[int, int], in_chans: int, num_
 
 
 
-def use_fused_attention(model: nn.Module) -> nn.Module:
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def use_fused_attention(model: ModuleT) -> ModuleT:
     """Make every timm attention module of ``model`` call ``F.scaled_dot_product_attention``."""
     for m in model.modules():
         if hasattr(m, "fused_attn"):
-            m.fused_attn = True
+            m.fused_attn = True  # type: ignore[assignment]  # a bool flag; the stubs type attributes Tensor | Module
     return model

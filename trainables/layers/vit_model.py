@@ -30,9 +30,11 @@ never attended to and never pooled, so a jet's output does not depend on the oth
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -63,6 +65,10 @@ class NonEmptyPatches(nn.Module):
     A patch is non-empty when one of its real pixels (not FitToPatches' padding) differs from its channel's
     empty value. ``real``: (H', W') bool of the real pixels; ``empty``: (C,) empty value per channel.
     """
+
+    empty: torch.Tensor
+    tol: torch.Tensor
+    real: torch.Tensor
 
     def __init__(self, patch: int, in_chans: int, real: torch.Tensor, empty: Sequence[float] | torch.Tensor | None):
         super().__init__()
@@ -107,6 +113,9 @@ class Vit(VisionTransformer):
     value of an empty cell per channel after preprocessing (None: 0). Other keywords go to timm.
     """
 
+    rope_table: torch.Tensor | None
+    pair_std: torch.Tensor
+
     def __init__(self, *, pos_embed: str = "learned", token_keep: str = "all", window: int | None = None,
                  real: torch.Tensor | None = None, empty_pixel: Sequence[float] | None = None,
                  pair_bias: bool = False, pair_width: int = 8, pixel_std: Sequence[float] | None = None,
@@ -124,7 +133,7 @@ class Vit(VisionTransformer):
             table = torch.cat([torch.zeros(P, D), sincos_2d(D, grid)])[None].to(device)  # (1, P + L, D)
             del self.pos_embed
             self.register_buffer("pos_embed", table, persistent=False)
-        heads = self.blocks[0].attn.num_heads if len(self.blocks) else 1
+        heads = cast(Attention, self.blocks[0].attn).num_heads if len(self.blocks) else 1
         rope = rope_2d(D // heads, grid).to(device) if pos_embed == "rope" else None    # (L, 2 * head_dim)
         self.register_buffer("rope_table", rope, persistent=False)
         self.window = window
@@ -151,6 +160,7 @@ class Vit(VisionTransformer):
     def _patch_energy(self, patches: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """(B, K, C*p*p) kept patches at grid indices (B, K) -> (B, K): summed energy of their hits,
         (x - empty) * std over their real pixels."""
+        assert self.keep is not None  # only with token_keep: nonempty (pair_bias)
         d = patches - self.keep.empty
         hit = (d.abs() > self.keep.tol) & self.keep.real[0][index]
         return torch.where(hit, d * self.pair_std, torch.zeros_like(d)).sum(-1)
@@ -158,6 +168,7 @@ class Vit(VisionTransformer):
     def _pair_mask(self, patches: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """ParT's pair bias over the kept patches (centres, summed energies) as a float attention mask
         (B, heads, P + K, P + K): the prefix tokens get no bias; padded keys -inf."""
+        assert self.pair is not None  # only with pair_bias
         gh, gw = self.patch_embed.grid_size
         p = self.patch_embed.patch_size[0]
         eta = ((index // gw).to(patches.dtype) - (gh - 1) / 2) * p * self.pixel_size          # (B, K) rad
@@ -168,6 +179,7 @@ class Vit(VisionTransformer):
 
     def _kept_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, C, H', W') -> tokens (B, P + K, D), grid index (B, K), valid (B, K)."""
+        assert self.keep is not None  # only with token_keep: nonempty
         patches, index, valid = self.keep(x)                                            # (B, K, C*p*p), (B, K) x2
         self._kept_patches = patches
         proj = self.patch_embed.proj
@@ -199,9 +211,11 @@ class Vit(VisionTransformer):
         """(B, C, H', W') -> (tokens after the final norm (B, N, D), valid patch tokens (B, K) or None)."""
         if self.keep is None and self.rope_table is None:
             return super().forward_features(x), None
+        rope: torch.Tensor | None
         if self.keep is None:
             x, index, valid, mask = self._pos_embed(self.patch_embed(x)), None, None, None
             x = self.norm_pre(self.patch_drop(x))
+            assert self.rope_table is not None  # without keep, features() came here for the rope table
             rope = self.rope_table[None, None]                                          # (1, 1, L, 2d)
         else:
             x, index, valid = self._kept_tokens(x)
@@ -229,7 +243,7 @@ class Vit(VisionTransformer):
         w = valid[..., None].to(x.dtype)                                                # (B, K, 1)
         return (x[:, P:] * w).sum(1) / w.sum(1).clamp_min(1.0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]  # images only: no attn_mask
         if self.keep is None and self.rope_table is None:
             return super().forward(x)  # timm's own forward: today's model
         x, valid = self.features(x)

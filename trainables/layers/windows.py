@@ -23,6 +23,6 @@ def stage_windows(grid: int, window: int, stages: int) -> list[int] | None:
 def swin_grid(size: int, patch: int, window: int, stages: int) -> tuple[int, list[int]]:
     """Smallest patch grid >= ceil(size / patch) with exact windows at every stage, and those windows."""
     g = math.ceil(size / patch)
-    while stage_windows(g, window, stages) is None:  # terminates: multiples of window * 2^(stages-1) fit
+    while (sides := stage_windows(g, window, stages)) is None:  # terminates: multiples of window * 2^(stages-1) fit
         g += 1
-    return g, stage_windows(g, window, stages)
+    return g, sides

@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import h5py
 import numpy as np
@@ -85,6 +86,7 @@ def work_plan(s: GenSpec) -> list[list[int]]:
 def needs(s: GenSpec) -> tuple[int, int, int]:
     """(tasks with work, memory per task, disk of the whole run) in bytes, estimated before generating."""
     tasks = len(work_plan(s))
+    per_example: float
     if s.process == "event_objects":
         image, per_example = 0, EXAMPLE_BYTES
     else:
@@ -231,7 +233,8 @@ def run_task(spec: dict, task: int, counts: list[int], shard: str, progress=None
 
     s = GenSpec(**spec)
     rng = np.random.default_rng(task_seed(s.seed, task, 0))
-    parts = samples(s.process, counts, rng=rng, mass_range=tuple(s.mass_range), decay=s.decay, per_mass=s.per_mass)
+    mass_range = cast("tuple[float, float]", tuple(s.mass_range))  # two numbers: check_spec
+    parts = samples(s.process, counts, rng=rng, mass_range=mass_range, decay=s.decay, per_mass=s.per_mass)
     writer = ShardWriter(Path(shard))
     n_events = 0
     try:
@@ -362,10 +365,11 @@ def generate(s: GenSpec, *, address: str | None = None, progress: bool = True,
     started_ray = False
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # (ignores: Ray's stub types logging_level as int, but ray.init takes a level name too)
         if address:
-            ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+            ray.init(address=address, log_to_driver=False, logging_level="WARNING")  # type: ignore[arg-type]
         else:
-            ray.init(num_cpus=len(plan), log_to_driver=False, logging_level="WARNING",
+            ray.init(num_cpus=len(plan), log_to_driver=False, logging_level="WARNING",  # type: ignore[arg-type]
                      include_dashboard=False)
         started_ray = True
     t0 = time.time()
@@ -383,7 +387,8 @@ def generate(s: GenSpec, *, address: str | None = None, progress: bool = True,
             def get(self) -> int:
                 return self.n
 
-        counter = Counter.options(num_cpus=0).remote()
+        # @ray.remote made Counter an ActorClass, which mypy does not see (it does not apply class decorators)
+        counter = Counter.options(num_cpus=0).remote()  # type: ignore[attr-defined]
         task = ray.remote(num_cpus=1)(run_task)
         shards = [work / f"shard_{i:04d}.h5" for i in range(len(plan))]
         spec = asdict(s)

@@ -22,6 +22,7 @@ class Sample:
     name: str
     settings: list[str]
     count: int
-    select: Callable[[Batch], dict[str, np.ndarray]]
-    """-> {"keep": bool mask over events, "jet": index of the chosen jet, "y": label, ...extra truth}."""
+    select: Callable[[Batch], dict[str, np.ndarray]] | None
+    """-> {"keep": bool mask over events, "jet": index of the chosen jet, "y": label, ...extra truth}; None for
+    event_objects, whose events.event_rows selects itself."""
     extra: dict = field(default_factory=dict)
