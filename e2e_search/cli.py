@@ -23,7 +23,19 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="e2e-search", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True,
                            metavar="{run,resume,confirm,validate,best,report,ui,export,data}", parser_class=_Parser)
+    _add_run(sub)
+    _add_resume(sub)
+    _add_confirm(sub)
+    _add_validate(sub)
+    _add_data(sub)
+    _add_best(sub)
+    _add_report(sub)
+    _add_ui(sub)
+    _add_export(sub)
+    return p
 
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("run", help="run a search from a search-space YAML")
     r.add_argument("file", help="search-space YAML (see search_spaces/)")
     r.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.SUB=VALUE",
@@ -34,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true",
                    help="continue the latest interrupted search of this YAML's experiment; start one if there is none")
 
+
+def _add_resume(sub: argparse._SubParsersAction) -> None:
     rs = sub.add_parser("resume", help="continue an interrupted search (driver killed, machine rebooted, Ctrl-C)")
     rs.add_argument("experiment", help="experiment (search name) whose latest search to continue")
     rs.add_argument("--search", metavar="RUN_ID", help="a search run of the experiment (default: the latest)")
@@ -41,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     rs.add_argument("--address", help="address of a running Ray cluster (default: start a local one)")
     rs.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
 
+
+def _add_confirm(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("confirm", help="retrain the best trials of a finished search with several seeds, score them "
                        "once on the test split, move the champions to the best test mean")
     c.add_argument("experiment", help="experiment (search name) whose latest finished search to confirm")
@@ -54,10 +70,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--address", help="address of a running Ray cluster (default: start a local one)")
     c.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
 
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("validate", help="check a search-space YAML (and its data file) without running")
     v.add_argument("file")
     v.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.SUB=VALUE")
 
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("data", help="simulated physics datasets")
     dsub = d.add_subparsers(dest="data_cmd", required=True, metavar="{generate}", parser_class=_Parser)
     g = dsub.add_parser("generate", help="Pythia 8 + FastJet events -> E2E HDF5 (parallel Ray tasks)")
@@ -73,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--decay", choices=["bb", "gammagamma"], default="bb", help="boosted_scalar decay (default bb)")
     g.add_argument("--per-mass", type=int, default=200, help="boosted_scalar: jets per mass point (default 200)")
 
+
+def _add_best(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("best", help="rank the finished trials of an experiment (reads MLflow only)")
     b.add_argument("experiment")
     b.add_argument("--metric", help="rank by this metric (default: the search metric)")
@@ -80,18 +102,24 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--top", type=int, default=5)
     b.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///e2e_runs/mlflow.db)")
 
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
     rp = sub.add_parser("report", help="HTML leaderboard of a search (also logged to its MLflow search run)")
     rp.add_argument("experiment")
     rp.add_argument("--out", help="HTML file to write (default: e2e_runs/reports/EXPERIMENT.html)")
     rp.add_argument("--search", metavar="RUN_ID", help="a search run of the experiment (default: the latest)")
     rp.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///e2e_runs/mlflow.db)")
 
+
+def _add_ui(sub: argparse._SubParsersAction) -> None:
     u = sub.add_parser("ui", help="the MLflow UI on the search store (binds to 127.0.0.1 unless --host says otherwise)")
     u.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///e2e_runs/mlflow.db)")
     u.add_argument("--experiment", help="experiment whose runs table to link (default: that of the latest search)")
     u.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     u.add_argument("--port", type=int, default=5000, help="port (default 5000)")
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     x = sub.add_parser("export", help="a trained trial as an ONNX model, checked against PyTorch in onnxruntime")
     x.add_argument("source", metavar="SOURCE", help="RUN_ID | models:/NAME@ALIAS | PATH/checkpoint.pt")
     x.add_argument("--format", default="onnx", help="output format: onnx (default)")
@@ -103,7 +131,6 @@ def _parser() -> argparse.ArgumentParser:
                    "(default: the exporter's: 17 for torchscript, 20 for dynamo in torch 2.14)")
     x.add_argument("--exporter", default="auto", help="auto (default: torchscript, then dynamo) | torchscript | dynamo")
     x.add_argument("--runs", type=int, default=50, help="timed runs at batch 1 for the CPU latency table (0: no timing)")
-    return p
 
 
 def _plan(args, cfg, **kwargs):

@@ -164,22 +164,23 @@ def _attention_maps(client: MlflowClient, rows: list[dict]) -> list[tuple[str, s
     return out
 
 
-def build_report(uri: str, experiment: str, search_run: str | None = None, *, costs: bool = True) -> tuple[str, str]:
-    """(HTML text, parent run id) for the latest search of ``experiment`` (or ``search_run``)."""
-    from e2e_search.record.store import experiment_of, search_run_of
+def _search_of(client: MlflowClient, exp, experiment: str, search_run: str | None):
+    """The search run: ``search_run``, else the latest search of the experiment."""
+    from e2e_search.record.store import search_run_of
 
-    client = MlflowClient(tracking_uri=uri)
-    exp = experiment_of(client, experiment)
     if search_run is None:
         searches = client.search_runs([exp.experiment_id], filter_string="tags.`e2e.kind` = 'search'",
                                       order_by=["attributes.start_time DESC"], max_results=1)
         if not searches:
             raise UserError(f"experiment '{experiment}' holds no e2e-search run; give the experiment of a search "
                             "(e2e-search run FILE records one)", key="EXPERIMENT")
-        parent = searches[0]
-    else:  # a trial's run (or another experiment's) would get an empty leaderboard uploaded into it
-        parent = search_run_of(client, exp, search_run)
-    metric, mode = parent.data.tags.get("e2e.metric", "val_loss"), parent.data.tags.get("e2e.mode", "min")
+        return searches[0]
+    # a trial's run (or another experiment's) would get an empty leaderboard uploaded into it
+    return search_run_of(client, exp, search_run)
+
+
+def _objectives(client: MlflowClient, parent, metric: str, mode: str) -> tuple[Any, list[str], list[str]]:
+    """(the search's resolved YAML or None, its metrics, their modes); the parent's tags when the YAML says none."""
     resolved = None
     try:
         import yaml
@@ -191,25 +192,51 @@ def build_report(uri: str, experiment: str, search_run: str | None = None, *, co
         modes = resolved["search"]["mode"] if isinstance(resolved["search"]["mode"], list) else [mode]
     except Exception:  # noqa: BLE001 - search_space.yaml missing or unreadable: use the parent's tags
         metrics, modes = [metric], [mode]
+    return resolved, metrics, modes
+
+
+def _row(client: MlflowClient, t: Run, metrics: list[str], costs: bool) -> dict[str, Any]:
+    """A trial's line of the leaderboard."""
+    m = t.data.metrics
+    row = {"run": t.info.run_id, "trial": t.data.tags.get("e2e.trial_id", ""),
+           "family": t.data.tags.get("e2e.family", "?"), "status": t.data.tags.get("e2e.status", "?"),
+           "epochs": int(m.get("epochs_run", 0)), "num_params": int(m.get("num_params", 0)) or None,
+           "error": t.data.tags.get("e2e.error", "")}
+    for k in set(PHYSICS) | set(metrics) | {"latency_ms"}:
+        if f"best_{k}" in m:
+            row[k] = float(m[f"best_{k}"])
+        elif k in metrics and k in m and k not in row:  # a per-trial constant as an objective
+            row[k] = m[k]
+    if costs and row["status"] == "FINISHED":
+        row.update(_cost(client, t.info.run_id))
+    return row
+
+
+def _mark_confirmed(rows: list[dict[str, Any]], confirmed: dict) -> None:
+    """The leaderboard shows each finalist's test figure beside its validation one."""
+    first = confirmed["rankings"][0]
+    for fin in confirmed["finalists"]:
+        t = fin["test"].get(first["test_metric"])
+        lo, hi = (fin["intervals"].get(first["test_metric"]) or [None, None])
+        for r in rows:
+            if r["run"] == fin["source_run"] and t:
+                r["confirmed"] = f"{t['mean']:.4g} [{_fmt(lo)}, {_fmt(hi)}]"
+
+
+def build_report(uri: str, experiment: str, search_run: str | None = None, *, costs: bool = True) -> tuple[str, str]:
+    """(HTML text, parent run id) for the latest search of ``experiment`` (or ``search_run``)."""
+    from e2e_search.record.store import experiment_of
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = experiment_of(client, experiment)
+    parent = _search_of(client, exp, experiment, search_run)
+    metric, mode = parent.data.tags.get("e2e.metric", "val_loss"), parent.data.tags.get("e2e.mode", "min")
+    resolved, metrics, modes = _objectives(client, parent, metric, mode)
     trials: list[Run] = client.search_runs([exp.experiment_id], max_results=5000,
                                            filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     trials = [t for t in trials if t.data.tags.get("e2e.phase") != "confirm"]  # retrainings: their own section
     confirmed = _confirm_payload(client, parent)
-    rows: list[dict[str, Any]] = []
-    for t in trials:
-        m = t.data.metrics
-        row = {"run": t.info.run_id, "trial": t.data.tags.get("e2e.trial_id", ""),
-               "family": t.data.tags.get("e2e.family", "?"), "status": t.data.tags.get("e2e.status", "?"),
-               "epochs": int(m.get("epochs_run", 0)), "num_params": int(m.get("num_params", 0)) or None,
-               "error": t.data.tags.get("e2e.error", "")}
-        for k in set(PHYSICS) | set(metrics) | {"latency_ms"}:
-            if f"best_{k}" in m:
-                row[k] = float(m[f"best_{k}"])
-            elif k in metrics and k in m and k not in row:  # a per-trial constant as an objective
-                row[k] = m[k]
-        if costs and row["status"] == "FINISHED":
-            row.update(_cost(client, t.info.run_id))
-        rows.append(row)
+    rows = [_row(client, t, metrics, costs) for t in trials]
     key = lambda r: r.get(metric, -math.inf if mode == "max" else math.inf)  # noqa: E731
     rows.sort(key=key, reverse=(mode == "max"))
     plots = _plots(rows, metric, metrics, modes) + _attention_maps(client, rows)
@@ -217,14 +244,8 @@ def build_report(uri: str, experiment: str, search_run: str | None = None, *, co
     from e2e_search.analysis.effects import effects_section
 
     section += effects_section(client, trials, resolved, metric, mode, confirmed, _png)
-    if confirmed:  # the leaderboard shows each finalist's test figure beside its validation one
-        first = confirmed["rankings"][0]
-        for fin in confirmed["finalists"]:
-            t = fin["test"].get(first["test_metric"])
-            lo, hi = (fin["intervals"].get(first["test_metric"]) or [None, None])
-            for r in rows:
-                if r["run"] == fin["source_run"] and t:
-                    r["confirmed"] = f"{t['mean']:.4g} [{_fmt(lo)}, {_fmt(hi)}]"
+    if confirmed:
+        _mark_confirmed(rows, confirmed)
     return _html(experiment, parent, rows, metric, mode, plots, section,
                  f"{confirmed['rankings'][0]['test_metric']} (confirm)" if confirmed else None), parent.info.run_id
 

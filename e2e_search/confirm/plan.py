@@ -226,61 +226,49 @@ def _rankings(cfg, experiment: str) -> list[tuple[str, str, str, str]]:
             for kind, m, o in kinds]
 
 
-def prepare(uri: str, experiment: str, *, search: str | None = None, top: int | None = None,
-            seeds: int | None = None, per_family: bool | None = None, address: str | None = None) -> ConfirmPlan:
-    """Everything ``confirm`` checks before Ray starts; writes nothing. ``top``/``seeds``/``per_family`` None:
-    the search's ``search.confirm`` values, else 3, 3 and False. Raises UserError (one line) on bad input."""
-    from mlflow.tracking import MlflowClient
-
-    from e2e_search.record.store import experiment_of
-    from e2e_search.search.plan import plan
-
-    for flag, v in (("--top", top), ("--seeds", seeds)):
-        if v is not None and v < 1:
-            raise UserError(f"{flag} must be 1 or more (got {v}); e.g. {flag} 3", key=flag)
-    client = MlflowClient(tracking_uri=uri)
-    exp = experiment_of(client, experiment)
-    run = _search_run(client, exp, search)
-    sid, name = run.info.run_id, run.data.tags.get("mlflow.runName", run.info.run_id)
-    cfg = _resolved_config(client, run)
-    cfg.tracking.uri = uri
+def _settings(cfg, top: int | None, seeds: int | None, per_family: bool | None) -> tuple[int, int, bool]:
+    """``top``/``seeds``/``per_family`` as given, else the search's ``search.confirm`` values, else 3, 3, False."""
     conf = cfg.search.confirm
     top = top if top is not None else (conf.top if conf else DEFAULT_TOP)
     seeds = seeds if seeds is not None else (conf.seeds if conf else DEFAULT_SEEDS)
     per_family = per_family if per_family is not None else (conf.per_family if conf else False)
-    if cfg.data.test_fraction == 0:
-        raise UserError(f"search {name} held out no test split (data.test_fraction: 0): there is nothing to score; "
-                        "run a search with data.test_fraction > 0 (e.g. 0.15)", key="data.test_fraction")
+    return top, seeds, per_family
 
+
+def _finished_trials(client, exp, sid: str) -> list[Any]:
+    """The trials of search run ``sid`` that finished (MLflow status and tag ``e2e.status``)."""
     trials = client.search_runs([exp.experiment_id], max_results=5000,
                                 filter_string=f"tags.`mlflow.parentRunId` = '{sid}' and tags.`e2e.kind` = 'trial'")
-    finished = [t for t in trials if t.info.status == "FINISHED" and t.data.tags.get("e2e.status") == "FINISHED"]
-    notes: list[str] = []
-    chosen: list[Any] = []
-    members: list[list[str]] = []
-    specs = _rankings(cfg, cfg.tracking.experiment)
-    for kind, _, metric, mode in specs:
-        key = f"best_{metric}"
-        scored = [t for t in finished if _finite(t.data.metrics.get(key))]
-        scored.sort(key=lambda t: t.data.metrics[key], reverse=(mode == "max"))
-        groups: dict[str, list] = {}
-        for t in scored:
-            groups.setdefault(t.data.tags.get("e2e.family", "?") if per_family else "", []).append(t)
-        picked = [t for g in groups.values() for t in g[:top]]
-        picked.sort(key=lambda t: t.data.metrics[key], reverse=(mode == "max"))
-        if not picked:
-            raise UserError(f"search {name} has no finished trial with a finite {metric}: nothing to confirm; run "
-                            "a search whose trials finish", key="--search")
-        short = [g for g, ts in groups.items() if len(ts) < top]
-        if short:
-            what = f"famil{'ies' if len(short) > 1 else 'y'} {', '.join(short)}" if per_family else "the search"
-            notes.append(f"note: {what} has fewer than {top} finished trials with a finite {metric}: "
-                         f"confirming {len(picked)} {kind} finalist(s)")
-        members.append([t.info.run_id for t in picked])
-        for t in picked:
-            if t.info.run_id not in {c.info.run_id for c in chosen}:
-                chosen.append(t)
-    _check_data(cfg, run)
+    return [t for t in trials if t.info.status == "FINISHED" and t.data.tags.get("e2e.status") == "FINISHED"]
+
+
+def _pick(finished: list[Any], kind: str, metric: str, mode: str, top: int, per_family: bool,
+          name: str) -> tuple[list[Any], str | None]:
+    """(the ``top`` best of ``finished`` by ``best_<metric>`` (of each family with ``per_family``), best first;
+    a note when there are fewer, else None)."""
+    key = f"best_{metric}"
+    scored = [t for t in finished if _finite(t.data.metrics.get(key))]
+    scored.sort(key=lambda t: t.data.metrics[key], reverse=(mode == "max"))
+    groups: dict[str, list] = {}
+    for t in scored:
+        groups.setdefault(t.data.tags.get("e2e.family", "?") if per_family else "", []).append(t)
+    picked = [t for g in groups.values() for t in g[:top]]
+    picked.sort(key=lambda t: t.data.metrics[key], reverse=(mode == "max"))
+    if not picked:
+        raise UserError(f"search {name} has no finished trial with a finite {metric}: nothing to confirm; run "
+                        "a search whose trials finish", key="--search")
+    short = [g for g, ts in groups.items() if len(ts) < top]
+    if not short:
+        return picked, None
+    what = f"famil{'ies' if len(short) > 1 else 'y'} {', '.join(short)}" if per_family else "the search"
+    return picked, (f"note: {what} has fewer than {top} finished trials with a finite {metric}: "
+                    f"confirming {len(picked)} {kind} finalist(s)")
+
+
+def _search_plan(cfg, address: str | None, sid: str, name: str):
+    """The search's Plan rebuilt from its resolved YAML, with a test split to score."""
+    from e2e_search.search.plan import plan
+
     try:
         p = plan(cfg, address=address)
     except UserError as e:
@@ -288,6 +276,10 @@ def prepare(uri: str, experiment: str, *, search: str | None = None, top: int | 
     if p.data is None or not p.data.test:
         raise UserError(f"the test split of search {name} is empty; run a search with a larger data.test_fraction",
                         key="data.test_fraction")
+    return p
+
+
+def _finalists(client, cfg, chosen: list[Any]) -> list[Finalist]:
     finalists = []
     for i, t in enumerate(chosen, 1):
         m = t.data.metrics
@@ -299,6 +291,47 @@ def prepare(uri: str, experiment: str, *, search: str | None = None, top: int | 
             epochs=max(1, int(m.get("best_epoch", cfg.scheduler.max_epochs))),
             val={k[5:]: v for k, v in m.items() if k.startswith("best_val_")},
             num_params=int(m["num_params"]) if _finite(m.get("num_params")) else None))
+    return finalists
+
+
+def prepare(uri: str, experiment: str, *, search: str | None = None, top: int | None = None,
+            seeds: int | None = None, per_family: bool | None = None, address: str | None = None) -> ConfirmPlan:
+    """Everything ``confirm`` checks before Ray starts; writes nothing. ``top``/``seeds``/``per_family`` None:
+    the search's ``search.confirm`` values, else 3, 3 and False. Raises UserError (one line) on bad input."""
+    from mlflow.tracking import MlflowClient
+
+    from e2e_search.record.store import experiment_of
+
+    for flag, v in (("--top", top), ("--seeds", seeds)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag} must be 1 or more (got {v}); e.g. {flag} 3", key=flag)
+    client = MlflowClient(tracking_uri=uri)
+    exp = experiment_of(client, experiment)
+    run = _search_run(client, exp, search)
+    sid, name = run.info.run_id, run.data.tags.get("mlflow.runName", run.info.run_id)
+    cfg = _resolved_config(client, run)
+    cfg.tracking.uri = uri
+    top, seeds, per_family = _settings(cfg, top, seeds, per_family)
+    if cfg.data.test_fraction == 0:
+        raise UserError(f"search {name} held out no test split (data.test_fraction: 0): there is nothing to score; "
+                        "run a search with data.test_fraction > 0 (e.g. 0.15)", key="data.test_fraction")
+
+    finished = _finished_trials(client, exp, sid)
+    notes: list[str] = []
+    chosen: list[Any] = []
+    members: list[list[str]] = []
+    specs = _rankings(cfg, cfg.tracking.experiment)
+    for kind, _, metric, mode in specs:
+        picked, note = _pick(finished, kind, metric, mode, top, per_family, name)
+        if note:
+            notes.append(note)
+        members.append([t.info.run_id for t in picked])
+        for t in picked:
+            if t.info.run_id not in {c.info.run_id for c in chosen}:
+                chosen.append(t)
+    _check_data(cfg, run)
+    p = _search_plan(cfg, address, sid, name)
+    finalists = _finalists(client, cfg, chosen)
     index = {f.run_id: i for i, f in enumerate(finalists)}
     rankings = []
     for (kind, model, metric, mode), ids in zip(specs, members):

@@ -199,10 +199,66 @@ def _finalist_run(client: MlflowClient, exp_id: str, cp: ConfirmPlan, f: int, co
     return rid
 
 
-def record(cp: ConfirmPlan, results: list[SeedResult], *, confirm_id: str) -> ConfirmOutcome:
-    """Bootstrap, record and choose (see the module's text). Raises ConfirmFailed when no seed finished."""
+def _finalist_runs(client: MlflowClient, exp_id: str, cp: ConfirmPlan, results: list[SeedResult], confirm_id: str,
+                   boot: dict[str, dict], seed_runs: dict[int, dict[int, str]]) -> tuple[dict, dict]:
+    """(finalist -> its test metrics over the seeds, finalist -> its finalist run), one run per finalist."""
+    aggs: dict[int, dict] = {}
+    fin_runs: dict[int, str] = {}
+    for f in range(len(cp.finalists)):
+        aggs[f] = _aggregate(results, f)
+        done = sum(1 for r in results if r.finalist == f and r.status == "FINISHED")
+        fin_runs[f] = _finalist_run(client, exp_id, cp, f, confirm_id, aggs[f], boot, seed_runs.get(f, {}), done)
+    return aggs, fin_runs
+
+
+def _candidates(cp: ConfirmPlan, rk, entry: dict, aggs: dict) -> list[Candidate]:
+    """The finalists of ranking ``rk`` with their test mean and interval."""
+    cands = []
+    for f in rk.members:
+        a = aggs[f].get(rk.test_metric)
+        lo, hi = entry["interval"].get(f, (math.nan, math.nan))
+        cands.append(Candidate(cp.finalists[f].label, a["mean"] if a else math.nan, lo, hi,
+                               cp.finalists[f].num_params))
+    return cands
+
+
+def _move_champion(client: MlflowClient, cp: ConfirmPlan, rk, f: int, c: Candidate, reason: str, confirm_id: str,
+                   preds: dict, seed_runs: dict[int, dict[int, str]], fin_runs: dict[int, str]) -> tuple[str, Any]:
+    """Register finalist ``f``'s first seed run as ``rk.model``'s champion and tag the runs -> (seed run, version)."""
     from e2e_search.record.store import set_champion
 
+    fin = cp.finalists[f]
+    seed = min(s for s in cp.seeds if (f, s) in preds)
+    source = seed_runs[f][seed]
+    version = set_champion(client, rk.model, client.get_run(source), {
+        "e2e.search": cp.search_name, "e2e.family": fin.family, "e2e.metric": rk.test_metric,
+        "e2e.value": f"{c.mean:.6g}", "e2e.lo": f"{c.lo:.6g}", "e2e.hi": f"{c.hi:.6g}",
+        "e2e.phase": "confirm", "e2e.confirm_id": confirm_id, "e2e.finalist_run": fin_runs[f],
+        "e2e.source_run": fin.run_id, "e2e.seed": str(seed), "e2e.champion_reason": reason},
+        description=f"best {rk.kind} of e2e-search experiment '{cp.experiment}'")
+    client.set_tag(fin_runs[f], mlflow_key(f"e2e.champion.{rk.kind}"), reason)
+    client.set_tag(cp.search_id, mlflow_key(f"e2e.confirm.champion.{rk.model}"), source)
+    client.set_tag(cp.search_id, mlflow_key(f"e2e.confirm.reason.{rk.model}"), reason)
+    return source, version
+
+
+def _finalists_payload(cp: ConfirmPlan, aggs: dict, boot: dict[str, dict], seed_runs: dict[int, dict[int, str]],
+                       fin_runs: dict[int, str]) -> list[dict[str, Any]]:
+    """The finalists' part of confirm/<confirm id>.json."""
+    return [{
+        "position": fin.position, "label": fin.label, "family": fin.family, "source_run": fin.run_id,
+        "trial_id": fin.trial_id, "epochs": fin.epochs, "num_params": fin.num_params, "run": fin_runs[f],
+        "seed_runs": {str(s): rid for s, rid in seed_runs.get(f, {}).items()}, "val": fin.val,
+        "test": {m: {"mean": a["mean"], "std": a["std"], "values": {str(s): v for s, v in a["values"].items()}}
+                 for m, a in aggs[f].items()},
+        "intervals": {m: list(e["interval"][f]) for m, e in boot.items() if f in e["interval"]},
+        "seed_intervals": {m: {str(s): list(iv) for (ff, s), iv in e["seed"].items() if ff == f}
+                           for m, e in boot.items()}}
+        for f, fin in enumerate(cp.finalists)]
+
+
+def record(cp: ConfirmPlan, results: list[SeedResult], *, confirm_id: str) -> ConfirmOutcome:
+    """Bootstrap, record and choose (see the module's text). Raises ConfirmFailed when no seed finished."""
     client = MlflowClient(tracking_uri=cp.uri)
     exp_id = client.get_run(cp.search_id).info.experiment_id
     preds = _read_predictions(results)
@@ -215,21 +271,12 @@ def record(cp: ConfirmPlan, results: list[SeedResult], *, confirm_id: str) -> Co
     if not preds:
         raise ConfirmFailed(f"none of the {len(results)} retrainings finished (see tag e2e.error of the runs of "
                             f"confirm {confirm_id}): no champion moved")
-    aggs, fin_runs = {}, {}
-    for f in range(len(cp.finalists)):
-        aggs[f] = _aggregate(results, f)
-        done = sum(1 for r in results if r.finalist == f and r.status == "FINISHED")
-        fin_runs[f] = _finalist_run(client, exp_id, cp, f, confirm_id, aggs[f], boot, seed_runs.get(f, {}), done)
+    aggs, fin_runs = _finalist_runs(client, exp_id, cp, results, confirm_id, boot, seed_runs)
 
     rankings, champions, lines = [], {}, []
     for rk in cp.rankings:
         entry = boot[rk.test_metric]
-        cands = []
-        for f in rk.members:
-            a = aggs[f].get(rk.test_metric)
-            lo, hi = entry["interval"].get(f, (math.nan, math.nan))
-            cands.append(Candidate(cp.finalists[f].label, a["mean"] if a else math.nan, lo, hi,
-                                   cp.finalists[f].num_params))
+        cands = _candidates(cp, rk, entry, aggs)
         pick, reason = choose_champion(cands, rk.mode, rk.test_metric)
         scored = [f for f in rk.members if f in entry["samples"]]
         matrix = win_matrix([entry["samples"][f] for f in scored], rk.mode)
@@ -238,19 +285,8 @@ def record(cp: ConfirmPlan, results: list[SeedResult], *, confirm_id: str) -> Co
                                 "matrix_finalists": scored, "matrix": matrix, "champion": None, "reason": reason}
         if pick is not None:
             f = rk.members[pick]
-            fin = cp.finalists[f]
-            seed = min(s for s in cp.seeds if (f, s) in preds)
-            source = seed_runs[f][seed]
-            c = cands[pick]
-            version = set_champion(client, rk.model, client.get_run(source), {
-                "e2e.search": cp.search_name, "e2e.family": fin.family, "e2e.metric": rk.test_metric,
-                "e2e.value": f"{c.mean:.6g}", "e2e.lo": f"{c.lo:.6g}", "e2e.hi": f"{c.hi:.6g}",
-                "e2e.phase": "confirm", "e2e.confirm_id": confirm_id, "e2e.finalist_run": fin_runs[f],
-                "e2e.source_run": fin.run_id, "e2e.seed": str(seed), "e2e.champion_reason": reason},
-                description=f"best {rk.kind} of e2e-search experiment '{cp.experiment}'")
-            client.set_tag(fin_runs[f], mlflow_key(f"e2e.champion.{rk.kind}"), reason)
-            client.set_tag(cp.search_id, mlflow_key(f"e2e.confirm.champion.{rk.model}"), source)
-            client.set_tag(cp.search_id, mlflow_key(f"e2e.confirm.reason.{rk.model}"), reason)
+            source, version = _move_champion(client, cp, rk, f, cands[pick], reason, confirm_id, preds, seed_runs,
+                                             fin_runs)
             champions[rk.model] = source
             info.update(champion=f, version=version, seed_run=source)
         rankings.append(info)
@@ -258,16 +294,7 @@ def record(cp: ConfirmPlan, results: list[SeedResult], *, confirm_id: str) -> Co
     payload = {
         "confirm_id": confirm_id, "search_run": cp.search_id, "seeds": cp.seeds, "replicates": REPLICATES,
         "level": LEVEL, "interval": INTERVAL, "test_events": len(cp.plan.data.test), "rankings": rankings,
-        "finalists": [{
-            "position": fin.position, "label": fin.label, "family": fin.family, "source_run": fin.run_id,
-            "trial_id": fin.trial_id, "epochs": fin.epochs, "num_params": fin.num_params, "run": fin_runs[f],
-            "seed_runs": {str(s): rid for s, rid in seed_runs.get(f, {}).items()}, "val": fin.val,
-            "test": {m: {"mean": a["mean"], "std": a["std"], "values": {str(s): v for s, v in a["values"].items()}}
-                     for m, a in aggs[f].items()},
-            "intervals": {m: list(e["interval"][f]) for m, e in boot.items() if f in e["interval"]},
-            "seed_intervals": {m: {str(s): list(iv) for (ff, s), iv in e["seed"].items() if ff == f}
-                               for m, e in boot.items()}}
-            for f, fin in enumerate(cp.finalists)]}
+        "finalists": _finalists_payload(cp, aggs, boot, seed_runs, fin_runs)}
     client.log_dict(cp.search_id, _plain(payload), f"confirm/{confirm_id}.json")
     head = (f"confirm {confirm_id}: {len(results) - failed} of {len(results)} retrainings finished, "
             f"{len(cp.plan.data.test)} test events; intervals: {INTERVAL}")

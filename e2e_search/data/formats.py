@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,6 +35,9 @@ from e2e_search.data.objects import csv_cache
 from e2e_search.data.splits import split_checked
 from e2e_search.spec.schema import DataConfig, SearchSpace
 from trainables.errors import UserError
+
+if TYPE_CHECKING:
+    import h5py
 
 EXTENSIONS = {".h5": "hdf5", ".hdf5": "hdf5", ".hdf": "hdf5", ".parquet": "parquet", ".pq": "parquet",
               ".root": "root", ".csv": "csv"}
@@ -429,35 +433,7 @@ def _convert(src: _Source, cfg: SearchSpace, layout: str, scalars: list[str], la
                                  compression_opts=4, shuffle=True)
             for name, v in labels.items():  # checked and converted by _check_source
                 f.create_dataset(name, data=v)
-            dsets: dict[str, h5py.Dataset] = {}
-            dropped: set[str] = set()
-            start = 0
-            try:
-                for images, cols in src.batches(key, scalars, rows):
-                    k = len(images)
-                    if start + k > src.n:
-                        raise UserError(f"{src.path} holds more rows than its metadata says ({src.n}); the file is "
-                                        "corrupt: copy it again", key="data.path")
-                    X[start : start + k] = _to_hwc(images, layout, key, src.path, start, (H, W, C))
-                    for name, v in cols.items():
-                        if v is None:  # nulls in a column the search does not use: left out of the cache
-                            dropped.add(name)
-                            continue
-                        if name not in dsets:
-                            dt = np.uint8 if v.dtype == bool else v.dtype
-                            dsets[name] = f.create_dataset(name, (src.n,), dt)
-                        dsets[name][start : start + k] = v
-                    start += k
-                    if tty:
-                        print(f"\r  converting {src.path.name}: {start}/{src.n} rows", end="", file=sys.stderr, flush=True)
-            except UserError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a read failure mid-file: truncated or corrupt
-                raise UserError(f"cannot read row {start} of '{src.path}' ({_short(e)}); the file may be truncated or "
-                                "corrupt: copy it again", key="data.path") from None
-            if start != src.n:
-                raise UserError(f"'{src.path}' ended after {start} of its {src.n} rows; the file is truncated: copy it again",
-                                key="data.path")
+            dropped = _copy_rows(src, f, X, key, layout, (H, W, C), scalars, rows, tty)
             for name in dropped:
                 if name in f:
                     del f[name]
@@ -471,13 +447,55 @@ def _convert(src: _Source, cfg: SearchSpace, layout: str, scalars: list[str], la
         if tmp.exists():
             tmp.unlink()
         if not ok:
-            for p in reversed(made):
-                try:
-                    p.rmdir()
-                except OSError:
-                    pass
+            _remove_dirs(made)
     print(f"data: converted {src.path} ({src.fmt}, {src.n} rows, {C}x{H}x{W}) to {cache} in {time.time() - t0:.1f}s; "
           "reused while the file is unchanged", file=sys.stderr)
+
+
+def _copy_rows(src: _Source, f: h5py.File, X: h5py.Dataset, key: str, layout: str, hwc: tuple, scalars: list[str],
+               rows: int, tty: bool) -> set[str]:
+    """Copy every row of ``src`` into the open cache ``f``: the images (``key``, as ``hwc``) into ``X``, the
+    ``scalars`` into datasets of their own, ``rows`` at a time (progress on stderr when ``tty``). Returns the
+    scalar columns that hold nulls (to be left out of the cache)."""
+    dsets: dict[str, h5py.Dataset] = {}
+    dropped: set[str] = set()
+    start = 0
+    try:
+        for images, cols in src.batches(key, scalars, rows):
+            k = len(images)
+            if start + k > src.n:
+                raise UserError(f"{src.path} holds more rows than its metadata says ({src.n}); the file is "
+                                "corrupt: copy it again", key="data.path")
+            X[start : start + k] = _to_hwc(images, layout, key, src.path, start, hwc)
+            for name, v in cols.items():
+                if v is None:  # nulls in a column the search does not use: left out of the cache
+                    dropped.add(name)
+                    continue
+                if name not in dsets:
+                    dt = np.uint8 if v.dtype == bool else v.dtype
+                    dsets[name] = f.create_dataset(name, (src.n,), dt)
+                dsets[name][start : start + k] = v
+            start += k
+            if tty:
+                print(f"\r  converting {src.path.name}: {start}/{src.n} rows", end="", file=sys.stderr, flush=True)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a read failure mid-file: truncated or corrupt
+        raise UserError(f"cannot read row {start} of '{src.path}' ({_short(e)}); the file may be truncated or "
+                        "corrupt: copy it again", key="data.path") from None
+    if start != src.n:
+        raise UserError(f"'{src.path}' ended after {start} of its {src.n} rows; the file is truncated: copy it again",
+                        key="data.path")
+    return dropped
+
+
+def _remove_dirs(made: list[Path]) -> None:
+    """Remove the (empty) directories ``made`` for a conversion that failed, deepest first."""
+    for p in reversed(made):
+        try:
+            p.rmdir()
+        except OSError:
+            pass
 
 
 # --------------------------------------------------------------------------- entry point

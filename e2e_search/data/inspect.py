@@ -73,79 +73,104 @@ def inspect(cfg: SearchSpace) -> DataSetup:
         X = need(d.image_key, "data.image_key")
         label_key, label_which = label_source(cfg)
         y, t, _, tkey = read_labels(cfg, need)
-        if X.ndim != 4:
-            hint = " (object lists? use an objects family such as deepsets)" if X.ndim == 3 else ""
-            raise UserError(
-                f"'{d.image_key}' has shape {X.shape}: each sample must be an image of rank 3 (H, W, C or C, H, W){hint}",
-                key="data.image_key",
-            )
-        if len(X) != len(y):
-            raise UserError(
-                f"'{d.image_key}' has {len(X)} samples but '{label_key}' has {len(y)}; they must match",
-                key=label_which,
-            )
-        if len(X) < 10:
-            raise UserError(f"'{d.image_key}' has only {len(X)} samples; need at least 10", key="data.image_key")
-        if d.layout == "channels_last":
-            _, H, W, C = X.shape
-        else:
-            _, C, H, W = X.shape
-        check_layout(X.shape, d.layout, d.image_key)
-        channels = d.channels if d.channels is not None else list(range(C))
-        bad = [c for c in channels if not 0 <= c < C]
-        if bad or not channels:
-            raise UserError(
-                f"channel {bad[0] if bad else '[]'} does not exist: the file has {C} channels (0..{C - 1}) in layout {d.layout}",
-                key="data.channels",
-            )
-        if len(d.mean or channels) != len(channels):
-            raise UserError(f"mean/std need {len(channels)} values (one per channel)", key="data.mean")
-        if d.resize is not None and d.resize_mode in ("crop", "avgpool") and (d.resize[0] > H or d.resize[1] > W):
-            raise UserError(
-                f"resize {list(d.resize)} is larger than the images ({H}x{W}); resize_mode {d.resize_mode} only "
-                "shrinks: give a size up to the image size, or use resize_mode: pad_crop to pad",
-                key="data.resize",
-            )
+        H, W, channels = _check_images(cfg, X, len(y), label_key, label_which)
         train, val, test = split_checked(cfg, len(X), y, t)
-        setup = DataSetup(
-            path=str(Path(d.path).resolve()),
-            image_key=d.image_key,
-            label_key=label_key,
-            layout=d.layout,
-            channels=list(channels),
-            in_chans=len(channels),
-            img_size=(int(d.resize[0]), int(d.resize[1])) if d.resize else (int(H), int(W)),
-            task=cfg.task.type,
-            num_classes=cfg.task.num_classes or 0,
-            train=train,
-            val=val,
-            test=test,
-            mean=d.mean,
-            std=d.std,
-            src_size=(int(H), int(W)),
-            zero_suppress=d.zero_suppress,
-            clip=list(d.clip) if d.clip is not None else None,
-            log1p=d.log1p,
-            resize=list(d.resize) if d.resize is not None else None,
-            resize_mode=d.resize_mode,
-            flip_augment=d.flip_augment,
-            cache=d.cache,
-            target_key=tkey,
-        )
+        setup = _new_setup(cfg, label_key, tkey, channels, (int(H), int(W)), (train, val, test))
         if cfg.task.regresses:
             setup.target_mean, setup.target_std = target_stats(y if t is None else t, train)
-        sample = sorted(np.random.default_rng(d.seed + 1).choice(train, min(len(train), d.stats_samples), replace=False).tolist())
-        # Statistics of what the model sees: after the deterministic transforms, before normalization.
-        imgs = read_images(X, sample, setup, normalize=False, check_key="data.image_key")
-        if d.normalize == "per_channel" and d.mean is None:
-            setup.mean, setup.std = images.channel_stats(imgs)
-        elif d.normalize == "none":
-            setup.mean = setup.std = None
-        setup.fill = fill_fraction(imgs, background(setup))
-        setup.cache = choose_cache(cfg, setup, len(sample))
-        if setup.cache == "sparse":
-            setup.sparse_dir = str(planned_folder(setup))
+        _measure(cfg, X, setup)
     return setup
+
+
+def _check_images(cfg: SearchSpace, X: h5py.Dataset, n_labels: int, label_key: str,
+                  label_which: str) -> tuple[int, int, list[int]]:
+    """(H, W, the channels used) of the image dataset ``X``, after checking its rank, its number of samples against
+    the ``n_labels`` labels, the layout, ``data.channels``, ``data.mean`` and ``data.resize``."""
+    d = cfg.data
+    if X.ndim != 4:
+        hint = " (object lists? use an objects family such as deepsets)" if X.ndim == 3 else ""
+        raise UserError(
+            f"'{d.image_key}' has shape {X.shape}: each sample must be an image of rank 3 (H, W, C or C, H, W){hint}",
+            key="data.image_key",
+        )
+    if len(X) != n_labels:
+        raise UserError(
+            f"'{d.image_key}' has {len(X)} samples but '{label_key}' has {n_labels}; they must match",
+            key=label_which,
+        )
+    if len(X) < 10:
+        raise UserError(f"'{d.image_key}' has only {len(X)} samples; need at least 10", key="data.image_key")
+    if d.layout == "channels_last":
+        _, H, W, C = X.shape
+    else:
+        _, C, H, W = X.shape
+    check_layout(X.shape, d.layout, d.image_key)
+    channels = d.channels if d.channels is not None else list(range(C))
+    bad = [c for c in channels if not 0 <= c < C]
+    if bad or not channels:
+        raise UserError(
+            f"channel {bad[0] if bad else '[]'} does not exist: the file has {C} channels (0..{C - 1}) in layout {d.layout}",
+            key="data.channels",
+        )
+    if len(d.mean or channels) != len(channels):
+        raise UserError(f"mean/std need {len(channels)} values (one per channel)", key="data.mean")
+    if d.resize is not None and d.resize_mode in ("crop", "avgpool") and (d.resize[0] > H or d.resize[1] > W):
+        raise UserError(
+            f"resize {list(d.resize)} is larger than the images ({H}x{W}); resize_mode {d.resize_mode} only "
+            "shrinks: give a size up to the image size, or use resize_mode: pad_crop to pad",
+            key="data.resize",
+        )
+    return H, W, channels
+
+
+def _new_setup(cfg: SearchSpace, label_key: str, tkey: str | None, channels: list[int], src_size: tuple[int, int],
+               splits: tuple[list[int], list[int], list[int]]) -> DataSetup:
+    """The DataSetup of an image file as configured, before its statistics are measured (``src_size``: the images'
+    (H, W) in the file; ``splits``: train, val, test)."""
+    d = cfg.data
+    train, val, test = splits
+    return DataSetup(
+        path=str(Path(d.path).resolve()),
+        image_key=d.image_key,
+        label_key=label_key,
+        layout=d.layout,
+        channels=list(channels),
+        in_chans=len(channels),
+        img_size=(int(d.resize[0]), int(d.resize[1])) if d.resize else src_size,
+        task=cfg.task.type,
+        num_classes=cfg.task.num_classes or 0,
+        train=train,
+        val=val,
+        test=test,
+        mean=d.mean,
+        std=d.std,
+        src_size=src_size,
+        zero_suppress=d.zero_suppress,
+        clip=list(d.clip) if d.clip is not None else None,
+        log1p=d.log1p,
+        resize=list(d.resize) if d.resize is not None else None,
+        resize_mode=d.resize_mode,
+        flip_augment=d.flip_augment,
+        cache=d.cache,
+        target_key=tkey,
+    )
+
+
+def _measure(cfg: SearchSpace, X: h5py.Dataset, setup: DataSetup) -> None:
+    """Fill in ``setup``'s normalization, fill fraction and cache from a sample of its training images."""
+    d = cfg.data
+    train = setup.train
+    sample = sorted(np.random.default_rng(d.seed + 1).choice(train, min(len(train), d.stats_samples), replace=False).tolist())
+    # Statistics of what the model sees: after the deterministic transforms, before normalization.
+    imgs = read_images(X, sample, setup, normalize=False, check_key="data.image_key")
+    if d.normalize == "per_channel" and d.mean is None:
+        setup.mean, setup.std = images.channel_stats(imgs)
+    elif d.normalize == "none":
+        setup.mean = setup.std = None
+    setup.fill = fill_fraction(imgs, background(setup))
+    setup.cache = choose_cache(cfg, setup, len(sample))
+    if setup.cache == "sparse":
+        setup.sparse_dir = str(planned_folder(setup))
 
 
 def choose_cache(cfg: SearchSpace, setup: DataSetup, n_sample: int) -> str:

@@ -201,18 +201,9 @@ def csv_cache(cfg: SearchSpace, *, generate: bool = True) -> SearchSpace | None:
     check (columns, values, labels, the split) runs before anything is written; with ``generate=False``
     (``validate``, ``--dry-run``) nothing is written at all.
     """
-    import os
-
-    import h5py
-
     d = cfg.data
     path = Path(d.path)
-    if path.is_dir():
-        raise UserError(f"'{d.path}' is a directory; give the path of a CSV file", key="data.path")
-    if not path.is_file():
-        raise UserError(f"file '{d.path}' not found; fix the path (e.g. --set data.path=FILE.csv)", key="data.path")
-    if path.stat().st_size == 0:
-        raise UserError(f"'{d.path}' is empty (0 bytes); give a CSV with a label and 21+ feature columns", key="data.path")
+    _check_csv_file(d.path, path)
     label, which = label_source(cfg)
     target = target_source(cfg) if cfg.task.type == "joint" else None
     ident = identity(path, "csv", d, "objects") | {"image_key": d.image_key, "label_key": label,
@@ -221,6 +212,30 @@ def csv_cache(cfg: SearchSpace, *, generate: bool = True) -> SearchSpace | None:
     if cache_ok(cache, ident):
         return cached_cfg(cfg, cache)
     rows, names = read_csv_rows(path)
+    li, cols = _csv_columns(cfg, rows, names, label, target)
+    y, t = _csv_labels(cfg, path, rows, names, li, cols, label, which, target)
+    split_checked(cfg, len(rows), y, t)
+    if not generate:
+        return None
+    _write_csv_cache(cfg, cache, ident, rows, cols, label, y, target, t)
+    return cached_cfg(cfg, cache)
+
+
+def _check_csv_file(name: str, path: Path) -> None:
+    """Refuse a ``data.path`` (``name``, as given) that is a directory, missing or empty."""
+    if path.is_dir():
+        raise UserError(f"'{name}' is a directory; give the path of a CSV file", key="data.path")
+    if not path.is_file():
+        raise UserError(f"file '{name}' not found; fix the path (e.g. --set data.path=FILE.csv)", key="data.path")
+    if path.stat().st_size == 0:
+        raise UserError(f"'{name}' is empty (0 bytes); give a CSV with a label and 21+ feature columns", key="data.path")
+
+
+def _csv_columns(cfg: SearchSpace, rows: np.ndarray, names: list[str] | None, label: str,
+                 target: tuple[str, str] | None) -> tuple[int, list[int]]:
+    """(index of the label column, [it and the joint target's column]) of the CSV's ``rows``, after checking that
+    there are rows, the target column, enough feature columns and only finite values."""
+    d = cfg.data
     if rows.ndim != 2 or rows.shape[0] == 0:
         raise UserError(f"'{d.path}' has no data rows; give a CSV with a label and {HIGGS_LOW_LEVEL}+ feature "
                         "columns per row", key="data.path")
@@ -241,30 +256,49 @@ def csv_cache(cfg: SearchSpace, *, generate: bool = True) -> SearchSpace | None:
     if len(bad):
         raise UserError(f"'{d.path}' data row {bad[0] + 1} (line {bad[0] + 1 + header}) has NaN, Inf or non-numeric "
                         "values; clean the file or drop that row", key="data.path")
+    return li, cols
+
+
+def _csv_labels(cfg: SearchSpace, path: Path, rows: np.ndarray, names: list[str] | None, li: int, cols: list[int],
+                label: str, which: str, target: tuple[str, str] | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(checked class labels of column ``li``, checked joint targets of ``cols[1]`` or None) of the CSV's ``rows``."""
     col_name = f"column {li + 1}" + (f" ('{names[li]}')" if names is not None else "")
     try:
         y = check_labels(cfg, rows[:, li], col_name, which, path.name)
     except UserError as e:
         if e.key != which or (names is not None and label in names) or not cfg.task.classifies:
             raise
-        # The label was taken by position: say so, and where the labels seem to be.
-        C = cfg.task.num_classes
-        assert C is not None  # TaskConfig sets num_classes for a task that classifies
-        first, last = rows[:, 0], rows[:, -1]
-        frac = np.flatnonzero(first != np.round(first))
-        reason = (f"holds non-integer values (e.g. {first[frac[0]]:g} in data row {frac[0] + 1})" if len(frac)
-                  else f"holds {int(first.min())}..{int(first.max())}, not class indices 0..{C - 1}")
-        looks = bool(np.all(last == np.round(last)) and last.min() >= 0 and last.max() < C and len(np.unique(last)) > 1)
-        fix = (f"the last column looks like the class labels: add a header line whose last name is '{label}' "
-               "(or move that column first)" if looks else
-               f"put the class index (0..{C - 1}) in the first column, or add a header line naming the label "
-               f"column '{label}'")
-        raise UserError(f"column 1 of {path.name} {reason}, but a HIGGS-style CSV holds the class label there unless "
-                        f"a header row names data.label_key ('{label}'); {fix}", key=which) from None
+        raise _first_column_error(cfg, path, rows, label, which) from None
     t = check_labels(cfg, rows[:, cols[1]], target[0], target[1], path.name, target=True) if target else None
-    split_checked(cfg, len(rows), y, t)
-    if not generate:
-        return None
+    return y, t
+
+
+def _first_column_error(cfg: SearchSpace, path: Path, rows: np.ndarray, label: str, which: str) -> UserError:
+    """The refusal of labels taken by position (column 1) that are not class indices."""
+    # The label was taken by position: say so, and where the labels seem to be.
+    C = cfg.task.num_classes
+    assert C is not None  # TaskConfig sets num_classes for a task that classifies
+    first, last = rows[:, 0], rows[:, -1]
+    frac = np.flatnonzero(first != np.round(first))
+    reason = (f"holds non-integer values (e.g. {first[frac[0]]:g} in data row {frac[0] + 1})" if len(frac)
+              else f"holds {int(first.min())}..{int(first.max())}, not class indices 0..{C - 1}")
+    looks = bool(np.all(last == np.round(last)) and last.min() >= 0 and last.max() < C and len(np.unique(last)) > 1)
+    fix = (f"the last column looks like the class labels: add a header line whose last name is '{label}' "
+           "(or move that column first)" if looks else
+           f"put the class index (0..{C - 1}) in the first column, or add a header line naming the label "
+           f"column '{label}'")
+    return UserError(f"column 1 of {path.name} {reason}, but a HIGGS-style CSV holds the class label there unless "
+                     f"a header row names data.label_key ('{label}'); {fix}", key=which)
+
+
+def _write_csv_cache(cfg: SearchSpace, cache: Path, ident: dict, rows: np.ndarray, cols: list[int], label: str,
+                     y: np.ndarray, target: tuple[str, str] | None, t: np.ndarray | None) -> None:
+    """Write the objects HDF5 ``cache`` of the checked CSV ``rows`` (tmp file + rename: a failure leaves nothing)."""
+    import os
+
+    import h5py
+
+    d = cfg.data
     features = np.delete(rows, cols, axis=1)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
@@ -282,4 +316,3 @@ def csv_cache(cfg: SearchSpace, *, generate: bool = True) -> SearchSpace | None:
     finally:
         if tmp.exists():
             tmp.unlink()
-    return cached_cfg(cfg, cache)

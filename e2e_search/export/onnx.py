@@ -459,9 +459,8 @@ def benchmark(t: Trained, sess, runs: int, budget_s: float = BENCH_BUDGET_S) -> 
 
 
 # --------------------------------------------------------------------------- entry point
-def export(source: str, out: str, fmt: str = "onnx", *, tracking_uri: str | None = None, opset: int | None = None,
-           exporter: str = "auto", runs: int = 50) -> ExportResult:
-    """Export ``source`` to ``out``; raises UserError (nothing written) on bad input, a failed export or parity."""
+def _checked_dest(fmt: str, exporter: str, runs: int, out: str, opset: int | None) -> Path:
+    """The output file, once the request is one this installation can carry out (UserError otherwise)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format '{fmt}'{did_you_mean(fmt, FORMATS)}", key="--format")
     if exporter not in EXPORTERS:
@@ -482,6 +481,13 @@ def export(source: str, out: str, fmt: str = "onnx", *, tracking_uri: str | None
     if opset is not None and not OPSET_MIN <= opset <= opset_max():
         raise UserError(f"{opset} is not an ONNX opset this installation can write; use --opset {OPSET_MIN}.."
                         f"{opset_max()}, or leave --opset out for the exporter's default", key="--opset")
+    return dest
+
+
+def export(source: str, out: str, fmt: str = "onnx", *, tracking_uri: str | None = None, opset: int | None = None,
+           exporter: str = "auto", runs: int = 50) -> ExportResult:
+    """Export ``source`` to ``out``; raises UserError (nothing written) on bad input, a failed export or parity."""
+    dest = _checked_dest(fmt, exporter, runs, out, opset)
     import torch
 
     with tempfile.TemporaryDirectory(prefix="e2e-export-") as dl:

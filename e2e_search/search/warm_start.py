@@ -101,7 +101,6 @@ def load(cfg: SearchSpace, uri: str) -> WarmStart | None:
     Raises:
         UserError (key ``search.warm_start.experiment``): no such experiment, or no finished trial of this
         search's families reporting its metric."""
-    import yaml
     from mlflow.tracking import MlflowClient
 
     from e2e_search.record.store import experiment_of, sqlite_path
@@ -119,8 +118,24 @@ def load(cfg: SearchSpace, uri: str) -> WarmStart | None:
         exp = experiment_of(client, ws.experiment, key=KEY)
     except UserError as e:
         raise UserError(e.message.split("; ")[0] + f"; {fix}", key=KEY) from None
+    scored = _ranked_runs(cfg, client, exp.experiment_id, ws.experiment, fix)
+    # only a sampler that learns (and is used: PBT has none) needs the earlier trials beyond the queued ones
+    learns = cfg.search.algorithm in LEARNING_SAMPLERS and cfg.scheduler.type != "pbt"
+    taken = scored[: max(ws.top, OBSERVED_MAX) if learns else ws.top]
+    points, observed, rids, changed = _read_trials(cfg, client, taken, ws.top)
+    if not points:
+        raise UserError(f"experiment '{ws.experiment}': none of its best trials has its config.yaml any more; "
+                        f"{fix}", key=KEY)
+    return WarmStart(ws.experiment, points, observed, rids, _change_note(ws.experiment, len(points), changed))
+
+
+def _ranked_runs(cfg: SearchSpace, client: Any, experiment_id: str, experiment: str, fix: str) -> list[Any]:
+    """The experiment's finished trial runs of this search's families reporting ``best_<metric>``, best first.
+
+    Raises:
+        UserError: there is none."""
     metric, mode = cfg.metrics[0], cfg.modes[0]
-    runs = client.search_runs([exp.experiment_id],
+    runs = client.search_runs([experiment_id],
                               filter_string="tags.`e2e.kind` = 'trial' and attributes.status = 'FINISHED'",
                               max_results=5000)
     families = set(cfg.families)
@@ -131,14 +146,23 @@ def load(cfg: SearchSpace, uri: str) -> WarmStart | None:
         why = ("no finished trial" if not runs else
                f"no finished trial of family {cfg.family_label} (it has {sorted(had)})"
                if not same else f"no finished trial reporting {metric}")
-        raise UserError(f"experiment '{ws.experiment}' has {why} to start from; {fix}", key=KEY)
+        raise UserError(f"experiment '{experiment}' has {why} to start from; {fix}", key=KEY)
     scored.sort(key=lambda r: r.data.metrics[f"best_{metric}"], reverse=(mode == "max"))
+    return scored
+
+
+def _read_trials(cfg: SearchSpace, client: Any, ranked: list[Any], top: int) -> tuple[
+        list[dict[str, Any]], list[tuple[dict[str, Any], float]], list[str], dict[str, set]]:
+    """The ``ranked`` runs' configs mapped onto ``cfg``'s space -> (the points of the ``top`` best, every
+    observation, the points' run ids, what the mapping changed in the points); a run whose config.yaml is
+    gone is skipped."""
+    import yaml
+
+    metric = cfg.metrics[0]
     points, observed, rids = [], [], []
     changed: dict[str, set] = {"clipped": set(), "dropped": set(), "missing": set()}
-    # only a sampler that learns (and is used: PBT has none) needs the earlier trials beyond the queued ones
-    learns = cfg.search.algorithm in LEARNING_SAMPLERS and cfg.scheduler.type != "pbt"
     with tempfile.TemporaryDirectory() as tmp:
-        for rank, r in enumerate(scored[: max(ws.top, OBSERVED_MAX) if learns else ws.top]):
+        for rank, r in enumerate(ranked):
             rid = r.info.run_id
             try:
                 saved = yaml.safe_load(Path(client.download_artifacts(rid, "config.yaml", tmp)).read_text()) or {}
@@ -146,7 +170,7 @@ def load(cfg: SearchSpace, uri: str) -> WarmStart | None:
                 continue
             point, ch = to_space(cfg, dict(saved.get("params") or {}), r.data.tags.get("e2e.family"))
             value = observed_value(r.data.metrics, metric)
-            if rank >= ws.top:  # observed only, and only where the new space holds it unchanged
+            if rank >= top:  # observed only, and only where the new space holds it unchanged
                 if not any(ch.values()):
                     observed.append((point, value))
                 continue
@@ -155,9 +179,11 @@ def load(cfg: SearchSpace, uri: str) -> WarmStart | None:
             points.append(point)
             observed.append((point, value))
             rids.append(rid)
-    if not points:
-        raise UserError(f"experiment '{ws.experiment}': none of its best trials has its config.yaml any more; "
-                        f"{fix}", key=KEY)
+    return points, observed, rids, changed
+
+
+def _change_note(experiment: str, n_points: int, changed: dict[str, set]) -> str | None:
+    """The one note saying what the mapping changed (None: nothing)."""
     parts = []
     if changed["clipped"]:
         parts.append(f"clipped {', '.join(sorted(changed['clipped']))} into the new ranges")
@@ -168,5 +194,5 @@ def load(cfg: SearchSpace, uri: str) -> WarmStart | None:
         parts.append(f"the earlier trials have no {', '.join(sorted(changed['missing']))} (the sampler draws them)")
     note = None
     if parts:
-        note = f"warm start from '{ws.experiment}' ({len(points)} trials): " + "; ".join(parts)
-    return WarmStart(ws.experiment, points, observed, rids, note)
+        note = f"warm start from '{experiment}' ({n_points} trials): " + "; ".join(parts)
+    return note

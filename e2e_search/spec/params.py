@@ -157,37 +157,63 @@ def check_params(cfg: SearchSpace) -> list[tuple[str, str]]:
     multi = not isinstance(cfg.family, str)
     fam_text = f"family '{cfg.family}'" if not multi else f"any of the families {cfg.families}"
     for name, dim in cfg.params.items():
-        key = f"params.{name}"
-        if name == "family":
-            raise UserError("'family' is searched through the top-level family key "
-                            "(family: {type: choice, values: [...]}); remove it from params", key=key)
-        if name not in fields and multi and any(name in get_family(f).params.model_fields for f in family_names()):
-            continue  # a parameter of a family a --set took out of the list: never drawn (never_active says so)
-        if name not in fields:
-            raise UserError(f"'{name}' is not a parameter of {fam_text} or of training{did_you_mean(name, fields)}; "
-                            "remove it or fix its name (docs/search_space.md lists each family's parameters)", key=key)
-        given_to = _families_of(dim)
-        for model, field, fam in fields[name]:
-            if fam is not None and given_to is not None and fam not in given_to:
-                continue  # when: {family: ...} keeps it from this family's trials
-            if isinstance(dim, QUniformDim) and field.annotation is int and not (
-                    float(dim.q).is_integer() and float(dim.low).is_integer()):
-                raise UserError(f"'{name}' takes whole numbers, but quniform steps from {dim.low:g} by q {dim.q:g} "
-                                f"give fractions; set q and low to whole numbers (or use randint)", key=f"{key}.q")
-            for v in dim_values(dim):
-                if isinstance(dim, RandIntDim | UniformDim | LogUniformDim | QUniformDim) and field.annotation is int:
-                    v = int(v) if float(v).is_integer() else v
-                reason = _check_value(model, name, v)
-                if reason:
-                    if "(got " not in reason:
-                        reason = f"{reason} (got {v!r})"
-                    if fam is not None and multi:  # each family has its own schema of this name
-                        fits = [o for m, _, o in fields[name] if o not in (None, fam) and _check_value(m, name, v) is None]
-                        reason = f"family '{fam}' does not take {v!r}: {reason}" + (
-                            f", or give params.{name} only to the families it fits ({', '.join(fits)}) with "
-                            f"when: {{family: [...]}}" if fits else "")
-                    raise UserError(reason, key=key)
-        _check_conditions(name, dim, dims, fields)
+        _check_param(name, dim, dims, fields, multi, fam_text)
+    _check_loss(cfg)
+    _check_pretrained(cfg)
+    _check_pretrain_epochs(cfg)
+    condition_order(dims)
+    _check_grid_size(cfg)
+    return _inactive_notes(cfg)
+
+
+def _check_param(name: str, dim: Any, dims: dict[str, Any], fields: dict[str, list], multi: bool,
+                 fam_text: str) -> None:
+    """One entry of ``params``: its name, its values against each schema that takes it, its conditions."""
+    key = f"params.{name}"
+    if name == "family":
+        raise UserError("'family' is searched through the top-level family key "
+                        "(family: {type: choice, values: [...]}); remove it from params", key=key)
+    if name not in fields and multi and any(name in get_family(f).params.model_fields for f in family_names()):
+        return  # a parameter of a family a --set took out of the list: never drawn (never_active says so)
+    if name not in fields:
+        raise UserError(f"'{name}' is not a parameter of {fam_text} or of training{did_you_mean(name, fields)}; "
+                        "remove it or fix its name (docs/search_space.md lists each family's parameters)", key=key)
+    _check_dim_values(name, dim, fields[name], multi)
+    _check_conditions(name, dim, dims, fields)
+
+
+def _check_dim_values(name: str, dim: Any, owners: list, multi: bool) -> None:
+    """Every value ``dim`` can give ``name`` must be valid in each schema (training's, a family's) it is given to."""
+    key = f"params.{name}"
+    given_to = _families_of(dim)
+    for model, field, fam in owners:
+        if fam is not None and given_to is not None and fam not in given_to:
+            continue  # when: {family: ...} keeps it from this family's trials
+        if isinstance(dim, QUniformDim) and field.annotation is int and not (
+                float(dim.q).is_integer() and float(dim.low).is_integer()):
+            raise UserError(f"'{name}' takes whole numbers, but quniform steps from {dim.low:g} by q {dim.q:g} "
+                            f"give fractions; set q and low to whole numbers (or use randint)", key=f"{key}.q")
+        for v in dim_values(dim):
+            if isinstance(dim, RandIntDim | UniformDim | LogUniformDim | QUniformDim) and field.annotation is int:
+                v = int(v) if float(v).is_integer() else v
+            reason = _check_value(model, name, v)
+            if reason:
+                raise UserError(_value_refused(name, v, reason, fam, owners, multi), key=key)
+
+
+def _value_refused(name: str, v: Any, reason: str, fam: str | None, owners: list, multi: bool) -> str:
+    """The message for value ``v`` of ``name`` refused by the schema of ``fam`` (None: training) for ``reason``."""
+    if "(got " not in reason:
+        reason = f"{reason} (got {v!r})"
+    if fam is not None and multi:  # each family has its own schema of this name
+        fits = [o for m, _, o in owners if o not in (None, fam) and _check_value(m, name, v) is None]
+        reason = f"family '{fam}' does not take {v!r}: {reason}" + (
+            f", or give params.{name} only to the families it fits ({', '.join(fits)}) with "
+            f"when: {{family: [...]}}" if fits else "")
+    return reason
+
+
+def _check_loss(cfg: SearchSpace) -> None:
     loss = cfg.params.get("loss")
     losses = {"classification": {"auto", "cross_entropy"}, "regression": {"auto", "mse", "huber", "relative"},
               "joint": {"auto", "mse", "huber", "relative"}}[cfg.task.type]
@@ -195,6 +221,10 @@ def check_params(cfg: SearchSpace) -> list[tuple[str, str]]:
         if v not in losses:
             raise UserError(f"loss '{v}' does not fit a {cfg.task.type} task; set params.loss to one of "
                             f"{sorted(losses)}", key="params.loss")
+
+
+def _check_pretrained(cfg: SearchSpace) -> None:
+    """Every ``pretrained`` checkpoint must exist; their paths are made absolute in ``cfg``."""
     pretrained = cfg.params.get("pretrained")
     for v in dim_values(pretrained) if pretrained is not None else []:
         if v is not None and not Path(v).is_file():
@@ -205,6 +235,9 @@ def check_params(cfg: SearchSpace) -> list[tuple[str, str]]:
             pretrained.value = str(Path(pretrained.value).resolve())
         elif isinstance(pretrained, ChoiceDim | GridDim):
             pretrained.values = [v if v is None else str(Path(v).resolve()) for v in pretrained.values]
+
+
+def _check_pretrain_epochs(cfg: SearchSpace) -> None:
     pre = cfg.params.get("pretrain_epochs")
     if pre is None:  # the family's default applies
         pre = FixedDim(value=max((get_family(f).params.model_fields["pretrain_epochs"].default for f in cfg.families
@@ -215,7 +248,9 @@ def check_params(cfg: SearchSpace) -> list[tuple[str, str]]:
                             f"{cfg.scheduler.max_epochs}); lower params.pretrain_epochs below "
                             f"{cfg.scheduler.max_epochs} or raise scheduler.max_epochs",
                             key="params.pretrain_epochs")
-    condition_order(dims)
+
+
+def _check_grid_size(cfg: SearchSpace) -> None:
     combos = len(grid_points(cfg))
     if combos > cfg.search.num_samples:
         raise UserError(
@@ -223,6 +258,10 @@ def check_params(cfg: SearchSpace) -> list[tuple[str, str]]:
             f"least {combos} (--set search.num_samples={combos}) or turn a grid into a choice",
             key="search.num_samples",
         )
+
+
+def _inactive_notes(cfg: SearchSpace) -> list[tuple[str, str]]:
+    """A note for each parameter that is never drawn (:func:`never_active`): (the key to widen, text)."""
     notes = []
     for n, (other, why) in never_active(cfg).items():
         widen = "family" if other == "family" else f"params.{other}"

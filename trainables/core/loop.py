@@ -21,19 +21,22 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from trainables.core.checkpoint import TrialCheckpoint, checkpoint_score
 from trainables.core.contract import TrialConfig
-from trainables.core.engine import Engine, NonFiniteLoss, gather
+from trainables.core.engine import Engine, EpochResult, NonFiniteLoss, gather
 from trainables.core.layout import ATTENTION_FILE, PREDICTIONS_FILE, TEST_PREDICTIONS_FILE
 from trainables.core.model import first_item, inference_latency_ms, to_device, unwrap
 from trainables.core.predictions import save_predictions
 from trainables.metrics import task_metrics
 from trainables.registry import get_family
+
+if TYPE_CHECKING:
+    from trainables.core.scoring import Scored
 
 __all__ = ["NonFiniteLoss", "train_trial"]
 
@@ -101,15 +104,42 @@ def _epochs(cfg: TrialConfig, session) -> None:
     torch.set_num_threads(max(1, int(cfg.cpus)))
     rank, world, device = session.rank, session.world, session.device
     eng = Engine(cfg, session)
-    data = eng.data
     caps = get_family(cfg.family).capabilities
-    shown = _rollout_examples(eng.val_ds, data) if rank == 0 and caps.rollout else None
+    shown = _rollout_examples(eng.val_ds, eng.data) if rank == 0 and caps.rollout else None
     recon_on = caps.masked_objects and eng.pretrain_epochs > 0
-    recon: dict[str, float] = {}  # the last pretraining epoch's val_recon_* figures
+    resumed = _resume(cfg, session, eng, startup)
+    if resumed is None:
+        return
+    start_epoch, recon = resumed  # recon: the last pretraining epoch's val_recon_* figures
 
+    latency_ms: float | None = None
+    startup["setup_s"] = time.time() - entered
+    report_s: float | None = None  # the previous epoch's report (persisting its checkpoint)
+    for epoch in range(start_epoch, cfg.last_epoch + 1):
+        pretraining = epoch <= eng.pretrain_epochs
+        metrics, train, val = _train_validate(eng, epoch, pretraining, world)
+        predictions: tuple[np.ndarray, np.ndarray] | None = None
+        if pretraining:
+            recon = _pretraining_metrics(cfg, eng, metrics, train, val, recon_on, recon, device)
+        else:
+            predictions, latency_ms = _task_metrics(eng, metrics, train, val, latency_ms, device)
+        metrics.update(recon)
+        scored = _score_last_epoch(cfg, eng, epoch, pretraining, metrics)
+        metrics["checkpoint_score"] = checkpoint_score(metrics, cfg.metric, cfg.mode)
+        if epoch == start_epoch:
+            metrics.update(startup)
+        if report_s is not None:
+            metrics["report_s"] = report_s
+        report_s = _report(session, eng, epoch, metrics, predictions, scored, shown, caps.task_attention)
+
+
+def _resume(cfg: TrialConfig, session, eng: Engine, startup: dict[str, Any]) -> tuple[int, dict[str, float]] | None:
+    """Restore the latest checkpoint, if any -> (the first epoch to train, the val_recon_* figures it holds);
+    None when the trial has no epoch left to train (its final result is then reported again)."""
     start_epoch = 1
+    recon: dict[str, float] = {}
     with session.latest_checkpoint() as folder:
-        state = TrialCheckpoint.load(folder, map_location=device) if folder is not None else None
+        state = TrialCheckpoint.load(folder, map_location=session.device) if folder is not None else None
     if state is not None:
         eng.restore(state)
         exploited = {}  # PBT: another trial's weights; said with the first report
@@ -121,69 +151,97 @@ def _epochs(cfg: TrialConfig, session) -> None:
         if start_epoch > cfg.last_epoch:  # restarted after its last epoch (the driver died before recording it),
             # or PBT gave it a finished donor's last weights: the search still needs the trial's final result
             session.report({**state.metrics, **exploited})
-            return
+            return None
+    return start_epoch, recon
 
-    latency_ms: float | None = None
-    startup["setup_s"] = time.time() - entered
-    report_s: float | None = None  # the previous epoch's report (persisting its checkpoint)
-    for epoch in range(start_epoch, cfg.last_epoch + 1):
-        pretraining = epoch <= eng.pretrain_epochs
-        t0 = time.time()
-        train = eng.train_epoch(epoch, pretraining)
-        val = eng.evaluate(epoch, pretraining)
-        metrics: dict[str, Any] = {"epoch": epoch, "lr": eng.sched.get_last_lr()[0], "epoch_time_s": time.time() - t0,
-                                   "train_samples_per_s": train.samples * world / max(train.seconds, 1e-9),
-                                   "num_params": eng.num_params}
-        if pretraining:  # no task metric yet: NaN for the search metrics (Tune needs the keys; ASHA skips NaN)
-            metrics.update({"pretrain_loss": train.loss, "val_pretrain_loss": val.loss})
-            metrics.update({m: float("nan") for m in cfg.metrics})
-            out_all = y_all = None
-            if recon_on:
-                from trainables.core.recon import validation_recon
 
-                recon = validation_recon(eng.model, eng.val_loader, device)
-        else:
-            metrics.update({"train_loss": train.loss, "val_loss": val.loss})
-            assert val.outputs is not None and val.targets is not None  # a task epoch's evaluate() returns them
-            out_all, y_all = gather(val.outputs), gather(val.targets)
-            metrics.update(task_metrics(data.task, data.num_classes, out_all, y_all, data.target_mean,
-                                        data.target_std))
-            if latency_ms is None:  # a cost objective for multi-objective searches; measured once per trial
-                latency_ms = inference_latency_ms(unwrap(eng.model), to_device(first_item(eng.val_ds[0][0]), device))
-            metrics["latency_ms"] = latency_ms
-        metrics.update(recon)
-        scored = None
-        if cfg.score_split and epoch == cfg.last_epoch and not pretraining:  # once, the model as trained
-            from trainables.core.scoring import score_split
+def _train_validate(eng: Engine, epoch: int, pretraining: bool,
+                    world: int) -> tuple[dict[str, Any], EpochResult, EpochResult]:
+    """Train and validate one epoch -> (the metrics of every epoch, the training result, the validation result)."""
+    t0 = time.time()
+    train = eng.train_epoch(epoch, pretraining)
+    val = eng.evaluate(epoch, pretraining)
+    metrics: dict[str, Any] = {"epoch": epoch, "lr": eng.sched.get_last_lr()[0], "epoch_time_s": time.time() - t0,
+                               "train_samples_per_s": train.samples * world / max(train.seconds, 1e-9),
+                               "num_params": eng.num_params}
+    return metrics, train, val
 
-            scored = score_split(eng, cfg.score_split)
-            metrics.update(scored.metrics)
-        metrics["checkpoint_score"] = checkpoint_score(metrics, cfg.metric, cfg.mode)
-        if epoch == start_epoch:
-            metrics.update(startup)
-        if report_s is not None:
-            metrics["report_s"] = report_s
 
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                saving = time.time()
-                eng.checkpoint(epoch, metrics).save(tmp)
-                if out_all is not None and y_all is not None:  # for the trial's plots (e2e_search/record/figures.py)
-                    save_predictions(os.path.join(tmp, PREDICTIONS_FILE), out_all, y_all, task=data.task,
-                                     num_classes=data.num_classes, target_mean=data.target_mean,
-                                     target_std=data.target_std)
-                    if shown is not None:
-                        _save_attention(os.path.join(tmp, ATTENTION_FILE), unwrap(eng.model), shown, device)
-                    elif caps.task_attention:
-                        _save_task_attention(os.path.join(tmp, ATTENTION_FILE), eng, device)
-                if scored is not None:
-                    from trainables.core.scoring import save_scored
+def _pretraining_metrics(cfg: TrialConfig, eng: Engine, metrics: dict[str, Any], train: EpochResult,
+                         val: EpochResult, recon_on: bool, recon: dict[str, float], device) -> dict[str, float]:
+    """A pretraining epoch's losses into ``metrics`` -> the val_recon_* figures (this epoch's where measured)."""
+    # no task metric yet: NaN for the search metrics (Tune needs the keys; ASHA skips NaN)
+    metrics.update({"pretrain_loss": train.loss, "val_pretrain_loss": val.loss})
+    metrics.update({m: float("nan") for m in cfg.metrics})
+    if recon_on:
+        from trainables.core.recon import validation_recon
 
-                    save_scored(os.path.join(tmp, TEST_PREDICTIONS_FILE), scored, data)
-                metrics["save_s"] = time.time() - saving  # written to a local folder; report_s persists it
-                reporting = time.time()
-                session.report(metrics, Path(tmp))
-        else:
+        recon = validation_recon(eng.model, eng.val_loader, device)
+    return recon
+
+
+def _task_metrics(eng: Engine, metrics: dict[str, Any], train: EpochResult, val: EpochResult,
+                  latency_ms: float | None, device) -> tuple[tuple[np.ndarray, np.ndarray], float]:
+    """A task epoch's losses and task metrics into ``metrics`` -> (every rank's validation outputs and
+    targets, the inference latency)."""
+    data = eng.data
+    metrics.update({"train_loss": train.loss, "val_loss": val.loss})
+    assert val.outputs is not None and val.targets is not None  # a task epoch's evaluate() returns them
+    out_all, y_all = gather(val.outputs), gather(val.targets)
+    metrics.update(task_metrics(data.task, data.num_classes, out_all, y_all, data.target_mean,
+                                data.target_std))
+    if latency_ms is None:  # a cost objective for multi-objective searches; measured once per trial
+        latency_ms = inference_latency_ms(unwrap(eng.model), to_device(first_item(eng.val_ds[0][0]), device))
+    metrics["latency_ms"] = latency_ms
+    return (out_all, y_all), latency_ms
+
+
+def _score_last_epoch(cfg: TrialConfig, eng: Engine, epoch: int, pretraining: bool,
+                      metrics: dict[str, Any]) -> Scored | None:
+    """With ``score_split``, the last epoch's model scored on that split (its metrics into ``metrics``)."""
+    if cfg.score_split and epoch == cfg.last_epoch and not pretraining:  # once, the model as trained
+        from trainables.core.scoring import score_split
+
+        scored = score_split(eng, cfg.score_split)
+        metrics.update(scored.metrics)
+        return scored
+    return None
+
+
+def _report(session, eng: Engine, epoch: int, metrics: dict[str, Any],
+            predictions: tuple[np.ndarray, np.ndarray] | None, scored: Scored | None, shown,
+            task_attention: bool) -> float:
+    """Report the epoch, rank 0 with its checkpoint folder -> report_s, the seconds the report took."""
+    if session.rank == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            saving = time.time()
+            _save_checkpoint(tmp, eng, epoch, metrics, predictions, scored, shown, task_attention, session.device)
+            metrics["save_s"] = time.time() - saving  # written to a local folder; report_s persists it
             reporting = time.time()
-            session.report(metrics)
-        report_s = time.time() - reporting
+            session.report(metrics, Path(tmp))
+    else:
+        reporting = time.time()
+        session.report(metrics)
+    return time.time() - reporting
+
+
+def _save_checkpoint(tmp: str, eng: Engine, epoch: int, metrics: dict[str, Any],
+                     predictions: tuple[np.ndarray, np.ndarray] | None, scored: Scored | None, shown,
+                     task_attention: bool, device) -> None:
+    """The epoch's checkpoint folder: the TrialCheckpoint, and after a task epoch the validation predictions
+    and attention maps; the test split's predictions when it was scored."""
+    data = eng.data
+    eng.checkpoint(epoch, metrics).save(tmp)
+    if predictions is not None:  # for the trial's plots (e2e_search/record/figures.py)
+        out_all, y_all = predictions
+        save_predictions(os.path.join(tmp, PREDICTIONS_FILE), out_all, y_all, task=data.task,
+                         num_classes=data.num_classes, target_mean=data.target_mean,
+                         target_std=data.target_std)
+        if shown is not None:
+            _save_attention(os.path.join(tmp, ATTENTION_FILE), unwrap(eng.model), shown, device)
+        elif task_attention:
+            _save_task_attention(os.path.join(tmp, ATTENTION_FILE), eng, device)
+    if scored is not None:
+        from trainables.core.scoring import save_scored
+
+        save_scored(os.path.join(tmp, TEST_PREDICTIONS_FILE), scored, data)

@@ -362,62 +362,13 @@ def generate(s: GenSpec, *, address: str | None = None, progress: bool = True,
                         key=keys["out"]) from None
     work = out.with_name(f".{out.name}.parts-{os.getpid()}")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    started_ray = False
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        # (ignores: Ray's stub types logging_level as int, but ray.init takes a level name too)
-        if address:
-            ray.init(address=address, log_to_driver=False, logging_level="WARNING")  # type: ignore[arg-type]
-        else:
-            ray.init(num_cpus=len(plan), log_to_driver=False, logging_level="WARNING",  # type: ignore[arg-type]
-                     include_dashboard=False)
-        started_ray = True
+    started_ray = _start_ray(address, len(plan))
     t0 = time.time()
     try:
         work.mkdir(parents=True, exist_ok=True)
-
-        @ray.remote
-        class Counter:
-            def __init__(self):
-                self.n = 0
-
-            def add(self, k: int) -> None:
-                self.n += k
-
-            def get(self) -> int:
-                return self.n
-
-        # @ray.remote made Counter an ActorClass, which mypy does not see (it does not apply class decorators)
-        counter = Counter.options(num_cpus=0).remote()  # type: ignore[attr-defined]
-        task = ray.remote(num_cpus=1)(run_task)
         shards = [work / f"shard_{i:04d}.h5" for i in range(len(plan))]
-        spec = asdict(s)
-        pending = [task.remote(spec, i, counts, str(p), counter) for i, (counts, p) in enumerate(zip(plan, shards))]
-        refs = list(pending)
-        tty = sys.stderr.isatty()
-        last_print = 0.0
-        while pending:
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
-            now = time.time()
-            if progress and (tty or now - last_print > 10 or not pending):
-                done = ray.get(counter.get.remote())
-                rate = done / max(now - t0, 1e-9)
-                bar = "#" * int(30 * done / s.n)
-                end = "" if tty and pending else "\n"
-                print(f"\r  {s.process}: [{bar:<30}] {done}/{s.n} ({rate:.1f}/s, {len(plan)} worker(s))",
-                      end=end, file=sys.stderr, flush=True)
-                last_print = now
-        n_events = sum(ray.get(refs))
-        events = s.process == "event_objects"
-        attrs = {"generator": "pythia8mc + fastjet (e2e-search)", "process": s.process, "n": s.n, "seed": s.seed,
-                 "workers": len(plan), "channel_names": ",".join(s.channels), "image_size": s.image_size,
-                 "pixel_eta": 0.0174, "pixel_phi": 2 * np.pi / 360, "jet_algorithm": "anti-kt",
-                 "jet_radius": 0.4 if events else 0.8, "sqrt_s_gev": 13000.0,
-                 "pthat_min_gev": "ttbar: none, W+jets: 40" if events else 400.0, "mass_range": list(s.mass_range),
-                 "decay": s.decay,
-                 "per_mass": s.per_mass, "events_generated": int(n_events),
-                 "layout": "objects" if events else "channels_last"}
-        _merge(shards, tmp, attrs)
+        n_events = _run_tasks(s, plan, shards, progress, t0)
+        _merge(shards, tmp, _attrs(s, len(plan), n_events))
         os.replace(tmp, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -427,3 +378,70 @@ def generate(s: GenSpec, *, address: str | None = None, progress: bool = True,
             ray.shutdown()
     elapsed = time.time() - t0
     return {"out": s.out, "n": s.n, "seconds": elapsed, "per_second": s.n / elapsed, "events": int(n_events)}
+
+
+def _start_ray(address: str | None, cpus: int) -> bool:
+    """Start Ray for ``cpus`` tasks (or connect to ``address``) unless it runs already; whether it was started."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # (ignores: Ray's stub types logging_level as int, but ray.init takes a level name too)
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING")  # type: ignore[arg-type]
+    else:
+        ray.init(num_cpus=cpus, log_to_driver=False, logging_level="WARNING",  # type: ignore[arg-type]
+                 include_dashboard=False)
+    return True
+
+
+def _run_tasks(s: GenSpec, plan: list[list[int]], shards: list[Path], progress: bool, t0: float) -> int:
+    """Run one task per share of ``plan`` into its shard, showing progress (``progress``; rate since ``t0``) until
+    all are done; returns the number of events they generated."""
+    import ray
+
+    @ray.remote
+    class Counter:
+        def __init__(self):
+            self.n = 0
+
+        def add(self, k: int) -> None:
+            self.n += k
+
+        def get(self) -> int:
+            return self.n
+
+    # @ray.remote made Counter an ActorClass, which mypy does not see (it does not apply class decorators)
+    counter = Counter.options(num_cpus=0).remote()  # type: ignore[attr-defined]
+    task = ray.remote(num_cpus=1)(run_task)
+    spec = asdict(s)
+    pending = [task.remote(spec, i, counts, str(p), counter) for i, (counts, p) in enumerate(zip(plan, shards))]
+    refs = list(pending)
+    tty = sys.stderr.isatty()
+    last_print = 0.0
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+        now = time.time()
+        if progress and (tty or now - last_print > 10 or not pending):
+            done = ray.get(counter.get.remote())
+            rate = done / max(now - t0, 1e-9)
+            bar = "#" * int(30 * done / s.n)
+            end = "" if tty and pending else "\n"
+            print(f"\r  {s.process}: [{bar:<30}] {done}/{s.n} ({rate:.1f}/s, {len(plan)} worker(s))",
+                  end=end, file=sys.stderr, flush=True)
+            last_print = now
+    return sum(ray.get(refs))
+
+
+def _attrs(s: GenSpec, workers: int, n_events: int) -> dict:
+    """The output file's attributes: how it was generated (``workers``: the tasks that had work)."""
+    events = s.process == "event_objects"
+    return {"generator": "pythia8mc + fastjet (e2e-search)", "process": s.process, "n": s.n, "seed": s.seed,
+            "workers": workers, "channel_names": ",".join(s.channels), "image_size": s.image_size,
+            "pixel_eta": 0.0174, "pixel_phi": 2 * np.pi / 360, "jet_algorithm": "anti-kt",
+            "jet_radius": 0.4 if events else 0.8, "sqrt_s_gev": 13000.0,
+            "pthat_min_gev": "ttbar: none, W+jets: 40" if events else 400.0, "mass_range": list(s.mass_range),
+            "decay": s.decay,
+            "per_mass": s.per_mass, "events_generated": int(n_events),
+            "layout": "objects" if events else "channels_last"}
