@@ -131,6 +131,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    "(default: the exporter's: 17 for torchscript, 20 for dynamo in torch 2.14)")
     x.add_argument("--exporter", default="auto", help="auto (default: torchscript, then dynamo) | torchscript | dynamo")
     x.add_argument("--runs", type=int, default=50, help="timed runs at batch 1 for the CPU latency table (0: no timing)")
+    x.add_argument("--inputs", default="auto", help="raw: the graph takes rows as the data file holds them (layout, "
+                   "every channel, units) and returns probabilities or the physical target; preprocessed: the "
+                   "model's own input and output (logits, standardized target); sparse: the form whose cost follows "
+                   "the hits (vit with token_keep nonempty: its non-empty patches; hit_transformer: its hit list); "
+                   "auto (default): raw where the family can take it, else preprocessed (hit-list families)")
 
 
 def _plan(args, cfg, **kwargs):
@@ -307,19 +312,40 @@ def _cmd_report(args) -> int:
     return 0
 
 
-def _latest_search_experiment(uri: str, experiment: str | None) -> str | None:
-    """The id of ``experiment`` (default: the experiment of the latest e2e-search search in the store)."""
+def _latest_search(uri: str, experiment: str | None) -> tuple[str | None, str | None]:
+    """(experiment id, search metric) of the latest e2e-search search in ``experiment`` (default: in the store)."""
     from mlflow.tracking import MlflowClient
 
     from e2e_search.record.store import experiment_of
 
     client = MlflowClient(tracking_uri=uri)
     if experiment:
-        return experiment_of(client, experiment, key="--experiment").experiment_id
-    ids = [e.experiment_id for e in client.search_experiments()]
+        ids = [experiment_of(client, experiment, key="--experiment").experiment_id]
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
     found = client.search_runs(ids, filter_string="tags.`e2e.kind` = 'search'",
                                order_by=["attributes.start_time DESC"], max_results=1) if ids else []
-    return found[0].info.experiment_id if found else None
+    if not found:
+        return (ids[0] if experiment else None), None
+    return found[0].info.experiment_id, found[0].data.tags.get("e2e.metric")
+
+
+def runs_link(base: str, exp_id: str, metric: str | None) -> str:
+    """The runs table of an experiment in MLflow's model-training view, sorted by the search metric (which puts
+    its column in view); best first when the metric is maximized."""
+    from urllib.parse import quote
+
+    from e2e_search.spec.schema import MAXIMIZED
+
+    link = f"{base}/#/experiments/{exp_id}/runs?{TRAINING_VIEW}"
+    if metric:
+        link += f"&orderByKey={quote(f'metrics.`best_{metric}`')}&orderByAsc={'false' if metric in MAXIMIZED else 'true'}"
+    return link
+
+
+TRAINING_VIEW = "workflowType=machine_learning"
+"""MLflow 3's UI shows an experiment in its GenAI mode (traces, judges, prompts) unless the link asks for its
+model-training mode (or the user switched it once in that browser)."""
 
 
 def _cmd_ui(args) -> int:
@@ -328,12 +354,12 @@ def _cmd_ui(args) -> int:
     uri = _store(args.tracking_uri)
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be 1..65535 (got {args.port}); use a free port, e.g. --port 5000", key="--port")
-    exp_id = _latest_search_experiment(uri, args.experiment)
+    exp_id, metric = _latest_search(uri, args.experiment)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
     base = f"http://{'[' + host + ']' if ':' in host else host}:{args.port}"
     print(f"MLflow UI on {base} over {uri} (Ctrl-C stops it)", flush=True)
     if exp_id is not None:  # MLflow 3's UI opens an experiment on its GenAI overview: link the runs table
-        print(f"runs of the latest search: {base}/#/experiments/{exp_id}/runs", flush=True)
+        print(f"runs of the latest search: {runs_link(base, exp_id, metric)}", flush=True)
     # Only what the UI needs: MLflow's launcher and one uvicorn worker, no job runner (its huey consumers
     # serve GenAI jobs: 8 more processes and ~2 GB).
     os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
@@ -348,7 +374,7 @@ def _cmd_export(args) -> int:
     from e2e_search.export.onnx import export, summary
 
     r = export(args.source, args.out, args.format, tracking_uri=args.tracking_uri, opset=args.opset,
-               exporter=args.exporter, runs=args.runs)
+               exporter=args.exporter, runs=args.runs, inputs=args.inputs)
     print(summary(r))
     return 0
 

@@ -419,7 +419,9 @@ def test_search_then_confirm_records_test_scores_intervals_and_champion(tmp_path
     champ = client.get_model_version_by_alias("conf-classifier", "champion")
     assert champ.tags["e2e.phase"] == "confirm" and champ.tags["e2e.finalist_run"] == fins[pick].info.run_id
     assert champ.tags["e2e.champion_reason"] == reason == fins[pick].data.tags["e2e.champion.classifier"]
-    assert champ.source.endswith("/best_checkpoint") and champ.tags["e2e.metric"] == "test_auc"
+    # a real MLflow Model (issue 28), logged beside the run's best_checkpoint/ that export and report read
+    assert champ.source.endswith("/model") and "e2e.model_error" not in champ.tags
+    assert champ.tags["e2e.metric"] == "test_auc"
     payload = json.loads(Path(client.download_artifacts(search.info.run_id, f"confirm/{cid}.json",
                                                         str(tmp_path))).read_text())
     [rk] = payload["rankings"]

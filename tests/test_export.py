@@ -93,7 +93,10 @@ def check_onnx(out: Path, model: torch.nn.Module, data: dict, family: str) -> No
 
 
 def run_export(capsys, source, out: Path, *extra: str) -> tuple[int, str, str]:
-    code = main(["export", str(source), "--format", "onnx", "--out", str(out), "--runs", "3", *extra])
+    """``e2e-search export``; the model's own input form unless ``extra`` names one (these tests feed the model's
+    preprocessed input; tests/test_champions.py tests the raw form, the default)."""
+    form = [] if "--inputs" in extra else ["--inputs", "preprocessed"]
+    code = main(["export", str(source), "--format", "onnx", "--out", str(out), "--runs", "3", *form, *extra])
     cap = capsys.readouterr()
     return code, cap.out, cap.err
 

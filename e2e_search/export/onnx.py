@@ -57,12 +57,15 @@ import numpy as np
 
 from e2e_search.record.checkpoints import (
     ANSI,
+    INPUT_FORMS,
     Trained,
+    as_raw,
     fetch_checkpoint,
     first_line,
     input_names,
     load_trained,
     random_inputs,
+    real_inputs,
     torch_forward,
 )
 from trainables.errors import UserError, did_you_mean
@@ -220,13 +223,38 @@ def inference_steps(s) -> list[str]:
     return steps
 
 
+def raw_output_layout(s) -> str:
+    target = f"the regression target '{s.target_key or s.label_key}' in its physical units"
+    if s.task == "classification":
+        return f"columns 0..{s.num_classes - 1}: probabilities of the {s.num_classes} classes"
+    if s.task == "regression":
+        return f"column 0: {target}"
+    return f"columns 0..{s.num_classes - 1}: probabilities of the {s.num_classes} classes; column {s.num_classes}: {target}"
+
+
 def input_layout(t: Trained) -> str:
     s = t.setup
+    if t.form == "raw":
+        steps = inference_steps(s)
+        if t.inputs == "objects":
+            return (f"objects: float32 (batch, {s.img_size[0]}, {s.img_size[1]}) as '{s.image_key}' of the data file, "
+                    f"raw features (the graph standardizes them); mask: bool (batch, {s.img_size[0]}), true = real "
+                    "object")
+        return (f"image: float32 (batch, {', '.join(map(str, t.raw_row or ()))}) as '{s.image_key}' of the data "
+                f"file ({s.layout}), every channel, in the file's units; inside the graph: channels "
+                f"{list(s.channels)} in that order, {', '.join(steps) if steps else 'no preprocessing'}")
     if t.inputs == "objects":
         norm = "standardized per feature with e2e.mean/e2e.std" if s.mean is not None else "unnormalized"
         return (f"objects: float32 (batch, {s.img_size[0]}, {s.img_size[1]}) = (batch, objects, features), {norm}, "
                 "padding rows zero; mask: bool (batch, objects), true = real object")
     steps = inference_steps(s)
+    if t.inputs == "patches":
+        p = t.params.get("patch_size", "p")
+        return (f"patches: float32 (batch, tokens, {s.in_chans}*{p}*{p}) = the non-empty {p}x{p} patches of the "
+                f"preprocessed image padded to the patch grid, each flattened as (channel, row, column), zero-padded "
+                f"to the batch's most; index: int64 (batch, tokens) their row-major grid positions; valid: bool "
+                f"(batch, tokens), true = a real patch; channels {list(s.channels)} of '{s.image_key}' in that order; "
+                f"preprocessing: {', '.join(steps) if steps else 'none'} (trainables.inference.patch_list builds it)")
     if t.inputs == "hits":
         from trainables.families.hit_transformer import input_hits
 
@@ -254,11 +282,14 @@ def metadata(t: Trained, exporter: str, opset: int, diff: float) -> dict[str, st
         "e2e.task": s.task,
         "e2e.num_classes": str(s.num_classes),
         "e2e.num_outputs": str(sum(_outputs(s).values())),
-        "e2e.outputs": output_layout(s),
+        "e2e.outputs": output_layout(s) if t.form != "raw" else raw_output_layout(s),
         "e2e.target_mean": f"{s.target_mean:.10g}",
         "e2e.target_std": f"{s.target_std:.10g}",
         "e2e.inputs": ",".join(input_names(t)),
+        "e2e.input_form": t.form,
         "e2e.input_layout": input_layout(t),
+        "e2e.file_key": s.image_key,
+        "e2e.file_layout": s.layout if s.kind != "objects" else "objects",
         "e2e.channels": js(list(s.channels)),
         "e2e.mean": js(s.mean),
         "e2e.std": js(s.std),
@@ -281,7 +312,8 @@ def _export_torchscript(t: Trained, example: tuple, path: Path, opset: int | Non
 
     names = input_names(t)
     torch.onnx.export(t.model, example, str(path), dynamo=False, input_names=names, output_names=["output"],
-                      dynamic_axes={n: {0: "batch"} for n in [*names, "output"]},
+                      dynamic_axes={n: {0: "batch", 1: "tokens"} if t.inputs == "patches" and n != "output"
+                                    else {0: "batch"} for n in [*names, "output"]},
                       opset_version=opset or 17, do_constant_folding=True)
     return onnx.load(str(path))
 
@@ -290,8 +322,10 @@ def _export_dynamo(t: Trained, example: tuple, path: Path, opset: int | None):
     import torch
 
     batch = torch.export.Dim("batch", min=1)
+    tokens = torch.export.Dim("tokens", min=1)
+    shapes = tuple({0: batch, 1: tokens} if t.inputs == "patches" else {0: batch} for _ in example)
     prog = torch.onnx.export(t.model, example, None, dynamo=True, input_names=input_names(t), output_names=["output"],
-                             dynamic_shapes=tuple({0: batch} for _ in example), opset_version=opset, optimize=True)
+                             dynamic_shapes=shapes, opset_version=opset, optimize=True)
     assert prog is not None  # dynamo=True returns the ONNXProgram
     return prog.model_proto
 
@@ -367,9 +401,13 @@ def _attempt(t: Trained, exporter: str, tmp: Path, opset: int | None, threads: i
     if not (np.isfinite(ref).all() and np.isfinite(ref1).all()):
         raise ValueError("PyTorch outputs NaN/Inf on the random parity inputs")
     diff = float(max(np.abs(got - ref).max(), np.abs(got1 - ref1).max()))
+    real = real_inputs(t, PARITY_EVENTS)  # rows of the search's data file, when it is readable here
+    if real is not None and len(real[0]):
+        ref_r, got_r = torch_forward(t, real), sess.run(["output"], dict(zip(names, real)))[0]
+        diff = max(diff, float(np.abs(got_r - ref_r).max()))
     if not diff <= PARITY_TOL:
-        raise ParityError(f"onnxruntime differs from PyTorch by up to {diff:.3g} on {PARITY_EVENTS} random events "
-                          f"(limit {PARITY_TOL:g})")
+        raise ParityError(f"onnxruntime differs from PyTorch by up to {diff:.3g} on {PARITY_EVENTS} random events"
+                          f"{' and rows of the data file' if real is not None else ''} (limit {PARITY_TOL:g})")
     for k, v in metadata(t, exporter, used, diff).items():
         proto.metadata_props.add(key=k, value=v)
     proto.producer_name = "e2e-search"
@@ -459,10 +497,13 @@ def benchmark(t: Trained, sess, runs: int, budget_s: float = BENCH_BUDGET_S) -> 
 
 
 # --------------------------------------------------------------------------- entry point
-def _checked_dest(fmt: str, exporter: str, runs: int, out: str, opset: int | None) -> Path:
+def _checked_dest(fmt: str, exporter: str, runs: int, out: str, opset: int | None, inputs: str = "auto") -> Path:
     """The output file, once the request is one this installation can carry out (UserError otherwise)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format '{fmt}'{did_you_mean(fmt, FORMATS)}", key="--format")
+    if inputs not in INPUT_FORMS:
+        raise UserError(f"unknown input form '{inputs}'{did_you_mean(inputs, INPUT_FORMS)}; use "
+                        f"{' | '.join(INPUT_FORMS)}", key="--inputs")
     if exporter not in EXPORTERS:
         raise UserError(f"unknown exporter '{exporter}'{did_you_mean(exporter, EXPORTERS)}", key="--exporter")
     if runs < 0:
@@ -485,13 +526,14 @@ def _checked_dest(fmt: str, exporter: str, runs: int, out: str, opset: int | Non
 
 
 def export(source: str, out: str, fmt: str = "onnx", *, tracking_uri: str | None = None, opset: int | None = None,
-           exporter: str = "auto", runs: int = 50) -> ExportResult:
-    """Export ``source`` to ``out``; raises UserError (nothing written) on bad input, a failed export or parity."""
-    dest = _checked_dest(fmt, exporter, runs, out, opset)
+           exporter: str = "auto", runs: int = 50, inputs: str = "auto") -> ExportResult:
+    """Export ``source`` to ``out`` in the input form ``inputs`` (INPUT_FORMS); raises UserError (nothing written)
+    on bad input, a failed export or parity."""
+    dest = _checked_dest(fmt, exporter, runs, out, opset, inputs)
     import torch
 
     with tempfile.TemporaryDirectory(prefix="e2e-export-") as dl:
-        t = load_trained(*fetch_checkpoint(source, tracking_uri, dl))
+        t = as_raw(load_trained(*fetch_checkpoint(source, tracking_uri, dl)), inputs)
     threads = torch.get_num_threads()
     tmp = dest.parent / f".{dest.name}.{os.getpid()}.tmp"
     order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
@@ -544,12 +586,19 @@ def summary(r: ExportResult) -> str:
 
         n_hits = input_hits(t.model)
         shapes = f"hits (batch, {n_hits}, 4) float32 + mask (batch, {n_hits}) bool"
+    if t.inputs == "patches":
+        shapes = "patches (batch, tokens, C*p*p) float32 + index (batch, tokens) int64 + valid (batch, tokens) bool"
+    if t.form == "raw":
+        shapes = (f"raw objects (batch, {s.img_size[0]}, {s.img_size[1]}) float32 + mask (batch, {s.img_size[0]}) bool"
+                  if t.inputs == "objects" else
+                  f"raw image (batch, {', '.join(map(str, t.raw_row or ()))}) float32 as '{s.image_key}' ({s.layout})")
     lines = [
         f"source: {t.source}: {t.family}, {n_params:,} parameters, epoch {t.epoch}, task {s.task}",
         f"wrote {r.out} ({r.size_bytes / 1e6:.2f} MB, {r.exporter} exporter, opset {r.opset}): "
-        f"{shapes} -> output (batch, {sum(_outputs(s).values())}) float32",
-        f"parity: max |onnxruntime - PyTorch| = {r.max_abs_diff:.2g} on {PARITY_EVENTS} random events and batch 1 "
-        f"(limit {PARITY_TOL:g})",
+        f"{shapes} -> output (batch, {sum(_outputs(s).values())}) float32"
+        + (" (probabilities / physical target)" if t.form == "raw" else ""),
+        f"parity: max |onnxruntime - PyTorch| = {r.max_abs_diff:.2g} on {PARITY_EVENTS} random events, rows of the "
+        f"data file (when readable) and batch 1 (limit {PARITY_TOL:g})",
     ]
     if "pretrain_loss" in t.metrics and "val_loss" not in t.metrics:
         lines.append("note: this checkpoint is from the pretraining phase: its task head is untrained")

@@ -5,6 +5,7 @@ registered model (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``), rebuilt exa
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,90 @@ class Trained:
     epoch: int | None
     metrics: dict[str, Any]
     source: str
+    form: str = "preprocessed"
+    """``raw``: ``model`` is the trained model wrapped in its preprocessing and output transform
+    (trainables/inference.py) and takes rows as the data file holds them; ``preprocessed``: the model alone."""
+    raw_row: tuple[int, ...] | None = None
+    """``raw``: the shape of one row of the file's image dataset (its layout, every channel)."""
+    dense: Any = None
+    """``sparse`` (``inputs == "patches"``): the model with its own patch choice, which builds the patch list."""
+
+
+INPUT_FORMS = ("auto", "raw", "preprocessed", "sparse")
+"""``export --inputs``: auto is raw where the family can take raw rows, else its preprocessed form; sparse is the
+form whose cost follows the hits (vit with token_keep nonempty: its patch list; hit_transformer: its hit list)."""
+
+
+def as_raw(t: Trained, asked: str) -> Trained:
+    """``t`` in the input form ``asked`` (INPUT_FORMS). Raises UserError (``--inputs``) when ``raw`` is asked of a
+    model that cannot take raw rows (a hit-list family, a resize torch cannot replay)."""
+    from trainables.inference import PatchListModel, RawInputError, RawInputModel, Rebuilt, kept_patches_vit
+
+    if asked == "sparse":
+        if t.inputs == "hits":
+            return t
+        if kept_patches_vit(t.model) is None:
+            raise UserError(f"family '{t.family}' has no sparse form (vit with token_keep: nonempty exports its patch "
+                            "list, hit_transformer its hit list); use --inputs auto, raw or preprocessed",
+                            key="--inputs")
+        return dataclasses.replace(t, model=PatchListModel(t.model).eval(), inputs="patches", form="sparse",
+                                   dense=t.model)
+    if asked == "preprocessed":
+        return t
+    try:
+        wrapped = RawInputModel(Rebuilt(t.model, t.family, t.params, t.setup, t.inputs, t.epoch, t.metrics))
+    except RawInputError as e:
+        if asked == "raw":
+            raise UserError(f"{e}", key="--inputs") from None
+        return t
+    wrapped.eval()
+    return dataclasses.replace(t, model=wrapped, form="raw", raw_row=_file_row_shape(t.setup))
+
+
+def _file_row_shape(s) -> tuple[int, ...]:
+    """One row of the data file's ``image_key`` (every channel, the file's layout); from the checkpoint's settings
+    when the file is not readable here."""
+    try:
+        import h5py
+
+        with h5py.File(s.path, "r") as f:
+            return tuple(int(v) for v in f[s.image_key].shape[1:])
+    except (OSError, KeyError):
+        if s.kind == "objects":
+            return tuple(int(v) for v in s.img_size)
+        H, W = (int(v) for v in (s.src_size or s.img_size))
+        C = max(s.channels) + 1
+        return (H, W, C) if s.layout == "channels_last" else (C, H, W)
+
+
+def real_inputs(t: Trained, n: int) -> list[np.ndarray] | None:
+    """Up to ``n`` rows of the search's data file (test split first) in the model's input form, or None when the
+    file is not readable here."""
+    from trainables.data.transforms import preprocess, to_chw
+    from trainables.inference import raw_rows
+
+    s = t.setup
+    rows = (list(s.test) or list(s.val) or list(s.train) or list(range(n)))[:n]
+    try:
+        raw = raw_rows(s, rows)
+    except (OSError, KeyError, ValueError):
+        return None
+    if t.form == "raw":
+        return raw
+    if t.inputs == "objects":
+        x, mask = raw
+        if s.mean is not None and s.std is not None:
+            x = (x - np.asarray(s.mean, np.float32)) / np.asarray(s.std, np.float32)
+        return [np.where(mask[..., None], x, 0).astype(np.float32), mask]
+    x = preprocess(to_chw(raw[0], s.layout), s)
+    if t.inputs == "patches":
+        return _patch_form(t, x)
+    if t.inputs == "hits":
+        from trainables.core.model import empty_pixel
+        from trainables.families.hit_transformer import hit_list, input_hits
+
+        return list(hit_list(x, empty_pixel(s), s.std, input_hits(t.model)))
+    return [x]
 
 
 
@@ -178,11 +263,41 @@ def load_trained(path: Path, desc: str) -> Trained:
 
 # --------------------------------------------------------------------------- inputs
 def input_names(t: Trained) -> list[str]:
+    if t.inputs == "patches":
+        return ["patches", "index", "valid"]
     return ["objects", "mask"] if t.inputs == "objects" else ["hits", "mask"] if t.inputs == "hits" else ["image"]
 
 
 
+
+
+
+def _patch_form(t: Trained, images: np.ndarray) -> list[np.ndarray]:
+    from trainables.inference import patch_list
+
+    return patch_list(t.dense, images)
+
+
 def random_inputs(t: Trained, n: int, seed: int = 0) -> list[np.ndarray]:
+    """Realistic random inputs of batch ``n`` in ``t``'s input form (see :func:`random_model_inputs`); for the raw
+    form, rows shaped as the file's with ~2% of the pixels holding exponential energies (object lists: normal
+    features, 1..N real objects)."""
+    if t.form == "sparse" and t.inputs == "patches":
+        return _patch_form(t, random_model_inputs(dataclasses.replace(t, inputs="image"), n, seed)[0])
+    if t.form != "raw":
+        return random_model_inputs(t, n, seed)
+    rng = np.random.default_rng(seed)
+    shape = (n, *(t.raw_row or ()))
+    if t.inputs == "objects":
+        n_obj = shape[1]
+        x = rng.normal(0.0, 1.0, shape).astype(np.float32)
+        mask = np.arange(n_obj)[None, :] < rng.integers(1, n_obj + 1, n)[:, None]
+        return [np.where(mask[..., None], x, 0).astype(np.float32), mask]
+    hits = rng.random(shape) < OCCUPANCY
+    return [np.where(hits, rng.exponential(1.0, shape), 0.0).astype(np.float32)]
+
+
+def random_model_inputs(t: Trained, n: int, seed: int = 0) -> list[np.ndarray]:
     """Realistic random model inputs of batch ``n`` (numpy, in ``input_names`` order).
 
     Images: ~2% of the pixels of every channel hold exponential energies, the rest zero; the

@@ -186,16 +186,30 @@ def register_champions(client: MlflowClient, experiment: str, task: str, candida
 
 
 def set_champion(client: MlflowClient, name: str, run, tags: dict[str, str], *, description: str) -> str:
-    """A new version of registered model ``name`` from ``run``'s ``best_checkpoint/`` artifact, with ``tags``,
-    and the alias ``champion`` moved to it (the model is created first if needed). Returns the version."""
+    """A new version of registered model ``name`` from ``run``: its MLflow Model (e2e_search/record/champion_model.py,
+    logged now if the run has none), with ``tags``, and the alias ``champion`` moved to it (the model is created
+    first if needed). Returns the version."""
     try:
         client.get_registered_model(name)
     except Exception:  # noqa: BLE001 - not registered yet: create it (a store error recurs there)
         client.create_registered_model(name, description=description)
-    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/{BEST_ARTIFACT}",
-                                         run_id=run.info.run_id, tags={k: tag_value(v) for k, v in tags.items()})
+    source, tags = _model_source(client, run, tags)
+    version = client.create_model_version(name, source=source, run_id=run.info.run_id,
+                                         tags={k: tag_value(v) for k, v in tags.items()})
     client.set_registered_model_alias(name, "champion", version.version)
     return str(version.version)
+
+
+def _model_source(client: MlflowClient, run, tags: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """(source, tags) of a champion version: the run's MLflow Model; its raw ``best_checkpoint/`` folder, tagged
+    ``e2e.model_error``, when the model cannot be written (export, report and confirm read either)."""
+    from e2e_search.record.champion_model import log_champion_model
+
+    try:
+        return log_champion_model(client, run), tags
+    except Exception as e:  # noqa: BLE001 - a champion without its MLflow Model is still a champion
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:2000]
+        return f"{run.info.artifact_uri}/{BEST_ARTIFACT}", {**tags, "e2e.model_error": why}
 
 
 def find_resumable(client: MlflowClient, experiment: str, search_run: str | None = None):

@@ -177,10 +177,8 @@ class Vit(VisionTransformer):
         P = self.num_prefix_tokens
         return masked_bias(F.pad(bias, (P, 0, P, 0)), F.pad(valid, (P, 0), value=True), bias.shape[1])
 
-    def _kept_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, C, H', W') -> tokens (B, P + K, D), grid index (B, K), valid (B, K)."""
-        assert self.keep is not None  # only with token_keep: nonempty
-        patches, index, valid = self.keep(x)                                            # (B, K, C*p*p), (B, K) x2
+    def _patch_tokens(self, patches: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Kept patches (B, K, C*p*p) at grid indices (B, K) -> tokens (B, P + K, D)."""
         self._kept_patches = patches
         proj = self.patch_embed.proj
         t = self.patch_embed.norm(F.linear(patches, proj.weight.flatten(1), proj.bias))  # (B, K, D)
@@ -194,7 +192,7 @@ class Vit(VisionTransformer):
             if self.pos_embed is not None:
                 pre = pre + self.pos_embed[:, :P]
             t = torch.cat([pre, t], dim=1)                                              # (B, P + K, D)
-        return self.norm_pre(self.patch_drop(self.pos_drop(t))), index, valid
+        return self.norm_pre(self.patch_drop(self.pos_drop(t)))
 
     def _kept_mask(self, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Key padding mask (B, 1, 1, P + K) bool, or with a window the full mask (B, 1, P + K, P + K)."""
@@ -218,13 +216,27 @@ class Vit(VisionTransformer):
             assert self.rope_table is not None  # without keep, features() came here for the rope table
             rope = self.rope_table[None, None]                                          # (1, 1, L, 2d)
         else:
-            x, index, valid = self._kept_tokens(x)
-            mask = self._kept_mask(index, valid) if self.pair is None else \
-                self._pair_mask(self._kept_patches, index, valid)
-            rope = self.rope_table[index][:, None] if self.rope_table is not None else None  # (B, 1, K, 2d)
+            assert self.keep is not None
+            patches, index, valid = self.keep(x)                                        # (B, K, C*p*p), (B, K) x2
+            return self.patch_features(patches, index, valid), valid
         for blk in self.blocks:
             x = blk(x, attn_mask=mask, rope=rope)
         return self.norm(x), valid
+
+    def patch_features(self, patches: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``token_keep: nonempty`` from its kept patches: (B, K, C*p*p), grid index (B, K), valid (B, K) ->
+        tokens after the final norm (B, P + K, D). What :meth:`features` does after choosing the patches; the
+        sparse export feeds it patches chosen outside the graph (trainables/inference.py ``patch_list``)."""
+        x = self._patch_tokens(patches, index)
+        mask = self._kept_mask(index, valid) if self.pair is None else self._pair_mask(patches, index, valid)
+        rope = self.rope_table[index][:, None] if self.rope_table is not None else None  # (B, 1, K, 2d)
+        for blk in self.blocks:
+            x = blk(x, attn_mask=mask, rope=rope)
+        return self.norm(x)
+
+    def forward_patches(self, patches: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The model's output (B, outputs) from its kept patches (see :meth:`patch_features`)."""
+        return self.head(self.head_drop(self.fc_norm(self.pooled(self.patch_features(patches, index, valid), valid))))
 
     def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                          is_causal: bool = False) -> torch.Tensor:
