@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from e2e_search.cli import main
+from e2e_search.cli import main, runs_link
 from tests.conftest import base_config, write_e2e, write_yaml
 
 
@@ -98,7 +98,8 @@ def test_ui_starts_only_what_it_needs_and_links_the_runs_table(served, searched)
     exp = MlflowClient(tracking_uri=uri).get_experiment_by_name("served")
     lines = log.read_text().splitlines()
     assert lines[0] == f"MLflow UI on {base} over {uri} (Ctrl-C stops it)"
-    assert lines[1] == f"runs of the latest search: {base}/#/experiments/{exp.experiment_id}/runs"
+    assert lines[1] == f"runs of the latest search: {runs_link(base, exp.experiment_id, 'val_auc')}"
+    assert "workflowType=machine_learning" in lines[1] and "orderByKey=metrics.%60best_val_auc%60" in lines[1]
 
 
 def test_search_through_the_mlflow_rest_api(served):
@@ -182,18 +183,28 @@ def test_mlflow_ui_in_a_browser(served, searched, tmp_path):
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     shot = tmp_path / "mlflow_ui_experiment.png"
     try:
-        driver.get(f"{base}/#/experiments/{exp.experiment_id}/runs")
+        driver.get(runs_link(base, exp.experiment_id, "val_auc"))  # the link `ui` prints
         wait = WebDriverWait(driver, 60)
         link = lambda rid: f"a[href$='/runs/{rid}']"  # noqa: E731
         row = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, link(parent.info.run_id)))[0]
         assert parent.data.tags["mlflow.runName"] in row.text
-        # trial runs are nested under the search's run: open the group with the expander of its name cell
+        # trial runs are nested under the search's run: open the group with the expander of its name cell (a table
+        # sorted by a metric lists them flat)
         cell = row.find_element(By.XPATH, "./ancestor::div[contains(@class,'ag-cell-wrapper')][1]")
-        cell.find_element(By.CSS_SELECTOR, "button").click()
+        for expander in cell.find_elements(By.CSS_SELECTOR, "button"):
+            expander.click()
         found = wait.until(lambda d: [d.find_elements(By.CSS_SELECTOR, link(t.info.run_id)) for t in trials]
                            if all(d.find_elements(By.CSS_SELECTOR, link(t.info.run_id)) for t in trials) else None)
         names = sorted(f[0].text for f in found)
         assert names == sorted(t.data.tags["mlflow.runName"] for t in trials)
+        # the model-training view (not the GenAI one: no Judges, Prompts), with the search metric as a column
+        side = driver.find_element(By.TAG_NAME, "body").text
+        assert "Model registry" in side and "Judges" not in side and "Prompts" not in side, side[:500]
+        for close in driver.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):  # the assistant panel
+            close.click()
+        # sorted by the search metric, best first (the trial runs are named <family>-<trial id>)
+        assert driver.find_elements(By.CSS_SELECTOR, "button[aria-label='Sort: best_val_auc']")
+        assert all(t.data.tags["mlflow.runName"].startswith("vit-") for t in trials)
         driver.save_screenshot(str(shot))
     finally:
         driver.quit()

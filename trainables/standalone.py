@@ -4,8 +4,8 @@
     from trainables.data.images import setup_for_file
 
     data = setup_for_file("jets.h5", image_key="X_jets", label_key="y")           # splits and channel statistics
-    result = train_one("vit", {"patch_size": 5, "depth": 2, "lr": 1e-3}, data, epochs=3, out_dir="runs/vit")
-    result.best["val_auc"], result.checkpoint                                      # runs/vit/epoch_0003/
+    result = train_one("vit", {"patch_size": 5, "depth": 2, "lr": 1e-3}, data, epochs=3, out_dir="e2e_runs/one/vit")
+    result.best["val_auc"], result.checkpoint                                      # e2e_runs/one/vit/epoch_0003/
 
 The same training core as a search's trials (trainables/core/loop.py), on a :class:`LocalSession`: every epoch's
 checkpoint is kept in ``out_dir/epoch_<nnnn>/`` (``checkpoint.pt`` is what ``e2e-search export`` reads).

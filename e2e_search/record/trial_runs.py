@@ -28,8 +28,9 @@ def open_trial_run(book: TrialBook, client, experiment_id: str, parent: str, sea
     if found:
         book.runs[tid] = found[0].info.run_id
         return book.runs[tid]
+    # "<family>-<trial id>": short enough for the MLflow runs table to show whole (the search is its parent run)
     run = client.create_run(
-        experiment_id, run_name=f"{search_name}-{tid}",
+        experiment_id, run_name=f"{tag_value(trial.config.get('family', family))}-{tid}",
         tags={MLFLOW_PARENT_RUN_ID: parent, "e2e.kind": "trial", "e2e.trial_id": tid,
               "e2e.family": tag_value(trial.config.get("family", family)), "e2e.search": search_name,
               "e2e.status": "RUNNING"})

@@ -100,10 +100,11 @@ def sampler(cfg: SearchSpace, after: int = 0):
 
 
 # --------------------------------------------------------------------------- searcher
-def searcher(cfg: SearchSpace, warm=None):
+def searcher(cfg: SearchSpace, warm=None, study_name: str | None = None):
     """Ray's ``OptunaSearch`` over the define-by-run :class:`OptunaSpace`: grid points first, then ``warm``'s
     points (a :class:`~e2e_search.search.warm_start.WarmStart`), then the sampler's picks. For tpe and gp ``warm``'s
-    earlier results are also added to the study as completed trials (prior observations)."""
+    earlier results are also added to the study as completed trials (prior observations). With
+    ``search.optuna_storage`` the study is kept in that RDB storage as ``study_name``."""
     from ray.tune.search.optuna import OptunaSearch
 
     assert cfg.search.metric is not None and cfg.search.mode is not None  # filled in by SearchSpace's validator
@@ -113,8 +114,14 @@ def searcher(cfg: SearchSpace, warm=None):
     learned = observations(OptunaSpace(cfg), warm.observed) \
         if warm is not None and cfg.search.algorithm in LEARNING_SAMPLERS else []
     after = len(learned) + len(warm.points) if learned else 0
+    storage = None
+    if cfg.search.optuna_storage:
+        import optuna
+
+        storage = optuna.storages.RDBStorage(cfg.search.optuna_storage)
     search = OptunaSearch(space=OptunaSpace(cfg), metric=metric, mode=mode, sampler=sampler(cfg, after),
-                          points_to_evaluate=points or None)
+                          points_to_evaluate=points or None, storage=storage,
+                          study_name=study_name if storage is not None else None)
     # The study exists once OptunaSearch has a space; Ray types the attribute by its initial None.
     cast("optuna.study.Study", search._ot_study).add_trials(learned)
     return search

@@ -6,7 +6,7 @@ checks what needs the data and the machine:
 1. the ``data.generate`` recipe: its values, memory and disk (when the file does not exist yet);
 2. model shapes against the data shape the recipe will write (before anything is simulated);
 3. GPUs asked for against this machine's;
-4. the MLflow store and every name the search derives from the YAML;
+4. the MLflow store and every name the search derives from the YAML; the Optuna storage, if any;
 5. ``search.warm_start``'s earlier trials;
 6. the data generated, or converted (Parquet, ROOT, CSV) to its HDF5 cache;
 7. the data file itself (e2e_search/data/inspect.py: keys, layout, labels, splits, statistics, the image cache);
@@ -15,6 +15,7 @@ checks what needs the data and the machine:
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,8 @@ def plan(cfg: SearchSpace, *, address: str | None = None, generate: bool = True)
             key="resources.gpus_per_worker",
         )
     check_tracking(cfg, workdir)
+    if cfg.search.optuna_storage:
+        check_optuna_storage(cfg.search.optuna_storage)
     warm = _warm_start(cfg, workdir)
     if needs_gen and generate:
         generate_data(cfg.data.path, cfg.data.generate, address=address, drivers=not runs_in_process(cfg.resources))
@@ -113,6 +116,42 @@ def check_tracking(cfg: SearchSpace, workdir: Path) -> None:
     uri, key = resolve_uri(cfg.tracking.uri, workdir, flag="tracking.uri")
     check_store(uri, key, cfg.tracking.experiment)
 
+
+
+def check_optuna_storage(url: str) -> None:
+    """``search.optuna_storage`` names a database Optuna's RDB storage can open; reads only (a SQLite file's
+    folder must exist and be writable: the storage creates the file when the search starts).
+
+    Raises:
+        UserError: naming ``search.optuna_storage`` and why (a malformed URL, a missing driver, a folder that is
+        not there, a server that does not answer)."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    key = "search.optuna_storage"
+    try:
+        parsed = make_url(url)
+    except Exception as e:  # noqa: BLE001 - sqlalchemy's parse errors vary: one line either way
+        raise UserError(f"'{url}' is not a database URL ({e}); give e.g. sqlite:///e2e_runs/optuna.db", key=key) from None
+    if parsed.get_backend_name() == "sqlite":
+        db = parsed.database
+        if not db or db == ":memory:":
+            raise UserError(f"'{url}' is an in-memory database, gone when the search ends; give a file, e.g. "
+                            "sqlite:///e2e_runs/optuna.db", key=key)
+        folder = Path(db).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise UserError(f"folder '{folder}' of '{url}' does not exist or is not writable; create it or give "
+                            "another path", key=key)
+        return
+    try:
+        engine = sqlalchemy.create_engine(url)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as e:  # noqa: BLE001 - a missing driver, a refused login, no server: one line
+        why = " ".join(str(e).split())[:300]
+        raise UserError(f"cannot open '{url}' ({type(e).__name__}: {why}); check the URL and that the database "
+                        "server answers", key=key) from None
 
 
 def _gen_spec(path: str, g):

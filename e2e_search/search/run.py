@@ -188,7 +188,7 @@ def _tuner(p: Plan, run_name: str, trials_cb, resume: Resume | None):
     live.register(callbacks)
     concurrent = ray_env.concurrency(cfg)
     tuner = tune.Tuner(trainable, param_space=_pbt_population(p),
-                       tune_config=_tune_config(p, concurrent, setup.resources.in_process),
+                       tune_config=_tune_config(p, concurrent, setup.resources.in_process, run_name),
                        run_config=_run_config(p, run_name, callbacks, setup.resources.in_process))
     print(f"search started: {cfg.search.num_samples} trials, up to {concurrent} at a time", flush=True)
     return tuner
@@ -201,14 +201,14 @@ def _pbt_population(p: Plan) -> dict[str, Any] | None:
     return pbt_param_space(initial_population(p.cfg, p.warm)) if p.cfg.scheduler.type == "pbt" else None
 
 
-def _tune_config(p: Plan, concurrent: int, in_process: bool):
+def _tune_config(p: Plan, concurrent: int, in_process: bool, run_name: str):
     from ray import tune
 
     from e2e_search.search.algorithms import scheduler, searcher
 
     cfg = p.cfg
     pbt = cfg.scheduler.type == "pbt"
-    return tune.TuneConfig(search_alg=None if pbt else searcher(cfg, p.warm),
+    return tune.TuneConfig(search_alg=None if pbt else searcher(cfg, p.warm, study_name=run_name),
                            scheduler=scheduler(cfg, cfg.metrics[0], cfg.modes[0]),
                            num_samples=1 if pbt else cfg.search.num_samples, max_concurrent_trials=concurrent,
                            reuse_actors=in_process, trial_dirname_creator=ray_env.trial_dirname)

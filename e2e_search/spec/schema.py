@@ -185,6 +185,10 @@ class SearchConfig(StrictModel):
     seed: int = 0
     confirm: ConfirmConfig | None = None
     warm_start: WarmStartConfig | None = None
+    optuna_storage: str | None = None
+    """An Optuna RDB storage URL (e.g. ``sqlite:///e2e_runs/optuna.db``): the search's study is kept there, named
+    after the search run, so ``optuna-dashboard <url>`` shows it live; a resumed search continues the same study.
+    Off by default (the study lives in the search driver)."""
 
 
 class SchedulerConfig(StrictModel):

@@ -65,6 +65,9 @@ def check_search(cfg: SearchSpace) -> list[tuple[str, str]]:
             notes.append((f"params.{cond[0]}", f"{algo} models only the dimensions every trial has: the conditional "
                                                 f"{', '.join('params.' + n for n in cond)} are drawn at random; use "
                                                 "search.algorithm: tpe to model them too"))
+    if cfg.search.optuna_storage and sched == "pbt":
+        raise UserError("PBT draws its population up front and keeps no Optuna study to store; remove "
+                        "search.optuna_storage or set scheduler.type: asha", key="search.optuna_storage")
     if sched == "pbt":
         if len(cfg.metrics) > 1:
             raise UserError("PBT ranks trials by one metric; give one search.metric (and search.algorithm: tpe) "
