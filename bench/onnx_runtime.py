@@ -45,6 +45,8 @@ IMAGE_FAMILIES = {
     "maxvit": {},
 }
 OBJECT_FAMILIES = {"event_transformer": {}, "deepsets": {}}
+SPARSE = {"vit_nonempty_sparse": "vit_nonempty"}
+"""Rows exporting a family's sparse form (``--inputs sparse``): the kept patches, a dynamic token count."""
 RUNNER = """
 import json, sys, numpy as np, onnxruntime as ort
 spec = json.load(open(sys.argv[1]))
@@ -88,6 +90,33 @@ def _object_setup(path: Path):
                      test=list(range(64)), mean=[0.0] * 4, std=[1.0] * 4, kind="objects", mask_key="mask")
 
 
+def _real_latency(sess, t, names: list[str], runs: int) -> dict[str, float]:
+    """onnxruntime on rows of the data file: ms per jet at batch 1 (each jet alone, its own token count for the
+    sparse forms; the median over up to ``runs`` jets) and jets/s at batch 64."""
+    from e2e_search.record.checkpoints import inputs_of_rows
+    from trainables.inference import raw_rows
+
+    s = t.setup
+    rows = list(s.test)[:64] or list(range(64))
+    raw = raw_rows(s, rows)
+    one = []
+    for i in range(min(runs, len(rows))):
+        feed = dict(zip(names, inputs_of_rows(t, [a[i : i + 1] for a in raw])))
+        sess.run(["output"], feed)  # warm
+        t0 = time.perf_counter()
+        sess.run(["output"], feed)
+        one.append(time.perf_counter() - t0)
+    batch = dict(zip(names, inputs_of_rows(t, raw)))
+    sess.run(["output"], batch)
+    t0, n = time.perf_counter(), 0
+    while n < 3 or time.perf_counter() - t0 < 2.0:
+        sess.run(["output"], batch)
+        n += 1
+    return {"latency_ms": 1e3 * float(np.median(one)), "throughput": len(rows) * n / (time.perf_counter() - t0),
+            "tokens": float(np.mean([inputs_of_rows(t, [a[i : i + 1] for a in raw])[0].shape[1]
+                                     for i in range(min(16, len(rows)))])) if t.inputs in ("patches", "hits") else 0}
+
+
 def _ort_venv(version: str, where: Path) -> Path:
     py = where / "bin" / "python"
     if not py.exists():
@@ -99,7 +128,7 @@ def _ort_venv(version: str, where: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="an E2E image file (e.g. e2e_runs/data/top_vs_qcd_8k.h5)")
-    ap.add_argument("--families", default=",".join([*IMAGE_FAMILIES, *OBJECT_FAMILIES]))
+    ap.add_argument("--families", default=",".join([*IMAGE_FAMILIES, *SPARSE, *OBJECT_FAMILIES]))
     ap.add_argument("--ort", default="1.20.1", help="the ONNX Runtime version to check (CMSSW's)")
     ap.add_argument("--venv", default="/tmp/ort_cmssw", help="where the throwaway venv goes")
     ap.add_argument("--runs", type=int, default=30)
@@ -115,13 +144,14 @@ def main() -> None:
         tmp = Path(tmp)
         objects = _object_setup(_objects_file(tmp / "events.h5"))
         for family in args.families.split(","):
-            params = IMAGE_FAMILIES.get(family, OBJECT_FAMILIES.get(family))
-            setup = objects if family in OBJECT_FAMILIES else image_setup
-            ckpt = _checkpoint(tmp / family, family, dict(params or {}), setup)
+            base = SPARSE.get(family, family)
+            params = IMAGE_FAMILIES.get(base, OBJECT_FAMILIES.get(base))
+            setup = objects if base in OBJECT_FAMILIES else image_setup
+            ckpt = _checkpoint(tmp / family, base, dict(params or {}), setup)
             out = tmp / f"{family}.onnx"
             t0 = time.perf_counter()
             try:
-                r = export(str(ckpt), str(out), runs=args.runs)
+                r = export(str(ckpt), str(out), runs=0, inputs="sparse" if family in SPARSE else "auto")
             except Exception as e:  # noqa: BLE001 - a family that does not export: say why, go on
                 print(f"{family}: export failed: {e}", flush=True)
                 rows.append({"family": family, "error": str(e)[:300]})
@@ -134,14 +164,17 @@ def main() -> None:
                 spec[family]["inputs"][k] = str(tmp / f"{family}_{k}.npy")
             import onnxruntime as ort
 
-            now = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["output"], feed)[0]
-            ort_now = r.timing["onnxruntime"] if r.timing else {}
-            rows.append({"family": family, "form": t.form if t.inputs != "hits" else "hits", "opset": r.opset,
+            sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            now = sess.run(["output"], feed)[0]
+            ort_now = _real_latency(sess, t, input_names(t), args.runs)
+            form = {"hits": "sparse (hit list)", "patches": "sparse (kept patches)"}.get(t.inputs, t.form)
+            rows.append({"family": family, "form": form, "opset": r.opset,
                          "params": sum(p.numel() for p in t.model.parameters()), "export_s": time.perf_counter() - t0,
-                         "ms_batch1": ort_now.get("latency_ms"), "jets_s_batch64": ort_now.get("throughput"),
+                         "ms_batch1": ort_now["latency_ms"], "jets_s_batch64": ort_now["throughput"],
+                         "tokens": ort_now["tokens"],
                          "now": now.tolist()})
             print(f"{family}: exported ({rows[-1]['form']}, opset {r.opset}), "
-                  f"{ort_now.get('latency_ms', float('nan')):.3f} ms/jet at batch 1", flush=True)
+                  f"{ort_now['latency_ms']:.3f} ms/jet at batch 1 on the file's jets", flush=True)
         (tmp / "spec.json").write_text(json.dumps(spec))
         (tmp / "run.py").write_text(RUNNER)
         py = _ort_venv(args.ort, Path(args.venv))
@@ -151,16 +184,16 @@ def main() -> None:
         old = json.loads(res.stdout.strip().splitlines()[-1])
     print(f"\nONNX Runtime {old['version']} (throwaway venv) vs {ort.__version__} (installed), 64 rows of {args.data}\n")
     print(f"| family | input form | opset | parameters | max abs diff {old['version']} vs {ort.__version__} | "
-          "ms/jet batch 1 | jets/s batch 64 |")
-    print("|---|---|---|---|---|---|---|")
+          "ms/jet batch 1 | jets/s batch 64 | tokens/jet |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
-            print(f"| {row['family']} | export failed: {row['error'][:80]} | | | | | |")
+            print(f"| {row['family']} | export failed: {row['error'][:80]} | | | | | | |")
             continue
         diff = float(np.abs(np.asarray(old["outputs"][row["family"]]) - np.asarray(row.pop("now"))).max())
         row["max_abs_diff_cmssw"] = diff
         print(f"| {row['family']} | {row['form']} | {row['opset']} | {row['params']:,} | {diff:.2g} | "
-              f"{row['ms_batch1']:.3f} | {row['jets_s_batch64']:,.0f} |")
+              f"{row['ms_batch1']:.3f} | {row['jets_s_batch64']:,.0f} | {row['tokens'] or ''} |")
     write_result(args.out, rows)
 
 

@@ -134,6 +134,10 @@ def test_champion_is_an_mlflow_model(tmp_path, capsys, monkeypatch, ray_local):
     assert code == 0, stderr
     onnx_probs = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["output"], {"image": rows})[0]
     assert np.abs(onnx_probs - probs).max() <= 1e-4
+    client = mlflow.tracking.MlflowClient()
+    mv = client.get_model_version_by_alias("champ-classifier", "champion")
+    logged = {a.path for a in client.list_artifacts(mv.run_id, "onnx")}
+    assert logged == {"onnx/champ.onnx"}  # the ONNX file beside the MLflow Model it was exported from
     (tmp_path / "in.json").write_text(json.dumps({"inputs": rows[:2].tolist()}))
     cli = subprocess.run([sys.executable, "-m", "mlflow", "models", "predict", "-m", "models:/champ-classifier@champion",
                           "--env-manager", "local", "-i", str(tmp_path / "in.json"), "-t", "json"],

@@ -13,7 +13,7 @@ from tests.test_bad_input import write_yaml as write_bad_yaml
 
 @pytest.mark.parametrize("url, says", [
     ("not a url", "is not a database URL"),
-    ("sqlite:///no/such/folder/optuna.db", "does not exist or is not writable"),
+    ("sqlite:///jets.h5/optuna.db", "is not a writable folder"),  # under a file
     ("sqlite://", "in-memory database"),
     ("postgresql://nobody@127.0.0.1:1/optuna", "cannot open"),
 ])

@@ -45,6 +45,7 @@ import json
 import os
 import re
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -64,6 +65,7 @@ from e2e_search.record.checkpoints import (
     first_line,
     input_names,
     load_trained,
+    log_beside,
     random_inputs,
     real_inputs,
     torch_forward,
@@ -558,6 +560,7 @@ def export(source: str, out: str, fmt: str = "onnx", *, tracking_uri: str | None
             timing = benchmark(t, sess, runs) if runs > 0 else None
             del sess
             os.replace(tmp, dest)
+            _log_beside(source, tracking_uri, dest)
             return ExportResult(out=dest, exporter=name, opset=used, max_abs_diff=diff, size_bytes=dest.stat().st_size,
                                 timing=timing, threads=threads, trained=t)
         if opset is not None and opset_hints:
@@ -573,6 +576,18 @@ def export(source: str, out: str, fmt: str = "onnx", *, tracking_uri: str | None
         if tmp.exists():
             tmp.unlink()
     raise UserError(f"cannot export family '{t.family}' ({t.source}) to ONNX: {'; '.join(reasons)}")
+
+
+def _log_beside(source: str, tracking_uri: str | None, dest: Path) -> None:
+    """The ONNX file logged to the source's MLflow run (``onnx/``); the file is written either way, a store that
+    refuses the artifact is one warning line."""
+    try:
+        rid = log_beside(source, tracking_uri, dest)
+    except Exception as e:  # noqa: BLE001 - the export succeeded; its copy in MLflow is a convenience
+        print(f"warning: {dest.name} not logged to the source's MLflow run ({first_line(e)})", file=sys.stderr)
+        return
+    if rid:
+        print(f"logged {dest.name} to run {rid} (artifact onnx/{dest.name})", file=sys.stderr)
 
 
 def summary(r: ExportResult) -> str:

@@ -105,7 +105,6 @@ def _file_row_shape(s) -> tuple[int, ...]:
 def real_inputs(t: Trained, n: int) -> list[np.ndarray] | None:
     """Up to ``n`` rows of the search's data file (test split first) in the model's input form, or None when the
     file is not readable here."""
-    from trainables.data.transforms import preprocess, to_chw
     from trainables.inference import raw_rows
 
     s = t.setup
@@ -114,6 +113,14 @@ def real_inputs(t: Trained, n: int) -> list[np.ndarray] | None:
         raw = raw_rows(s, rows)
     except (OSError, KeyError, ValueError):
         return None
+    return inputs_of_rows(t, raw)
+
+
+def inputs_of_rows(t: Trained, raw: list[np.ndarray]) -> list[np.ndarray]:
+    """Rows as the data file holds them (trainables.inference.raw_rows) -> the model's inputs in ``t``'s form."""
+    from trainables.data.transforms import preprocess, to_chw
+
+    s = t.setup
     if t.form == "raw":
         return raw
     if t.inputs == "objects":
@@ -225,6 +232,26 @@ def fetch_checkpoint(source: str, tracking_uri: str | None, tmpdir: str) -> tupl
     raise UserError(f"file '{source}' not found; give a checkpoint.pt path, an MLflow run id or models:/NAME@ALIAS",
                     key="SOURCE")
 
+
+
+def log_beside(source: str, tracking_uri: str | None, path: Path) -> str | None:
+    """Log file ``path`` (an exported ONNX file) to the run that ``source`` (a run id or models:/ URI) names, under
+    ``onnx/``, beside its ``model/`` and ``best_checkpoint/``. Returns the run id, or None for a file source."""
+    if not (source.startswith("models:/") or _RUN_ID.match(source)):
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=_store_uri(tracking_uri))
+    if _RUN_ID.match(source):
+        rid = source
+    else:
+        body = source.removeprefix("models:/")
+        name, ref = body.rsplit("@", 1) if "@" in body else body.rsplit("/", 1)
+        mv = client.get_model_version_by_alias(name, ref) if "@" in body else client.get_model_version(name, ref)
+        rid = mv.run_id
+    if rid:
+        client.log_artifact(rid, str(path), artifact_path="onnx")
+    return rid or None
 
 
 # --------------------------------------------------------------------------- checkpoint -> model

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from e2e_search.spec.dims import LogUniformDim
@@ -117,7 +118,11 @@ def searcher(cfg: SearchSpace, warm=None, study_name: str | None = None):
     storage = None
     if cfg.search.optuna_storage:
         import optuna
+        from sqlalchemy.engine import make_url
 
+        url = make_url(cfg.search.optuna_storage)
+        if url.get_backend_name() == "sqlite" and url.database:  # its folder, checked writable before Ray
+            Path(url.database).resolve().parent.mkdir(parents=True, exist_ok=True)
         storage = optuna.storages.RDBStorage(cfg.search.optuna_storage)
     search = OptunaSearch(space=OptunaSpace(cfg), metric=metric, mode=mode, sampler=sampler(cfg, after),
                           points_to_evaluate=points or None, storage=storage,

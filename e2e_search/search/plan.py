@@ -120,7 +120,8 @@ def check_tracking(cfg: SearchSpace, workdir: Path) -> None:
 
 def check_optuna_storage(url: str) -> None:
     """``search.optuna_storage`` names a database Optuna's RDB storage can open; reads only (a SQLite file's
-    folder must exist and be writable: the storage creates the file when the search starts).
+    folder, or the nearest folder above it that exists, must be writable: the search creates the file and its
+    folder when it starts).
 
     Raises:
         UserError: naming ``search.optuna_storage`` and why (a malformed URL, a missing driver, a folder that is
@@ -139,9 +140,10 @@ def check_optuna_storage(url: str) -> None:
             raise UserError(f"'{url}' is an in-memory database, gone when the search ends; give a file, e.g. "
                             "sqlite:///e2e_runs/optuna.db", key=key)
         folder = Path(db).resolve().parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise UserError(f"folder '{folder}' of '{url}' does not exist or is not writable; create it or give "
-                            "another path", key=key)
+        existing = next(f for f in (folder, *folder.parents) if f.exists())  # the search creates the rest
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise UserError(f"folder '{existing}' of '{url}' is not a writable folder; give another path",
+                            key=key)
         return
     try:
         engine = sqlalchemy.create_engine(url)
