@@ -348,12 +348,27 @@ TRAINING_VIEW = "workflowType=machine_learning"
 model-training mode (or the user switched it once in that browser)."""
 
 
+def _port_free(host: str, port: int) -> None:
+    """Refuse a port another program listens on (MLflow's server would fail after our link was printed, and the
+    link would open the other program). Raises UserError naming --port."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host or "127.0.0.1", port))
+        except OSError as e:
+            raise UserError(f"port {port} on {host} is in use by another program ({e.strerror}); choose a free one, "
+                            f"e.g. --port {port + 1}", key="--port") from None
+
+
 def _cmd_ui(args) -> int:
     from e2e_search.record.store import registry_uri
 
     uri = _store(args.tracking_uri)
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be 1..65535 (got {args.port}); use a free port, e.g. --port 5000", key="--port")
+    _port_free(args.host, args.port)
     exp_id, metric = _latest_search(uri, args.experiment)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
     base = f"http://{'[' + host + ']' if ':' in host else host}:{args.port}"
@@ -396,11 +411,77 @@ def _cmd_data(args) -> int:
     return 0
 
 
+def _ray_address(args) -> None:
+    """Ray's convention: ``RAY_ADDRESS`` (set inside a Ray job, or by ``ray start --head``) names the cluster to join
+    when ``--address`` is not given; either must answer before anything starts (issue 30, kind 5: both used to end
+    in Ray's traceback about num_cpus). Raises UserError naming the flag or the variable."""
+    if not hasattr(args, "address"):
+        return
+    key = "--address"
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if not args.address and env:
+        args.address, key = env, "RAY_ADDRESS"
+    if not args.address:
+        if not getattr(args, "dry_run", False):  # a dry run starts no Ray
+            _local_ray_limits()
+        return
+    if args.address in ("auto", "local"):
+        return
+    import socket
+
+    hostport = args.address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    fix = "unset RAY_ADDRESS to start a local Ray" if key == "RAY_ADDRESS" else "give the head node's host:port"
+    if not host or not port.isdigit():
+        raise UserError(f"'{args.address}' is not a Ray address (HOST:PORT, ray://HOST:PORT or auto); {fix}", key=key)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as e:
+        raise UserError(f"no Ray cluster answers at {args.address} ({e.strerror or e}); start it (ray start --head) "
+                        f"or {fix}", key=key) from None
+
+
+SOCKET_PATH_MAX = 107
+"""Bytes of a Unix socket path on Linux (sun_path less its terminating NUL)."""
+RAY_SOCKET_TAIL = "ray/session_2026-12-06_18-54-44_123456_1234567/sockets/plasma_store"
+"""The longest socket path Ray creates under its temporary folder, with a session name of the usual length."""
+OPEN_FILES_MIN = 1024
+
+
+def _local_ray_limits() -> None:
+    """What a local Ray needs of this process's environment (issue 30, kind 5): socket paths under its temporary
+    folder that fit a Unix socket, and enough open files (raised to the hard limit when below). Raises UserError
+    naming the variable or the limit."""
+    import resource
+
+    for var in ("RAY_TMPDIR", "TMPDIR", "TEMP", "TMP"):
+        if os.environ.get(var):
+            tmp, key = os.environ[var], var
+            break
+    else:
+        tmp, key = "/tmp", "TMPDIR"
+    longest = len(os.path.join(tmp, RAY_SOCKET_TAIL).encode())
+    if longest > SOCKET_PATH_MAX:
+        raise UserError(f"{key}={tmp} is {len(tmp)} characters: Ray's socket paths under it would be {longest} bytes, "
+                        f"more than the {SOCKET_PATH_MAX} a Unix socket allows; set RAY_TMPDIR=/tmp (Ray's temporary "
+                        "folder only)", key=key)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < OPEN_FILES_MIN:
+        want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        if want >= OPEN_FILES_MIN:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            return
+        raise UserError(f"this shell allows {soft} open files (hard limit {hard}); Ray needs at least "
+                        f"{OPEN_FILES_MIN}: raise it (ulimit -n 65536, or ask for a higher hard limit)",
+                        key="ulimit -n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # downloads stay off the terminal
     try:
+        _ray_address(args)
         return {"run": _cmd_run, "resume": _cmd_resume, "confirm": _cmd_confirm, "validate": _cmd_validate,
                 "best": _cmd_best, "report": _cmd_report,
                 "ui": _cmd_ui, "export": _cmd_export, "data": _cmd_data}[args.cmd](args)
@@ -408,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished trials are in MLflow", file=sys.stderr)
+        print("interrupted: finished trials are in MLflow; e2e-search resume EXPERIMENT continues the search",
+              file=sys.stderr)
         return 130
 
 

@@ -1071,6 +1071,21 @@ def test_cli_flag_messages_name_the_fix(ws, capsys, argv, flag, fix):
     bad_run(ws, capsys, argv, flag, fix)
 
 
+def test_ui_on_a_port_in_use_is_one_line(ws, capsys):
+    """Issue 30, kind 9: another program listens on the port: refused before anything starts (MLflow's server
+    would fail after the link was printed, and the link would open the other program)."""
+    import socket
+
+    Path("store.db").write_bytes(b"")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = bad_run(ws, capsys, ["ui", "--port", str(port), "--tracking-uri", "sqlite:///store.db"], "--port",
+                       f"port {port} on 127.0.0.1 is in use", f"--port {port + 1}")
+    assert "MLflow UI on" not in line
+
+
 # Case 11: narrowing a dimension makes its dependants inactive (one note on stderr), it does not refuse.
 def _windowed() -> dict:
     cfg = base_cfg()
@@ -1270,6 +1285,8 @@ def test_unknown_search_metric_refused_before_ray(ws, capsys, metric, task, name
 @pytest.mark.parametrize("shape, declared, other", [
     ((40, 3, 16, 16), "channels_last", "channels_first"),
     ((40, 16, 16, 2), "channels_first", "channels_last"),
+    ((40, 3, 24, 32), "channels_last", "channels_first"),  # issue 30, kind 2: non-square images
+    ((40, 24, 32, 3), "channels_first", "channels_last"),
 ])
 def test_layout_that_reads_the_channel_axis_as_pixels(ws, capsys, shape, declared, other):
     """A channels-first file declared channels_last used to validate as 3x16 images with 16 channels."""
@@ -1396,3 +1413,89 @@ def test_a_set_on_an_aliased_value_changes_only_that_key(ws, capsys):
 def test_a_recursive_alias_is_one_line(ws, capsys):
     Path(YAML).write_text(Path(write_yaml(base_cfg())).read_text() + "loop: &a [1, *a]\n")
     bad_run(ws, capsys, ["validate", YAML], YAML, "alias")
+
+
+def test_nan_outside_the_statistics_sample_is_refused_before_ray_with_a_memory_cache(ws, capsys):
+    """Issue 30, kind 10: with data.cache: memory a NaN in an image the statistics sample did not read used to fail
+    every trial with a non-finite loss after training started; the images a memory cache holds are checked first."""
+    from e2e_search.data.inspect import inspect
+    from e2e_search.spec.loader import validate
+
+    cfg = base_cfg()
+    cfg["data"]["cache"] = "memory"
+    cfg["data"]["stats_samples"] = 4
+    setup = inspect(validate(cfg, source=YAML))
+    val_row = setup.val[0]  # validation rows are never in the statistics sample (drawn from training rows)
+    with h5py.File(ws / H5, "a") as f:
+        x = f["X_jets"][val_row]
+        x[0, 0, 0] = np.nan
+        f["X_jets"][val_row] = x
+    for cmd in ("validate", "run"):
+        run_broken(ws, capsys, cfg, "data.image_key", "NaN or Inf", cmd=cmd)
+
+
+@pytest.mark.parametrize("how", ["env", "flag"])
+def test_a_ray_address_nothing_answers_at_is_one_line(ws, capsys, monkeypatch, how):
+    """Issue 30, kind 5: RAY_ADDRESS (Ray's convention inside a job or on a head node) or --address naming a dead
+    cluster used to end in Ray's traceback about num_cpus; refused before anything starts."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["run", write_yaml(base_cfg())]
+    if how == "env":
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    else:
+        argv += ["--address", f"127.0.0.1:{port}"]
+    line = bad_run(ws, capsys, argv, "RAY_ADDRESS" if how == "env" else "--address", "no Ray cluster answers")
+    assert ("unset RAY_ADDRESS" in line) == (how == "env")
+
+
+@pytest.mark.parametrize("kind", ["external_link", "virtual", "filter"])
+def test_hdf5_storage_features_that_cannot_be_read_are_one_line(ws, capsys, kind):
+    """Issue 30, kind 1: an image dataset that is an external link to a missing file, a virtual dataset whose
+    source is missing (h5py reads fill values, silently) or a dataset compressed with a filter this h5py lacks."""
+    src = ws / "images.h5"
+    with h5py.File(src, "w") as f:
+        f["X"] = np.zeros((40, 16, 16, 2), np.float32)
+    with h5py.File(ws / H5, "a") as f:
+        del f["X_jets"]
+        if kind == "external_link":
+            f["X_jets"] = h5py.ExternalLink("images.h5", "X")
+        elif kind == "virtual":
+            layout = h5py.VirtualLayout(shape=(40, 16, 16, 2), dtype=np.float32)
+            layout[:] = h5py.VirtualSource("images.h5", "X", shape=(40, 16, 16, 2))
+            f.create_virtual_dataset("X_jets", layout)
+        else:  # blosc's id, written without data (so no filter runs): what a file from elsewhere looks like here
+            f.create_dataset("X_jets", shape=(40, 16, 16, 2), dtype=np.float32, chunks=(1, 16, 16, 2),
+                             compression=32001, allow_unknown_filter=True)
+    if kind != "filter":
+        src.unlink()  # the linked / source file is gone
+    says = {"external_link": "external link to 'X' in 'images.h5'", "virtual": "source file 'images.h5' is missing",
+            "filter": "filter 32001"}[kind]
+    run_broken(ws, capsys, base_cfg(), "data.image_key", says, cmd="validate")
+
+
+def test_a_tmpdir_too_long_for_rays_sockets_is_one_line(ws, capsys, monkeypatch):
+    """Issue 30, kind 5: a long TMPDIR made Ray's socket paths pass 107 bytes: a traceback from Ray's start."""
+    long = ws / ("t" * 60)
+    long.mkdir()
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    monkeypatch.setenv("TMPDIR", str(long))
+    bad_run(ws, capsys, ["run", write_yaml(base_cfg())], "TMPDIR", "RAY_TMPDIR=/tmp", "107")
+
+
+def test_an_open_file_limit_ray_cannot_live_with_is_one_line(ws):
+    """Issue 30, kind 5: `ulimit -n 64` gave Raylet errors and exit 1 after 32 s with no line saying why."""
+    import resource
+    import subprocess
+    import sys
+
+    path = write_yaml(base_cfg())
+    out = subprocess.run([sys.executable, "-m", "e2e_search.cli", "run", path], cwd=ws, capture_output=True, text=True,
+                         timeout=120, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ulimit -n" in lines[0] and "64 open files" in lines[0], lines
+    assert not (ws / "e2e_runs").exists()

@@ -45,9 +45,9 @@ def wait_for(cond, timeout: float, proc: subprocess.Popen | None = None, log: Pa
     pytest.fail(f"timed out after {timeout}s:\n{log.read_text()[-3000:] if log else ''}")
 
 
-def kill_driver_when(tmp_path: Path, cfg: dict, ready, address: str, poll: float = 0.5):
-    """Start ``e2e-search run`` of ``cfg`` as its own driver, SIGKILL it once ``ready(trial_runs)`` returns
-    something true, and return (that value, the MLflow client). Ray then frees the dead driver's workers."""
+def kill_driver_when(tmp_path: Path, cfg: dict, ready, address: str, poll: float = 0.5, sig=signal.SIGKILL):
+    """Start ``e2e-search run`` of ``cfg`` as its own driver, send it ``sig`` (SIGKILL) once ``ready(trial_runs)``
+    returns something true, and return (that value, the MLflow client). Ray then frees the dead driver's workers."""
     yml = write_yaml(tmp_path / "s.yaml", cfg)
     log = tmp_path / "driver.log"
     driver = start_search(yml, tmp_path, address, log)
@@ -61,8 +61,10 @@ def kill_driver_when(tmp_path: Path, cfg: dict, ready, address: str, poll: float
         return ready(trials)
 
     got = wait_for(cond, 600, driver, log, poll=poll)
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait(timeout=30)
+    os.kill(driver.pid, sig)
+    code = driver.wait(timeout=120)
+    if sig == signal.SIGINT:
+        assert code == 130, log.read_text()[-3000:]  # Ctrl-C: the README's exit code
     time.sleep(3)  # Ray notices the dead driver and frees its trials' workers
     return got, client
 
@@ -73,7 +75,9 @@ def test_sigkill_driver_then_resume(tmp_path, ray_local):
     # Enough jets that an epoch lasts about a second: on an idle machine 48 jets made a trial's 2 epochs shorter
     # than the poll, and the search could end before a trial was ever seen mid-way.
     data = write_e2e(tmp_path / "jets.h5", n=1200)
-    cfg = base_config(tmp_path, data, name="killed", search={"num_samples": 3, "seed": 3, "max_concurrent": 1},
+    optuna_url = f"sqlite:///{tmp_path / 'optuna.db'}"  # the study outlives the driver (search.optuna_storage)
+    cfg = base_config(tmp_path, data, name="killed", search={"num_samples": 3, "seed": 3, "max_concurrent": 1,
+                                                             "optuna_storage": optuna_url},
                       scheduler={"type": "none", "max_epochs": 2})
     uri = cfg["tracking"]["uri"]
     address = ray_local.get_runtime_context().gcs_address
@@ -113,6 +117,12 @@ def test_sigkill_driver_then_resume(tmp_path, ray_local):
         assert interrupted not in by_tid
         assert client.get_run(running[0].info.run_id).info.lifecycle_stage == "deleted"
     assert parent.data.tags["e2e.best_run_id"] in {r.info.run_id for r in trials}
+    # One Optuna study for the search, killed and resumed: the same study continued, not a second one
+    import optuna
+
+    assert optuna.get_all_study_names(optuna_url) == [parent.data.tags["mlflow.runName"]]
+    study = optuna.load_study(study_name=parent.data.tags["mlflow.runName"], storage=optuna_url)
+    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 3
 
 
 def test_resume_refuses_a_finished_search(tmp_path, monkeypatch, capsys, ray_local):
@@ -167,3 +177,34 @@ def test_driver_killed_after_a_trials_last_epoch_then_resumed_logs_each_epoch_on
         steps = [m.step for m in client.get_metric_history(rid, key)]
         assert len(steps) == len(set(steps)), (key, steps)
     assert [m.step for m in client.get_metric_history(rid, "val_auc")] == [1]
+
+
+def test_ctrl_c_exits_130_and_the_search_resumes(tmp_path, ray_local):
+    """Issue 30, kind 6: SIGINT while the second of three trials runs used to exit 0 with "search done ... 0
+    failed", a FINISHED parent, a champion, the running trial tagged stopped early and nothing to resume."""
+    data = write_e2e(tmp_path / "jets.h5", n=1200)
+    cfg = base_config(tmp_path, data, name="ctrlc", search={"num_samples": 3, "seed": 3, "max_concurrent": 1},
+                      scheduler={"type": "none", "max_epochs": 2})
+    uri = cfg["tracking"]["uri"]
+    address = ray_local.get_runtime_context().gcs_address
+
+    def second_running(trials):
+        done = [r for r in trials if r.data.tags.get("e2e.status") == "FINISHED"]
+        running = [r for r in trials if r.data.tags.get("e2e.status") == "RUNNING"]
+        return (done, running) if done and running else None
+
+    (done, running), client = kill_driver_when(tmp_path, cfg, second_running, address, poll=0.2, sig=signal.SIGINT)
+    parents, trials = trial_runs(client, "ctrlc")
+    parent = parents[0]
+    assert parent.info.status == "KILLED" and parent.data.tags["e2e.interrupted"] == "true"
+    assert client.search_registered_models() == []  # no champion from half a search
+    interrupted = [r for r in trials if r.data.tags.get("e2e.status") == "RUNNING"]
+    assert interrupted and all(r.info.status == "KILLED" and "e2e.stopped_early" not in r.data.tags
+                               for r in interrupted)
+
+    assert main(["resume", "ctrlc", "--tracking-uri", uri, "--address", address]) == 0
+    parents, trials = trial_runs(client, "ctrlc")
+    assert parents[0].info.status == "FINISHED" and "e2e.interrupted" not in parents[0].data.tags
+    assert len(trials) == 3 and all(r.data.tags["e2e.status"] == "FINISHED" and r.info.status == "FINISHED"
+                                    for r in trials)
+    assert [m.name for m in client.search_registered_models()] == ["ctrlc-classifier"]

@@ -308,3 +308,20 @@ def test_a_missing_experiment_is_refused_with_the_searches_there(tmp_path):
     with pytest.raises(UserError) as e:
         experiment_of(client, "no-such-search", key="search.warm_start.experiment")
     assert "(valid: quickstart, vit_pareto)" in e.value.message, e.value.message
+
+
+def test_a_working_folder_named_with_percent_and_hash_keeps_its_store(tmp_path, monkeypatch):
+    """Issue 30, kind 8: MLflow decodes %-escapes in a SQLite path, so the default store URL is written quoted: a
+    search in a folder named ``pct%41#x é`` keeps its store in that folder, and the reading commands find it."""
+    from e2e_search.record.store import resolve_uri, sqlite_path, store_uri
+    from trainables.workdir import DEFAULT_WORKDIR
+
+    odd = tmp_path / "pct%41#x é"
+    (odd / DEFAULT_WORKDIR).mkdir(parents=True)
+    monkeypatch.chdir(odd)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = resolve_uri(None, DEFAULT_WORKDIR)[0]
+    assert "%2541" in uri and "%23" in uri and sqlite_path(uri) == odd / DEFAULT_WORKDIR / "mlflow.db"
+    exp = MlflowClient(tracking_uri=uri).create_experiment("odd")
+    assert (odd / DEFAULT_WORKDIR / "mlflow.db").is_file() and not (tmp_path / "pctA").exists()
+    assert MlflowClient(tracking_uri=store_uri(None, DEFAULT_WORKDIR)).get_experiment(exp).name == "odd"

@@ -38,7 +38,8 @@ from trainables.errors import UserError
 
 def check_layout(shape: tuple, layout: str, image_key: str) -> None:
     """Refuse a layout that reads non-square images out of a file that is square in the other layout
-    (a (N, 3, 32, 32) file declared channels_last would train on 3x32 images with 32 channels).
+    (a (N, 3, 32, 32) file declared channels_last would train on 3x32 images with 32 channels), or more channels
+    than image rows where the other layout reads a few channels of larger images ((N, 3, 24, 32)).
 
     Raises:
         UserError: naming ``data.layout`` and the layout the shape points to."""
@@ -47,7 +48,10 @@ def check_layout(shape: tuple, layout: str, image_key: str) -> None:
     a, b, c = shape[1:]
     (h, w, ch), (oh, ow, och), other = (((a, b, c), (b, c, a), "channels_first") if layout == "channels_last"
                                          else ((b, c, a), (a, b, c), "channels_last"))
-    if h != w and oh == ow:
+    # Square in the other layout, or (non-square images, issue 30 kind 2) more channels than the shorter side of
+    # the images here while the other layout has fewer channels than either side: a (N, 3, 24, 32) channels-first
+    # file read channels-last would be 3x24 images with 32 channels.
+    if (h != w and oh == ow) or (ch > min(h, w) and och < min(oh, ow)):
         raise UserError(f"'{image_key}' has shape {tuple(shape)}: as {layout} that is {h}x{w} images with {ch} "
                         f"channels, but it looks like {oh}x{ow} images with {och} channels stored {other}; "
                         f"set data.layout: {other} (--set data.layout={other})", key="data.layout")
@@ -171,6 +175,20 @@ def _measure(cfg: SearchSpace, X: h5py.Dataset, setup: DataSetup) -> None:
     setup.cache = choose_cache(cfg, setup, len(sample))
     if setup.cache == "sparse":
         setup.sparse_dir = str(planned_folder(setup))
+    elif setup.cache in ("memory", "device"):
+        _check_cached_rows(X, sorted(set(setup.train) | set(setup.val)))
+
+
+def _check_cached_rows(X: h5py.Dataset, rows: list[int]) -> None:
+    """Every image a memory or device cache will hold is finite, checked here once (each trial reads them all
+    anyway): NaN/Inf outside the statistics sample used to fail each trial with a non-finite loss after training
+    started (issue 30, kind 10); the sparse cache's ingest refuses them before Ray the same way.
+
+    Raises:
+        UserError: naming data.image_key."""
+    idx = np.asarray(rows, dtype=np.int64)
+    for a in range(0, len(idx), images.READ_CHUNK):
+        images.check_finite(images.read_rows(X, idx[a : a + images.READ_CHUNK]), "data.image_key")
 
 
 def choose_cache(cfg: SearchSpace, setup: DataSetup, n_sample: int) -> str:

@@ -242,6 +242,7 @@ def log_beside(source: str, tracking_uri: str | None, path: Path) -> str | None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=_store_uri(tracking_uri))
+    rid: str | None
     if _RUN_ID.match(source):
         rid = source
     else:

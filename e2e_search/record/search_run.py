@@ -41,6 +41,8 @@ def reopen_search_run(client, parent: str, times: int) -> None:
     """An interrupted search's parent run, RUNNING again and tagged with how often it was resumed."""
     client.update_run(parent, status="RUNNING")
     client.set_tag(parent, "e2e.resumed", str(times))
+    if client.get_run(parent).data.tags.get("e2e.interrupted"):
+        client.delete_tag(parent, "e2e.interrupted")
 
 
 def finish_search_run(client, parent: str, trials_cb, cfg: SearchSpace, run_name: str, status: str,
@@ -76,6 +78,8 @@ def finish_search_run(client, parent: str, trials_cb, cfg: SearchSpace, run_name
                                                 search=run_name, metric=metric, mode=mode).items():
                 print(f"registered model '{name}' (alias champion) from run {rid}", flush=True)
                 client.set_tag(parent, mlflow_key(f"e2e.champion.{name}"), rid)
+        if status == "KILLED":  # Ctrl-C: resumable (a KILLED search without this tag stopped before Ray saved it)
+            client.set_tag(parent, "e2e.interrupted", "true")
         client.log_metric(parent, "tracking_s", trials_cb.busy_s)  # driver time in MLflow logging
         n_failed = sum(1 for s in trials_cb.status.values() if s == "FAILED")
         client.set_tag(parent, "e2e.trials_failed", str(n_failed))

@@ -46,7 +46,15 @@ def resolve_uri(uri: str | None, workdir: Path, flag: str = "--tracking-uri") ->
     env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if env:
         return env, "MLFLOW_TRACKING_URI"
-    return f"sqlite:///{(workdir / 'mlflow.db').resolve()}", flag
+    return sqlite_uri(workdir / "mlflow.db"), flag
+
+
+def sqlite_uri(path: Path) -> str:
+    """The ``sqlite:///`` URI of file ``path``, quoted: MLflow (SQLAlchemy) decodes %-escapes in the path, so a folder
+    named ``pct%41`` or holding ``#`` or spaces must be written escaped to be read back as itself (issue 30, kind 8)."""
+    from urllib.parse import quote
+
+    return "sqlite:///" + quote(str(Path(path).resolve()), safe="/")
 
 
 def registry_uri(tracking: str) -> str:
@@ -58,7 +66,9 @@ def sqlite_path(uri: str) -> Path | None:
     """The file of a ``sqlite:///`` URI (None for other stores)."""
     if not uri.startswith("sqlite:///"):
         return None
-    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    from urllib.parse import unquote
+
+    return Path(unquote(uri.removeprefix("sqlite:///").split("?", 1)[0]))
 
 
 def store_uri(arg: str | None, workdir: Path, *, flag: str = "--tracking-uri") -> str:
@@ -231,7 +241,7 @@ def find_resumable(client: MlflowClient, experiment: str, search_run: str | None
         if not found:
             raise NothingToResume(f"experiment '{experiment}' holds no e2e-search run", key="EXPERIMENT")
         run = found[0]
-    if run.info.status in ("FINISHED", "KILLED"):
+    if run.info.status == "FINISHED" or (run.info.status == "KILLED" and run.data.tags.get("e2e.interrupted") != "true"):
         raise NothingToResume(f"search {run.data.tags.get(MLFLOW_RUN_NAME, run.info.run_id)} of '{experiment}' "
                               f"{'finished' if run.info.status == 'FINISHED' else 'was killed before Ray saved it'}; "
                               "nothing to resume (start a new search with e2e-search run)", key="EXPERIMENT")

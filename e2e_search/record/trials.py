@@ -212,6 +212,17 @@ class MlflowTrials(Live, TrialBook, Callback):
         self.drain()
         return n
 
+    def interrupt(self) -> None:
+        """Ctrl-C: the runs of trials still going are closed KILLED in MLflow, their ``e2e.status`` left RUNNING, so
+        a resumed search takes them over and continues them (record/trial_resume.py)."""
+        self.drain()
+        for tid, rid in self.runs.items():
+            if tid not in self.status:
+                try:
+                    self.client.set_terminated(rid, status="KILLED")
+                except Exception as e:  # noqa: BLE001 - one run's record must not keep the others open
+                    self._tracking_failed(tid, e)
+
     def best_trial(self) -> tuple[str, dict[str, Any]] | None:
         """(trial_id, best record) of the best finished trial, by the search metric."""
         winner = None

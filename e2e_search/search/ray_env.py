@@ -57,6 +57,10 @@ def start(cfg: SearchSpace, address: str | None, verbose: bool) -> None:
     # Tune snapshots the experiment after each kept checkpoint (consistent resume); on every-epoch checkpoints
     # it warns that this happens often. It is expected here, and cheap on local storage.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Ctrl-C reaches the driver as KeyboardInterrupt (exit 130, the search resumable) instead of Tune's handler,
+    # whose fit() returns as if the search had ended: champions registered, the rest silently lost (issue 30,
+    # kind 6). Tune's experiment state is saved as the trials report, which is what resume restores.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     quiet_libraries(verbose)
     init_ray(address, verbose, drivers=not runs_in_process(cfg.resources))
 

@@ -100,6 +100,7 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
+        trials_cb.interrupt()
         raise
     except BaseException as e:
         end["error"] = f"{type(e).__name__}: {e}"

@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from trainables.data import h5file  # noqa: F401 - registers hdf5plugin's filters where installed
 from trainables.data.setup import DataSetup
 from trainables.data.targets import encode_labels
 from trainables.data.transforms import output_size, preprocess, random_flip, to_chw
