@@ -480,6 +480,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # downloads stay off the terminal
+    if args.cmd in ("run", "resume", "confirm"):  # long searches: SIGTERM stops them as Ctrl-C does
+        from e2e_search.search.ray_env import stop_on_sigterm
+
+        stop_on_sigterm()
     try:
         _ray_address(args)
         return {"run": _cmd_run, "resume": _cmd_resume, "confirm": _cmd_confirm, "validate": _cmd_validate,
@@ -489,9 +493,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        from e2e_search.search.ray_env import was_terminated
+
         print("interrupted: finished trials are in MLflow; e2e-search resume EXPERIMENT continues the search",
               file=sys.stderr)
-        return 130
+        return 143 if was_terminated() else 130
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def reopen_search_run(client, parent: str, times: int) -> None:
 
 
 def finish_search_run(client, parent: str, trials_cb, cfg: SearchSpace, run_name: str, status: str,
-            error: str | None) -> dict[str, Any]:
+            error: str | None, interrupted: str | None = None) -> dict[str, Any]:
     """Record the end of a search on its parent run: best trial, champions, counts; the run is always closed
     (FAILED, with tag ``e2e.error``, when any of this fails: it never stays RUNNING).
     Returns {"winner", "best_rid", "end_error"}."""
@@ -78,8 +78,11 @@ def finish_search_run(client, parent: str, trials_cb, cfg: SearchSpace, run_name
                                                 search=run_name, metric=metric, mode=mode).items():
                 print(f"registered model '{name}' (alias champion) from run {rid}", flush=True)
                 client.set_tag(parent, mlflow_key(f"e2e.champion.{name}"), rid)
-        if status == "KILLED":  # Ctrl-C: resumable (a KILLED search without this tag stopped before Ray saved it)
-            client.set_tag(parent, "e2e.interrupted", "true")
+        if status == "KILLED":  # a signal: resumable (a KILLED search without this tag stopped before Ray saved it)
+            done = sum(1 for s in trials_cb.status.values() if s in ("FINISHED", "FAILED"))
+            running = sum(1 for tid in trials_cb.runs if tid not in trials_cb.status)
+            client.set_tag(parent, "e2e.interrupted", f"{interrupted or 'interrupted'}: {done} of "
+                                                      f"{cfg.search.num_samples} trials ended, {running} interrupted")
         client.log_metric(parent, "tracking_s", trials_cb.busy_s)  # driver time in MLflow logging
         n_failed = sum(1 for s in trials_cb.status.values() if s == "FAILED")
         client.set_tag(parent, "e2e.trials_failed", str(n_failed))

@@ -241,7 +241,7 @@ def find_resumable(client: MlflowClient, experiment: str, search_run: str | None
         if not found:
             raise NothingToResume(f"experiment '{experiment}' holds no e2e-search run", key="EXPERIMENT")
         run = found[0]
-    if run.info.status == "FINISHED" or (run.info.status == "KILLED" and run.data.tags.get("e2e.interrupted") != "true"):
+    if run.info.status == "FINISHED" or (run.info.status == "KILLED" and "e2e.interrupted" not in run.data.tags):
         raise NothingToResume(f"search {run.data.tags.get(MLFLOW_RUN_NAME, run.info.run_id)} of '{experiment}' "
                               f"{'finished' if run.info.status == 'FINISHED' else 'was killed before Ray saved it'}; "
                               "nothing to resume (start a new search with e2e-search run)", key="EXPERIMENT")

@@ -51,6 +51,34 @@ def init_ray(address: str | None, verbose: bool, drivers: bool = True) -> None:
                  include_dashboard=True, **kwargs)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or ``kill``'s stop), handled as Ctrl-C is: the search stops resumable (exit 143)."""
+
+
+_TERMINATED: list[bool] = []
+
+
+def _terminate(signum, frame) -> None:
+    _TERMINATED.append(True)
+    raise Terminated()
+
+
+def was_terminated() -> bool:
+    """Whether this process got SIGTERM (the exception it raised may reach the caller re-raised as a plain
+    KeyboardInterrupt by the libraries it passed through)."""
+    return bool(_TERMINATED)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM raises :class:`Terminated` in this (main) thread. Called again after ``ray.init``, which installs its
+    own SIGTERM handler in a driver (it logs and exits, leaving the search RUNNING)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+
+
 def start(cfg: SearchSpace, address: str | None, verbose: bool) -> None:
     """Tune's settings for this driver, quiet libraries, Ray connected (or started)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -63,6 +91,7 @@ def start(cfg: SearchSpace, address: str | None, verbose: bool) -> None:
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     quiet_libraries(verbose)
     init_ray(address, verbose, drivers=not runs_in_process(cfg.resources))
+    stop_on_sigterm()
 
 
 def runs_in_process(res: ResourcesConfig) -> bool:

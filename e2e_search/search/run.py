@@ -100,13 +100,15 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
+        end["interrupted"] = "SIGTERM" if ray_env.was_terminated() else "SIGINT (Ctrl-C)"
         trials_cb.interrupt()
         raise
     except BaseException as e:
         end["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
-        end.update(finish_search_run(client, parent, trials_cb, cfg, run_name, status, end.get("error")))
+        end.update(finish_search_run(client, parent, trials_cb, cfg, run_name, status, end.get("error"),
+                                     end.get("interrupted")))
     winner = end["winner"]
     early = sum(1 for tid, s in trials_cb.status.items()
                 if s == "FINISHED" and int(trials_cb.last.get(tid, {}).get("epoch", 0)) < cfg.scheduler.max_epochs)
