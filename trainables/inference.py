@@ -49,6 +49,8 @@ class Rebuilt:
     """``image``, ``objects`` or ``hits``."""
     epoch: int | None
     metrics: dict[str, Any]
+    data: dict[str, Any]
+    """The checkpoint's ``data`` (the DataSetup's settings as saved)."""
 
 
 def rebuild(path: str | Path) -> Rebuilt:
@@ -70,7 +72,7 @@ def rebuild(path: str | Path) -> Rebuilt:
     model.eval()
     caps = get_family(family).capabilities
     inputs = "objects" if caps.inputs == "objects" else "hits" if caps.hits else "image"
-    return Rebuilt(model, family, params, setup, inputs, ckpt.epoch, dict(ckpt.metrics))
+    return Rebuilt(model, family, params, setup, inputs, ckpt.epoch, dict(ckpt.metrics), dict(ckpt.data))
 
 
 class ImagePreprocess(nn.Module):

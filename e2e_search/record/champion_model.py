@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from mlflow.tracking import MlflowClient
 
+from e2e_search.record.checkpoints import file_row_shape
 from trainables.core.layout import BEST_ARTIFACT
 
 MODEL_ARTIFACT = "model"
@@ -34,12 +35,9 @@ def _example(r) -> list[np.ndarray]:
     try:
         return raw_rows(s, rows)
     except OSError:  # the file moved since the search: the shape is enough for a signature
-        n = EXAMPLE_ROWS
+        shape = (EXAMPLE_ROWS, *file_row_shape(s))
         if s.kind == "objects":
-            return [np.zeros((n, *map(int, s.img_size)), np.float32), np.ones((n, int(s.img_size[0])), bool)]
-        H, W = (int(v) for v in (s.src_size or s.img_size))
-        C = max(s.channels) + 1  # at least the channels the model reads
-        shape = (n, H, W, C) if s.layout == "channels_last" else (n, C, H, W)
+            return [np.zeros(shape, np.float32), np.ones(shape[:2], bool)]
         return [np.zeros(shape, np.float32)]
 
 

@@ -77,16 +77,16 @@ def as_raw(t: Trained, asked: str) -> Trained:
     if asked == "preprocessed":
         return t
     try:
-        wrapped = RawInputModel(Rebuilt(t.model, t.family, t.params, t.setup, t.inputs, t.epoch, t.metrics))
+        wrapped = RawInputModel(Rebuilt(t.model, t.family, t.params, t.setup, t.inputs, t.epoch, t.metrics, t.data))
     except RawInputError as e:
         if asked == "raw":
             raise UserError(f"{e}", key="--inputs") from None
         return t
     wrapped.eval()
-    return dataclasses.replace(t, model=wrapped, form="raw", raw_row=_file_row_shape(t.setup))
+    return dataclasses.replace(t, model=wrapped, form="raw", raw_row=file_row_shape(t.setup))
 
 
-def _file_row_shape(s) -> tuple[int, ...]:
+def file_row_shape(s) -> tuple[int, ...]:
     """One row of the data file's ``image_key`` (every channel, the file's layout); from the checkpoint's settings
     when the file is not readable here."""
     try:
@@ -257,35 +257,26 @@ def log_beside(source: str, tracking_uri: str | None, path: Path) -> str | None:
 
 # --------------------------------------------------------------------------- checkpoint -> model
 def load_trained(path: Path, desc: str) -> Trained:
+    """The model of checkpoint ``path`` as the worker loop built it (trainables.inference.rebuild); a checkpoint
+    that cannot be read or rebuilt is a UserError naming SOURCE (``desc`` says where it came from)."""
     from trainables.core.checkpoint import CheckpointError, TrialCheckpoint
-    from trainables.core.model import build_model
-    from trainables.registry import get_family
+    from trainables.inference import rebuild
 
     try:
-        ckpt = TrialCheckpoint.load(path)
+        r = rebuild(path)
     except CheckpointError as e:
         raise UserError(f"'{desc}' {e}; give a trial's checkpoint.pt" if not str(e).startswith("the checkpoint")
                         else f"'{desc}': {e}", key="SOURCE") from None
-    setup = ckpt.setup()
-    data, family, params = dict(ckpt.data), ckpt.family, dict(ckpt.params)
-    try:
-        model = build_model(family, params, setup)
     except UserError as e:
         raise UserError(f"'{desc}': {e.message}", key="SOURCE") from None
+    except RuntimeError as e:  # load_state_dict: names or shapes that do not fit
+        raise UserError(f"the weights of '{desc}' do not fit the {TrialCheckpoint.load(path).family} model rebuilt "
+                        f"from its params ({first_line(e)[:300]})", key="SOURCE") from None
     except Exception as e:  # noqa: BLE001 - pydantic/ValueError from a family's build
-        raise UserError(f"cannot rebuild family '{family}' from the checkpoint's params ({first_line(e)[:300]})",
-                        key="SOURCE") from None
-    try:
-        model.load_state_dict(ckpt.model_state())
-    except RuntimeError as e:
-        raise UserError(f"the weights of '{desc}' do not fit the {family} model rebuilt from its params "
+        raise UserError(f"cannot rebuild family '{TrialCheckpoint.load(path).family}' from the checkpoint's params "
                         f"({first_line(e)[:300]})", key="SOURCE") from None
-    model.eval()
-    caps = get_family(params.get("family", family)).capabilities
-    inputs = "objects" if caps.inputs == "objects" else "hits" if caps.hits else "image"
-    return Trained(model=model, family=params.get("family", family), inputs=inputs,
-                   params=params, data=data, setup=setup, epoch=ckpt.epoch, metrics=dict(ckpt.metrics),
-                   source=desc)
+    return Trained(model=r.model, family=r.family, inputs=r.inputs, params=r.params, data=r.data, setup=r.setup,
+                   epoch=r.epoch, metrics=r.metrics, source=desc)
 
 
 
