@@ -312,10 +312,12 @@ def _cmd_report(args) -> int:
     return 0
 
 
-def _latest_search(uri: str, experiment: str | None) -> tuple[str | None, str | None]:
-    """(experiment id, search metric) of the latest e2e-search search in ``experiment`` (default: in the store)."""
+def _latest_search(uri: str, experiment: str | None) -> tuple[str | None, str | None, bool]:
+    """(experiment id, search metric, whether its runs view is shared) of the latest e2e-search search in
+    ``experiment`` (default: in the store)."""
     from mlflow.tracking import MlflowClient
 
+    from e2e_search.record.runs_view import SHARED_VIEW_TAG, view_key
     from e2e_search.record.store import experiment_of
 
     client = MlflowClient(tracking_uri=uri)
@@ -326,26 +328,10 @@ def _latest_search(uri: str, experiment: str | None) -> tuple[str | None, str | 
     found = client.search_runs(ids, filter_string="tags.`e2e.kind` = 'search'",
                                order_by=["attributes.start_time DESC"], max_results=1) if ids else []
     if not found:
-        return (ids[0] if experiment else None), None
-    return found[0].info.experiment_id, found[0].data.tags.get("e2e.metric")
-
-
-def runs_link(base: str, exp_id: str, metric: str | None) -> str:
-    """The runs table of an experiment in MLflow's model-training view, sorted by the search metric (which puts
-    its column in view); best first when the metric is maximized."""
-    from urllib.parse import quote
-
-    from e2e_search.spec.schema import MAXIMIZED
-
-    link = f"{base}/#/experiments/{exp_id}/runs?{TRAINING_VIEW}"
-    if metric:
-        link += f"&orderByKey={quote(f'metrics.`best_{metric}`')}&orderByAsc={'false' if metric in MAXIMIZED else 'true'}"
-    return link
-
-
-TRAINING_VIEW = "workflowType=machine_learning"
-"""MLflow 3's UI shows an experiment in its GenAI mode (traces, judges, prompts) unless the link asks for its
-model-training mode (or the user switched it once in that browser)."""
+        return (ids[0] if experiment else None), None, False
+    exp_id, metric = found[0].info.experiment_id, found[0].data.tags.get("e2e.metric")
+    shared = metric is not None and SHARED_VIEW_TAG + view_key(metric) in client.get_experiment(exp_id).tags
+    return exp_id, metric, shared
 
 
 def _port_free(host: str, port: int) -> None:
@@ -369,12 +355,14 @@ def _cmd_ui(args) -> int:
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be 1..65535 (got {args.port}); use a free port, e.g. --port 5000", key="--port")
     _port_free(args.host, args.port)
-    exp_id, metric = _latest_search(uri, args.experiment)
+    from e2e_search.record.runs_view import runs_link
+
+    exp_id, metric, shared = _latest_search(uri, args.experiment)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
     base = f"http://{'[' + host + ']' if ':' in host else host}:{args.port}"
     print(f"MLflow UI on {base} over {uri} (Ctrl-C stops it)", flush=True)
     if exp_id is not None:  # MLflow 3's UI opens an experiment on its GenAI overview: link the runs table
-        print(f"runs of the latest search: {runs_link(base, exp_id, metric)}", flush=True)
+        print(f"runs of the latest search: {runs_link(base, exp_id, metric, shared)}", flush=True)
     # Only what the UI needs: MLflow's launcher and one uvicorn worker, no job runner (its huey consumers
     # serve GenAI jobs: 8 more processes and ~2 GB).
     os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"

@@ -13,7 +13,8 @@ import urllib.request
 
 import pytest
 
-from e2e_search.cli import main, runs_link
+from e2e_search.cli import main
+from e2e_search.record.runs_view import runs_link
 from tests.conftest import base_config, write_e2e, write_yaml
 
 
@@ -41,6 +42,7 @@ def searched(tmp_path_factory, ray_local):
     tmp = tmp_path_factory.mktemp("served")
     data = write_e2e(tmp / "jets.h5", n=48)
     cfg = base_config(tmp, data, name="served", search={"num_samples": 3, "seed": 1},
+                      data={"path": str(data), "val_fraction": 0.25, "test_fraction": 0.25},
                       scheduler={"type": "none", "max_epochs": 1})
     yml = write_yaml(tmp / "s.yaml", cfg)
     import os
@@ -99,7 +101,10 @@ def test_ui_starts_only_what_it_needs_and_links_the_runs_table(served, searched)
     lines = log.read_text().splitlines()
     assert lines[0] == f"MLflow UI on {base} over {uri} (Ctrl-C stops it)"
     assert lines[1] == f"runs of the latest search: {runs_link(base, exp.experiment_id, 'val_auc')}"
-    assert "workflowType=machine_learning" in lines[1] and "orderByKey=metrics.%60best_val_auc%60" in lines[1]
+    assert "workflowType=machine_learning" in lines[1] and "viewStateShareKey=e2e-search-val_auc" in lines[1]
+    view = json.loads(exp.tags["mlflow.sharedViewState.e2e-search-val_auc"])  # written by the search at its start
+    assert view["orderByKey"] == "metrics.`best_val_auc`" and view["orderByAsc"] is False
+    assert {"tags.`e2e.family`", "metrics.`best_val_auc`", "metrics.`test_auc_mean`"} <= set(view["selectedColumns"])
 
 
 def test_search_through_the_mlflow_rest_api(served):
@@ -154,8 +159,9 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
 def test_mlflow_ui_in_a_browser(served, searched, tmp_path):
-    """Debian's chromium (driven by Selenium) opens the experiment's runs page of the MLflow UI, expands
-    the search's parent run and finds every trial run; the page is saved as a screenshot."""
+    """Debian's chromium (driven by Selenium) opens the experiment's runs page of the MLflow UI (after `confirm`, so
+    that test metrics exist), expands the search's parent run and finds every trial run, with the family, the search
+    metric and the test metrics as columns; the page is saved as a screenshot."""
     import os
     import shutil
 
@@ -168,7 +174,13 @@ def test_mlflow_ui_in_a_browser(served, searched, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     base, *_ = served
-    _, uri = searched
+    tmp, uri = searched
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:  # last in this module: confirm moves the champion alias the REST test checks
+        assert main(["confirm", "served", "--top", "1", "--seeds", "2", "--tracking-uri", uri]) == 0
+    finally:
+        os.chdir(cwd)
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("served")
     runs = client.search_runs([exp.experiment_id])
@@ -178,7 +190,7 @@ def test_mlflow_ui_in_a_browser(served, searched, tmp_path):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1600,1000"):
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=2200,1000"):
         opts.add_argument(a)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     shot = tmp_path / "mlflow_ui_experiment.png"
@@ -202,9 +214,13 @@ def test_mlflow_ui_in_a_browser(served, searched, tmp_path):
         assert "Model registry" in side and "Judges" not in side and "Prompts" not in side, side[:500]
         for close in driver.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):  # the assistant panel
             close.click()
-        # sorted by the search metric, best first (the trial runs are named <family>-<trial id>)
+        # sorted by the search metric, best first (the trial runs are named <family>-<trial id>), with the family,
+        # the search metric and the test metrics as columns (the search's shared view: e2e_search/record/runs_view.py)
         assert driver.find_elements(By.CSS_SELECTOR, "button[aria-label='Sort: best_val_auc']")
         assert all(t.data.tags["mlflow.runName"].startswith("vit-") for t in trials)
+        heads = lambda d: {h.text for h in d.find_elements(By.CSS_SELECTOR, "[role=columnheader]")}  # noqa: E731
+        headers = wait.until(lambda d: heads(d) if "test_auc_mean" in heads(d) else None)
+        assert {"e2e.family", "best_val_auc", "test_auc", "test_auc_mean"} <= headers, headers
         driver.save_screenshot(str(shot))
     finally:
         driver.quit()

@@ -16,6 +16,7 @@ def start_search_run(client, exp_id: str, cfg: SearchSpace, data: DataSetup, sto
     """Open the parent run of a new search -> (run name, run id). ``warm``: the earlier trials it starts from
     (e2e_search/search/warm_start.py)."""
     from e2e_search.data.fileid import TAG, data_hash
+    from e2e_search.record.runs_view import share_runs_view
     from e2e_search.record.store import start_parent_run
 
     metric, mode = cfg.metrics[0], cfg.modes[0]
@@ -34,6 +35,7 @@ def start_search_run(client, exp_id: str, cfg: SearchSpace, data: DataSetup, sto
                 "data_path": cfg.data.path, "train_size": len(data.train), "val_size": len(data.val),
                 **({"warm_start": warm.experiment} if warm is not None else {})},
     )
+    share_runs_view(client, exp_id, metric, cfg.task.type)  # the runs table `ui` links (its columns)
     return run_name, parent
 
 
