@@ -56,12 +56,13 @@ def test_recon_metrics_average_only_hidden_real_objects():
     assert (err[~hidden] == 0).all() and (err[hidden] > 0).all()
     pred = m.reconstruct_hidden(x, mask, hidden)
     assert torch.allclose(err[hidden], (pred - x).pow(2)[hidden], atol=1e-6)
-    sq, cnt = masked_sums(m, [((x, mask), torch.zeros(len(x)))], "cpu")
-    out = recon_metrics(sq, cnt)
+    sq, cnt, mom = masked_sums(m, [((x, mask), torch.zeros(len(x)))], "cpu")
+    out = recon_metrics(sq, cnt, mom)
     names = {f"val_recon_{o}_{f}" for o in ("lepton", "met", "jet1", "jet2", "jet3", "jet4")
              for f in ("pt", "eta", "phi", "btag")}
     hidden_slots = {o for i, o in enumerate(("lepton", "met", "jet1", "jet2", "jet3", "jet4")) if cnt[i] > 0}
-    assert {k for k in out if k.count("_") == 3} == {n for n in names if n.split("_")[2] in hidden_slots}
+    assert {k for k in out if k.count("_") == 3 and not k.endswith("_ratio")} == {
+        n for n in names if n.split("_")[2] in hidden_slots}
     i = int(torch.nonzero(cnt)[0])
     obj = ("lepton", "met", "jet1", "jet2", "jet3", "jet4")[i]
     # the same fixed draw as masked_sums: per slot, the mean squared error over the events that hid it
@@ -70,6 +71,10 @@ def test_recon_metrics_average_only_hidden_real_objects():
     e = m.masked_errors(x, mask, h)
     assert out[f"val_recon_{obj}_pt"] == pytest.approx(float(e[h[:, i], i, 0].mean()), rel=1e-5)
     assert out["val_recon"] == pytest.approx(float(e.sum() / (h.sum() * 4)), rel=1e-5)
+    # issue 29: the slot's error against its own mean predictor (each feature's variance over the hidden objects)
+    xs = x[h[:, i], i].double()                                               # (n hidden in slot i, F)
+    var = float(((xs - xs.mean(0)) ** 2).sum())
+    assert out[f"val_recon_{obj}_ratio"] == pytest.approx(float(e[h[:, i], i].sum()) / var, rel=1e-5)
     assert all(math.isfinite(v) and v >= 0 for v in out.values())
 
 
@@ -127,7 +132,7 @@ def test_loop_logs_recon_while_pretraining_and_saves_task_attention(tmp_path):
                             metric="val_auc", mode="max", metrics=["val_auc"]), s)
     (m1, f1), (m2, f2), (m3, f3) = s.reports
     recon = {k: v for k, v in m1.items() if k.startswith("val_recon")}
-    assert "val_recon_jet1_pt" in recon and "val_recon" in recon and len(recon) == 6 * 4 + 6 + 1
+    assert "val_recon_jet1_pt" in recon and "val_recon" in recon and len(recon) == 6 * 4 + 6 + 6 + 1  # feature, slot, ratio
     assert {k: m3[k] for k in recon} == recon                                 # carried to the task epochs
     assert not (f1 / layout.ATTENTION_FILE).exists()                           # no task head trained yet
     for f in (f2, f3):
@@ -141,12 +146,17 @@ def test_loop_logs_recon_while_pretraining_and_saves_task_attention(tmp_path):
 
 # --------------------------------------------------------------------------- conditional grids, the shipped ablation
 def test_conditional_grid_points_are_queued_once():
+    """Issue 29's ablation: pretraining off/on at 1%, 10% and 100% labels, one query per task against a shared one
+    (at every label, so the comparison is at both pretraining settings): 8 grid points, each queued once."""
     cfg = load(SPACES / "mae_event_ablation.yaml")
     pts = grid_points(cfg)
-    assert len(pts) == 6 == cfg.search.num_samples and cfg.search.confirm.top == 6
-    assert sum("mask_ratio" in p for p in pts) == 4
-    assert {(p["pretrain_epochs"], p.get("mask_ratio"), p["task_queries"]) for p in pts} == {
-        (0, None, 1), (0, None, 4), (2, 0.15, 1), (2, 0.15, 4), (2, 0.5, 1), (2, 0.5, 4)}
+    assert len(pts) == 8 == cfg.search.num_samples and cfg.search.confirm.top == 8
+    assert sum("query_sharing" in p for p in pts) == 4
+    assert {(p["pretrain_epochs"], p["label_fraction"], p.get("query_sharing")) for p in pts} == {
+        (0, 0.01, None), (0, 0.1, None), (0, 1.0, "per_task"), (0, 1.0, "shared"),
+        (4, 0.01, None), (4, 0.1, None), (4, 1.0, "per_task"), (4, 1.0, "shared")}
+    assert cfg.task.type == "joint" and cfg.task.target == "n_b" and cfg.data.generate.n >= 20000
+    assert cfg.data.generate.n * cfg.data.test_fraction >= 4000
 
 
 # --------------------------------------------------------------------------- the report section

@@ -107,8 +107,9 @@ def test_tasks_none_means_single_block():
 # --------------------------------------------------------------------------- set invariances
 @pytest.mark.parametrize("shape", SHAPES)
 def test_permutation_invariance(shape):
+    """Without slot embeddings the object list is a set: the outputs do not depend on its order."""
     n, f = shape
-    m = build(n, f, {"classification": 2, "regression": 1}, task_queries=2).eval()
+    m = build(n, f, {"classification": 2, "regression": 1}, task_queries=2, object_embedding="none").eval()
     x, mask = batch(4, n, f)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -117,8 +118,41 @@ def test_permutation_invariance(shape):
     assert not torch.allclose(out[0], out[1])                                   # outputs do depend on the event
 
 
-def test_padding_invariance():
+def test_slot_embedding_tells_objects_apart():
+    """Issue 29: with ``object_embedding: slot`` (the default) the slot says what an object is: the same features
+    in another slot give other outputs, and a hidden object's mask token differs per slot; padding in the slots
+    an event does not fill still changes nothing."""
     m = build(6, 4, {"classification": 2, "regression": 1}).eval()
+    assert m.encoder.slot is not None and tuple(m.encoder.slot.shape) == (6, 16)
+    x, mask = batch(4, 6, 4)
+    perm = torch.tensor([1, 0, 2, 3, 4, 5])
+    with torch.no_grad():
+        out, out_p = m(x, mask), m(x[:, perm], mask[:, perm])
+        assert not torch.allclose(out_p[0], out[0], atol=1e-4)                  # lepton <-> MET swapped: another event
+        x2 = x.clone()
+        x2[~mask] = torch.randn(int((~mask).sum()), 4) * 100
+        torch.testing.assert_close(m(x2, mask), out, atol=1e-5, rtol=1e-5)
+        hidden = torch.zeros_like(mask)
+        hidden[0, 2] = hidden[0, 3] = True                                         # two jets hidden in event 0
+        pred = m.reconstruct_hidden(torch.zeros_like(x), mask, hidden)
+        assert not torch.allclose(pred[0, 2], pred[0, 3], atol=1e-5)             # each mask token knows its slot
+
+
+def test_shared_query_against_one_per_task():
+    """``query_sharing: shared``: one set of queries that every task reads (the baseline of issue 29's ablation)."""
+    tasks = {"classification": 2, "regression": 1}
+    per_task, shared = build(6, 4, tasks, task_queries=2), build(6, 4, tasks, task_queries=2, query_sharing="shared")
+    assert per_task.queries.shape[0] == 4 and shared.queries.shape[0] == 2
+    assert per_task.query_labels() == ["classification q1", "classification q2", "regression q1", "regression q2"]
+    assert shared.query_labels() == ["shared q1", "shared q2"]
+    x, mask = batch(4, 6, 4)
+    assert shared(x, mask).shape == (4, 3) and shared.task_attention(x, mask).shape == (4, 2, 6)
+    task_loss(shared(x, mask), tasks).backward()
+    assert shared.queries.grad is not None and shared.queries.grad.abs().sum() > 0
+
+
+def test_padding_invariance():
+    m = build(6, 4, {"classification": 2, "regression": 1}, object_embedding="none").eval()
     x, mask = batch(4, 6, 4)
     garbage = torch.randn(4, 5, 4) * 100
     x2 = torch.cat([x, garbage], dim=1)                                        # (4, 11, 4)

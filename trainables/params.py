@@ -34,6 +34,10 @@ class TrainParams(BaseModel):
     """A checkpoint.pt (of an earlier trial, e.g. a masked-autoencoder pretraining) whose weights with
     matching names and shapes initialize the model before training."""
     seed: int = 0
+    label_fraction: float = Field(default=1.0, gt=0, le=1)
+    """Fraction of the training events whose labels the task epochs use (the rest serve only ``pretrain_epochs``
+    of a family that pretrains): the first of the split's stratified label order, the same for every trial
+    (trainables/data/labelled.py). 1.0: every label."""
     # Speed options (docs/search_space.md, "Training speed options"); the defaults keep CPU training as it was.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto: bf16 autocast on a GPU, fp32 on the CPU; bf16: autocast to bfloat16 on any device; fp32: no autocast."""

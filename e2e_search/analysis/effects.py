@@ -287,23 +287,30 @@ def importance_figure(imp: dict[str, float], metric: str, note: str):
 
 
 def attention_compare_figure(maps: dict[str, list[dict[str, np.ndarray]]], objects: list[str], groups: list[str]):
-    """Side by side per pretraining setting (``maps``: setting -> per trial {task: (G, N)}): the attention of
-    each task's queries (averaged over the queries and the trials) over the object slots, per event group."""
+    """Side by side per pretraining setting (``maps``: setting -> per trial {task: (G, N)}), one row per task
+    query (``shared`` for trials whose tasks read one shared query): the attention of the task's queries
+    (averaged over its queries and the trials that have it) over the object slots, per event group."""
     plt = _plt()
     settings = list(maps)
-    task = next(iter(next(iter(maps.values()))[0]))
-    fig, axes = plt.subplots(1, len(settings), figsize=(4.6 * len(settings), 3.4), squeeze=False, sharey=True)
+    tasks = list(dict.fromkeys(t for ms in maps.values() for m in ms for t in m))
+    fig, axes = plt.subplots(len(tasks), len(settings), figsize=(4.6 * len(settings), 2.9 * len(tasks)),
+                             squeeze=False, sharey=True)
     width = 0.8 / max(1, len(groups))
-    for ax, s in zip(axes[0], settings):
-        mean = np.mean([m[task] for m in maps[s]], axis=0)                   # (G, N)
-        for g, name in enumerate(groups):
-            ax.bar(np.arange(len(objects)) + (g - (len(groups) - 1) / 2) * width, mean[g], width, label=name,
-                   color=("C0", "C3", "C2", "C4")[g % 4])
-        ax.set_xticks(range(len(objects)), objects, fontsize=8)
-        ax.set_title(f"{s} ({len(maps[s])} trial{'s' if len(maps[s]) != 1 else ''})", fontsize=9)
-    axes[0, 0].set_ylabel(f"'{task}' queries' attention weight", fontsize=8)
+    for r, task in enumerate(tasks):
+        for ax, s in zip(axes[r], settings):
+            have = [m[task] for m in maps[s] if task in m]
+            if not have:
+                ax.set_axis_off()
+                continue
+            mean = np.mean(have, axis=0)                                     # (G, N)
+            for g, name in enumerate(groups):
+                ax.bar(np.arange(len(objects)) + (g - (len(groups) - 1) / 2) * width, mean[g], width, label=name,
+                       color=("C0", "C3", "C2", "C4")[g % 4])
+            ax.set_xticks(range(len(objects)), objects, fontsize=8)
+            ax.set_title(f"'{task}' query, {s} ({len(have)} trial{'s' if len(have) != 1 else ''})", fontsize=9)
+        axes[r, 0].set_ylabel("attention weight", fontsize=8)
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle("what the task heads look at, with and without masked-object pretraining "
+    fig.suptitle("what each task's query looks at, with and without masked-object pretraining "
                  "(validation, each trial's best epoch)", fontsize=9)
     fig.tight_layout()
     return fig
@@ -395,12 +402,14 @@ def _recon_table(trials: list, scores: list[float], mode: str) -> str:
     objs = list(dict.fromkeys(k.rsplit("_", 1)[0] for k in keys if "_" in k and k.rsplit("_", 1)[1] in feats))
     rows = "".join(f"<tr><th>{html.escape(o)}</th>" + "".join(
         f"<td>{m.get(f'best_val_recon_{o}_{f}', math.nan):.3f}</td>" for f in feats)
-        + f"<td>{m.get(f'best_val_recon_{o}', math.nan):.3f}</td></tr>" for o in objs)
+        + f"<td>{m.get(f'best_val_recon_{o}', math.nan):.3f}</td>"
+        + f"<td>{m.get(f'best_val_recon_{o}_ratio', math.nan):.3f}</td></tr>" for o in objs)
     return (f"<p>Masked-object reconstruction of the best pretrained trial (<code>{best[0].info.run_id}</code>): "
             f"mean squared error of the hidden objects on the validation split, in standardized units (1 = as "
             f"good as predicting each feature's mean); overall {m.get('best_val_recon', math.nan):.3f}. Metrics "
             f"<code>val_recon_&lt;object&gt;_&lt;feature&gt;</code> of each pretrained trial.</p><table><tr><th></th>"
-            + "".join(f"<th>{html.escape(f)}</th>" for f in feats) + f"<th>mean</th></tr>{rows}</table>")
+            + "".join(f"<th>{html.escape(f)}</th>" for f in feats) + "<th>mean</th><th>against the slot's mean "
+            f"predictor (&le; 0.5: half its error or less)</th></tr>{rows}</table>")
 
 
 def effects_section(client, trials: list, resolved: dict | None, metric: str, mode: str,
@@ -454,4 +463,47 @@ def effects_section(client, trials: list, resolved: dict | None, metric: str, mo
         if len(maps) < 2 and "pretrain_epochs" in dims:
             out.append("<p>Only one pretraining setting has finished trials with maps: no side-by-side view.</p>")
     out.append(_recon_table(done, scores, mode))
+    out.append(_paired_sections(confirmed, done, dims))
+    return "\n".join(out)
+
+
+def _paired_sections(confirmed: dict | None, done: list, dims: dict[str, Any]) -> str:
+    """Pretraining against training from scratch at each labelled fraction, and one query per task against one
+    shared query (e2e_search/analysis/paired.py), when the search varied them and confirm scored them."""
+    from e2e_search.analysis.paired import pairs, pairs_table
+
+    if not confirmed or "pretrain_epochs" not in dims and "query_sharing" not in dims:
+        return ""
+    params_of = {t.info.run_id: dict(t.data.params) for t in done}
+    searched = list(dims)
+    defaults = {"label_fraction": "1.0", "query_sharing": "per_task"}
+    out = []
+    if "pretrain_epochs" in dims:
+        rows = [r for r in pairs(confirmed, params_of, searched, "pretrain_epochs", "0",
+                                 "label_fraction" if "label_fraction" in dims else None, defaults)]
+        if "query_sharing" in dims:  # the per-task heads' rows (the shared ones are the next table's)
+            per_task = {fin["label"] for f, fin in enumerate(confirmed["finalists"])
+                        if params_of.get(fin["source_run"], {}).get("query_sharing", "per_task") == "per_task"}
+            rows = [r for r in rows if r["baseline"]["label"] in per_task]
+        if rows:
+            out.append("<h3>Pretraining against training from scratch" + (", per labelled fraction"
+                       if "label_fraction" in dims else "") + "</h3><p>Finalists that differ only in "
+                       "<code>pretrain_epochs</code>; test figures of <code>confirm</code> (mean over seeds, 95% "
+                       "bootstrap interval); P: share of paired bootstrap replicates (test events and seeds "
+                       "resampled together) in which the pretrained model scores better. <code>label_fraction</code>: "
+                       "the share of training events whose labels the task epochs use; pretraining reads every "
+                       "training event without its label.</p>")
+            out.append(pairs_table(rows, factor="pretrain_epochs", baseline_name="from scratch",
+                                   technique_name="pretrained", stratum="label_fraction" if "label_fraction" in dims
+                                   else None))
+    if "query_sharing" in dims:
+        rows = pairs(confirmed, params_of, searched, "query_sharing", "shared",
+                     "pretrain_epochs" if "pretrain_epochs" in dims else None, defaults)
+        if rows:
+            out.append("<h3>One query per task against one shared query</h3><p>Finalists that differ only in "
+                       "<code>query_sharing</code>; P: share of paired bootstrap replicates in which one query per "
+                       "task scores better.</p>")
+            out.append(pairs_table(rows, factor="query_sharing", baseline_name="shared query",
+                                   technique_name="query per task", stratum="pretrain_epochs"
+                                   if "pretrain_epochs" in dims else None))
     return "\n".join(out)

@@ -16,7 +16,7 @@ import numpy as np
 
 from e2e_search.data.labels import label_source, read_labels
 from e2e_search.data.objects import inspect_objects
-from e2e_search.data.splits import split_checked
+from e2e_search.data.splits import label_order_checked, split_checked
 from e2e_search.spec.schema import SearchSpace
 from trainables.data import images  # its memory checks are the trial's own (one place to change, or patch)
 from trainables.data.h5file import need_dataset, open_h5
@@ -80,6 +80,7 @@ def inspect(cfg: SearchSpace) -> DataSetup:
         H, W, channels = _check_images(cfg, X, len(y), label_key, label_which)
         train, val, test = split_checked(cfg, len(X), y, t)
         setup = _new_setup(cfg, label_key, tkey, channels, (int(H), int(W)), (train, val, test))
+        setup.label_order = label_order_checked(cfg, train, y)
         if cfg.task.regresses:
             setup.target_mean, setup.target_std = target_stats(y if t is None else t, train)
         _measure(cfg, X, setup)

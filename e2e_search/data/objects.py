@@ -26,7 +26,7 @@ import numpy as np
 
 from e2e_search.data.h5cache import cache_ok, cache_path, cached_cfg, identity
 from e2e_search.data.labels import check_labels, label_source, read_labels, target_source
-from e2e_search.data.splits import split_checked
+from e2e_search.data.splits import label_order_checked, split_checked
 from e2e_search.spec.schema import SearchSpace
 from trainables.data.h5file import need_dataset, open_h5
 from trainables.data.setup import DataSetup
@@ -61,7 +61,7 @@ def inspect_objects(cfg: SearchSpace) -> DataSetup:
     setup = DataSetup(path=str(Path(d.path).resolve()), image_key=d.image_key, label_key=label_key, layout="objects",
                       channels=list(range(n_feat)), in_chans=n_feat, img_size=(n_obj, n_feat), task=cfg.task.type,
                       num_classes=cfg.task.num_classes or 0, train=train, val=val, test=test, mean=d.mean, std=d.std,
-                      kind="objects", mask_key=mask_key, target_key=tkey)
+                      kind="objects", mask_key=mask_key, target_key=tkey, label_order=label_order_checked(cfg, train, y))
     if d.mean is not None and len(d.mean) != n_feat:
         raise UserError(f"mean/std need {n_feat} values (one per feature)", key="data.mean")
     if d.normalize == "per_channel" and d.mean is None:

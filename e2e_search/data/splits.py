@@ -105,3 +105,32 @@ def split_checked(cfg: SearchSpace, n: int, y: np.ndarray, t: np.ndarray | None 
                                 f"split by {by}): a regression needs at least 2 in each; raise {key} or give more "
                                 "samples", key=key)
     return train, val, test
+
+
+def label_order_checked(cfg: SearchSpace, train: list[int], y: np.ndarray) -> list[int]:
+    """The training split's label order (trainables/data/labelled.py), checked before Ray against every
+    ``label_fraction`` the search can give a trial: each class keeps at least one labelled training event.
+    ``y``: converted labels of every sample. Raises UserError naming params.label_fraction."""
+    from e2e_search.spec.shapes import candidates
+    from trainables.data.labelled import label_order, labelled_count
+
+    classes = np.asarray(y)[np.asarray(train, np.int64)] if cfg.task.classifies and len(train) else None
+    order = label_order(train, classes, cfg.data.seed)
+    dim = cfg.params.get("label_fraction")
+    if dim is None or classes is None:
+        return order
+    fractions = [float(v) for v in candidates(dim, as_int=False) if isinstance(v, int | float)]
+    if not fractions:
+        return order
+    C = cfg.task.num_classes or 0
+    label_of = dict(zip(np.asarray(train, np.int64).tolist(), classes.tolist()))
+    f = min(fractions)  # the smallest keeps the fewest labels (its labelled events are among the others')
+    k = labelled_count(len(order), f)
+    counts = np.bincount([label_of[i] for i in order[:k]], minlength=C)
+    if (counts == 0).any():
+        c = int(np.argmin(counts))
+        first = next(i for i, e in enumerate(order) if label_of[e] == c)  # where class c's first label sits
+        raise UserError(f"label_fraction {f:g} keeps {k} of the {len(order)} training events' labels (per class "
+                        f"{counts.tolist()}): class {c} has no labelled training event; raise params.label_fraction "
+                        f"to at least {(first + 1) / len(order):.2g}", key="params.label_fraction")
+    return order

@@ -111,7 +111,7 @@ class TrialCheckpoint:
 
 def model_data(data: dict[str, Any]) -> dict[str, Any]:
     """What export and inference need of ``DataSetup.to_dict()`` to rebuild the model: the split lists left out."""
-    return {k: v for k, v in data.items() if k not in ("train", "val", "test")}
+    return {k: v for k, v in data.items() if k not in ("train", "val", "test", "label_order")}
 
 
 def checkpoint_score(metrics: dict[str, Any], metric: str, mode: str) -> float:

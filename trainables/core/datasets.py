@@ -25,7 +25,8 @@ _KEPT: dict[str, Any] = {}
 
 def _key(data: DataSetup, part: str, indices: list[int], train: bool) -> str:
     # the fields themselves, not to_dict(): asdict deep-copies the split lists (4 s for 10^6 rows)
-    settings = {f.name: getattr(data, f.name) for f in dataclasses.fields(data) if f.name not in ("train", "val", "test")}
+    settings = {f.name: getattr(data, f.name) for f in dataclasses.fields(data)
+                if f.name not in ("train", "val", "test", "label_order")}
     try:  # a file rewritten in place is read again
         st = os.stat(data.path)
         settings["_file"] = (st.st_size, st.st_mtime_ns)

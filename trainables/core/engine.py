@@ -128,6 +128,7 @@ class Engine:
             data, self.train_ds, self.val_ds, batch_size=self.tp.batch_size, device=self.device, rank=rank,
             world=world, seed=self.tp.seed, loader_workers=cfg.loader_workers, session=session, hits=caps.hits)
 
+        self.labelled_loader = self._labelled_loader(data, rank, world)
         model = build_model(cfg.family, cfg.params, data)
         if self.tp.pretrained:
             load_pretrained(model, self.tp.pretrained)
@@ -148,6 +149,20 @@ class Engine:
         self.loss_fn = task_loss(data, self.tp.loss, self.tp.loss_weight)
         # A GPU runs ahead of Python: checking the loss for NaN/Inf every step would wait for it each time.
         self.check_every = 1 if self.device.type != "cuda" else 50
+
+    def _labelled_loader(self, data, rank: int, world: int):
+        """``label_fraction`` < 1: the task epochs' batches, the labelled training events cycled to the length
+        of the training split (trainables/data/labelled.py); None when every label is used."""
+        if self.tp.label_fraction >= 1:
+            return None
+        from trainables.data.labelled import cycled, label_order, labelled_events
+
+        order = data.label_order if data.label_order is not None else label_order(data.train, None, 0)
+        events = cycled(labelled_events(order, self.tp.label_fraction), len(data.train), seed=0)
+        ds = open_split(data, "train_labelled", events, train=True)
+        return loaders(data, ds, self.val_ds, batch_size=self.tp.batch_size, device=self.device, rank=rank,
+                       world=world, seed=self.tp.seed, loader_workers=self.cfg.loader_workers, session=self.session,
+                       hits=self.caps.hits)[0]
 
     # ------------------------------------------------------------------ state
     def checkpoint(self, epoch: int, metrics: dict[str, Any]) -> TrialCheckpoint:
@@ -181,7 +196,9 @@ class Engine:
     def train_epoch(self, epoch: int, pretraining: bool) -> EpochResult:
         """One pass over this rank's training batches. Raises NonFiniteLoss on a NaN/Inf loss."""
         t0 = time.time()
-        for epoch_aware in (self.train_loader, getattr(self.train_loader, "sampler", None)):
+        # task epochs with label_fraction < 1 read the labelled events (as many batches: the same groups)
+        loader = self.train_loader if pretraining or self.labelled_loader is None else self.labelled_loader
+        for epoch_aware in (loader, getattr(loader, "sampler", None)):
             if epoch_aware is not None and hasattr(epoch_aware, "set_epoch"):
                 epoch_aware.set_epoch(epoch)
         model, device = self.model, self.device
@@ -189,9 +206,9 @@ class Engine:
         # Summed on the device in float64 (no host sync per step; the same sums as Python floats on the CPU).
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         n_seen, group, in_group = 0, 0, 0
-        n_batches = len(self.train_loader)
+        n_batches = len(loader)
         self.opt.zero_grad(set_to_none=True)
-        for i, (x, y) in enumerate(self.train_loader):
+        for i, (x, y) in enumerate(loader):
             x, y = channels_last(to_device(x, device), self.nhwc), y.to(device)
             size = self.groups[group] if group < len(self.groups) else 1
             in_group += 1

@@ -9,6 +9,9 @@ over the training objects: 1.0 is as bad as predicting the feature's mean; MSE =
     val_recon_<object>_<feature>   one per object slot and feature, e.g. val_recon_jet1_pt
     val_recon_<object>             the slot's mean over its features
     val_recon                      over every hidden object and feature
+    val_recon_<object>_ratio       the slot's error over that of the slot's own mean predictor (each feature
+                                   predicted by its mean over the slot's hidden objects, i.e. its variance
+                                   there): < 1 learns something, 0.5 halves the mean predictor's error
 
 Slot and feature names: trainables/data/object_names.py. A slot that was never hidden (e.g. absent in every
 event) has no metric. Fine-tuning epochs repeat the last pretraining epoch's figures (the decoder is not
@@ -46,26 +49,31 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def masked_sums(model: torch.nn.Module, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_sums(model: torch.nn.Module, loader, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Over ``loader``'s batches (((x (B, N, F), mask (B, N)), y)): summed squared errors of the hidden real
-    objects (N, F) float64 and how many objects each slot had hidden (N,) float64, summed over ranks."""
+    objects (N, F) float64, how many objects each slot had hidden (N,) float64 and the sums of the hidden
+    objects' features and their squares (2, N, F) float64, summed over ranks."""
     m = cast(_MaskedObjects, unwrap(model))
     gen = torch.Generator(device="cpu").manual_seed(SEED)
     sq: torch.Tensor | None = None
     cnt: torch.Tensor | None = None
+    mom: torch.Tensor | None = None
     for (x, mask), _ in loader:
         x, mask = x.to(device), mask.to(device).bool()
         hidden = m.sample_hidden(mask, gen)                                    # (B, N)
         err = m.masked_errors(x, mask, hidden).double()                       # (B, N, F)
         s, c = err.sum(0), hidden.double().sum(0)                              # (N, F), (N,)
-        sq, cnt = (s, c) if sq is None or cnt is None else (sq + s, cnt + c)
-    if sq is None or cnt is None:
+        xh = x.double() * hidden.unsqueeze(-1)                                 # (B, N, F) hidden objects only
+        mo = torch.stack([xh.sum(0), (xh * xh).sum(0)])                        # (2, N, F)
+        sq, cnt, mom = (s, c, mo) if sq is None or cnt is None or mom is None else (sq + s, cnt + c, mom + mo)
+    if sq is None or cnt is None or mom is None:
         raise ValueError("the validation loader gave no batch")
-    return _all_reduce(sq), _all_reduce(cnt)
+    return _all_reduce(sq), _all_reduce(cnt), _all_reduce(mom)
 
 
-def recon_metrics(sq: torch.Tensor, cnt: torch.Tensor) -> dict[str, float]:
-    """Summed squared errors (N, F) and hidden counts (N,) -> the ``val_recon_*`` metrics (see the module)."""
+def recon_metrics(sq: torch.Tensor, cnt: torch.Tensor, mom: torch.Tensor | None = None) -> dict[str, float]:
+    """Summed squared errors (N, F), hidden counts (N,) and (with ``mom`` (2, N, F): the hidden features' sums
+    and sums of squares) -> the ``val_recon_*`` metrics (see the module)."""
     n_obj, n_feat = sq.shape
     objects, features = slot_names(n_obj, n_feat)
     out: dict[str, Any] = {}
@@ -75,6 +83,10 @@ def recon_metrics(sq: torch.Tensor, cnt: torch.Tensor) -> dict[str, float]:
         for j, feat in enumerate(features):
             out[mlflow_key(f"{PREFIX}_{obj}_{feat}")] = float(sq[i, j] / cnt[i])
         out[mlflow_key(f"{PREFIX}_{obj}")] = float(sq[i].sum() / (cnt[i] * n_feat))
+        if mom is not None:
+            var = (mom[1, i] - mom[0, i] ** 2 / cnt[i]).clamp_min(0).sum()  # the slot's mean predictor's error
+            if float(var) > 0:
+                out[mlflow_key(f"{PREFIX}_{obj}_ratio")] = float(sq[i].sum() / var)
     total = float(cnt.sum())
     if total > 0:
         out[PREFIX] = float(sq.sum() / (total * n_feat))

@@ -47,6 +47,9 @@ class DataSetup:
     sparse_dir: str | None = None
     """``cache: sparse``: the absolute folder of the sparse cache planned for this data (its key is re-checked
     against the source when a trial opens it)."""
+    label_order: list[int] | None = None
+    """The training indices in the order ``label_fraction`` < 1 keeps their labels (stratified by class;
+    trainables/data/labelled.py); None: one shuffle of ``train``."""
 
     def transform_steps(self) -> list[str]:
         """The deterministic per-image transforms, in order (trainables/data/transforms.py), before normalization."""

@@ -38,7 +38,7 @@ BLOCK_ROWS = 8192
 
 def block_spec(setup: DataSetup) -> dict:
     """What a block task needs of ``setup``: its settings, without the split lists."""
-    return {k: v for k, v in setup.to_dict().items() if k not in ("train", "val", "test")}
+    return {k: v for k, v in setup.to_dict().items() if k not in ("train", "val", "test", "label_order")}
 
 
 def encode_rows(spec: dict, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,25 +1,32 @@
 """Family ``event_transformer``: a masked transformer autoencoder on events as sets of physics objects.
 
 An event is a padded list of objects (``x`` (B, N, F) = pt, eta, phi, b-tag, ...,
-already standardized per feature; ``mask`` (B, N) real = True). Objects have no
-order, so there is no positional embedding: the encoder is permutation
-equivariant and the task heads are permutation invariant. Padding is excluded
+already standardized per feature; ``mask`` (B, N) real = True). With
+``object_embedding="slot"`` (default) every slot of the list gets a learned
+embedding: in a file whose slots hold fixed kinds of object (``event_objects``:
+lepton, missing pT, jet 1..4 by pT; a HIGGS-style list) it tells the model what
+each object is, and a hidden object's mask token says what to reconstruct (a
+mask token alone cannot tell a lepton from a jet). ``"none"`` treats the list as
+an unordered set: the encoder is then permutation equivariant and the task heads
+permutation invariant. Padding is excluded
 from every attention through a key mask, so it never changes a real event's
 outputs (padded features are also zeroed before the embedding).
 
 Encoder (``self.encoder``; its state-dict keys ``encoder.*`` carry pretraining over)::
 
-    x (B, N, F) -> Linear(F, D) -> LayerNorm(D)           tokens (B, N, D)
+    x (B, N, F) -> Linear(F, D) -> LayerNorm(D) [+ slot (N, D)]   tokens (B, N, D)
                 -> depth x pre-norm Block(self-attn, MLP) -> LayerNorm   (B, N, D)
 
-Task heads: every task ``t`` in ``tasks`` owns ``task_queries`` learned queries;
-all tasks' queries (Q = n_tasks * task_queries) go together through
+Task heads: every task ``t`` in ``tasks`` owns ``task_queries`` learned queries
+(``query_sharing="per_task"``; ``"shared"``: one set of ``task_queries`` that every
+task reads, the baseline a per-task query is measured against);
+all queries (Q = n_tasks * task_queries, or task_queries shared) go together through
 ``head_depth`` pre-norm decoder layers::
 
     queries (B, Q, D) -> [self-attn among all queries (head_mixing)]   task heads exchange information
                       -> cross-attn to the object tokens (B, N, D)       padding masked
                       -> MLP                                             (B, Q, D)
-    per task: mean over its own queries (B, D) -> LayerNorm -> Linear -> (B, n_t)
+    per task: mean over its own (or the shared) queries (B, D) -> Linear -> (B, n_t)
     outputs = concat over tasks, in ``tasks`` order                     (B, num_outputs)
 
 ``head_mixing=False`` drops the query self-attention: each query then only reads
@@ -28,7 +35,7 @@ the objects, so the tasks' heads are independent.
 Masked-object pretraining (``forward(x, mask, pretrain=True)`` -> 0-dim loss), BERT style:
 per event, ``ceil(mask_ratio * n_real)`` real objects are hidden (at least 1 when
 the event has a real object, at most ``n_real - 1`` when it has 2 or more, so
-something stays visible). Their tokens are replaced by a learned mask token (the
+something stays visible). Their tokens are replaced by a learned mask token (plus the slot embedding; the
 set keeps its size), the encoder runs, and a small decoder (``decoder_depth``
 blocks, then Linear(D, F)) reconstructs every token's input features; the loss
 is the MSE over the hidden real objects only. Events without real objects add
@@ -75,6 +82,12 @@ class EventTransformerParams(BaseModel):
     """Transformer blocks of the pretraining decoder before its Linear output (0 = Linear only)."""
     pretrain_epochs: int = Field(default=2, ge=0)
     """Epochs of masked-object pretraining the loop runs before fine-tuning (0 = none)."""
+    object_embedding: Literal["slot", "none"] = "slot"
+    """``slot``: a learned embedding per position of the object list, added to each object's token and to the
+    mask token that hides it (what kind of object it is, where the file's slots hold fixed kinds); ``none``: the
+    list is an unordered set (permutation equivariant)."""
+    query_sharing: Literal["per_task", "shared"] = "per_task"
+    """``per_task``: each task reads its own ``task_queries`` queries; ``shared``: every task reads the same ones."""
     finetune: Literal["full", "linear"] = "full"
     """``full``: the encoder learns too; ``linear``: encoder tokens are detached (probe: only the heads learn)."""
 
@@ -169,16 +182,22 @@ class QueryBlock(nn.Module):
 class ObjectEncoder(nn.Module):
     """Embedding + transformer blocks: objects (B, N, F) -> tokens (B, N, D)."""
 
-    def __init__(self, n_features: int, dim: int, depth: int, num_heads: int, mlp_ratio: float, dropout: float):
+    def __init__(self, n_features: int, dim: int, depth: int, num_heads: int, mlp_ratio: float, dropout: float,
+                 n_slots: int = 0):
         super().__init__()
         # LayerNorm after the Linear, not on the raw features: a LayerNorm across a handful of
         # heterogeneous, already standardized features would discard each object's mean and scale.
         self.embed = nn.Sequential(nn.Linear(n_features, dim), nn.LayerNorm(dim))
+        self.slot = nn.Parameter(torch.randn(n_slots, dim) * 0.02) if n_slots else None  # (N, D) or none
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
     def embed_objects(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.embed(x * mask.unsqueeze(-1).to(x.dtype))                   # (B, N, D), padding zeroed first
+        return self.with_slot(self.embed(x * mask.unsqueeze(-1).to(x.dtype)))  # (B, N, D), padding zeroed first
+
+    def with_slot(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, D) plus each slot's embedding (unchanged without one)."""
+        return tokens if self.slot is None else tokens + self.slot.to(tokens.dtype)
 
     def forward(self, tokens: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         for blk in self.blocks:
@@ -200,16 +219,18 @@ def hidden_counts(n_real: torch.Tensor, mask_ratio: float) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- model
 class EventTransformer(nn.Module):
-    def __init__(self, p: EventTransformerParams, n_features: int, tasks: dict[str, int]):
+    def __init__(self, p: EventTransformerParams, n_features: int, tasks: dict[str, int], n_objects: int = 0):
         super().__init__()
         dim = heads_multiple(p.embed_dim, p.num_heads)
         self.tasks = dict(tasks)
         self.task_queries = p.task_queries
         self.mask_ratio = p.mask_ratio
         self.linear_probe = p.finetune == "linear"
-        self.encoder = ObjectEncoder(n_features, dim, p.depth, p.num_heads, p.mlp_ratio, p.dropout)
+        self.encoder = ObjectEncoder(n_features, dim, p.depth, p.num_heads, p.mlp_ratio, p.dropout,
+                                     n_objects if p.object_embedding == "slot" else 0)
         # task heads
-        n_q = len(self.tasks) * p.task_queries
+        self.shared = p.query_sharing == "shared" and len(self.tasks) > 1
+        n_q = p.task_queries * (1 if self.shared else len(self.tasks))
         self.queries = nn.Parameter(torch.randn(n_q, dim) * 0.02)              # (Q, D), task t owns a slice
         self.head_blocks = nn.ModuleList(QueryBlock(dim, p.num_heads, p.mlp_ratio, p.dropout, p.head_mixing)
                                          for _ in range(p.head_depth))
@@ -235,7 +256,10 @@ class EventTransformer(nn.Module):
         for blk in self.head_blocks:
             q = blk(q, tokens, key_mask, record)
         q = self.head_norm(q)
-        pooled = q.unflatten(1, (len(self.tasks), self.task_queries)).mean(dim=2)  # (B, T, D)
+        if self.shared:                                                        # every task reads the same queries
+            pooled = q.mean(dim=1, keepdim=True).expand(-1, len(self.tasks), -1)  # (B, T, D)
+        else:
+            pooled = q.unflatten(1, (len(self.tasks), self.task_queries)).mean(dim=2)  # (B, T, D)
         return torch.cat([head(pooled[:, i]) for i, head in enumerate(self.heads.values())], dim=-1)
 
     def sample_hidden(self, mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -256,7 +280,8 @@ class EventTransformer(nn.Module):
         mask = mask.bool()
         key_mask = attend_mask(mask)
         tokens = self.encoder.embed_objects(x, mask)                           # (B, N, D)
-        tokens = torch.where(hidden.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
+        masked = self.encoder.with_slot(self.mask_token.to(tokens.dtype).expand_as(tokens))  # what each hides
+        tokens = torch.where(hidden.unsqueeze(-1), masked, tokens)
         h = self.encoder(tokens, key_mask)
         for blk in self.decoder:
             h = blk(h, key_mask)
@@ -273,9 +298,10 @@ class EventTransformer(nn.Module):
 
     def query_labels(self) -> list[str]:
         """One label per task query, in the order of ``task_attention``'s Q axis: ``<task>`` or ``<task> q<i>``."""
+        tasks = ["shared"] if self.shared else list(self.tasks)
         if self.task_queries == 1:
-            return list(self.tasks)
-        return [f"{t} q{i + 1}" for t in self.tasks for i in range(self.task_queries)]
+            return tasks
+        return [f"{t} q{i + 1}" for t in tasks for i in range(self.task_queries)]
 
     @torch.no_grad()
     def task_attention(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -322,4 +348,4 @@ def build_event_transformer(p: EventTransformerParams, *, n_objects: int, n_feat
     tasks = dict(tasks) if tasks else {"out": num_outputs}
     if sum(tasks.values()) != num_outputs:
         raise ValueError(f"tasks {tasks} give {sum(tasks.values())} outputs, expected {num_outputs}")
-    return EventTransformer(p, n_features, tasks)
+    return EventTransformer(p, n_features, tasks, n_objects)

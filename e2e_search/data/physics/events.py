@@ -7,6 +7,9 @@ Objects per event (``X_objects`` (N, 6, 4) = pt, eta, phi, b-tag; ``mask`` (N, 6
   2-5 up to four anti-kT R = 0.4 jets (pT > 25 GeV, |eta| < 2.5, away from the lepton), pT-ordered;
       b-tag 1 with 70% efficiency for jets with a b hadron within 0.4, 1% otherwise.
 ``X_features`` (N, 21) holds the same numbers flat, like the HIGGS data set's 21 low-level features.
+Truth per event: ``n_b`` (N,) float32, how many of the (up to four) jets hold a b hadron within 0.4 (what the
+b-tag measures with 70% efficiency; a regression target for a second task head), ``object_type`` (N, 6) int8
+(0 lepton, 1 missing pT, 2 jet).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ def event_rows(smp: Sample, events, rng: np.random.Generator) -> dict[str, np.nd
     bh = prt[_is_b_hadron(abs(prt.id))]
     j4 = ak.pad_none(jets[:, :4], 4, axis=1, clip=True)
     X = np.zeros((len(events), N_OBJECTS, N_FEATURES), np.float32)
+    n_b = np.zeros(len(events), np.float32)
     mask = np.zeros((len(events), N_OBJECTS), np.uint8)
     X[:, 0] = np.stack([l_pt, l_eta, l_phi, np.zeros_like(l_pt)], 1)
     mask[:, 0] = has_lep
@@ -72,9 +76,10 @@ def event_rows(smp: Sample, events, rng: np.random.Generator) -> dict[str, np.nd
         phi = ak.fill_none(jk.phi, 0.0).to_numpy()
         near_b = ak.any(np.hypot(bh.p.eta - eta, wrap(bh.p.phi - phi)) < 0.4, axis=1).to_numpy()
         tag = rng.random(len(events)) < np.where(near_b, 0.7, 0.01)
+        n_b += near_b & present
         X[:, 2 + k] = np.stack([ak.fill_none(jk.pt, 0.0).to_numpy(), eta, phi, tag & present], 1) * present[:, None]
         mask[:, 2 + k] = present
     flat = np.concatenate([X[:, 0, :3], X[:, 1, [0, 2]], X[:, 2:].reshape(len(events), -1)], axis=1)
     types = np.array([0, 1, 2, 2, 2, 2], np.int8)
     return {"X_objects": X[keep], "mask": mask[keep], "object_type": np.tile(types, (len(keep), 1)),
-            "X_features": flat[keep].astype(np.float32), "y": np.full(len(keep), smp.extra["y"], np.int64)}
+            "X_features": flat[keep].astype(np.float32), "n_b": n_b[keep], "y": np.full(len(keep), smp.extra["y"], np.int64)}
