@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from e2e_search.search.disk import DiskFull
 from trainables.errors import UserError
 
 
@@ -480,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DiskFull as e:  # the search's runs are closed; the cause in one line
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         from e2e_search.search.ray_env import was_terminated
 

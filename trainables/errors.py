@@ -35,6 +35,27 @@ class UserError(Exception):
         return self
 
 
+FULL_MARKERS = ("No space left on device", "database or disk is full", "Disk quota exceeded", "[Errno 28]",
+                "[Errno 122]")
+"""How a full disk shows in an error's text: the OS's ENOSPC/EDQUOT messages, SQLite's SQLITE_FULL."""
+
+
+def is_disk_full(error: BaseException | str | None) -> bool:
+    """Whether ``error`` (an exception or its text) says a disk or a SQLite database is full."""
+    import errno
+
+    if error is None:
+        return False
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return any(m in text for m in FULL_MARKERS)
+
+
+class StoreFull(RuntimeError):
+    """The MLflow store's disk is full: nothing more of the search can be recorded, so it stops."""
+
+
 class NothingToResume(UserError):
     """No unfinished search to continue (``run --resume`` then starts a new one)."""
 

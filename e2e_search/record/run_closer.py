@@ -50,7 +50,8 @@ class RunCloser:
             self._pending.pop(0).result()
 
     def _close(self, tid: str, rid: str, status: str, ckpt: str | None, history: dict | None) -> None:
-        """(background thread) The run's best checkpoint and plots uploaded, then the run closed."""
+        """(background thread) The run's best checkpoint and plots uploaded, then the run closed; a trial whose
+        best checkpoint cannot be kept is closed FAILED (``on_failure``: no champion can come from it)."""
         t0 = time.perf_counter()
         try:
             if ckpt:
@@ -62,19 +63,32 @@ class RunCloser:
             self.add_busy(time.perf_counter() - t0)
 
     def upload_checkpoint(self, run_id: str, path: str, history: dict | None = None) -> None:
-        """The checkpoint folder ``path`` as the run's ``best_checkpoint`` artifact, with its plots; a failure is
-        tagged ``e2e.checkpoint_error`` on the run."""
+        """The checkpoint folder ``path`` as the run's ``best_checkpoint`` artifact, with its plots. The checkpoint
+        is read first (a file a full disk truncated is not kept). Raises CheckpointLost when it cannot be read or
+        uploaded; a failed plot is only tagged ``e2e.checkpoint_error`` on the run."""
         from ray.train import Checkpoint
+
+        from trainables.core.checkpoint import TrialCheckpoint
 
         try:
             with Checkpoint(path).as_directory() as d:
+                TrialCheckpoint.load(d)  # the whole file read: a truncated zip or pickle fails here
                 self.client.log_artifacts(run_id, d, artifact_path=BEST_ARTIFACT)
                 self.client.set_tag(run_id, "e2e.checkpoint", path)
-                with tempfile.TemporaryDirectory() as tmp:
-                    _plots(Path(d), Path(tmp), history, self.metric)
-                    self.client.log_artifacts(run_id, tmp, artifact_path=PLOTS_ARTIFACT)
-        except Exception as e:  # noqa: BLE001 - a missing checkpoint or a failed plot must not take the search down
-            self.client.set_tag(run_id, "e2e.checkpoint_error", f"{type(e).__name__}: {e}"[:5000])
+                try:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        _plots(Path(d), Path(tmp), history, self.metric)
+                        self.client.log_artifacts(run_id, tmp, artifact_path=PLOTS_ARTIFACT)
+                except Exception as e:  # noqa: BLE001 - a failed plot must not take the trial or the search down
+                    self.client.set_tag(run_id, "e2e.checkpoint_error", f"plots: {type(e).__name__}: {e}"[:5000])
+        except Exception as e:  # said as the trial's failure
+            raise CheckpointLost(f"its best checkpoint ({path}) could not be kept: {type(e).__name__}: "
+                                 f"{' '.join(str(e).split())}"[:2000]) from e
+
+
+class CheckpointLost(RuntimeError):
+    """A trial's best checkpoint could not be read or uploaded (a full disk truncated it, the folder is gone):
+    the trial's run is closed FAILED."""
 
 
 def _plots(ckpt: Path, out: Path, history: dict | None, metric: str) -> None:

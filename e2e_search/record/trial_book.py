@@ -44,6 +44,7 @@ class TrialBook:
         self.sources: dict[str, list[str]] = {}  # PBT: "<source trial>@<epoch>><first epoch after>" per exploit
         self.current: dict[str, dict[str, Any]] = {}  # PBT: each trial's params as last logged or tagged
         self.broken: dict[str, str] = {}  # trial_id -> why its MLflow record failed
+        self.errors: dict[str, str] = {}  # trial_id -> why it failed (its error, or why its record failed)
 
     def curves(self) -> tuple[str, ...]:
         """The metrics kept per epoch for the learning curves."""

@@ -29,6 +29,7 @@ from e2e_search.record.run_closer import RunCloser
 from e2e_search.record.store import is_better
 from e2e_search.record.trial_book import TrialBook, checkpoint_of, numeric_metrics
 from e2e_search.record.trial_runs import closing_record, open_trial_run, result_values, trial_error
+from trainables.errors import StoreFull
 
 
 def _timed(hook):
@@ -43,6 +44,10 @@ def _timed(hook):
             self.closer.add_busy(time.perf_counter() - t0)
 
     return wrapper
+
+
+STORE_FULL = "database or disk is full"
+"""SQLite's words for a store whose disk ran full."""
 
 
 def _guarded(hook):
@@ -60,6 +65,8 @@ def _guarded(hook):
             return hook(self, *args, **kwargs)
         except Exception as e:  # noqa: BLE001 - whatever the store raised, the other trials go on
             self._tracking_failed(trial.trial_id, e)
+            if STORE_FULL in str(e):  # nothing more can be recorded: the search stops (e2e_search/search/disk.py)
+                raise StoreFull(f"the MLflow store's disk is full: {type(e).__name__}") from None
             return None
 
     return wrapper
@@ -87,9 +94,12 @@ class MlflowTrials(Live, TrialBook, Callback):
         return self.closer.busy_s
 
     def _tracking_failed(self, tid: str, e: Exception) -> None:
+        from e2e_search.record.run_closer import CheckpointLost
+
         text = " ".join(str(e).split())
-        reason = f"MLflow tracking failed: {type(e).__name__}: {text}"[:5000]
+        reason = (str(e) if isinstance(e, CheckpointLost) else f"MLflow tracking failed: {type(e).__name__}: {text}")[:5000]
         self.broken[tid] = reason
+        self.errors[tid] = reason
         self.status[tid] = "FAILED"
         rid = self.runs.get(tid)
         if rid:
@@ -100,6 +110,8 @@ class MlflowTrials(Live, TrialBook, Callback):
                     close()
                 except Exception:  # noqa: BLE001 - the store may be what failed: close what can be closed
                     pass
+        if STORE_FULL in reason:  # said once, by the search (e2e_search/search/disk.py)
+            return
         print(f"trial {tid}: {reason[:300]}; its MLflow run is closed FAILED and the search goes on",
               file=sys.stderr, flush=True)
 
@@ -114,6 +126,8 @@ class MlflowTrials(Live, TrialBook, Callback):
         self._close_trial(trial.trial_id, status, error)
 
     def _close_trial(self, tid: str, status: str, error: str | None = None) -> None:
+        if error:
+            self.errors[tid] = error
         metrics, tags, ckpt = closing_record(self, tid, status, error)
         rid = self.runs[tid]
         self.client.log_batch(rid, metrics=metrics, tags=tags)

@@ -10,7 +10,8 @@ checks what needs the data and the machine:
 5. ``search.warm_start``'s earlier trials;
 6. the data generated, or converted (Parquet, ROOT, CSV) to its HDF5 cache;
 7. the data file itself (e2e_search/data/inspect.py: keys, layout, labels, splits, statistics, the image cache);
-8. model shapes against that file's shape, for every parameter value.
+8. model shapes against that file's shape, for every parameter value;
+9. free space on the disks the search writes to (e2e_search/search/disk.py).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def plan(cfg: SearchSpace, *, address: str | None = None, generate: bool = True)
         check_shapes(cfg, data)
     storage = Path(cfg.tracking.storage) if cfg.tracking.storage else workdir / "ray_results"
     artifacts = Path(cfg.tracking.artifacts) if cfg.tracking.artifacts else workdir / "mlartifacts"
+    _check_disks(cfg, workdir, storage, artifacts)
     return Plan(cfg=cfg, data=data, workdir=workdir, storage=storage.resolve(),
                 tracking_uri=tracking_uri(cfg.tracking.uri, workdir), artifact_root=artifacts.resolve().as_uri(),
                 needs_generation=needs_gen, warm=warm)
@@ -116,6 +118,19 @@ def check_tracking(cfg: SearchSpace, workdir: Path) -> None:
     uri, key = resolve_uri(cfg.tracking.uri, workdir, flag="tracking.uri")
     check_store(uri, key, cfg.tracking.experiment)
 
+
+
+def _check_disks(cfg: SearchSpace, workdir: Path, storage: Path, artifacts: Path) -> None:
+    """Room for checkpoints and records on Ray's storage, MLflow's artifact root and the SQLite store's disk."""
+    from e2e_search.record.store import resolve_uri, sqlite_path
+    from e2e_search.search.disk import check_free_space
+
+    places = {"tracking.storage": storage, "tracking.artifacts": artifacts}
+    uri, key = resolve_uri(cfg.tracking.uri, workdir, flag="tracking.uri")
+    db = sqlite_path(uri)
+    if db is not None:
+        places[key] = db.parent
+    check_free_space(places)
 
 
 def check_optuna_storage(url: str) -> None:

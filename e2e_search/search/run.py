@@ -81,10 +81,13 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
 
     from e2e_search.record.search_run import finish_search_run
     from e2e_search.record.store import get_experiment_id
+    from e2e_search.record.trials import STORE_FULL
+    from e2e_search.search.disk import DiskFull, full_disk_line, is_disk_full, quiet_store_full
 
     cfg = p.cfg
     assert cfg.tracking.experiment is not None  # SearchSpace's validator defaults it to the search's name
     _start_ray(p, address, verbose)
+    quiet_store_full()
     p.workdir.mkdir(parents=True, exist_ok=True)
     p.storage.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(tracking_uri=p.tracking_uri)
@@ -105,6 +108,10 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
         raise
     except BaseException as e:
         end["error"] = f"{type(e).__name__}: {e}"
+        full = [m for m in trials_cb.errors.values() if is_disk_full(m)]
+        if is_disk_full(e) or full:  # Ray itself fails reading what the full disk truncated: say the cause
+            store = p.tracking_uri if STORE_FULL in end["error"] or any(STORE_FULL in m for m in full) else None
+            raise DiskFull(full_disk_line(full or [end["error"]], _places(p), store)) from None
         raise
     finally:
         end.update(finish_search_run(client, parent, trials_cb, cfg, run_name, status, end.get("error"),
@@ -112,8 +119,16 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
     winner = end["winner"]
     early = sum(1 for tid, s in trials_cb.status.items()
                 if s == "FINISHED" and int(trials_cb.last.get(tid, {}).get("epoch", 0)) < cfg.scheduler.max_epochs)
+    full = [e for tid, e in trials_cb.errors.items() if trials_cb.status.get(tid) == "FAILED" and is_disk_full(e)]
+    if full:
+        raise DiskFull(full_disk_line(full, _places(p), p.tracking_uri if any(STORE_FULL in m for m in full) else None))
     return Outcome(cfg.tracking.experiment, parent, p.tracking_uri, end["best_rid"], winner[1] if winner else None,
                    dict(trials_cb.status), early, error=end.get("end_error"))
+
+
+def _places(p: Plan) -> dict[str, str]:
+    """Where a search writes (for a full disk's message)."""
+    return {"tracking.storage": str(p.storage), "tracking.uri": p.tracking_uri}
 
 
 def _start_ray(p: Plan, address: str | None, verbose: bool) -> None:

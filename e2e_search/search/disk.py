@@ -1,0 +1,78 @@
+"""A full disk: refused before Ray when a folder a search writes to has too little room, and said in one line
+when it fills up during the search (issue 30, kind 7).
+
+A search writes to three places, often on different disks: Ray's storage (``tracking.storage``: every trial's
+checkpoints), the MLflow store (a SQLite file) and MLflow's artifact root (``tracking.artifacts``: the best
+checkpoints and plots the runs keep). A trial whose checkpoint cannot be written or kept fails (its MLflow run
+FAILED, no champion from it); the search goes on with the others and ends with exit 1 and one line naming the full
+disk. A full MLflow store records nothing more: the search stops at once (exit 1, one line; what could not be
+written, e.g. the runs' end, is written by ``resume`` once there is room).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from trainables.errors import UserError, is_disk_full
+
+MIN_FREE_BYTES = 256 * 2**20
+"""Free space a search needs at least in each folder it writes to (checkpoints of small models are a few MiB
+each; Ray keeps two per trial, MLflow one per trial with its plots)."""
+
+def existing_ancestor(path: Path) -> Path:
+    """``path`` or the nearest folder above it that exists (where a new folder would be created)."""
+    p = path.resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_free_space(places: dict[str, Path], need: int = MIN_FREE_BYTES) -> None:
+    """Every folder of ``places`` (YAML key -> folder) has ``need`` bytes free on its disk. Raises UserError
+    naming the key, the folder, its free space and the fix."""
+    for key, folder in places.items():
+        where = existing_ancestor(folder)
+        try:
+            free = shutil.disk_usage(where).free
+        except OSError:  # not a local folder we can measure (checked elsewhere): nothing to say
+            continue
+        if free < need:
+            raise UserError(f"{folder} has {free / 2**20:.0f} MiB free on its disk ({where}); a search needs at least "
+                            f"{need / 2**20:.0f} MiB there for checkpoints and records: free space or set {key} to a "
+                            "folder on another disk", key=key)
+
+
+class DiskFull(Exception):
+    """A search stopped because a disk ran full (its runs closed as far as the store allows): one line, exit 1."""
+
+
+def full_disk_line(errors: list[str], places: dict[str, str], store: str | None = None) -> str:
+    """The one line that says a disk ran full during a search: how many trials it failed, an example, where the
+    search writes and what to do; ``store``: the MLflow store, when its own disk is what ran full."""
+    if store is not None:
+        return (f"the disk of the MLflow store {store} ran full during the search: it stopped, and what could not "
+                "be recorded is missing (its runs may still read RUNNING); free space there, then `e2e-search resume "
+                "EXPERIMENT` continues the search and closes them")
+    where = ", ".join(f"{k} {v}" for k, v in places.items())
+    example = next((e for e in errors if is_disk_full(e)), errors[0] if errors else "")
+    if "] " in example:  # the OS's words, not the tool's preamble
+        example = example[example.rindex("] ") + 2:]
+    return (f"a disk ran full during the search ({len(errors)} trial(s) failed on it: {example[:120]}); the "
+            f"search writes to {where}: free space there (or set tracking.storage / tracking.artifacts to another "
+            "disk) and run the search again; no champion comes from a failed trial")
+
+
+def quiet_store_full() -> None:
+    """MLflow's SQL store logs every failed write with its traceback (ERROR, ``mlflow.store.db.utils``); a full
+    disk fails every write: those records are dropped (the search says the cause once)."""
+    import logging
+
+    class _NotFull(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info and record.exc_info[1] else "")
+            return not is_disk_full(text)
+
+    logger = logging.getLogger("mlflow.store.db.utils")
+    if not any(type(f).__name__ == "_NotFull" for f in logger.filters):
+        logger.addFilter(_NotFull())
