@@ -575,6 +575,36 @@ def test_store_state_is_checked_before_ray(ws, capsys, store13, state):
     assert (db.read_bytes() if db.exists() else None) == before
 
 
+@pytest.mark.parametrize("state", ["old_schema", "not_mlflow", "not_sqlite", "unreachable_server"])
+@pytest.mark.parametrize("cmd", ["best", "report", "export", "confirm", "resume", "ui"])
+def test_every_command_that_opens_a_store_checks_it_first(ws, capsys, store13, state, cmd):
+    """Issue 30, kind 8: not only `run`: every command that opens a store refuses a broken one with the same
+    one-line errors (exit 2, nothing written), before it reads anything."""
+    import sqlite3
+
+    db = ws / "mlflow.db"
+    if state == "old_schema":
+        _store_in(ws, store13)
+        with sqlite3.connect(db) as con:
+            con.execute("UPDATE alembic_version SET version_num = '451aebb31d03'")
+        uri, named = f"sqlite:///{db}", ("mlflow db upgrade",)
+    elif state == "not_mlflow":
+        with sqlite3.connect(db) as con:
+            con.execute("CREATE TABLE jets (pt REAL)")
+        uri, named = f"sqlite:///{db}", ("without MLflow's tables",)
+    elif state == "not_sqlite":
+        db.write_text("not a database\n" * 100)
+        uri, named = f"sqlite:///{db}", ("cannot read the MLflow store",)
+    else:
+        uri, named = f"http://127.0.0.1:{_free_port()}", ("cannot reach the MLflow server",)
+    argv = {"best": ["best", "searched"], "report": ["report", "searched"], "confirm": ["confirm", "searched"],
+            "resume": ["resume", "searched"], "ui": ["ui", "--port", str(_free_port())],
+            "export": ["export", "models:/searched-classifier@champion", "--out", str(ws / "m.onnx")]}[cmd]
+    before = db.read_bytes() if db.exists() else None
+    bad_run(ws, capsys, [*argv, "--tracking-uri", uri], "--tracking-uri", *named)
+    assert (db.read_bytes() if db.exists() else None) == before
+
+
 @pytest.mark.parametrize("which", ["trial", "foreign", "unknown"])
 @pytest.mark.parametrize("cmd", ["report", "resume"])
 def test_search_flag_with_a_run_that_is_not_this_experiments_search(ws, capsys, store13, which, cmd):
@@ -1295,6 +1325,32 @@ def test_layout_that_reads_the_channel_axis_as_pixels(ws, capsys, shape, declare
     cfg["data"]["layout"] = declared
     for cmd in ("validate", "run"):
         run_broken(ws, capsys, cfg, "data.layout", f"set data.layout: {other}", cmd=cmd)
+
+
+@pytest.mark.parametrize("where", ["dataset", "file"])
+def test_layout_that_disagrees_with_the_files_own_attribute(ws, capsys, where):
+    """Issue 30, kind 2: a (N, 16, 16, 16) file reads as 16x16 images either way; its `layout` attribute (on the
+    image dataset, or on the file as `data generate` writes it) says channels_first: channels_last is refused."""
+    write_h5(ws / H5, x_shape=(40, 16, 16, 16))
+    with h5py.File(ws / H5, "a") as f:
+        (f["X_jets"] if where == "dataset" else f).attrs["layout"] = "channels_first"
+    for cmd in ("validate", "run"):
+        run_broken(ws, capsys, base_cfg(), "data.layout", "the file says its images are stored channels_first",
+                   "--set data.layout=channels_first", "data.layout_confirmed: true", cmd=cmd)
+
+
+@pytest.mark.parametrize("shape, attr", [((40, 3, 24, 32), None), ((40, 16, 16, 16), "channels_first")])
+def test_an_odd_layout_confirmed_with_its_key(ws, capsys, shape, attr):
+    """`data.layout_confirmed: true` keeps a layout the shape or the file's attribute argues against."""
+    write_h5(ws / H5, x_shape=shape)
+    if attr:
+        with h5py.File(ws / H5, "a") as f:
+            f.attrs["layout"] = attr
+    cfg = base_cfg()
+    cfg["data"]["layout_confirmed"] = True
+    cfg["params"]["patch_size"] = 4 if shape[1] == 3 else cfg["params"].get("patch_size", 4)
+    rc, out, err = cli(["validate", write_yaml(cfg)], capsys)
+    assert rc == 0, err
 
 
 def test_labels_counted_from_one(ws, capsys):

@@ -59,6 +59,22 @@ def test_too_little_room_is_refused_before_ray(tmp_path, tmpfs, capsys, key):
     assert list(small.iterdir()) == []  # nothing written there
 
 
+def test_room_is_measured_against_checkpoints_times_trials(tmp_path, tmpfs, capsys):
+    """Free space is checked against what the search will write: checkpoints (weights and AdamW moments) x trials."""
+    from e2e_search.search.disk import needs
+
+    assert needs(10**6, 100)["storage"] == 100 * 2 * 12 * 10**6 and needs(10, 2)["storage"] == MIN_FREE_BYTES
+    disk = tmpfs(400)
+    data = write_e2e(tmp_path / "jets.h5", n=40)
+    for trials, code in ((4, 0), (20000, 2)):
+        cfg = base_config(tmp_path, data, name="room", search={"num_samples": trials})
+        cfg["tracking"]["storage"] = str(disk / "ray")
+        assert main(["validate", str(write_yaml(tmp_path / "s.yaml", cfg))]) == code
+        err = capsys.readouterr().err.strip().splitlines()
+        if code:
+            assert len(err) == 1 and "tracking.storage" in err[0] and "this search needs about" in err[0], err
+
+
 def _fill_after_first_trial(proc: subprocess.Popen, out: Path, disk: Path) -> None:
     """Fill ``disk`` once the search ``proc`` (stdout in ``out``) has finished a trial."""
     import time

@@ -253,3 +253,19 @@ def patch_list(model: nn.Module, images: np.ndarray) -> list[np.ndarray]:
     with torch.inference_mode():
         patches, index, valid = vit.keep(model[0](torch.from_numpy(np.ascontiguousarray(images, np.float32))))
     return [patches.numpy().astype(np.float32), index.numpy().astype(np.int64), valid.numpy().astype(bool)]
+
+
+def file_row_shape(s: DataSetup) -> tuple[int, ...]:
+    """One row of the data file's ``image_key`` (every channel, the file's layout); from the checkpoint's settings
+    when the file is not readable here."""
+    try:
+        import h5py
+
+        with h5py.File(s.path, "r") as f:
+            return tuple(int(v) for v in f[s.image_key].shape[1:])
+    except (OSError, KeyError):
+        if s.kind == "objects":
+            return tuple(int(v) for v in s.img_size)
+        H, W = (int(v) for v in (s.src_size or s.img_size))
+        C = max(s.channels) + 1
+        return (H, W, C) if s.layout == "channels_last" else (C, H, W)

@@ -35,26 +35,46 @@ from trainables.data.sparse_cache import (
 from trainables.data.targets import target_stats
 from trainables.errors import UserError
 
+LAYOUTS = ("channels_last", "channels_first")
 
-def check_layout(shape: tuple, layout: str, image_key: str) -> None:
+
+def file_layout(f: h5py.File, key: str) -> str | None:
+    """The layout a file says its images are stored in: the ``layout`` attribute of the image dataset, else of
+    the file (``data generate`` writes it), when it names one of LAYOUTS; None otherwise."""
+    for obj in (f[key], f):
+        v = obj.attrs.get("layout")
+        v = v.decode() if isinstance(v, bytes) else v
+        if isinstance(v, str) and v in LAYOUTS:
+            return v
+    return None
+
+
+def check_layout(shape: tuple, layout: str, image_key: str, stated: str | None = None, confirmed: bool = False) -> None:
     """Refuse a layout that reads non-square images out of a file that is square in the other layout
     (a (N, 3, 32, 32) file declared channels_last would train on 3x32 images with 32 channels), or more channels
-    than image rows where the other layout reads a few channels of larger images ((N, 3, 24, 32)).
+    than image rows where the other layout reads a few channels of larger images ((N, 3, 24, 32)), or that
+    disagrees with the layout the file states (``stated``: its ``layout`` attribute). ``confirmed``
+    (``data.layout_confirmed``) skips the check.
 
     Raises:
-        UserError: naming ``data.layout`` and the layout the shape points to."""
-    if len(shape) != 4:
+        UserError: naming ``data.layout``, the layout the shape or the file points to, and the confirming key."""
+    if len(shape) != 4 or confirmed:
         return
     a, b, c = shape[1:]
     (h, w, ch), (oh, ow, och), other = (((a, b, c), (b, c, a), "channels_first") if layout == "channels_last"
                                          else ((b, c, a), (a, b, c), "channels_last"))
+    keep = f"or, if {h}x{w} images with {ch} channels is right, data.layout_confirmed: true"
+    if stated is not None and stated != layout:
+        raise UserError(f"'{image_key}' has shape {tuple(shape)} and the file says its images are stored {stated} "
+                        f"(attribute 'layout'), but data.layout is {layout} ({h}x{w} images with {ch} channels); set "
+                        f"data.layout: {stated} (--set data.layout={stated}), {keep}", key="data.layout")
     # Square in the other layout, or (non-square images, issue 30 kind 2) more channels than the shorter side of
     # the images here while the other layout has fewer channels than either side: a (N, 3, 24, 32) channels-first
     # file read channels-last would be 3x24 images with 32 channels.
     if (h != w and oh == ow) or (ch > min(h, w) and och < min(oh, ow)):
         raise UserError(f"'{image_key}' has shape {tuple(shape)}: as {layout} that is {h}x{w} images with {ch} "
                         f"channels, but it looks like {oh}x{ow} images with {och} channels stored {other}; "
-                        f"set data.layout: {other} (--set data.layout={other})", key="data.layout")
+                        f"set data.layout: {other} (--set data.layout={other}), {keep}", key="data.layout")
 
 
 def inspect(cfg: SearchSpace) -> DataSetup:
@@ -109,7 +129,7 @@ def _check_images(cfg: SearchSpace, X: h5py.Dataset, n_labels: int, label_key: s
         _, H, W, C = X.shape
     else:
         _, C, H, W = X.shape
-    check_layout(X.shape, d.layout, d.image_key)
+    check_layout(X.shape, d.layout, d.image_key, file_layout(X.file, d.image_key), d.layout_confirmed)
     channels = d.channels if d.channels is not None else list(range(C))
     bad = [c for c in channels if not 0 <= c < C]
     if bad or not channels:

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from e2e_search.record.checkpoints import file_row_shape
 from trainables.core.layout import BEST_ARTIFACT
+from trainables.inference import file_row_shape
 
 MODEL_ARTIFACT = "model"
 """Where a champion's MLflow Model sits in its trial's run."""

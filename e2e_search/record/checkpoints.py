@@ -63,7 +63,14 @@ form whose cost follows the hits (vit with token_keep nonempty: its patch list; 
 def as_raw(t: Trained, asked: str) -> Trained:
     """``t`` in the input form ``asked`` (INPUT_FORMS). Raises UserError (``--inputs``) when ``raw`` is asked of a
     model that cannot take raw rows (a hit-list family, a resize torch cannot replay)."""
-    from trainables.inference import PatchListModel, RawInputError, RawInputModel, Rebuilt, kept_patches_vit
+    from trainables.inference import (
+        PatchListModel,
+        RawInputError,
+        RawInputModel,
+        Rebuilt,
+        file_row_shape,
+        kept_patches_vit,
+    )
 
     if asked == "sparse":
         if t.inputs == "hits":
@@ -84,22 +91,6 @@ def as_raw(t: Trained, asked: str) -> Trained:
         return t
     wrapped.eval()
     return dataclasses.replace(t, model=wrapped, form="raw", raw_row=file_row_shape(t.setup))
-
-
-def file_row_shape(s) -> tuple[int, ...]:
-    """One row of the data file's ``image_key`` (every channel, the file's layout); from the checkpoint's settings
-    when the file is not readable here."""
-    try:
-        import h5py
-
-        with h5py.File(s.path, "r") as f:
-            return tuple(int(v) for v in f[s.image_key].shape[1:])
-    except (OSError, KeyError):
-        if s.kind == "objects":
-            return tuple(int(v) for v in s.img_size)
-        H, W = (int(v) for v in (s.src_size or s.img_size))
-        C = max(s.channels) + 1
-        return (H, W, C) if s.layout == "channels_last" else (C, H, W)
 
 
 def real_inputs(t: Trained, n: int) -> list[np.ndarray] | None:

@@ -72,8 +72,9 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 def store_uri(arg: str | None, workdir: Path, *, flag: str = "--tracking-uri") -> str:
-    """The tracking URI a reading command uses (``arg`` > ``MLFLOW_TRACKING_URI`` > the work directory's store);
-    a SQLite store (and a SQLite ``MLFLOW_REGISTRY_URI``) must exist: reading never creates one."""
+    """The tracking URI a reading command uses (``arg`` > ``MLFLOW_TRACKING_URI`` > the work directory's store),
+    checked as a search checks its store (:func:`store_states`); a SQLite store (and a SQLite
+    ``MLFLOW_REGISTRY_URI``) must exist: reading never creates one."""
     from trainables.errors import UserError
 
     uri, key = resolve_uri(arg, workdir, flag)
@@ -87,6 +88,7 @@ def store_uri(arg: str | None, workdir: Path, *, flag: str = "--tracking-uri") -
     if reg != uri and path is not None and not path.is_file():
         raise UserError(f"no MLflow model registry at {reg}; set MLFLOW_REGISTRY_URI to an existing store or unset it",
                         key="MLFLOW_REGISTRY_URI")
+    store_states(uri, key)  # reachable, an MLflow store, its current schema: the same lines as `run`'s check
     return uri
 
 
@@ -409,9 +411,9 @@ _MLFLOW_TABLES = {"experiments", "alembic_version", "runs", "metrics", "latest_m
                   "experiment_tags", "registered_models", "model_versions"}
 
 
-def check_store(uri: str, key: str, experiment: str) -> None:
-    """Before Ray starts: the tracking store (and ``MLFLOW_REGISTRY_URI``'s) is reachable with a current schema,
-    and ``experiment`` is active or can be created. Writes nothing."""
+def store_states(uri: str, key: str) -> dict[str, str]:
+    """The tracking store ``uri`` and its registry (``MLFLOW_REGISTRY_URI``): reachable, with MLflow's current
+    schema -> {uri: "new" | "ready"}. Reads only. Raises UserError naming ``key`` (or MLFLOW_REGISTRY_URI)."""
     from trainables.errors import UserError
 
     reg = registry_uri(uri)
@@ -448,6 +450,15 @@ def check_store(uri: str, key: str, experiment: str) -> None:
                 raise UserError(f"cannot use the MLflow store {u} ({_first_line(e)}); set {k} to another store "
                                 "(e.g. sqlite:///e2e_runs/mlflow.db)", key=k) from None
             states[u] = "ready"
+    return states
+
+
+def check_store(uri: str, key: str, experiment: str) -> None:
+    """Before Ray starts: the tracking store (and ``MLFLOW_REGISTRY_URI``'s) is reachable with a current schema,
+    and ``experiment`` is active or can be created. Writes nothing."""
+    from trainables.errors import UserError
+
+    states = store_states(uri, key)
     if states[uri] != "ready":
         return  # a new store: every experiment name is free
     try:

@@ -28,18 +28,28 @@ def existing_ancestor(path: Path) -> Path:
     return p
 
 
-def check_free_space(places: dict[str, Path], need: int = MIN_FREE_BYTES) -> None:
-    """Every folder of ``places`` (YAML key -> folder) has ``need`` bytes free on its disk. Raises UserError
-    naming the key, the folder, its free space and the fix."""
-    for key, folder in places.items():
+def needs(params: int, trials: int) -> dict[str, int]:
+    """Bytes a search of ``trials`` trials of models of up to ``params`` parameters writes, at least
+    MIN_FREE_BYTES each: Ray's storage keeps two checkpoints per trial (the best and the latest: weights and
+    AdamW's two moments, float32), MLflow's artifact root one best checkpoint with its plots (~1 MiB), the store
+    its rows (~1 MiB per trial)."""
+    ckpt = 3 * 4 * params
+    return {"storage": max(MIN_FREE_BYTES, trials * 2 * ckpt), "artifacts": max(MIN_FREE_BYTES, trials * (ckpt + 2**20)),
+            "store": max(MIN_FREE_BYTES, trials * 2**20)}
+
+
+def check_free_space(places: dict[str, tuple[Path, int]]) -> None:
+    """Every folder of ``places`` (YAML key -> (folder, bytes it needs)) has that much free on its disk. Raises
+    UserError naming the key, the folder, its free space, the need and the fix."""
+    for key, (folder, need) in places.items():
         where = existing_ancestor(folder)
         try:
             free = shutil.disk_usage(where).free
         except OSError:  # not a local folder we can measure (checked elsewhere): nothing to say
             continue
         if free < need:
-            raise UserError(f"{folder} has {free / 2**20:.0f} MiB free on its disk ({where}); a search needs at least "
-                            f"{need / 2**20:.0f} MiB there for checkpoints and records: free space or set {key} to a "
+            raise UserError(f"{folder} has {free / 2**20:.0f} MiB free on its disk ({where}); this search needs about "
+                            f"{need / 2**20:.0f} MiB there for its checkpoints and records: free space or set {key} to a "
                             "folder on another disk", key=key)
 
 

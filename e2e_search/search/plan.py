@@ -81,11 +81,12 @@ def plan(cfg: SearchSpace, *, address: str | None = None, generate: bool = True)
     # Parquet/ROOT: converted once to an HDF5 cache (not in a dry run: then None, and nothing is written).
     source = None if (needs_gen and not generate) else materialize(cfg, generate=generate)
     data = inspect(source) if source is not None else None
+    sizes: list[int] = []  # parameter counts of the models built: the checkpoints' size
     if data is not None:  # every family's model fits the data's shape for every parameter value
-        check_shapes(cfg, data)
+        check_shapes(cfg, data, sizes)
     storage = Path(cfg.tracking.storage) if cfg.tracking.storage else workdir / "ray_results"
     artifacts = Path(cfg.tracking.artifacts) if cfg.tracking.artifacts else workdir / "mlartifacts"
-    _check_disks(cfg, workdir, storage, artifacts)
+    _check_disks(cfg, workdir, storage, artifacts, max(sizes, default=0))
     return Plan(cfg=cfg, data=data, workdir=workdir, storage=storage.resolve(),
                 tracking_uri=tracking_uri(cfg.tracking.uri, workdir), artifact_root=artifacts.resolve().as_uri(),
                 needs_generation=needs_gen, warm=warm)
@@ -120,16 +121,18 @@ def check_tracking(cfg: SearchSpace, workdir: Path) -> None:
 
 
 
-def _check_disks(cfg: SearchSpace, workdir: Path, storage: Path, artifacts: Path) -> None:
-    """Room for checkpoints and records on Ray's storage, MLflow's artifact root and the SQLite store's disk."""
+def _check_disks(cfg: SearchSpace, workdir: Path, storage: Path, artifacts: Path, params: int) -> None:
+    """Room for what the search writes (e2e_search/search/disk.py ``needs``) on Ray's storage, MLflow's artifact
+    root and the SQLite store's disk; ``params``: the largest model's parameter count."""
     from e2e_search.record.store import resolve_uri, sqlite_path
-    from e2e_search.search.disk import check_free_space
+    from e2e_search.search.disk import check_free_space, needs
 
-    places = {"tracking.storage": storage, "tracking.artifacts": artifacts}
+    need = needs(params, cfg.search.num_samples)
+    places = {"tracking.storage": (storage, need["storage"]), "tracking.artifacts": (artifacts, need["artifacts"])}
     uri, key = resolve_uri(cfg.tracking.uri, workdir, flag="tracking.uri")
     db = sqlite_path(uri)
     if db is not None:
-        places[key] = db.parent
+        places[key] = (db.parent, need["store"])
     check_free_space(places)
 
 

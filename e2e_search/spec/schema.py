@@ -90,6 +90,9 @@ class DataConfig(StrictModel):
     mask_key: str = "mask"
     """Objects families: the (N, n_objects) mask of real (1) vs padding (0) objects; all real if absent."""
     layout: Literal["channels_last", "channels_first"] = "channels_last"
+    layout_confirmed: bool = False
+    """True: ``layout`` is right although the shape (more channels than an image side) or the file's own
+    ``layout`` attribute points to the other layout; the check that refuses it is skipped."""
     format: Literal["auto", "hdf5", "parquet", "root", "csv"] = "auto"
     """auto: from the extension of path (.h5/.hdf5, .parquet/.pq, .root); parquet and ROOT are converted once to an HDF5 cache."""
     tree: str | None = None

@@ -172,10 +172,11 @@ def _skip_init():
     return SkipInit()
 
 
-def try_build(family: str, params: dict[str, Any], shape: DataShape) -> str | None:
+def try_build(family: str, params: dict[str, Any], shape: DataShape, sizes: list[int] | None = None) -> str | None:
     """None when the family's model builds for ``shape`` and runs a forward pass (training mode, a batch of
     the smallest batch size, on the meta device); else the reason. Errors of the meta device itself (an op
-    it cannot run) count as fitting: only the family's own constraints are reported."""
+    it cannot run) count as fitting: only the family's own constraints are reported. ``sizes`` gets the
+    parameter count of each model built."""
     import torch
 
     from trainables.params import split_params
@@ -200,6 +201,8 @@ def try_build(family: str, params: dict[str, Any], shape: DataShape) -> str | No
                 else:
                     model = fam.build(fp, in_chans=shape.dims[0], img_size=tuple(shape.dims[1:]), **kw)
             model.train()
+            if sizes is not None:
+                sizes.append(sum(p.numel() for p in model.parameters()))
             x = torch.zeros(batch, *shape.dims)
             out = model(x, torch.ones(batch, shape.dims[0], dtype=torch.bool)) if fam.inputs == "objects" else model(x)
             if tuple(out.shape) != (batch, kw["num_outputs"]):
@@ -240,9 +243,10 @@ def _show(values: list[Any]) -> str:
     return ", ".join(parts)
 
 
-def check_shapes(cfg: SearchSpace, data: Any) -> float:
+def check_shapes(cfg: SearchSpace, data: Any, sizes: list[int] | None = None) -> float:
     """Refuse (UserError naming ``params.<name>`` and the value) any parameter value a trial's model cannot be
-    built with for this data; returns the seconds it took. Writes nothing."""
+    built with for this data; returns the seconds it took. Writes nothing. ``sizes`` gets the parameter count
+    of every model built."""
     shape = data_shape(cfg, data)
     if shape is None:
         return 0.0
@@ -263,7 +267,7 @@ def check_shapes(cfg: SearchSpace, data: Any) -> float:
             combos = combos[:MAX_BUILDS]
         failed = []
         for c in combos:
-            reason = try_build(family, c, shape)
+            reason = try_build(family, c, shape, sizes)
             if reason:
                 failed.append((c, reason))
         if failed:
