@@ -325,3 +325,74 @@ def test_encoder_transfers_from_pretrained_state_dict():
     with torch.no_grad():
         torch.testing.assert_close(fresh.encode(x, mask), pre.encode(x, mask), atol=0, rtol=0)
         assert fresh(x, mask).shape == (4, 3)
+
+
+def test_per_feature_reconstruction_losses():
+    """Issue 29: ``recon_loss: per_feature``: log pT, periodic phi, b-tag as a class (event_objects' 6 x 4
+    layout); errors reported in standardized units as the MSE form's; other layouts fall back to MSE."""
+    import math as m
+
+    from trainables.layers.object_recon import FeatureLosses
+
+    fl = FeatureLosses(["pt", "eta", "phi", "btag"], mean=[50.0, 0.0, 0.0, 0.2], std=[30.0, 1.0, 1.8, 0.4])
+    raw = torch.tensor([[[80.0, 0.5, 3.1, 1.0]]])                             # pT 80 GeV, phi near +pi, tagged
+    x = (raw - fl.mean) / fl.std
+    perfect = torch.stack([torch.log1p(raw[..., 0]), x[..., 1], x[..., 2], torch.full_like(x[..., 0], 20.0)], -1)
+    assert fl.loss(perfect, x).item() < 1e-6
+    assert torch.allclose(fl.as_inputs(perfect), x, atol=1e-4)
+    wrapped = perfect.clone()
+    wrapped[..., 2] = ((-3.1 - 0.02 - 0.0) - 0.0) / 1.8 + 0 * x[..., 2]       # -pi side: 0.08 rad away on the circle
+    err = fl.errors(wrapped, x)[..., 2].item() * 1.8 ** 2
+    assert abs(err - (2 * m.pi - 6.22) ** 2) < 1e-3                          # not (6.22)^2: the circle, not the line
+    assert fl.loss(wrapped, x).item() < 0.01
+    m6 = build(6, 4, {"classification": 2}, recon_loss="per_feature")
+    assert m6.feature_losses is not None and m6.feature_losses.names == ["pt", "eta", "phi", "btag"]
+    xb, mask = batch(4, 6, 4)
+    loss = m6(xb, mask, pretrain=True)
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    hidden = m6.sample_hidden(mask, torch.Generator().manual_seed(0))
+    assert m6.masked_errors(xb, mask, hidden).shape == (4, 6, 4)
+    other = build(20, 7, {"classification": 2}, recon_loss="per_feature")    # generic names: MSE on every feature
+    xo, mo = batch(4, 20, 7)
+    h = other.sample_hidden(mo, torch.Generator().manual_seed(0))
+    pred = other.reconstruct_hidden(xo, mo, h)
+    want = ((pred - xo).pow(2).mean(-1) * h).sum() / h.sum()
+    assert torch.allclose(other.pretrain_loss(xo, mo, h), want, atol=1e-6)
+
+
+def test_type_embedding_from_the_files_object_type(tmp_path):
+    """``object_embedding: type``: slots of one type (the four jets of event_objects) share an embedding, read
+    from the file's object_type; a file without one gives each slot its own (the slot embedding)."""
+    import h5py
+    import numpy as np
+
+    from e2e_search.data.inspect import inspect
+    from e2e_search.spec.loader import validate
+    from tests.conftest import base_config, write_objects
+
+    fam = get_family("event_transformer")
+    torch.manual_seed(0)
+    typed = fam.build(fam.params(**SMALL, object_embedding="type"), n_objects=6, n_features=4, num_outputs=2,
+                      tasks={"classification": 2}, slot_types=[0, 1, 2, 2, 2, 2]).eval()
+    assert tuple(typed.encoder.slot.shape) == (3, 16) and typed.encoder.slot_type.tolist() == [0, 1, 2, 2, 2, 2]
+    x, mask = batch(4, 6, 4)
+    swap = [0, 1, 3, 2, 4, 5]                                                  # two jets: one type, exchangeable
+    lep = [1, 0, 2, 3, 4, 5]                                                   # lepton <-> missing pT: two types
+    with torch.no_grad():
+        torch.testing.assert_close(typed(x[:, swap], mask[:, swap]), typed(x, mask), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(typed(x[:, lep], mask[:, lep])[0], typed(x, mask)[0], atol=1e-4)
+    untyped = build(6, 4, {"classification": 2}, object_embedding="type")
+    assert tuple(untyped.encoder.slot.shape) == (6, 16)
+    data = write_objects(tmp_path / "o.h5", n=40)
+    with h5py.File(data, "a") as f:
+        f["object_type"] = np.tile(np.array([0, 1, 2, 2, 2, 2], np.int8), (40, 1))
+    cfg = base_config(tmp_path, data, family="event_transformer",
+                      data={"image_key": "X_objects", "mask_key": "mask", "val_fraction": 0.25})
+    cfg["params"] = {"object_embedding": "type", "pretrain_epochs": 0, "embed_dim": 16, "num_heads": 2, "depth": 1}
+    setup = inspect(validate(cfg, source="t.yaml"))
+    assert setup.slot_types == [0, 1, 2, 2, 2, 2]
+    from trainables.core.model import build_model
+
+    m = build_model("event_transformer", cfg["params"], setup)
+    assert tuple(m.encoder.slot.shape) == (3, 16)

@@ -52,6 +52,7 @@ def inspect_objects(cfg: SearchSpace) -> DataSetup:
         if mask_key and f[mask_key].shape != (n, n_obj):
             raise UserError(f"'{mask_key}' has shape {f[mask_key].shape}, expected ({n}, {n_obj})", key="data.mask_key")
         train, val, test = split_checked(cfg, n, y, t)
+        slot_types = _slot_types(f, n_obj)
         sample = sorted(np.random.default_rng(d.seed + 1).choice(train, min(len(train), d.stats_samples * 8),
                                                                  replace=False).tolist())
         xs = X[sample].astype(np.float64)
@@ -61,7 +62,8 @@ def inspect_objects(cfg: SearchSpace) -> DataSetup:
     setup = DataSetup(path=str(Path(d.path).resolve()), image_key=d.image_key, label_key=label_key, layout="objects",
                       channels=list(range(n_feat)), in_chans=n_feat, img_size=(n_obj, n_feat), task=cfg.task.type,
                       num_classes=cfg.task.num_classes or 0, train=train, val=val, test=test, mean=d.mean, std=d.std,
-                      kind="objects", mask_key=mask_key, target_key=tkey, label_order=label_order_checked(cfg, train, y))
+                      kind="objects", mask_key=mask_key, target_key=tkey, label_order=label_order_checked(cfg, train, y),
+                      slot_types=slot_types)
     if d.mean is not None and len(d.mean) != n_feat:
         raise UserError(f"mean/std need {n_feat} values (one per feature)", key="data.mean")
     if d.normalize == "per_channel" and d.mean is None:
@@ -75,6 +77,18 @@ def inspect_objects(cfg: SearchSpace) -> DataSetup:
     return setup
 
 
+
+
+def _slot_types(f, n_obj: int) -> list[int] | None:
+    """The object type of each slot from the file's ``object_type`` (N, n_objects) dataset (``f``: the open
+    h5py.File), when every event has the same types in the same slots (``data generate event_objects``: lepton,
+    missing pT, 4 jets); else None (``object_embedding: type`` then gives each slot its own type)."""
+    if "object_type" not in f or f["object_type"].shape[1:] != (n_obj,):
+        return None
+    types = np.asarray(f["object_type"][: min(len(f["object_type"]), 10_000)])
+    if len(types) == 0 or not (types == types[0]).all() or types.min() < 0 or types.max() > 1000:
+        return None
+    return [int(v) for v in types[0]]
 
 
 # --------------------------------------------------------------------------- HIGGS-style CSV

@@ -47,6 +47,9 @@ class DataSetup:
     sparse_dir: str | None = None
     """``cache: sparse``: the absolute folder of the sparse cache planned for this data (its key is re-checked
     against the source when a trial opens it)."""
+    slot_types: list[int] | None = None
+    """Objects: the type of each slot (the file's ``object_type`` dataset, when every event has the same types
+    per slot), for ``object_embedding: type``; None otherwise."""
     label_order: list[int] | None = None
     """The training indices in the order ``label_fraction`` < 1 keeps their labels (stratified by class;
     trainables/data/labelled.py); None: one shuffle of ``train``."""

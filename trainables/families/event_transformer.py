@@ -82,12 +82,18 @@ class EventTransformerParams(BaseModel):
     """Transformer blocks of the pretraining decoder before its Linear output (0 = Linear only)."""
     pretrain_epochs: int = Field(default=2, ge=0)
     """Epochs of masked-object pretraining the loop runs before fine-tuning (0 = none)."""
-    object_embedding: Literal["slot", "none"] = "slot"
+    object_embedding: Literal["slot", "type", "none"] = "slot"
     """``slot``: a learned embedding per position of the object list, added to each object's token and to the
-    mask token that hides it (what kind of object it is, where the file's slots hold fixed kinds); ``none``: the
-    list is an unordered set (permutation equivariant)."""
+    mask token that hides it (what kind of object it is, where the file's slots hold fixed kinds); ``type``: one
+    embedding per object type of the file's ``object_type`` dataset (slots of one type share it: the four jets),
+    each slot its own type when the file has none; ``none``: the list is an unordered set (permutation
+    equivariant)."""
     query_sharing: Literal["per_task", "shared"] = "per_task"
     """``per_task``: each task reads its own ``task_queries`` queries; ``shared``: every task reads the same ones."""
+    recon_loss: Literal["mse", "per_feature"] = "mse"
+    """Pretraining loss of the hidden objects: ``mse`` over the standardized features; ``per_feature`` a loss
+    suited to each (log pT, periodic phi, b-tag as a class; trainables/layers/object_recon.py), for files whose
+    features are named (the event_objects / HIGGS layout), MSE for the others."""
     finetune: Literal["full", "linear"] = "full"
     """``full``: the encoder learns too; ``linear``: encoder tokens are detached (probe: only the heads learn)."""
 
@@ -182,13 +188,19 @@ class QueryBlock(nn.Module):
 class ObjectEncoder(nn.Module):
     """Embedding + transformer blocks: objects (B, N, F) -> tokens (B, N, D)."""
 
+    slot_type: torch.Tensor
+
     def __init__(self, n_features: int, dim: int, depth: int, num_heads: int, mlp_ratio: float, dropout: float,
-                 n_slots: int = 0):
+                 n_slots: int = 0, slot_types: list[int] | None = None):
         super().__init__()
         # LayerNorm after the Linear, not on the raw features: a LayerNorm across a handful of
         # heterogeneous, already standardized features would discard each object's mean and scale.
         self.embed = nn.Sequential(nn.Linear(n_features, dim), nn.LayerNorm(dim))
-        self.slot = nn.Parameter(torch.randn(n_slots, dim) * 0.02) if n_slots else None  # (N, D) or none
+        # one row per slot, or per object type (slots of a type share a row): (N or T, D), or none
+        n_rows = max(slot_types) + 1 if slot_types else n_slots
+        self.slot = nn.Parameter(torch.randn(n_rows, dim) * 0.02) if n_slots else None
+        self.register_buffer("slot_type", torch.as_tensor(slot_types if slot_types else range(n_slots), dtype=torch.long),
+                             persistent=False)
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
@@ -197,7 +209,7 @@ class ObjectEncoder(nn.Module):
 
     def with_slot(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens (B, N, D) plus each slot's embedding (unchanged without one)."""
-        return tokens if self.slot is None else tokens + self.slot.to(tokens.dtype)
+        return tokens if self.slot is None else tokens + self.slot[self.slot_type].to(tokens.dtype)
 
     def forward(self, tokens: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         for blk in self.blocks:
@@ -219,15 +231,18 @@ def hidden_counts(n_real: torch.Tensor, mask_ratio: float) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- model
 class EventTransformer(nn.Module):
-    def __init__(self, p: EventTransformerParams, n_features: int, tasks: dict[str, int], n_objects: int = 0):
+    def __init__(self, p: EventTransformerParams, n_features: int, tasks: dict[str, int], n_objects: int = 0,
+                 feature_stats: tuple[list[float] | None, list[float] | None] = (None, None),
+                 slot_types: list[int] | None = None):
         super().__init__()
         dim = heads_multiple(p.embed_dim, p.num_heads)
         self.tasks = dict(tasks)
         self.task_queries = p.task_queries
         self.mask_ratio = p.mask_ratio
         self.linear_probe = p.finetune == "linear"
+        types = slot_types if p.object_embedding == "type" and slot_types and len(slot_types) == n_objects else None
         self.encoder = ObjectEncoder(n_features, dim, p.depth, p.num_heads, p.mlp_ratio, p.dropout,
-                                     n_objects if p.object_embedding == "slot" else 0)
+                                     n_objects if p.object_embedding != "none" else 0, types)
         # task heads
         self.shared = p.query_sharing == "shared" and len(self.tasks) > 1
         n_q = p.task_queries * (1 if self.shared else len(self.tasks))
@@ -241,6 +256,12 @@ class EventTransformer(nn.Module):
         self.decoder = nn.ModuleList(Block(dim, p.num_heads, p.mlp_ratio, p.dropout) for _ in range(p.decoder_depth))
         self.decoder_norm = nn.LayerNorm(dim)
         self.reconstruct = nn.Linear(dim, n_features)
+        self.feature_losses = None
+        if p.recon_loss == "per_feature":
+            from trainables.data.object_names import slot_names
+            from trainables.layers.object_recon import FeatureLosses
+
+            self.feature_losses = FeatureLosses(slot_names(max(1, n_objects), n_features)[1], *feature_stats)
 
     def encode(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Objects (B, N, F), mask (B, N) -> encoder tokens (B, N, D)."""
@@ -292,7 +313,8 @@ class EventTransformer(nn.Module):
         mask = mask.bool()
         hidden = self.sample_hidden(mask) if hidden is None else hidden.bool() & mask
         pred = self.reconstruct_hidden(x, mask, hidden)                       # (B, N, F)
-        err = (pred - x).pow(2).mean(dim=-1)                                  # (B, N)
+        fl = self.feature_losses
+        err = fl.loss(pred, x) if fl is not None else (pred - x).pow(2).mean(dim=-1)  # (B, N)
         w = hidden.to(err.dtype)
         return (err * w).sum() / w.sum().clamp_min(1.0)                       # 0 (with grads) when nothing hidden
 
@@ -328,6 +350,8 @@ class EventTransformer(nn.Module):
             pred = self.reconstruct_hidden(x, mask, hidden)                    # (B, N, F)
         finally:
             self.train(was)
+        if self.feature_losses is not None:  # back to standardized inputs: comparable with the MSE form
+            return self.feature_losses.errors(pred, x) * hidden.unsqueeze(-1)
         return (pred.float() - x.float()).pow(2) * hidden.unsqueeze(-1)        # (B, N, F)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, pretrain: bool = False) -> torch.Tensor:
@@ -343,9 +367,11 @@ class EventTransformer(nn.Module):
                  capabilities=Capabilities(inputs="objects", task_heads=True, pretraining=True, task_attention=True,
                                            masked_objects=True))
 def build_event_transformer(p: EventTransformerParams, *, n_objects: int, n_features: int, num_outputs: int,
-                            tasks: dict[str, int] | None = None) -> nn.Module:
+                            tasks: dict[str, int] | None = None,
+                            feature_stats: tuple[list[float] | None, list[float] | None] = (None, None),
+                            slot_types: list[int] | None = None) -> nn.Module:
     """Masked-object transformer autoencoder on events as object sets, with cross-attention task heads."""
     tasks = dict(tasks) if tasks else {"out": num_outputs}
     if sum(tasks.values()) != num_outputs:
         raise ValueError(f"tasks {tasks} give {sum(tasks.values())} outputs, expected {num_outputs}")
-    return EventTransformer(p, n_features, tasks, n_objects)
+    return EventTransformer(p, n_features, tasks, n_objects, feature_stats, slot_types)
