@@ -101,6 +101,14 @@ def _trial(**config) -> Trial:
     return Trial("run_trial", config={"family": "vit", "lr": 0.01, **config}, stub=True)
 
 
+def _checkpoint(folder) -> None:
+    """A readable checkpoint.pt in ``folder``, as a trial writes it: a run keeps only a best checkpoint that loads
+    (issue 30, kind 7)."""
+    from tests.test_export import IMAGE, VIT, make_checkpoint
+
+    make_checkpoint(folder, "vit", VIT, IMAGE)
+
+
 def _result(trial, epoch, **metrics):
     return {"epoch": epoch, "trial_id": trial.trial_id, "val_mae": 1.0 / epoch, "val_loss": 2.0 / epoch, **metrics}
 
@@ -171,6 +179,7 @@ def test_a_trial_restarted_after_its_last_epoch_logs_each_epoch_once(client, tmp
     for ep in (1, 2):  # what each epoch's checkpoint holds beside it
         (trial_dir / f"epoch_{ep:04d}").mkdir(parents=True)
         (trial_dir / f"epoch_{ep:04d}" / "metrics.json").write_text(json.dumps(_result(t, ep)))
+        _checkpoint(trial_dir / f"epoch_{ep:04d}")
 
     # the new driver: a fresh callback takes the run over, then Tune re-runs the trial
     resumed = MlflowTrials(client, cb.experiment_id, cb.parent, search_name=cb.search_name, family="vit",
@@ -273,6 +282,7 @@ def test_a_run_whose_closing_the_killed_driver_never_finished_is_closed_on_resum
     folder = tmp_path / f"trial_{t.trial_id}" / "checkpoint_000000"
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps(_result(t, 1)))
+    _checkpoint(folder)
     cb.on_trial_start(iteration=0, trials=[t], trial=t)
     cb.on_trial_result(iteration=1, trials=[t], trial=t, result=_result(t, 1, checkpoint_path=str(folder)))
     busy = threading.Event()
@@ -325,3 +335,26 @@ def test_a_working_folder_named_with_percent_and_hash_keeps_its_store(tmp_path, 
     exp = MlflowClient(tracking_uri=uri).create_experiment("odd")
     assert (odd / DEFAULT_WORKDIR / "mlflow.db").is_file() and not (tmp_path / "pctA").exists()
     assert MlflowClient(tracking_uri=store_uri(None, DEFAULT_WORKDIR)).get_experiment(exp).name == "odd"
+
+
+def test_a_truncated_best_checkpoint_fails_its_trial(client, tmp_path):
+    """Issue 30, kind 7: a disk that filled while a checkpoint was written leaves it truncated; the run used to
+    close FINISHED with only a tag, and became the champion. Now the checkpoint is read before it is kept: the
+    trial is FAILED with the reason, and it is not the search's best."""
+    cb = _callback(client, tmp_path)
+    good, cut = _trial(), _trial()
+    for t, value in ((good, 0.6), (cut, 0.3)):
+        folder = tmp_path / f"trial_{t.trial_id}" / "checkpoint_000000"
+        _checkpoint(folder)
+        cb.on_trial_start(iteration=0, trials=[t], trial=t)
+        cb.on_trial_result(iteration=1, trials=[t], trial=t,
+                           result=_result(t, 1, checkpoint_path=str(folder), val_mae=value))
+    pt = tmp_path / f"trial_{cut.trial_id}" / "checkpoint_000000" / "checkpoint.pt"
+    pt.write_bytes(pt.read_bytes()[: pt.stat().st_size // 2])
+    for t in (good, cut):
+        cb.on_trial_complete(iteration=2, trials=[t], trial=t)
+    cb.drain()
+    run = client.get_run(cb.runs[cut.trial_id])
+    assert run.info.status == "FAILED" and "could not be kept" in run.data.tags["e2e.error"]
+    assert cb.status[cut.trial_id] == "FAILED" and client.get_run(cb.runs[good.trial_id]).info.status == "FINISHED"
+    assert cb.best_trial()[0] == good.trial_id  # the better val_mae of the cut one does not count
