@@ -541,33 +541,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("state", ["old_schema", "not_mlflow", "not_sqlite", "unreachable_server", "under_a_file",
-                                   "a_folder"])
-def test_store_state_is_checked_before_ray(ws, capsys, store13, state):
-    """Case 13: the store is reachable, its schema current and it is an MLflow store; read-only checks."""
+def _broken_store(ws: Path, store13, state: str) -> tuple[str, tuple[str, ...]]:
+    """A store in ``state`` in the working directory -> (its URI, the words its one-line refusal holds)."""
     import sqlite3
-    import time
 
     db = ws / "mlflow.db"
     if state == "old_schema":
         _store_in(ws, store13)
         with sqlite3.connect(db) as con:
             con.execute("UPDATE alembic_version SET version_num = '451aebb31d03'")  # MLflow 1.x's schema
-        uri, named = f"sqlite:///{db}", ("mlflow db upgrade", "451aebb31d03")
-    elif state == "not_mlflow":
+        return f"sqlite:///{db}", ("mlflow db upgrade", "451aebb31d03")
+    if state == "not_mlflow":
         with sqlite3.connect(db) as con:
             con.execute("CREATE TABLE jets (pt REAL)")
-        uri, named = f"sqlite:///{db}", ("without MLflow's tables",)
-    elif state == "not_sqlite":
+        return f"sqlite:///{db}", ("without MLflow's tables",)
+    if state == "not_sqlite":
         db.write_text("not a database\n" * 100)
-        uri, named = f"sqlite:///{db}", ("cannot read the MLflow store",)
-    elif state == "unreachable_server":
-        uri, named = f"http://127.0.0.1:{_free_port()}", ("cannot reach the MLflow server",)
-    elif state == "under_a_file":
-        uri, named = f"sqlite:///{ws / H5 / 'mlflow.db'}", ("cannot create the MLflow store", "not a writable folder")
-    else:
-        (ws / "store").mkdir()
-        uri, named = f"sqlite:///{ws / 'store'}", ("is a folder",)
+        return f"sqlite:///{db}", ("cannot read the MLflow store",)
+    if state == "unreachable_server":
+        return f"http://127.0.0.1:{_free_port()}", ("cannot reach the MLflow server",)
+    if state == "under_a_file":
+        return f"sqlite:///{ws / H5 / 'mlflow.db'}", ("cannot create the MLflow store", "not a writable folder")
+    (ws / "store").mkdir()
+    return f"sqlite:///{ws / 'store'}", ("is a folder",)
+
+
+@pytest.mark.parametrize("state", ["old_schema", "not_mlflow", "not_sqlite", "unreachable_server", "under_a_file",
+                                   "a_folder"])
+def test_store_state_is_checked_before_ray(ws, capsys, store13, state):
+    """Case 13: the store is reachable, its schema current and it is an MLflow store; read-only checks."""
+    import time
+
+    db = ws / "mlflow.db"
+    uri, named = _broken_store(ws, store13, state)
     before = db.read_bytes() if db.exists() else None
     t0 = time.time()
     run_broken(ws, capsys, _with_uri(base_cfg(), uri), "tracking.uri", *named, "set tracking.uri")
@@ -580,23 +586,8 @@ def test_store_state_is_checked_before_ray(ws, capsys, store13, state):
 def test_every_command_that_opens_a_store_checks_it_first(ws, capsys, store13, state, cmd):
     """Issue 30, kind 8: not only `run`: every command that opens a store refuses a broken one with the same
     one-line errors (exit 2, nothing written), before it reads anything."""
-    import sqlite3
-
     db = ws / "mlflow.db"
-    if state == "old_schema":
-        _store_in(ws, store13)
-        with sqlite3.connect(db) as con:
-            con.execute("UPDATE alembic_version SET version_num = '451aebb31d03'")
-        uri, named = f"sqlite:///{db}", ("mlflow db upgrade",)
-    elif state == "not_mlflow":
-        with sqlite3.connect(db) as con:
-            con.execute("CREATE TABLE jets (pt REAL)")
-        uri, named = f"sqlite:///{db}", ("without MLflow's tables",)
-    elif state == "not_sqlite":
-        db.write_text("not a database\n" * 100)
-        uri, named = f"sqlite:///{db}", ("cannot read the MLflow store",)
-    else:
-        uri, named = f"http://127.0.0.1:{_free_port()}", ("cannot reach the MLflow server",)
+    uri, named = _broken_store(ws, store13, state)
     argv = {"best": ["best", "searched"], "report": ["report", "searched"], "confirm": ["confirm", "searched"],
             "resume": ["resume", "searched"], "ui": ["ui", "--port", str(_free_port())],
             "export": ["export", "models:/searched-classifier@champion", "--out", str(ws / "m.onnx")]}[cmd]
