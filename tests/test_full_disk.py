@@ -160,3 +160,21 @@ def test_store_disk_filling_mid_search_then_resume(tmp_path, tmpfs):
     _, parents, trials = _runs(uri, "fullstore")
     assert [p.info.status for p in parents] == ["FINISHED"] and len(trials) == 5
     assert all(t.info.status == "FINISHED" for t in trials)
+
+
+def test_a_sparse_cache_to_build_needs_its_room(tmpfs):
+    """The sparse cache a search builds before its first trial: its non-zero pixels (values and indices) x 2."""
+    from e2e_search.search.disk import check_free_space, sparse_cache_bytes
+    from trainables.data.setup import DataSetup
+    from trainables.errors import UserError
+
+    s = DataSetup(path="x.h5", image_key="X_jets", label_key="y", layout="channels_last", channels=[0, 1, 2],
+                  in_chans=3, img_size=(125, 125), task="classification", num_classes=2, train=list(range(80_000)),
+                  val=list(range(10_000)), test=list(range(10_000)), mean=None, std=None, fill=0.02, cache="sparse")
+    need = sparse_cache_bytes(s)
+    assert need == int(2 * 100_000 * 125 * 125 * 3 * 0.02 * 8)             # ~1.5 GB for 10^5 jets at 2% fill
+    disk = tmpfs(300)
+    with pytest.raises(UserError) as e:
+        check_free_space({"data.cache": (disk / "cache", need)})
+    assert "data.cache" in str(e.value) and "MiB free" in str(e.value)
+    check_free_space({"data.cache": (disk / "cache", 10 * 2**20)})

@@ -14,18 +14,19 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from e2e_search.data.capacity import existing_folder
 from trainables.errors import UserError, is_disk_full
 
 MIN_FREE_BYTES = 256 * 2**20
 """Free space a search needs at least in each folder it writes to (checkpoints of small models are a few MiB
 each; Ray keeps two per trial, MLflow one per trial with its plots)."""
 
-def existing_ancestor(path: Path) -> Path:
-    """``path`` or the nearest folder above it that exists (where a new folder would be created)."""
-    p = path.resolve()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
+def sparse_cache_bytes(setup) -> int:
+    """Bytes the sparse cache of ``setup`` (a DataSetup with ``cache: sparse``) writes: its non-zero pixels
+    (``setup.fill`` of every row's H x W x C) as float32 values and int32 indices, with a 2x margin."""
+    H, W = setup.src_size or setup.img_size
+    rows = len(setup.train) + len(setup.val) + len(setup.test)
+    return int(2 * rows * H * W * len(setup.channels) * (setup.fill or 0.0) * 8)
 
 
 def needs(params: int, trials: int) -> dict[str, int]:
@@ -42,7 +43,7 @@ def check_free_space(places: dict[str, tuple[Path, int]]) -> None:
     """Every folder of ``places`` (YAML key -> (folder, bytes it needs)) has that much free on its disk. Raises
     UserError naming the key, the folder, its free space, the need and the fix."""
     for key, (folder, need) in places.items():
-        where = existing_ancestor(folder)
+        where = existing_folder(folder)
         try:
             free = shutil.disk_usage(where).free
         except OSError:  # not a local folder we can measure (checked elsewhere): nothing to say

@@ -86,7 +86,7 @@ def plan(cfg: SearchSpace, *, address: str | None = None, generate: bool = True)
         check_shapes(cfg, data, sizes)
     storage = Path(cfg.tracking.storage) if cfg.tracking.storage else workdir / "ray_results"
     artifacts = Path(cfg.tracking.artifacts) if cfg.tracking.artifacts else workdir / "mlartifacts"
-    _check_disks(cfg, workdir, storage, artifacts, max(sizes, default=0))
+    _check_disks(cfg, workdir, storage, artifacts, max(sizes, default=0), data)
     return Plan(cfg=cfg, data=data, workdir=workdir, storage=storage.resolve(),
                 tracking_uri=tracking_uri(cfg.tracking.uri, workdir), artifact_root=artifacts.resolve().as_uri(),
                 needs_generation=needs_gen, warm=warm)
@@ -121,11 +121,12 @@ def check_tracking(cfg: SearchSpace, workdir: Path) -> None:
 
 
 
-def _check_disks(cfg: SearchSpace, workdir: Path, storage: Path, artifacts: Path, params: int) -> None:
+def _check_disks(cfg: SearchSpace, workdir: Path, storage: Path, artifacts: Path, params: int, data) -> None:
     """Room for what the search writes (e2e_search/search/disk.py ``needs``) on Ray's storage, MLflow's artifact
-    root and the SQLite store's disk; ``params``: the largest model's parameter count."""
+    root and the SQLite store's disk, and for a sparse cache still to build; ``params``: the largest model's
+    parameter count; ``data``: the DataSetup (None in a dry run of data still to generate)."""
     from e2e_search.record.store import resolve_uri, sqlite_path
-    from e2e_search.search.disk import check_free_space, needs
+    from e2e_search.search.disk import check_free_space, needs, sparse_cache_bytes
 
     need = needs(params, cfg.search.num_samples)
     places = {"tracking.storage": (storage, need["storage"]), "tracking.artifacts": (artifacts, need["artifacts"])}
@@ -133,6 +134,8 @@ def _check_disks(cfg: SearchSpace, workdir: Path, storage: Path, artifacts: Path
     db = sqlite_path(uri)
     if db is not None:
         places[key] = (db.parent, need["store"])
+    if data is not None and data.cache == "sparse" and data.sparse_dir and not Path(data.sparse_dir).exists():
+        places["data.cache"] = (Path(data.sparse_dir), sparse_cache_bytes(data))  # built before the first trial
     check_free_space(places)
 
 
