@@ -47,3 +47,28 @@ def test_the_search_study_is_kept_in_the_storage(tmp_path, monkeypatch, capsys, 
     study = optuna.load_study(study_name=parent.data.tags["mlflow.runName"], storage=url)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 3 and all("lr" in t.params for t in done)
+
+
+def test_a_report_of_a_trial_the_study_already_finished_is_dropped(tmp_path):
+    """A driver killed between the study's write and Tune's snapshot leaves a trial COMPLETE in the study that the
+    resumed Tune reports again: Optuna's UpdateFinishedTrialError used to end the resumed search."""
+    import optuna
+
+    from e2e_search.search.optuna_search import ResumableOptunaSearch
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    search = ResumableOptunaSearch(space={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)},
+                                   metric="val_auc", mode="max", storage=storage, study_name="s")
+    assert search.suggest("t1") is not None
+    search.on_trial_result("t1", {"val_auc": 0.7, "training_iteration": 1})
+    search.on_trial_complete("t1", {"val_auc": 0.8, "training_iteration": 2})
+    done = search._ot_study.trials[0]
+    search._ot_trials["t1"] = optuna.trial.Trial(search._ot_study, done._trial_id)  # as a restored searcher holds it
+    search._completed_trials.discard("t1")  # its snapshot was taken before the trial completed
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):  # what Ray's OptunaSearch does with it
+        super(ResumableOptunaSearch, search).on_trial_result("t1", {"val_auc": 0.8, "training_iteration": 3})
+    search.on_trial_result("t1", {"val_auc": 0.8, "training_iteration": 3})  # dropped, not raised
+    search._ot_trials["t1"] = optuna.trial.Trial(search._ot_study, done._trial_id)
+    search.on_trial_complete("t1", {"val_auc": 0.8, "training_iteration": 3})
+    assert [t.state for t in optuna.load_study(study_name="s", storage=storage).trials] == [
+        optuna.trial.TrialState.COMPLETE]

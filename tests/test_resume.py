@@ -184,7 +184,7 @@ def test_driver_killed_after_a_trials_last_epoch_then_resumed_logs_each_epoch_on
 def test_ctrl_c_exits_130_and_the_search_resumes(tmp_path, ray_local, sig):
     """Issue 30, kind 6: SIGINT while the second of three trials runs used to exit 0 with "search done ... 0
     failed", a FINISHED parent, a champion, the running trial tagged stopped early and nothing to resume."""
-    data = write_e2e(tmp_path / "jets.h5", n=1200)
+    data = write_e2e(tmp_path / "jets.h5", n=3000)  # epochs of a few seconds: the poll sees the second trial run
     cfg = base_config(tmp_path, data, name="ctrlc", search={"num_samples": 3, "seed": 3, "max_concurrent": 1},
                       scheduler={"type": "none", "max_epochs": 2})
     uri = cfg["tracking"]["uri"]

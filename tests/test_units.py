@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import h5py
 import numpy as np
 import optuna
 import pytest
@@ -151,7 +152,10 @@ def test_shipped_search_spaces_validate(path, tmp_path, monkeypatch):
     shipped = load(path)
     assert shipped.data.generate is not None, "every shipped YAML must run as shipped: name a generator recipe"
     if get_family(shipped.families[0]).inputs == "objects":
-        cfg = load(path, [f"data.path={write_objects(tmp_path / 'events.h5', n=40)}"])
+        events = write_objects(tmp_path / "events.h5", n=400)  # 1% labels still hold both classes
+        with h5py.File(events, "a") as f:
+            f["n_b"] = (np.arange(400) % 3).astype(np.float32)  # the truth the ablation's second task reads
+        cfg = load(path, [f"data.path={events}"])
         assert plan(cfg, generate=False).data.img_size == (6, 4)
     else:
         size = shipped.data.generate.image_size

@@ -39,13 +39,15 @@ LAYOUTS = ("channels_last", "channels_first")
 
 
 def file_layout(f: h5py.File, key: str) -> str | None:
-    """The layout a file says its images are stored in: the ``layout`` attribute of the image dataset, else of
-    the file (``data generate`` writes it), when it names one of LAYOUTS; None otherwise."""
-    for obj in (f[key], f):
-        v = obj.attrs.get("layout")
+    """The layout a file says its images are stored in: the ``layout`` attribute of the image dataset, else the
+    file's ``channel_layout`` (the HDF5 cache of a converted Parquet/ROOT file: its ``layout`` is the source's),
+    else the file's ``layout`` (``data generate`` writes it), when it names one of LAYOUTS; None otherwise."""
+    for obj, name in ((f[key], "layout"), (f, "channel_layout"), (f, "layout")):
+        if name not in obj.attrs:
+            continue
+        v = obj.attrs.get(name)
         v = v.decode() if isinstance(v, bytes) else v
-        if isinstance(v, str) and v in LAYOUTS:
-            return v
+        return v if isinstance(v, str) and v in LAYOUTS else None
     return None
 
 

@@ -106,7 +106,7 @@ def searcher(cfg: SearchSpace, warm=None, study_name: str | None = None):
     points (a :class:`~e2e_search.search.warm_start.WarmStart`), then the sampler's picks. For tpe and gp ``warm``'s
     earlier results are also added to the study as completed trials (prior observations). With
     ``search.optuna_storage`` the study is kept in that RDB storage as ``study_name``."""
-    from ray.tune.search.optuna import OptunaSearch
+    from e2e_search.search.optuna_search import ResumableOptunaSearch
 
     assert cfg.search.metric is not None and cfg.search.mode is not None  # filled in by SearchSpace's validator
     metric = cfg.search.metric if isinstance(cfg.search.metric, str) else list(cfg.search.metric)
@@ -124,7 +124,7 @@ def searcher(cfg: SearchSpace, warm=None, study_name: str | None = None):
         if url.get_backend_name() == "sqlite" and url.database:  # its folder, checked writable before Ray
             Path(url.database).resolve().parent.mkdir(parents=True, exist_ok=True)
         storage = optuna.storages.RDBStorage(cfg.search.optuna_storage)
-    search = OptunaSearch(space=OptunaSpace(cfg), metric=metric, mode=mode, sampler=sampler(cfg, after),
+    search = ResumableOptunaSearch(space=OptunaSpace(cfg), metric=metric, mode=mode, sampler=sampler(cfg, after),
                           points_to_evaluate=points or None, storage=storage,
                           study_name=study_name if storage is not None else None)
     # The study exists once OptunaSearch has a space; Ray types the attribute by its initial None.
