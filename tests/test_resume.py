@@ -184,16 +184,17 @@ def test_driver_killed_after_a_trials_last_epoch_then_resumed_logs_each_epoch_on
 def test_ctrl_c_exits_130_and_the_search_resumes(tmp_path, ray_local, sig):
     """Issue 30, kind 6: SIGINT while the second of three trials runs used to exit 0 with "search done ... 0
     failed", a FINISHED parent, a champion, the running trial tagged stopped early and nothing to resume."""
-    data = write_e2e(tmp_path / "jets.h5", n=3000)  # epochs of a few seconds: the poll sees the second trial run
+    # 32x32 jets (64 patches): each epoch lasts seconds, so the poll sees the second trial running on any machine
+    data = write_e2e(tmp_path / "jets.h5", n=3000, size=32)
     cfg = base_config(tmp_path, data, name="ctrlc", search={"num_samples": 3, "seed": 3, "max_concurrent": 1},
                       scheduler={"type": "none", "max_epochs": 2})
     uri = cfg["tracking"]["uri"]
     address = ray_local.get_runtime_context().gcs_address
 
-    def second_running(trials):
+    def second_running(trials):  # the second trial, not the last: a signal as the search ends would come too late
         done = [r for r in trials if r.data.tags.get("e2e.status") == "FINISHED"]
         running = [r for r in trials if r.data.tags.get("e2e.status") == "RUNNING"]
-        return (done, running) if done and running else None
+        return (done, running) if len(done) == 1 and running else None
 
     (done, running), client = kill_driver_when(tmp_path, cfg, second_running, address, poll=0.2, sig=sig)
     parents, trials = trial_runs(client, "ctrlc")
