@@ -29,8 +29,11 @@ def trial_runs(client: MlflowClient, experiment: str) -> tuple[list, list]:
 def start_search(yml: Path, cwd: Path, address: str, log: Path, *extra: str) -> subprocess.Popen:
     """``e2e-search run`` as its own process (the driver), joined to the test's Ray."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    # SIGINT as in a terminal: a shell without job control starts background jobs (here: a test suite run with
+    # `&`) with SIGINT ignored, and their children inherit that, so a Ctrl-C test would send a signal nobody hears.
     return subprocess.Popen([sys.executable, "-m", "e2e_search.cli", "run", str(yml), "--address", address, *extra],
-                            cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+                            cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(cond, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None,
