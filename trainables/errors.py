@@ -35,8 +35,10 @@ class UserError(Exception):
         return self
 
 
-FULL_MARKERS = ("No space left on device", "database or disk is full", "Disk quota exceeded", "[Errno 28]",
-                "[Errno 122]")
+STORE_FULL = "database or disk is full"
+"""SQLite's words (SQLITE_FULL) for a database whose disk ran full."""
+
+FULL_MARKERS = ("No space left on device", STORE_FULL, "Disk quota exceeded", "[Errno 28]", "[Errno 122]")
 """How a full disk shows in an error's text: the OS's ENOSPC/EDQUOT messages, SQLite's SQLITE_FULL."""
 
 

@@ -29,7 +29,7 @@ from e2e_search.record.run_closer import RunCloser
 from e2e_search.record.store import is_better
 from e2e_search.record.trial_book import TrialBook, checkpoint_of, numeric_metrics
 from e2e_search.record.trial_runs import closing_record, open_trial_run, result_values, trial_error
-from trainables.errors import StoreFull
+from trainables.errors import STORE_FULL, StoreFull
 
 
 def _timed(hook):
@@ -44,10 +44,6 @@ def _timed(hook):
             self.closer.add_busy(time.perf_counter() - t0)
 
     return wrapper
-
-
-STORE_FULL = "database or disk is full"
-"""SQLite's words for a store whose disk ran full."""
 
 
 def _guarded(hook):

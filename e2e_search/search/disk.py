@@ -21,6 +21,7 @@ MIN_FREE_BYTES = 256 * 2**20
 """Free space a search needs at least in each folder it writes to (checkpoints of small models are a few MiB
 each; Ray keeps two per trial, MLflow one per trial with its plots)."""
 
+
 def sparse_cache_bytes(setup) -> int:
     """Bytes the sparse cache of ``setup`` (a DataSetup with ``cache: sparse``) writes: its non-zero pixels
     (``setup.fill`` of every row's H x W x C) as float32 values and int32 indices, with a 2x margin."""

@@ -81,8 +81,8 @@ def execute(p: Plan, *, address: str | None = None, verbose: bool = False, resum
 
     from e2e_search.record.search_run import finish_search_run
     from e2e_search.record.store import get_experiment_id
-    from e2e_search.record.trials import STORE_FULL
     from e2e_search.search.disk import DiskFull, full_disk_line, is_disk_full, quiet_store_full
+    from trainables.errors import STORE_FULL
 
     cfg = p.cfg
     assert cfg.tracking.experiment is not None  # SearchSpace's validator defaults it to the search's name

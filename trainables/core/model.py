@@ -54,9 +54,10 @@ def build_model(family: str | None, params: dict[str, Any], data: DataSetup) -> 
     if fam.inputs == "objects":
         import inspect
 
-        if "feature_stats" in inspect.signature(fam.build).parameters:  # per-feature pretraining losses
+        takes = inspect.signature(fam.build).parameters
+        if "feature_stats" in takes:  # per-feature pretraining losses
             kw["feature_stats"] = (data.mean, data.std)
-        if "slot_types" in inspect.signature(fam.build).parameters:  # the file's object type of each slot
+        if "slot_types" in takes:  # the file's object type of each slot
             kw["slot_types"] = data.slot_types
         return fam.build(fp, n_objects=data.img_size[0], n_features=data.img_size[1], **kw)
     return fam.build(fp, in_chans=data.in_chans, img_size=tuple(data.img_size), **kw)
